@@ -1,0 +1,116 @@
+"""The `ladle` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.artifacts import ArtifactStore
+from service.pipeline import Pipeline, SequentialExecutor
+from service.recorder import LocalRecorder
+from service.settings import get_settings
+from service.spec import JobSpec, SpecError, load_spec
+from workers.checkpoint import CheckpointError
+from workers.data import DataError
+from workers.models import ModelError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Ladle: prune neural networks and retrain them as Sparse Model Soups.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+USER_ERRORS = (SpecError, CheckpointError, DataError, ModelError, FileNotFoundError)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def phase_table(phases: list[dict[str, Any]], title: str = "") -> Table:
+    """The per-phase table: sparsity, accuracy after pruning, each ingredient's, the soup's (test set)."""
+    table = Table(title=title or None)
+    for col in ("phase", "target", "sparsity", "pruned acc", "ingredient accs", "soup acc", "vs best", "seconds"):
+        table.add_column(col, justify="left" if col == "ingredient accs" else "right")
+    for p in phases:
+        ingredients = " ".join("failed" if a is None else f"{a:.4f}" for a in p.get("ingredient_accuracies") or [])
+        table.add_row(str(p["phase"]), _fmt(p["target_sparsity"], ".3f"), _fmt(p["sparsity"], ".3f"),
+                      _fmt(p.get("pruned_accuracy")), ingredients or ("dense" if p["phase"] == 0 else ""),
+                      _fmt(p.get("soup_accuracy")), _fmt(p.get("gain_over_best"), "+.4f"),
+                      _fmt((p.get("seconds") or {}).get("total"), ".1f"))
+    return table
+
+
+def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[str, Any]:
+    """Run a job in this process with the sequential executor; models and summary.json go to `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = ArtifactStore(str((out / "models").absolute()))
+    with LocalRecorder(err_console, progress=not json_output) as recorder:
+        result = Pipeline(spec, SequentialExecutor(), recorder, artifacts).run()
+    path = recorder.write_summary(out / "summary.json", final_model_id=result.final_model_id)
+    summary = recorder.summary(final_model_id=result.final_model_id)
+    if json_output:
+        out_console.print_json(json.dumps(summary, default=str))
+    else:
+        out_console.print(phase_table(summary["phases"], title=f"{spec.name}: per phase (test accuracy)"))
+        final = next(m for m in summary["models"] if m["id"] == result.final_model_id)
+        out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, "
+                          f"test accuracy {final['metrics'].get('test_accuracy', float('nan')):.4f}, "
+                          f"{final['size_bytes']} bytes at {final['uri']}")
+        out_console.print(f"summary: {path}")
+    return summary
+
+
+def _default_out(spec: JobSpec) -> Path:
+    return get_settings().home / "runs" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+def run(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)")],
+        local: Annotated[bool, typer.Option("--local", help="run in this process, sequentially, without Ray or a DB")] = False,
+        out: Annotated[Path | None, typer.Option("--out", help="folder for the models and summary.json")] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False) -> None:
+    """Run a job spec to the end and print the per-phase table."""
+    try:
+        spec = load_spec(spec_file)
+        if not local:
+            raise _fail("running on a Ray cluster needs the service (not built yet); use --local", 2)
+        run_local(spec, out or _default_out(spec), json_output=json_output)
+    except SpecError as e:
+        err_console.print(f"[bold red]error:[/bold red] invalid job spec {spec_file}:", highlight=False)
+        for loc, msg in e.errors:
+            err_console.print(f"  {loc}: {msg}", highlight=False)
+        raise typer.Exit(2) from None
+    except USER_ERRORS as e:
+        raise _fail(str(e)) from None
+
+
+def demo_spec() -> JobSpec:
+    text = resources.files("service").joinpath("examples/digits-sms.yaml").read_text()
+    import yaml
+    return JobSpec.model_validate(yaml.safe_load(text))
+
+
+@app.command()
+def demo(out: Annotated[Path | None, typer.Option("--out", help="folder for the models and summary.json")] = None) -> None:
+    """Run the demo SMS job (MLP on scikit-learn's digits, 3 phases to 90% sparsity, 4 ingredients)."""
+    spec = demo_spec()
+    out_console.print(f"Ladle demo: {spec.name} — {spec.model.arch} on {spec.data.name}, "
+                      f"{spec.prune.phases} phases to sparsity {spec.prune.target_sparsity}, "
+                      f"{spec.soup.ingredients} ingredients per phase ({spec.retrain.schedule})")
+    run_local(spec, out or get_settings().home / "demo")
+
+
+if __name__ == "__main__":
+    app()

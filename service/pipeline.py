@@ -1,0 +1,401 @@
+"""The phase pipeline of a job (design section 2, step 3).
+
+phase 0: the given dense checkpoint, or a dense model trained within its budget (schedule recorded);
+phase t = 1..T: prune the previous soup to sparsity 1 - (1 - p)^t -> m ingredient retrainings (run by
+an `Executor`) -> soup (uniform or greedy) -> BatchNorm recalibration -> evaluation -> the soup is
+the parent of the next phase. Everything that happens is reported to a `Recorder`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from service.artifacts import ArtifactStore
+from service.spec import JobSpec
+from workers.checkpoint import Checkpoint
+from workers.data import Splits, load_splits, make_loader
+from workers.evaluate import evaluate, model_stats
+from workers.models import build_model
+from workers.pruning import Masks, full_masks, per_phase_rate, prunable_names, prune, sparsity_after
+from workers.schedules import dense_schedule, retrain_schedule
+from workers.soup import State, bn_recalibrate, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
+from workers.tasks import TrainOutcome, TrainTask, run_train_task
+from workers.train import default_device
+
+EpochCallback = Callable[[str, dict[str, float]], None]
+
+
+class PhaseFailed(RuntimeError):
+    """Too few ingredients of a phase finished to make a soup."""
+
+
+# ---------------------------------------------------------------- executors
+
+class Executor(Protocol):
+    slots: int
+
+    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback) -> list[TrainOutcome | BaseException]:
+        """Run every task; return, in task order, its outcome or the exception that ended it."""
+
+
+class SequentialExecutor:
+    """Runs tasks one after another in this process: for debugging and as the benchmarks' baseline."""
+
+    slots = 1
+
+    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback) -> list[TrainOutcome | BaseException]:
+        results: list[TrainOutcome | BaseException] = []
+        for task in tasks:
+            try:
+                results.append(run_train_task(task, lambda row, n=task.name: on_epoch(n, row)))
+            except Exception as e:  # one failed ingredient must not end the others
+                results.append(e)
+        return results
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass
+class ModelRecord:
+    id: str
+    kind: str                       # dense | pruned | ingredient | soup
+    phase: int
+    name: str
+    uri: str
+    size_bytes: int
+    sha256: str
+    sparsity: float
+    nonzeros: int
+    metrics: dict[str, Any]
+    parents: list[tuple[str, str]]  # (parent model id, edge kind: pruned_from | retrained_from | averaged_from)
+
+
+@dataclass
+class RunRecord:
+    name: str                       # "dense", "phase1/ingredient0"
+    kind: str                       # dense | ingredient
+    phase: int
+    config: dict[str, Any]
+
+
+@dataclass
+class PhaseSummary:
+    phase: int
+    target_sparsity: float
+    sparsity: float
+    pruned_accuracy: float | None = None            # test accuracy right after pruning
+    ingredient_accuracies: list[float | None] = field(default_factory=list)   # None: failed
+    soup_accuracy: float | None = None
+    soup_val_accuracy: float | None = None
+    gain_over_best: float | None = None
+    gain_over_mean: float | None = None
+    norm_drop: float | None = None
+    mean_pairwise_distance: float | None = None
+    soup_ingredients: list[int] = field(default_factory=list)
+    model_id: str | None = None                     # the phase's result (dense or soup)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class Recorder(Protocol):
+    def job_started(self, spec: JobSpec, total_epochs: int) -> None: ...
+    def event(self, message: str, *, level: str = "info", phase: int | None = None) -> None: ...
+    def phase_started(self, phase: int, target_sparsity: float) -> None: ...
+    def run_started(self, run: RunRecord) -> None: ...
+    def metric(self, run_name: str, row: dict[str, float]) -> None: ...
+    def run_finished(self, run_name: str, status: str, *, model_id: str | None = None,
+                     metrics: dict[str, Any] | None = None, error: str | None = None) -> None: ...
+    def model_saved(self, model: ModelRecord) -> None: ...
+    def phase_finished(self, summary: PhaseSummary) -> None: ...
+
+
+@dataclass
+class JobResult:
+    phases: list[PhaseSummary]     # phases[0] is the dense model (phase 0)
+    final_model_id: str
+
+
+# ---------------------------------------------------------------- helpers
+
+def ingredient_settings(spec: JobSpec, phase: int, eta_max: float) -> list[dict[str, Any]]:
+    """Per ingredient of `phase`: seed, weight_decay, epochs and initial LR of the schedule.
+
+    Only the `vary` hyperparameter differs. Derived values when `values` is null: seed -> distinct
+    seeds; weight_decay -> log-spaced from wd/2 to 2 wd; retrain_epochs -> spread from E/2 to 3E/2;
+    lr -> log-spaced from eta_max/2 to 2 eta_max (eta_max = retrain.lr or the dense peak LR).
+    """
+    m, soup = spec.soup.ingredients, spec.soup
+    base = {"seed": spec.seed * 1000 + phase * 100, "weight_decay": spec.retrain.optimizer.weight_decay,
+            "epochs": spec.retrain.epochs, "lr": spec.retrain.lr or eta_max}
+    spread = [(i / (m - 1) if m > 1 else 0.5) for i in range(m)]     # 0..1
+    out = []
+    for i in range(m):
+        d = dict(base)
+        v = soup.values[i] if soup.values is not None else None
+        if soup.vary == "seed":
+            d["seed"] = int(v) if v is not None else base["seed"] + i
+        elif soup.vary == "weight_decay":
+            d["weight_decay"] = v if v is not None else base["weight_decay"] * 2 ** (2 * spread[i] - 1)
+        elif soup.vary == "retrain_epochs":
+            d["epochs"] = int(v) if v is not None else max(1, round(base["epochs"] * (0.5 + spread[i])))
+        elif soup.vary == "lr":
+            d["lr"] = v if v is not None else base["lr"] * 2 ** (2 * spread[i] - 1)
+        out.append(d)
+    return out
+
+
+@dataclass
+class _Context:
+    spec: JobSpec
+    splits: Splits
+    device: torch.device
+    dense_lrs: list[float]
+    dense_epochs: int
+    steps_per_epoch: int
+    meta: dict[str, Any]
+
+    def model(self, state: State | None = None) -> nn.Module:
+        m = build_model(self.spec.model.arch, num_classes=self.splits.num_classes, in_shape=self.splits.in_shape,
+                        **self.spec.model.kwargs)
+        if state is not None:
+            m.load_state_dict(state)
+        return m.to(self.device)
+
+    def loader(self, split: str, shuffle: bool = False):
+        return make_loader(getattr(self.splits, split), self.spec.data.batch_size, shuffle=shuffle)
+
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        out = {}
+        for split in ("val", "test"):
+            if len(getattr(self.splits, split)):
+                r = evaluate(model, self.loader(split), device=self.device)
+                out.update({f"{split}_accuracy": r["accuracy"], f"{split}_loss": r["loss"], f"{split}_ece": r["ece"]})
+        return out
+
+
+class Pipeline:
+    """Runs one job: `Pipeline(spec, executor, recorder, artifacts).run()`."""
+
+    def __init__(self, spec: JobSpec, executor: Executor, recorder: Recorder, artifacts: ArtifactStore,
+                 *, prefix: str = "", device: torch.device | None = None):
+        self.spec, self.executor, self.recorder, self.artifacts = spec, executor, recorder, artifacts
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.device = device or default_device()
+
+    # -- plumbing
+    def _save(self, ctx: _Context, model: nn.Module, masks: Masks, *, kind: str, phase: int, name: str,
+              parents: list[tuple[str, str]], metrics: dict[str, Any]) -> ModelRecord:
+        model_id = uuid.uuid4().hex
+        stats = model_stats(model, masks)
+        meta = dict(ctx.meta, model_id=model_id, kind=kind, phase=phase, name=name,
+                    parents=[{"id": p, "kind": k} for p, k in parents])
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        uri, size, sha = self.artifacts.save_checkpoint(f"{self.prefix}{name}.safetensors",
+                                                        Checkpoint(state=state, masks=masks, meta=meta))
+        rec = ModelRecord(id=model_id, kind=kind, phase=phase, name=name, uri=uri, size_bytes=size, sha256=sha,
+                          sparsity=stats["sparsity"], nonzeros=stats["nonzeros"],
+                          metrics=dict(metrics, layer_sparsity=stats["layer_sparsity"],
+                                       parameters=stats["parameters"]), parents=parents)
+        self.recorder.model_saved(rec)
+        return rec
+
+    def _total_epochs(self) -> int:
+        dense = 0 if self.spec.model.checkpoint else self.spec.dense.epochs
+        per_phase = sum(d["epochs"] for d in ingredient_settings(self.spec, 1, 1.0))
+        return dense + per_phase * self.spec.prune.phases
+
+    # -- phase 0
+    def _dense(self, ctx: _Context) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:
+        spec = self.spec
+        self.recorder.phase_started(0, 0.0)
+        t0 = time.perf_counter()
+        if spec.model.checkpoint:
+            ckpt = self.artifacts.load_checkpoint(spec.model.checkpoint)
+            arch = ckpt.meta.get("arch")
+            if arch and arch != spec.model.arch:
+                raise ValueError(f"model.checkpoint was made for arch {arch!r}, the spec says {spec.model.arch!r}")
+            model = ctx.model(ckpt.state)
+            masks = ckpt.masks or full_masks(model)
+            self.recorder.event(f"phase 0: loaded dense checkpoint {spec.model.checkpoint}", phase=0)
+            run_metrics: dict[str, Any] = {}
+        else:
+            task = TrainTask(name="dense", arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
+                             data=spec.data.config(), data_seed=spec.seed, lrs=ctx.dense_lrs,
+                             epochs=spec.dense.epochs, seed=spec.seed, optimizer=spec.retrain.optimizer.config(),
+                             augment=spec.data.augment)
+            self.recorder.run_started(RunRecord("dense", "dense", 0, {"epochs": spec.dense.epochs,
+                                                                      "lr": spec.dense.lr,
+                                                                      "schedule": spec.dense.schedule,
+                                                                      "seed": spec.seed}))
+            [out] = self.executor.run([task], self.recorder.metric)
+            if isinstance(out, BaseException):
+                self.recorder.run_finished("dense", "failed", error=repr(out))
+                raise RuntimeError(f"dense training failed: {out!r}") from out
+            model = ctx.model(out.state)
+            masks = full_masks(model)
+            run_metrics = {"train_seconds": out.train_seconds, "seconds": out.seconds}
+        scores = ctx.scores(model)
+        rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[], metrics=scores)
+        if not spec.model.checkpoint:
+            self.recorder.run_finished("dense", "succeeded", model_id=rec.id, metrics=dict(scores, **run_metrics))
+        summary = PhaseSummary(phase=0, target_sparsity=0.0, sparsity=rec.sparsity,
+                               soup_accuracy=scores.get("test_accuracy"), soup_val_accuracy=scores.get("val_accuracy"),
+                               model_id=rec.id, seconds={"total": time.perf_counter() - t0})
+        self.recorder.phase_finished(summary)
+        return model, masks, rec, summary
+
+    # -- phases 1..T
+    def _phase(self, ctx: _Context, t: int, parent: nn.Module, parent_masks: Masks, parent_rec: ModelRecord,
+               rate: float) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:
+        spec, rec = self.spec, self.recorder
+        target = sparsity_after(rate, t) if t < spec.prune.phases else spec.prune.target_sparsity
+        rec.phase_started(t, target)
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
+
+        # prune
+        pr = prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
+                   seed=spec.seed * 1000 + t)
+        pruned, masks = pr.model, pr.masks
+        pruned_scores = ctx.scores(pruned)
+        pruned_rec = self._save(ctx, pruned, masks, kind="pruned", phase=t, name=f"phase{t}/pruned",
+                                parents=[(parent_rec.id, "pruned_from")],
+                                metrics=dict(pruned_scores, norm_drop=pr.norm_drop, removed=pr.removed))
+        rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
+                  f"accuracy after pruning {pruned_scores.get('test_accuracy', float('nan')):.4f}", phase=t)
+        timing["prune"] = time.perf_counter() - t0
+
+        # retrain the ingredients
+        t1 = time.perf_counter()
+        pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
+        cpu_masks = {k: v.cpu() for k, v in masks.items()}
+        tasks = []
+        for i, s in enumerate(ingredient_settings(spec, t, max(ctx.dense_lrs))):
+            steps = s["epochs"] * ctx.steps_per_epoch
+            lrs = retrain_schedule(spec.retrain.schedule, steps, ctx.dense_lrs, lr=s["lr"], norm_drop=pr.norm_drop,
+                                   rate=rate, phase_epochs=s["epochs"], dense_epochs=ctx.dense_epochs)
+            opt = spec.retrain.optimizer.model_copy(update={"weight_decay": s["weight_decay"]}).config()
+            name = f"phase{t}/ingredient{i}"
+            info = {"index": i, "seed": s["seed"], "weight_decay": s["weight_decay"], "epochs": s["epochs"],
+                    "lr": s["lr"], "peak_lr": max(lrs), "schedule": spec.retrain.schedule,
+                    "vary": spec.soup.vary}
+            tasks.append(TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
+                                   data=spec.data.config(), data_seed=spec.seed, lrs=lrs, epochs=s["epochs"],
+                                   seed=s["seed"], init_state=pruned_state, masks=cpu_masks, optimizer=opt,
+                                   params=spec.retrain.params, augment=spec.data.augment,
+                                   threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info))
+            rec.run_started(RunRecord(name, "ingredient", t, info))
+        outcomes = self.executor.run(tasks, rec.metric)
+        timing["retrain"] = time.perf_counter() - t1
+
+        # record the ingredients
+        survivors: list[tuple[int, TrainOutcome, ModelRecord]] = []
+        accs: list[float | None] = []
+        for i, (task, out) in enumerate(zip(tasks, outcomes)):
+            if isinstance(out, BaseException):
+                rec.run_finished(task.name, "failed", error=repr(out))
+                rec.event(f"phase {t}: ingredient {i} failed: {out!r}", level="error", phase=t)
+                accs.append(None)
+                continue
+            model = ctx.model(out.state)
+            scores = ctx.scores(model)
+            irec = self._save(ctx, model, masks, kind="ingredient", phase=t, name=task.name,
+                              parents=[(pruned_rec.id, "retrained_from")],
+                              metrics=dict(scores, train_seconds=out.train_seconds, seconds=out.seconds))
+            rec.run_finished(task.name, "succeeded", model_id=irec.id,
+                             metrics=dict(scores, train_seconds=out.train_seconds, seconds=out.seconds))
+            survivors.append((i, out, irec))
+            accs.append(scores.get("test_accuracy"))
+        if len(survivors) < spec.soup.min_ingredients:
+            msg = (f"phase {t}: only {len(survivors)} of {len(tasks)} ingredients finished, "
+                   f"fewer than min_ingredients={spec.soup.min_ingredients}; the phase fails")
+            rec.event(msg, level="error", phase=t)
+            raise PhaseFailed(msg)
+        if len(survivors) < len(tasks):
+            rec.event(f"phase {t}: soup made from the {len(survivors)} surviving ingredients "
+                      f"{[i for i, _, _ in survivors]} of {len(tasks)}", level="warning", phase=t)
+
+        # soup
+        t2 = time.perf_counter()
+        states = [o.state for _, o, _ in survivors]
+        check_shared_mask(states, cpu_masks)
+        recal = self.spec.soup.bn_recalibration_fraction
+        train_fixed = ctx.loader("train")
+
+        def val_score(state: State) -> float:
+            m = bn_recalibrate(ctx.model(state), train_fixed, recal, device=ctx.device)
+            return evaluate(m, ctx.loader("val"), device=ctx.device)["accuracy"]
+
+        if spec.soup.method == "greedy":
+            g = greedy_soup(states, cpu_masks, val_score)
+            soup_state, chosen = g.state, [survivors[j][0] for j in g.chosen]
+            chosen_recs = [survivors[j][2] for j in g.chosen]
+            rec.event(f"phase {t}: greedy soup of ingredients {chosen} (val accuracy {g.score:.4f}, "
+                      f"best ingredient {max(g.ingredient_scores):.4f})", phase=t)
+        else:
+            soup_state = uniform_soup(states, cpu_masks)
+            chosen, chosen_recs = [i for i, _, _ in survivors], [r for _, _, r in survivors]
+        soup = bn_recalibrate(ctx.model(soup_state), train_fixed, recal, device=ctx.device)
+        timing["soup"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        soup_scores = ctx.scores(soup)
+        timing["eval"] = time.perf_counter() - t3
+        ok = [a for a in accs if a is not None]
+        soup_acc = soup_scores.get("test_accuracy")
+        distances = pairwise_distances(states, prunable_names(soup)) if len(states) > 1 else []
+        extra = {"gain_over_best": soup_acc - max(ok), "gain_over_mean": soup_acc - statistics.fmean(ok),
+                 "mean_pairwise_distance": statistics.fmean(distances) if distances else 0.0,
+                 "ingredients": chosen}
+        soup_rec = self._save(ctx, soup, masks, kind="soup", phase=t, name=f"phase{t}/soup",
+                              parents=[(r.id, "averaged_from") for r in chosen_recs],
+                              metrics=dict(soup_scores, **extra))
+        timing["total"] = time.perf_counter() - t0
+        summary = PhaseSummary(phase=t, target_sparsity=target, sparsity=soup_rec.sparsity,
+                               pruned_accuracy=pruned_scores.get("test_accuracy"), ingredient_accuracies=accs,
+                               soup_accuracy=soup_acc, soup_val_accuracy=soup_scores.get("val_accuracy"),
+                               gain_over_best=extra["gain_over_best"], gain_over_mean=extra["gain_over_mean"],
+                               norm_drop=pr.norm_drop, mean_pairwise_distance=extra["mean_pairwise_distance"],
+                               soup_ingredients=chosen, model_id=soup_rec.id, seconds=timing)
+        rec.event(f"phase {t}: soup accuracy {soup_acc:.4f} ({extra['gain_over_best']:+.4f} over the best "
+                  f"ingredient, {extra['gain_over_mean']:+.4f} over the mean), sparsity {soup_rec.sparsity:.4f}",
+                  phase=t)
+        rec.phase_finished(summary)
+        return soup, masks, soup_rec, summary
+
+    def context(self) -> _Context:
+        spec = self.spec
+        splits = load_splits(spec.data.config(), spec.seed)
+        spe = len(make_loader(splits.train, spec.data.batch_size, shuffle=True))
+        dense_lrs = dense_schedule(spec.dense.schedule, spec.dense.lr, spec.dense.epochs * spe)
+        meta = {"arch": spec.model.arch, "model_kwargs": dict(spec.model.kwargs),
+                "num_classes": splits.num_classes, "in_shape": list(splits.in_shape),
+                "job": spec.name, "spec": spec.model_dump(mode="json"),
+                "dense_schedule": {"kind": spec.dense.schedule, "lr": spec.dense.lr, "epochs": spec.dense.epochs,
+                                   "steps_per_epoch": spe}}
+        return _Context(spec=spec, splits=splits, device=self.device, dense_lrs=dense_lrs,
+                        dense_epochs=spec.dense.epochs, steps_per_epoch=spe, meta=meta)
+
+    def run(self) -> JobResult:
+        spec = self.spec
+        ctx = self.context()
+        self.recorder.job_started(spec, self._total_epochs())
+        model, masks, rec, summary = self._dense(ctx)
+        summaries = [summary]
+        rate = per_phase_rate(spec.prune.target_sparsity, spec.prune.phases)
+        self.recorder.event(f"pruning {spec.prune.phases} phases at rate p={rate:.4f} per phase "
+                            f"to sparsity {spec.prune.target_sparsity}")
+        for t in range(1, spec.prune.phases + 1):
+            model, masks, rec, summary = self._phase(ctx, t, model, masks, rec, rate)
+            summaries.append(summary)
+        return JobResult(phases=summaries, final_model_id=rec.id)
+
+
+def summary_dict(result: JobResult) -> dict[str, Any]:
+    return {"final_model_id": result.final_model_id, "phases": [asdict(p) for p in result.phases]}

@@ -1,0 +1,34 @@
+"""Settings from LADLE_* environment variables (design section 4b), validated at start-up."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LADLE_", extra="ignore")
+
+    home: Path = Path(".ladle")
+    database_url: str | None = None          # default: sqlite:///$LADLE_HOME/ladle.db
+    artifacts: str | None = None             # default: $LADLE_HOME/artifacts; or an fsspec URL
+    ray_address: str | None = None           # unset: start a local Ray head
+    max_concurrent_jobs: int = Field(2, ge=1, le=1000)
+    tokens: str | None = None                # bearer-token auth (unset: no auth, loopback only)
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        self.home = self.home.expanduser()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.home / 'ladle.db').absolute()}"
+        if self.artifacts is None:
+            self.artifacts = str((self.home / "artifacts").absolute())
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,188 @@
+"""The job spec: what a user submits (JSON or YAML). Every field has a sensible default.
+
+Validation errors name the field (pydantic's `loc`), e.g. ``prune.target_sparsity: must be < 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
+from workers.models import ModelError, check_arch
+from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
+from workers.train import OptimizerConfig
+
+MAX_INGREDIENTS = 64
+MAX_EPOCHS = 1000
+MAX_PHASES = 50
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    arch: str = "mlp"
+    checkpoint: str | None = None          # a Ladle checkpoint (.safetensors) to start from instead of dense training
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        try:
+            check_arch(v)
+        except ModelError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v and not Path(v).expanduser().is_file():
+            raise ValueError(f"checkpoint file {v!r} does not exist")
+        return v
+
+
+class DataSpec(_Strict):
+    name: str = "digits"
+    path: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    batch_size: int = Field(128, ge=1, le=65536)
+    augment: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _path_exists(self) -> DataSpec:
+        if self.name in NEEDS_PATH and not self.path:
+            raise ValueError(f"dataset {self.name!r} needs data.path")
+        if self.path and not Path(self.path).expanduser().exists():
+            raise ValueError(f"data.path {self.path!r} does not exist")
+        try:
+            check_data(self.config())
+        except DataError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+    def config(self) -> DataConfig:
+        return DataConfig(name=self.name, path=self.path, val_fraction=self.val_fraction,
+                          batch_size=self.batch_size, augment=self.augment)
+
+
+class DenseSpec(_Strict):
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
+    lr: float = Field(0.1, gt=0.0, le=10.0)
+    schedule: Literal[DENSE_SCHEDULES] = "linear"  # type: ignore[valid-type]
+
+
+class PruneSpec(_Strict):
+    target_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
+    phases: int = Field(3, ge=1, le=MAX_PHASES)
+    scope: Literal["global", "layerwise"] = "global"
+    criterion: Literal["magnitude", "random"] = "magnitude"
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["sgd"] = "sgd"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    nesterov: bool = True
+
+    def config(self) -> OptimizerConfig:
+        return OptimizerConfig(**self.model_dump())
+
+
+class RetrainSpec(_Strict):
+    epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
+    schedule: Literal[RETRAIN_SCHEDULES] = "llr"  # type: ignore[valid-type]
+    lr: float | None = Field(None, gt=0.0, le=10.0)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    params: Literal["all", "bias_norm"] = "all"
+
+
+class SoupSpec(_Strict):
+    ingredients: int = Field(4, ge=1, le=MAX_INGREDIENTS)
+    vary: Literal["seed", "weight_decay", "retrain_epochs", "lr"] = "seed"
+    values: list[float] | None = None
+    method: Literal["uniform", "greedy"] = "uniform"
+    bn_recalibration_fraction: float = Field(0.2, ge=0.0, le=1.0)
+    min_ingredients: int = Field(2, ge=1, le=MAX_INGREDIENTS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SoupSpec:
+        if self.min_ingredients > self.ingredients:
+            raise ValueError(f"min_ingredients ({self.min_ingredients}) exceeds ingredients ({self.ingredients})")
+        if self.values is not None:
+            if len(self.values) != self.ingredients:
+                raise ValueError(f"values has {len(self.values)} entries, one per ingredient ({self.ingredients}) needed")
+            if self.vary == "retrain_epochs" and any(v != int(v) or not 1 <= v <= MAX_EPOCHS for v in self.values):
+                raise ValueError(f"values for retrain_epochs must be whole numbers in [1, {MAX_EPOCHS}]")
+            if self.vary in ("lr", "weight_decay") and any(v < 0 or (self.vary == "lr" and v == 0) for v in self.values):
+                raise ValueError(f"values for {self.vary} must be positive")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    cpus_per_ingredient: float = Field(1.0, gt=0.0, le=256)
+    gpus_per_ingredient: float = Field(0.0, ge=0.0, le=16)
+
+
+class JobSpec(_Strict):
+    name: str = Field("job", min_length=1, max_length=200)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    model: ModelSpec = ModelSpec()
+    data: DataSpec = DataSpec()
+    dense: DenseSpec = DenseSpec()
+    prune: PruneSpec = PruneSpec()
+    retrain: RetrainSpec = RetrainSpec()
+    soup: SoupSpec = SoupSpec()
+    search: None = Field(None, description="Ray Tune schedule search; not available yet, must be null")
+    resources: ResourcesSpec = ResourcesSpec()
+
+
+class SpecError(ValueError):
+    """A job spec that does not validate; `errors` lists (field, message) pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
+
+
+def _errors(e: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "spec"
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append((loc, msg))
+    return out
+
+
+def parse_spec(data: dict[str, Any] | None) -> JobSpec:
+    """Validate a spec given as a dict; raise SpecError naming each bad field."""
+    try:
+        return JobSpec.model_validate(data or {})
+    except ValidationError as e:
+        raise SpecError(_errors(e)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a YAML or JSON job spec file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SpecError([("file", f"cannot read {path}: {e.strerror}")]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([("file", f"{path} is not valid YAML/JSON: {e}")]) from None
+    if data is not None and not isinstance(data, dict):
+        raise SpecError([("file", f"{path} must hold a mapping of spec fields, not {type(data).__name__}")])
+    return parse_spec(data)

@@ -1,0 +1,113 @@
+"""Checkpoints: safetensors files that carry the model state, its mask and everything to rebuild it.
+
+Layout: tensors ``state/<name>`` and ``mask/<name>`` (bool); header metadata ``ladle`` (JSON: arch,
+num_classes, in_shape, model kwargs, job spec, lineage, ...) and ``content_sha256``, a hash over the
+tensors' names, dtypes, shapes and bytes that `load` verifies, so a damaged file is refused.
+Files are written atomically (temporary file in the same folder, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from workers.pruning import Masks
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or fails its integrity check."""
+
+
+@dataclass
+class Checkpoint:
+    state: dict[str, torch.Tensor]
+    masks: Masks = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def to_bytes(ckpt: Checkpoint) -> bytes:
+    """Serialise a checkpoint to safetensors bytes (CPU copies; shared storage is not a problem)."""
+    tensors = {f"state/{k}": v.detach().cpu().clone().contiguous() for k, v in ckpt.state.items()}
+    tensors.update({f"mask/{k}": v.detach().cpu().bool().clone().contiguous() for k, v in ckpt.masks.items()})
+    meta = {"ladle": json.dumps(ckpt.meta, sort_keys=True, default=str),
+            "content_sha256": _content_hash(tensors), "format": "ladle-checkpoint-1"}
+    return st_save(tensors, metadata=meta)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ValueError("file too short")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise ValueError("header length out of range")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def from_bytes(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
+    """Parse and verify checkpoint bytes; CheckpointError names `source` and what is wrong."""
+    try:
+        tensors = st_load(data)
+        meta = _metadata(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{source} is not a readable safetensors checkpoint ({e})") from e
+    if meta.get("format") != "ladle-checkpoint-1":
+        raise CheckpointError(f"{source} is a safetensors file but not a Ladle checkpoint (no ladle metadata)")
+    if _content_hash(tensors) != meta.get("content_sha256"):
+        raise CheckpointError(f"{source} is corrupted: its tensors do not match the checksum in its header")
+    state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
+    masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
+    return Checkpoint(state=state, masks=masks, meta=json.loads(meta["ladle"]))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(path: str | os.PathLike, ckpt: Checkpoint) -> tuple[int, str]:
+    """Write the checkpoint atomically; return (size in bytes, sha256 of the file)."""
+    data = to_bytes(ckpt)
+    write_atomic(path, data)
+    return len(data), sha256_bytes(data)
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from e
+    return from_bytes(data, source=f"checkpoint {path}")
