@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -38,16 +39,22 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _pct(x: float | None, signed: bool = False) -> str:
+    return "—" if x is None else f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
 def phase_table(phases: list[dict[str, Any]], title: str = "") -> Table:
-    """The per-phase table: sparsity, accuracy after pruning, each ingredient's, the soup's (test set)."""
-    table = Table(title=title or None)
-    for col in ("phase", "target", "sparsity", "pruned acc", "ingredient accs", "soup acc", "vs best", "seconds"):
-        table.add_column(col, justify="left" if col == "ingredient accs" else "right")
+    """The per-phase table: sparsity, test accuracy (%) after pruning, of each ingredient and of the soup."""
+    table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient")
+    for col in ("phase", "target", "sparsity", "pruned", "ingredients", "soup", "Δbest", "s"):
+        table.add_column(col, justify="left" if col == "ingredients" else "right", no_wrap=True)
     for p in phases:
-        ingredients = " ".join("failed" if a is None else f"{a:.4f}" for a in p.get("ingredient_accuracies") or [])
+        accs = p.get("ingredient_accuracies") or []
+        ingredients = " ".join("fail" if a is None else f"{100 * a:.1f}" for a in accs)
         table.add_row(str(p["phase"]), _fmt(p["target_sparsity"], ".3f"), _fmt(p["sparsity"], ".3f"),
-                      _fmt(p.get("pruned_accuracy")), ingredients or ("dense" if p["phase"] == 0 else ""),
-                      _fmt(p.get("soup_accuracy")), _fmt(p.get("gain_over_best"), "+.4f"),
+                      _pct(p.get("pruned_accuracy")), ingredients or ("dense" if p["phase"] == 0 else ""),
+                      _pct(p.get("soup_accuracy")), _pct(p.get("gain_over_best"), signed=True),
                       _fmt((p.get("seconds") or {}).get("total"), ".1f"))
     return table
 

@@ -122,6 +122,16 @@ class JobResult:
     final_model_id: str
 
 
+@dataclass
+class ResumePoint:
+    """Where an interrupted job continues: after its last completed phase, reusing what the
+    interrupted phase had already finished (its pruned model and finished ingredients)."""
+    phases: list[PhaseSummary]                 # completed phases 0..k, in order
+    parent: ModelRecord                        # the result of phase k (dense or soup)
+    pruned: ModelRecord | None = None          # phase k+1's pruned model, if it was saved
+    ingredients: dict[str, ModelRecord] = field(default_factory=dict)   # finished ones of phase k+1, by run name
+
+
 # ---------------------------------------------------------------- helpers
 
 def ingredient_settings(spec: JobSpec, phase: int, eta_max: float) -> list[dict[str, Any]]:
@@ -184,10 +194,13 @@ class Pipeline:
     """Runs one job: `Pipeline(spec, executor, recorder, artifacts).run()`."""
 
     def __init__(self, spec: JobSpec, executor: Executor, recorder: Recorder, artifacts: ArtifactStore,
-                 *, prefix: str = "", device: torch.device | None = None):
+                 *, prefix: str = "", device: torch.device | None = None, resume: ResumePoint | None = None,
+                 epoch_checkpoints: bool = False):
         self.spec, self.executor, self.recorder, self.artifacts = spec, executor, recorder, artifacts
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.device = device or default_device()
+        self.resume = resume
+        self.epoch_checkpoints = epoch_checkpoints   # for executors that retry a task after its worker died
 
     # -- plumbing
     def _save(self, ctx: _Context, model: nn.Module, masks: Masks, *, kind: str, phase: int, name: str,
@@ -260,16 +273,24 @@ class Pipeline:
         timing: dict[str, float] = {}
         t0 = time.perf_counter()
 
-        # prune
-        pr = prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
-                   seed=spec.seed * 1000 + t)
-        pruned, masks = pr.model, pr.masks
-        pruned_scores = ctx.scores(pruned)
-        pruned_rec = self._save(ctx, pruned, masks, kind="pruned", phase=t, name=f"phase{t}/pruned",
-                                parents=[(parent_rec.id, "pruned_from")],
-                                metrics=dict(pruned_scores, norm_drop=pr.norm_drop, removed=pr.removed))
-        rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
-                  f"accuracy after pruning {pruned_scores.get('test_accuracy', float('nan')):.4f}", phase=t)
+        # prune (pruning is deterministic; a resumed phase reuses the pruned model it saved)
+        resume = self.resume if self.resume and len(self.resume.phases) == t else None
+        if resume and resume.pruned:
+            pruned_rec = resume.pruned
+            ckpt = self.artifacts.load_checkpoint(pruned_rec.uri)
+            pruned, masks = ctx.model(ckpt.state), ckpt.masks
+            norm_drop = pruned_rec.metrics["norm_drop"]
+            pruned_scores = {k: v for k, v in pruned_rec.metrics.items() if k.endswith(("_accuracy", "_loss"))}
+        else:
+            pr = prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
+                       seed=spec.seed * 1000 + t)
+            pruned, masks, norm_drop = pr.model, pr.masks, pr.norm_drop
+            pruned_scores = ctx.scores(pruned)
+            pruned_rec = self._save(ctx, pruned, masks, kind="pruned", phase=t, name=f"phase{t}/pruned",
+                                    parents=[(parent_rec.id, "pruned_from")],
+                                    metrics=dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed))
+            rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
+                      f"accuracy after pruning {pruned_scores.get('test_accuracy', float('nan')):.4f}", phase=t)
         timing["prune"] = time.perf_counter() - t0
 
         # retrain the ingredients
@@ -279,7 +300,7 @@ class Pipeline:
         tasks = []
         for i, s in enumerate(ingredient_settings(spec, t, max(ctx.dense_lrs))):
             steps = s["epochs"] * ctx.steps_per_epoch
-            lrs = retrain_schedule(spec.retrain.schedule, steps, ctx.dense_lrs, lr=s["lr"], norm_drop=pr.norm_drop,
+            lrs = retrain_schedule(spec.retrain.schedule, steps, ctx.dense_lrs, lr=s["lr"], norm_drop=norm_drop,
                                    rate=rate, phase_epochs=s["epochs"], dense_epochs=ctx.dense_epochs)
             opt = spec.retrain.optimizer.model_copy(update={"weight_decay": s["weight_decay"]}).config()
             name = f"phase{t}/ingredient{i}"
@@ -290,15 +311,30 @@ class Pipeline:
                                    data=spec.data.config(), data_seed=spec.seed, lrs=lrs, epochs=s["epochs"],
                                    seed=s["seed"], init_state=pruned_state, masks=cpu_masks, optimizer=opt,
                                    params=spec.retrain.params, augment=spec.data.augment,
-                                   threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info))
-            rec.run_started(RunRecord(name, "ingredient", t, info))
-        outcomes = self.executor.run(tasks, rec.metric)
+                                   threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info,
+                                   resume_url=self.artifacts.uri(f"{self.prefix}{name}.epoch.safetensors")
+                                   if self.epoch_checkpoints else None))
+        reused = resume.ingredients if resume else {}
+        todo = [task for task in tasks if task.name not in reused]
+        if reused:
+            rec.event(f"phase {t}: resuming; reusing the finished ingredients {sorted(reused)}", phase=t)
+        for task in todo:
+            rec.run_started(RunRecord(task.name, "ingredient", t, task.info))
+        ran = dict(zip([task.name for task in todo], self.executor.run(todo, rec.metric)))
         timing["retrain"] = time.perf_counter() - t1
 
         # record the ingredients
-        survivors: list[tuple[int, TrainOutcome, ModelRecord]] = []
+        survivors: list[tuple[int, State, ModelRecord]] = []
         accs: list[float | None] = []
-        for i, (task, out) in enumerate(zip(tasks, outcomes)):
+        for i, task in enumerate(tasks):
+            if task.name in reused:
+                irec = reused[task.name]
+                survivors.append((i, self.artifacts.load_checkpoint(irec.uri).state, irec))
+                accs.append(irec.metrics.get("test_accuracy"))
+                continue
+            out = ran[task.name]
+            if task.resume_url:
+                self.artifacts.delete(task.resume_url)
             if isinstance(out, BaseException):
                 rec.run_finished(task.name, "failed", error=repr(out))
                 rec.event(f"phase {t}: ingredient {i} failed: {out!r}", level="error", phase=t)
@@ -310,8 +346,9 @@ class Pipeline:
                               parents=[(pruned_rec.id, "retrained_from")],
                               metrics=dict(scores, train_seconds=out.train_seconds, seconds=out.seconds))
             rec.run_finished(task.name, "succeeded", model_id=irec.id,
-                             metrics=dict(scores, train_seconds=out.train_seconds, seconds=out.seconds))
-            survivors.append((i, out, irec))
+                             metrics=dict(scores, train_seconds=out.train_seconds, seconds=out.seconds,
+                                          resumed_from_epoch=out.resumed_from_epoch))
+            survivors.append((i, out.state, irec))
             accs.append(scores.get("test_accuracy"))
         if len(survivors) < spec.soup.min_ingredients:
             msg = (f"phase {t}: only {len(survivors)} of {len(tasks)} ingredients finished, "
@@ -324,7 +361,7 @@ class Pipeline:
 
         # soup
         t2 = time.perf_counter()
-        states = [o.state for _, o, _ in survivors]
+        states = [state for _, state, _ in survivors]
         check_shared_mask(states, cpu_masks)
         recal = self.spec.soup.bn_recalibration_fraction
         train_fixed = ctx.loader("train")
@@ -361,7 +398,7 @@ class Pipeline:
                                pruned_accuracy=pruned_scores.get("test_accuracy"), ingredient_accuracies=accs,
                                soup_accuracy=soup_acc, soup_val_accuracy=soup_scores.get("val_accuracy"),
                                gain_over_best=extra["gain_over_best"], gain_over_mean=extra["gain_over_mean"],
-                               norm_drop=pr.norm_drop, mean_pairwise_distance=extra["mean_pairwise_distance"],
+                               norm_drop=norm_drop, mean_pairwise_distance=extra["mean_pairwise_distance"],
                                soup_ingredients=chosen, model_id=soup_rec.id, seconds=timing)
         rec.event(f"phase {t}: soup accuracy {soup_acc:.4f} ({extra['gain_over_best']:+.4f} over the best "
                   f"ingredient, {extra['gain_over_mean']:+.4f} over the mean), sparsity {soup_rec.sparsity:.4f}",
@@ -386,12 +423,18 @@ class Pipeline:
         spec = self.spec
         ctx = self.context()
         self.recorder.job_started(spec, self._total_epochs())
-        model, masks, rec, summary = self._dense(ctx)
-        summaries = [summary]
         rate = per_phase_rate(spec.prune.target_sparsity, spec.prune.phases)
-        self.recorder.event(f"pruning {spec.prune.phases} phases at rate p={rate:.4f} per phase "
-                            f"to sparsity {spec.prune.target_sparsity}")
-        for t in range(1, spec.prune.phases + 1):
+        if self.resume:
+            summaries, rec = list(self.resume.phases), self.resume.parent
+            ckpt = self.artifacts.load_checkpoint(rec.uri)
+            model, masks = ctx.model(ckpt.state), ckpt.masks
+            self.recorder.event(f"resuming after phase {len(summaries) - 1} from model {rec.id}")
+        else:
+            model, masks, rec, summary = self._dense(ctx)
+            summaries = [summary]
+            self.recorder.event(f"pruning {spec.prune.phases} phases at rate p={rate:.4f} per phase "
+                                f"to sparsity {spec.prune.target_sparsity}")
+        for t in range(len(summaries), spec.prune.phases + 1):
             model, masks, rec, summary = self._phase(ctx, t, model, masks, rec, rate)
             summaries.append(summary)
         return JobResult(phases=summaries, final_model_id=rec.id)

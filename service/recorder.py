@@ -20,8 +20,9 @@ LEVEL_STYLE = {"info": "", "warning": "yellow", "error": "bold red"}
 class LocalRecorder:
     """Prints progress (one step per training epoch) and events; keeps every record for `summary()`."""
 
-    def __init__(self, console: Console | None = None, *, progress: bool = True):
+    def __init__(self, console: Console | None = None, *, progress: bool = True, quiet: bool = False):
         self.console = console or Console(stderr=True)
+        self.quiet = quiet
         self.started = time.time()
         self.spec: dict[str, Any] = {}
         self.events: list[dict[str, Any]] = []
@@ -46,6 +47,8 @@ class LocalRecorder:
 
     def event(self, message: str, *, level: str = "info", phase: int | None = None) -> None:
         self.events.append({"time": time.time(), "level": level, "phase": phase, "message": message})
+        if self.quiet and level == "info":
+            return
         style = LEVEL_STYLE.get(level, "")
         self._progress.console.print(f"[{style}]{message}[/{style}]" if style else message, highlight=False)
 

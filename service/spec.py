@@ -148,6 +148,13 @@ class JobSpec(_Strict):
     search: None = Field(None, description="Ray Tune schedule search; not available yet, must be null")
     resources: ResourcesSpec = ResourcesSpec()
 
+    @model_validator(mode="after")
+    def _greedy_needs_validation(self) -> JobSpec:
+        if self.soup.method == "greedy" and self.data.val_fraction == 0:
+            raise ValueError("soup.method greedy ranks ingredients on the validation split: "
+                             "data.val_fraction must be > 0")
+        return self
+
 
 class SpecError(ValueError):
     """A job spec that does not validate; `errors` lists (field, message) pairs."""

@@ -1,9 +1,11 @@
 """Checkpoints: safetensors files that carry the model state, its mask and everything to rebuild it.
 
-Layout: tensors ``state/<name>`` and ``mask/<name>`` (bool); header metadata ``ladle`` (JSON: arch,
+Layout: tensors ``state/<name>``, ``mask/<name>`` (bool) and ``extra/<name>`` (e.g. optimizer
+buffers of an epoch checkpoint); header metadata ``ladle`` (JSON: arch,
 num_classes, in_shape, model kwargs, job spec, lineage, ...) and ``content_sha256``, a hash over the
 tensors' names, dtypes, shapes and bytes that `load` verifies, so a damaged file is refused.
-Files are written atomically (temporary file in the same folder, fsync, rename).
+Files are written atomically (local: temporary file in the same folder, fsync, rename; object
+stores through fsspec: one PUT), to a local path or any fsspec URL (s3://bucket/key, memory://...).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -33,6 +37,7 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
     masks: Masks = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -48,6 +53,7 @@ def to_bytes(ckpt: Checkpoint) -> bytes:
     """Serialise a checkpoint to safetensors bytes (CPU copies; shared storage is not a problem)."""
     tensors = {f"state/{k}": v.detach().cpu().clone().contiguous() for k, v in ckpt.state.items()}
     tensors.update({f"mask/{k}": v.detach().cpu().bool().clone().contiguous() for k, v in ckpt.masks.items()})
+    tensors.update({f"extra/{k}": v.detach().cpu().clone().contiguous() for k, v in ckpt.extra.items()})
     meta = {"ladle": json.dumps(ckpt.meta, sort_keys=True, default=str),
             "content_sha256": _content_hash(tensors), "format": "ladle-checkpoint-1"}
     return st_save(tensors, metadata=meta)
@@ -75,7 +81,8 @@ def from_bytes(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
         raise CheckpointError(f"{source} is corrupted: its tensors do not match the checksum in its header")
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
-    return Checkpoint(state=state, masks=masks, meta=json.loads(meta["ladle"]))
+    extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
+    return Checkpoint(state=state, masks=masks, meta=json.loads(meta["ladle"]), extra=extra)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -98,16 +105,30 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def save(path: str | os.PathLike, ckpt: Checkpoint) -> tuple[int, str]:
-    """Write the checkpoint atomically; return (size in bytes, sha256 of the file)."""
+def write_url(url: str | os.PathLike, data: bytes) -> None:
+    """Write bytes to a local path (atomically) or an fsspec URL."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    if isinstance(fs, LocalFileSystem):
+        write_atomic(path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_url(url: str | os.PathLike) -> bytes:
+    with fsspec.open(str(url), "rb") as f:
+        return f.read()
+
+
+def save(url: str | os.PathLike, ckpt: Checkpoint) -> tuple[int, str]:
+    """Write the checkpoint (atomically); return (size in bytes, sha256 of the file)."""
     data = to_bytes(ckpt)
-    write_atomic(path, data)
+    write_url(url, data)
     return len(data), sha256_bytes(data)
 
 
-def load(path: str | os.PathLike) -> Checkpoint:
+def load(url: str | os.PathLike) -> Checkpoint:
     try:
-        data = Path(path).read_bytes()
+        data = read_url(url)
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from e
-    return from_bytes(data, source=f"checkpoint {path}")
+        raise CheckpointError(f"cannot read checkpoint {url}: {e.strerror or e}") from e
+    return from_bytes(data, source=f"checkpoint {url}")

@@ -65,12 +65,16 @@ def make_optimizer(trainable: list[nn.Parameter], cfg: OptimizerConfig) -> torch
 def train(model: nn.Module, loader: Iterable, lrs: list[float], *, epochs: int,
           optimizer: OptimizerConfig = OptimizerConfig(), masks: Masks | None = None, params: str = "all",
           val_loader: Iterable | None = None, on_epoch: Callable[[dict[str, float]], None] | None = None,
-          device: torch.device | None = None, seed: int = 0) -> TrainResult:
+          device: torch.device | None = None, seed: int = 0, start_epoch: int = 0,
+          optimizer_state: dict | None = None,
+          on_checkpoint: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None) -> TrainResult:
     """Train `model` in place for `epochs` epochs; step i uses lr = lrs[i] (len(lrs) = epochs * len(loader)).
 
     `masks` (name -> bool tensor) pins pruned weights to zero; `params="bias_norm"` freezes every
     other parameter. `on_epoch` receives each epoch's row: epoch, step, lr, train_loss,
-    train_accuracy, and val_loss / val_accuracy when `val_loader` is given.
+    train_accuracy, and val_loss / val_accuracy when `val_loader` is given. To resume, pass the
+    epochs already done as `start_epoch` with the optimizer's `optimizer_state`; `on_checkpoint`
+    is called after every epoch with (epoch, model, optimizer) so that the caller can save both.
     """
     device = device or default_device()
     steps_per_epoch = len(loader)
@@ -83,13 +87,15 @@ def train(model: nn.Module, loader: Iterable, lrs: list[float], *, epochs: int,
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     opt = make_optimizer(trainable, optimizer)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
     named = dict(model.named_parameters())
     pinned = [(named[n], m.to(device=device, dtype=named[n].dtype))
               for n, m in (masks or {}).items() if n in prunable_names(model)] if masks else []
 
     result = TrainResult()
-    step = 0
-    for epoch in range(1, epochs + 1):
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch + 1, epochs + 1):
         model.train()
         start = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
@@ -121,8 +127,10 @@ def train(model: nn.Module, loader: Iterable, lrs: list[float], *, epochs: int,
         result.history.append(row)
         if on_epoch is not None:
             on_epoch(row)
+        if on_checkpoint is not None:
+            on_checkpoint(epoch, model, opt)
     for p in model.parameters():
         p.requires_grad_(True)
-    result.steps = step
+    result.steps = step - start_epoch * steps_per_epoch
     result.optimizer = opt
     return result

@@ -1,0 +1,122 @@
+"""The Ray executor: a phase's ingredients in parallel on warm, long-lived Ray actors.
+
+One pool of `IngredientWorker` actors per job, created on first use and kept across phases, so the
+cost of starting a worker process and importing torch is paid once per job, not per ingredient.
+Each actor asks Ray for `cpus_per_ingredient` CPUs and `gpus_per_ingredient` (possibly fractional)
+GPUs. Per-epoch metrics stream back through a Ray queue while the ingredients train. If a worker
+process dies, Ray restarts the actor and retries the call (`max_restarts`, `max_task_retries`); the
+retried task resumes from its last epoch checkpoint (`TrainTask.resume_url`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+
+import ray
+from ray.util.queue import Empty, Queue
+
+from service.pipeline import EpochCallback
+from workers.tasks import TrainOutcome, TrainTask, run_train_task
+
+RETRIES = 2
+
+
+@ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
+class IngredientWorker:
+    """A warm worker: torch imported and datasets cached across the ingredients it trains."""
+
+    def __init__(self, threads: int):
+        import torch
+        torch.set_num_threads(max(1, threads))
+        self.threads = threads
+
+    def where(self) -> dict:
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def run(self, task: TrainTask, metrics: Queue | None) -> TrainOutcome:
+        def on_epoch(row: dict[str, float]) -> None:
+            if metrics is not None:
+                metrics.put_nowait((task.name, row))
+        task.threads = self.threads
+        return run_train_task(task, on_epoch)
+
+
+class RayExecutor:
+    """Runs tasks on a pool of warm Ray actors; `slots` of them train at once."""
+
+    def __init__(self, *, cpus: float = 1.0, gpus: float = 0.0, slots: int | None = None,
+                 poll_seconds: float = 0.2):
+        self.cpus, self.gpus, self.poll = cpus, gpus, poll_seconds
+        if slots is None:
+            resources = ray.cluster_resources()
+            slots = int(resources.get("CPU", 1) // cpus)
+            if gpus > 0:
+                slots = min(slots, int(round(resources.get("GPU", 0) / gpus, 6)))
+        self.slots = max(1, slots)
+        self._actors: list = []
+        self._queue: Queue | None = None
+
+    def _pool(self, n: int) -> list:
+        while len(self._actors) < n:
+            self._actors.append(IngredientWorker.options(num_cpus=self.cpus, num_gpus=self.gpus)
+                                .remote(max(1, int(self.cpus))))
+        return self._actors[:n]
+
+    def _replace(self, actor):
+        ray.kill(actor)
+        fresh = IngredientWorker.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(max(1, int(self.cpus)))
+        self._actors[self._actors.index(actor)] = fresh
+        return fresh
+
+    def warm_up(self, n: int | None = None) -> None:
+        """Start the actors now (they stay for the job) and wait until they are up."""
+        ray.get([a.where.remote() for a in self._pool(n or self.slots)])
+
+    def _drain(self, on_epoch: EpochCallback) -> None:
+        if self._queue is None:
+            return
+        while True:
+            try:
+                items = self._queue.get_nowait_batch(max(1, self._queue.qsize()))
+            except Empty:
+                return
+            if not items:
+                return
+            for name, row in items:
+                on_epoch(name, row)
+
+    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback) -> list[TrainOutcome | BaseException]:
+        if self._queue is None:
+            self._queue = Queue(actor_options={"num_cpus": 0})
+        idle = deque(self._pool(min(self.slots, len(tasks))))
+        pending = deque(enumerate(tasks))
+        running: dict = {}
+        results: list[TrainOutcome | BaseException | None] = [None] * len(tasks)
+        while pending or running:
+            while pending and idle:
+                i, task = pending.popleft()
+                actor = idle.popleft()
+                running[actor.run.remote(task, self._queue)] = (i, actor)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=self.poll)
+            self._drain(on_epoch)
+            for ref in done:
+                i, actor = running.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except ray.exceptions.ActorError as e:   # its worker died beyond its retries: replace it
+                    results[i] = e
+                    actor = self._replace(actor)
+                except Exception as e:                   # the task itself raised
+                    results[i] = e
+                idle.append(actor)
+        self._drain(on_epoch)   # metrics are queued synchronously, so everything is in by now
+        return results  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        for a in self._actors:
+            ray.kill(a)
+        if self._queue is not None:
+            self._queue.shutdown()
+        self._actors, self._queue = [], None
+

@@ -1,0 +1,55 @@
+import pytest
+
+from service.spec import JobSpec, SpecError, load_spec, parse_spec
+
+
+def fields(excinfo) -> list[str]:
+    return [loc for loc, _ in excinfo.value.errors]
+
+
+def test_defaults_are_the_design_defaults():
+    spec = parse_spec({})
+    assert spec.model.arch == "mlp" and spec.data.name == "digits"
+    assert spec.prune.target_sparsity == 0.9 and spec.prune.phases == 3 and spec.prune.scope == "global"
+    assert spec.retrain.schedule == "llr" and spec.retrain.epochs == 5 and spec.retrain.lr is None
+    assert spec.soup.ingredients == 4 and spec.soup.vary == "seed" and spec.soup.method == "uniform"
+    assert spec.resources.cpus_per_ingredient == 1 and spec.resources.gpus_per_ingredient == 0
+
+
+@pytest.mark.parametrize("data,field,words", [
+    ({"prune": {"target_sparsity": 1.0}}, "prune.target_sparsity", "less than 1"),
+    ({"prune": {"target_sparsity": -0.1}}, "prune.target_sparsity", "greater than or equal to 0"),
+    ({"prune": {"phases": 0}}, "prune.phases", "greater than or equal to 1"),
+    ({"model": {"arch": "resnet9000"}}, "model.arch", "unknown arch"),
+    ({"data": {"name": "imagenet-from-the-web"}}, "data.name", "unknown dataset"),
+    ({"data": {"name": "npz", "path": "/no/such/file.npz"}}, "data", "does not exist"),
+    ({"data": {"name": "npz"}}, "data", "needs data.path"),
+    ({"model": {"checkpoint": "/no/such/model.safetensors"}}, "model.checkpoint", "does not exist"),
+    ({"soup": {"ingredients": 0}}, "soup.ingredients", "greater than or equal to 1"),
+    ({"soup": {"ingredients": 1000}}, "soup.ingredients", "less than or equal to 64"),
+    ({"retrain": {"epochs": 100000}}, "retrain.epochs", "less than or equal to 1000"),
+    ({"retrain": {"schedule": "warp"}}, "retrain.schedule", "llr"),
+    ({"soup": {"ingredients": 2, "min_ingredients": 3}}, "soup", "exceeds"),
+    ({"soup": {"ingredients": 2, "values": [1, 2, 3]}}, "soup", "one per ingredient"),
+    ({"soup": {"method": "greedy"}, "data": {"val_fraction": 0}}, "spec", "data.val_fraction must be > 0"),
+    ({"prune": {"target_sparsity": 0.9, "bogus": 1}}, "prune.bogus", "Extra inputs"),
+    ({"search": {"trials": 3}}, "search", "None"),
+])
+def test_invalid_specs_name_the_field(data, field, words):
+    with pytest.raises(SpecError) as excinfo:
+        parse_spec(data)
+    assert field in fields(excinfo), excinfo.value.errors
+    assert words in str(excinfo.value)
+
+
+def test_load_spec_from_yaml(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\nprune: {target_sparsity: 0.5, phases: 2}\nsoup: {ingredients: 2}\n")
+    spec = load_spec(path)
+    assert isinstance(spec, JobSpec) and spec.prune.phases == 2 and spec.soup.ingredients == 2
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(SpecError, match="mapping"):
+        load_spec(path)
+    path.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
