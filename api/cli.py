@@ -74,8 +74,8 @@ def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[st
         final = next(m for m in summary["models"] if m["id"] == result.final_model_id)
         out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, "
                           f"test accuracy {final['metrics'].get('test_accuracy', float('nan')):.4f}, "
-                          f"{final['size_bytes']} bytes at {final['uri']}")
-        out_console.print(f"summary: {path}")
+                          f"{final['size_bytes']} bytes at {final['uri']}", soft_wrap=True)
+        out_console.print(f"summary: {path}", soft_wrap=True)
     return summary
 
 

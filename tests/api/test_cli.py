@@ -1,0 +1,54 @@
+"""The `ladle` command as a user runs it (a real subprocess)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from workers.checkpoint import load
+
+LADLE = str(Path(sys.executable).with_name("ladle"))
+
+
+def ladle(*args, cwd=None):
+    return subprocess.run([LADLE, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_run_local_prints_the_phase_table_and_writes_models(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: cli\ndense: {epochs: 4}\nprune: {target_sparsity: 0.75, phases: 2}\n"
+                    "retrain: {epochs: 1}\nsoup: {ingredients: 2}\n")
+    out = tmp_path / "out"
+    r = ladle("run", str(spec), "--local", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["0", "1", "2"]
+    assert rows[2][2] == "0.750"                  # sparsity reached in the last phase
+    summary = json.loads((out / "summary.json").read_text())
+    final = next(m for m in summary["models"] if m["id"] == summary["final_model_id"])
+    ckpt = load(final["uri"])
+    zeros = sum(int((ckpt.state[n] == 0).sum()) for n in ckpt.masks)
+    total = sum(m.numel() for m in ckpt.masks.values())
+    assert abs(zeros / total - final["sparsity"]) < 1e-6
+    assert len(list((out / "models").rglob("*.safetensors"))) == 1 + 2 * 4
+
+
+def test_json_output(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("dense: {epochs: 2}\nprune: {target_sparsity: 0.5, phases: 1}\nretrain: {epochs: 1}\n"
+                    "soup: {ingredients: 2}\n")
+    r = ladle("run", str(spec), "--local", "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [p["phase"] for p in data["phases"]] == [0, 1]
+
+
+def test_bad_spec_names_the_fields_without_a_traceback(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("prune: {target_sparsity: 1.0, phases: 0}\nmodel: {arch: resnet9000}\n")
+    r = ladle("run", str(spec), "--local")
+    assert r.returncode == 2
+    assert "prune.target_sparsity" in r.stderr and "prune.phases" in r.stderr and "model.arch" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = ladle("run", str(tmp_path / "missing.yaml"), "--local")
+    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
