@@ -1,4 +1,74 @@
-import os
+"""One fixture per real resource: a temp SQLite per test, a PostgreSQL database per session, one
+Ray cluster per session (started with `ray start`, on loopback, 2 CPUs)."""
 
-# Every Ray process stays on loopback on this machine (see README, "Running here").
+import os
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+# Every Ray process stays on loopback on this machine; Ray 2.60 clients use token auth.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+PG_ADMIN_URL = os.environ.get("LADLE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+TABLES = ("metrics", "events", "model_edges", "models", "runs", "phases", "jobs")
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh PostgreSQL database for the test session, dropped at the end."""
+    if os.environ.get("LADLE_SKIP_POSTGRES") == "1":
+        pytest.skip("LADLE_SKIP_POSTGRES=1")
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"ladle_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as e:
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({e}); set LADLE_SKIP_POSTGRES=1 to skip")
+    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_store(pg_url):
+    from service.store import Store
+    store = Store(pg_url)           # created and migrated with Alembic
+    yield store
+    store.engine.dispose()
+
+
+def _truncate(store):
+    with store.engine.begin() as c:
+        c.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    """A migrated, empty store on each real backend."""
+    from service.store import Store
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'ladle.db'}")
+        yield s
+        s.engine.dispose()
+    else:
+        s = request.getfixturevalue("pg_store")
+        _truncate(s)
+        yield s
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A local Ray head (dashboard + Jobs API) for the session, joined by this process as a client."""
+    import ray
+
+    from service.cluster import LocalRay
+    head = LocalRay(num_cpus=2).start()
+    ray.init(address=head.address, log_to_driver=False)
+    yield head
+    ray.shutdown()
+    head.stop()

@@ -1,0 +1,175 @@
+"""The SQL store's tables (design section 5), as a SQLAlchemy 2.0 typed ORM.
+
+jobs, phases, runs (dense | ingredient | search_trial), models, model_edges (typed lineage),
+metrics (one row per run, step and name) and events. Relationships are lazy="raise": queries say
+what they load. The same models serve SQLite (embedded) and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+          "ck": "ck_%(table_name)s_%(constraint_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+EDGE_KINDS = ("pruned_from", "retrained_from", "averaged_from")
+MODEL_KINDS = ("dense", "pruned", "ingredient", "soup")
+RUN_KINDS = ("dense", "ingredient", "search_trial")
+
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # SQLite autoincrements INTEGER keys only
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: sa.JSON, list[Any]: sa.JSON,
+                           datetime: sa.DateTime(timezone=True)}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    spec: Mapped[dict[str, Any]]
+    progress: Mapped[float] = mapped_column(default=0.0)
+    current_phase: Mapped[int | None]
+    final_model_id: Mapped[str | None] = mapped_column(sa.String(32))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    owner: Mapped[str | None] = mapped_column(sa.String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
+    ray_submission_id: Mapped[str | None] = mapped_column(sa.String(100))
+    attempts: Mapped[int] = mapped_column(default=0)
+    total_epochs: Mapped[int] = mapped_column(default=0)
+    done_epochs: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        sa.Index("ix_jobs_status_created_at", "status", "created_at"),
+        sa.Index("ix_jobs_created_at", "created_at"),
+        sa.Index("ix_jobs_owner_created_at", "owner", "created_at"),
+    )
+
+
+class Phase(Base):
+    __tablename__ = "phases"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    status: Mapped[str] = mapped_column(sa.String(16), default="running")
+    target_sparsity: Mapped[float]
+    sparsity: Mapped[float | None]
+    pruned_model_id: Mapped[str | None] = mapped_column(sa.String(32))
+    model_id: Mapped[str | None] = mapped_column(sa.String(32))
+    pruned_accuracy: Mapped[float | None]
+    soup_accuracy: Mapped[float | None]
+    soup_val_accuracy: Mapped[float | None]
+    gain_over_best: Mapped[float | None]
+    gain_over_mean: Mapped[float | None]
+    norm_drop: Mapped[float | None]
+    mean_pairwise_distance: Mapped[float | None]
+    ingredient_accuracies: Mapped[list[Any]] = mapped_column(default=list)
+    soup_ingredients: Mapped[list[Any]] = mapped_column(default=list)
+    seconds: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (sa.UniqueConstraint("job_id", "index", name="uq_phases_job_id_index"),
+                      sa.CheckConstraint(_in("status", ("running", "succeeded", "failed")), name="status"))
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    phase: Mapped[int]
+    name: Mapped[str] = mapped_column(sa.String(200))
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    status: Mapped[str] = mapped_column(sa.String(16), default="running")
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    model_id: Mapped[str | None] = mapped_column(sa.String(32))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    attempts: Mapped[int] = mapped_column(default=1)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (sa.UniqueConstraint("job_id", "name", name="uq_runs_job_id_name"),
+                      sa.CheckConstraint(_in("kind", RUN_KINDS), name="kind"),
+                      sa.CheckConstraint(_in("status", ("running", "succeeded", "failed", "stopped")), name="status"))
+
+
+class Model(Base):
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    phase: Mapped[int]
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    name: Mapped[str] = mapped_column(sa.String(200))
+    uri: Mapped[str] = mapped_column(sa.Text)
+    size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    sparsity: Mapped[float]
+    nonzeros: Mapped[int] = mapped_column(sa.BigInteger)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (sa.UniqueConstraint("job_id", "name", name="uq_models_job_id_name"),
+                      sa.CheckConstraint(_in("kind", MODEL_KINDS), name="kind"))
+
+
+class ModelEdge(Base):
+    __tablename__ = "model_edges"
+    parent_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True)
+    child_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"), primary_key=True,
+                                          index=True)
+    kind: Mapped[str] = mapped_column(sa.String(16))
+
+    __table_args__ = (sa.CheckConstraint(_in("kind", EDGE_KINDS), name="kind"),)
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(sa.ForeignKey("runs.id", ondelete="CASCADE"))
+    step: Mapped[int]
+    epoch: Mapped[int]
+    name: Mapped[str] = mapped_column(sa.String(100))
+    value: Mapped[float]
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (sa.Index("ix_metrics_run_id_name_step", "run_id", "name", "step"),
+                      sa.Index("ix_metrics_job_id_name", "job_id", "name"))
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    time: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(sa.String(16), default="info")
+    phase: Mapped[int | None]
+    message: Mapped[str] = mapped_column(sa.Text)
+
+    __table_args__ = (sa.Index("ix_events_job_id_id", "job_id", "id"),
+                      sa.CheckConstraint(_in("level", ("info", "warning", "error")), name="level"))

@@ -1,0 +1,342 @@
+"""The store: the one place that writes to the database. Every write is one transaction.
+
+Rows come back as detached ORM objects (`expire_on_commit=False`; relationships are never loaded).
+`DBRecorder` is the pipeline's recorder for a job: each call the pipeline makes is one short
+transaction, so a driver that dies leaves everything up to its last call and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.db import make_engine, make_sessionmaker, migrate
+from service.orm import TERMINAL, Event, Job, Metric, Model, ModelEdge, Phase, Run, utcnow
+from service.pipeline import ModelRecord, PhaseSummary, RunRecord
+from service.spec import JobSpec
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job {job_id!r}")
+        self.job_id = job_id
+
+
+class StateError(ValueError):
+    """A status change that the job's current status does not allow."""
+
+    def __init__(self, job_id: str, current: str, requested: str):
+        super().__init__(f"job {job_id} is {current}; it cannot become {requested}")
+        self.current, self.requested = current, requested
+
+
+class JobCancelled(RuntimeError):
+    """The job was cancelled while its driver ran."""
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/Infinity (PostgreSQL refuses them): store None instead."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+class Store:
+    def __init__(self, url: str, *, migrate_schema: bool = True):
+        self.url = url
+        self.engine = make_engine(url)
+        if migrate_schema:
+            migrate(self.engine)
+        self.sessions = make_sessionmaker(self.engine)
+
+    @contextmanager
+    def tx(self) -> Iterator[Session]:
+        with self.sessions.begin() as session:
+            yield session
+
+    def _job(self, s: Session, job_id: str, *, lock: bool = False) -> Job:
+        q = sa.select(Job).where(Job.id == job_id)
+        if lock and s.bind.dialect.name == "postgresql":
+            q = q.with_for_update()
+        job = s.scalars(q).one_or_none()
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    # ---------------------------------------------------------------- jobs
+    def create_job(self, spec: JobSpec, *, owner: str | None = None, idempotency_key: str | None = None) -> Job:
+        """Store a queued job. The same (owner, idempotency key) again returns the first job."""
+        if idempotency_key is not None:
+            existing = self._by_key(owner, idempotency_key)
+            if existing is not None:
+                return existing
+        job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=spec.model_dump(mode="json"),
+                  owner=owner, idempotency_key=idempotency_key)
+        try:
+            with self.tx() as s:
+                s.add(job)
+        except sa.exc.IntegrityError:
+            existing = self._by_key(owner, idempotency_key) if idempotency_key is not None else None
+            if existing is None:
+                raise
+            return existing               # a concurrent request with the same key won
+        return job
+
+    def _by_key(self, owner: str | None, key: str) -> Job | None:
+        with self.sessions() as s:
+            owner_match = Job.owner.is_(None) if owner is None else Job.owner == owner
+            return s.scalars(sa.select(Job).where(owner_match, Job.idempotency_key == key)).first()
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self.sessions() as s:
+            return s.get(Job, job_id)
+
+    def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
+                  offset: int = 0) -> tuple[list[Job], int]:
+        where = []
+        if status is not None:
+            where.append(Job.status == status)
+        if owner is not None:
+            where.append(Job.owner == owner)
+        with self.sessions() as s:
+            count = s.scalar(sa.select(sa.func.count()).select_from(Job).where(*where))
+            rows = s.scalars(sa.select(Job).where(*where).order_by(Job.created_at.desc(), Job.id)
+                             .limit(limit).offset(offset)).all()
+        return list(rows), int(count or 0)
+
+    def claim_queued(self, limit: int) -> list[Job]:
+        """Mark up to `limit` queued jobs (oldest first) running and return them (for the dispatcher)."""
+        if limit <= 0:
+            return []
+        with self.tx() as s:
+            q = sa.select(Job).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(limit)
+            if s.bind.dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            jobs = list(s.scalars(q).all())
+            now = utcnow()
+            for job in jobs:
+                job.status, job.started_at = "running", job.started_at or now
+        return jobs
+
+    def set_status(self, job_id: str, status: str, *, error: str | None = None) -> Job:
+        """Change a job's status; a finished job (succeeded, failed, cancelled) stays as it is."""
+        with self.tx() as s:
+            job = self._job(s, job_id, lock=True)
+            if job.status in TERMINAL and job.status != status:
+                raise StateError(job_id, job.status, status)
+            if job.status == status and status in TERMINAL:
+                return job
+            job.status = status
+            now = utcnow()
+            if status == "running":
+                job.started_at = job.started_at or now
+            if status in TERMINAL:
+                job.finished_at = now
+            if error is not None:
+                job.error = error
+        return job
+
+    def update_job(self, job_id: str, **fields: Any) -> Job:
+        with self.tx() as s:
+            job = self._job(s, job_id)
+            for k, v in fields.items():
+                setattr(job, k, v)
+        return job
+
+    def job_succeeded(self, job_id: str, final_model_id: str) -> Job:
+        with self.tx() as s:
+            job = self._job(s, job_id, lock=True)
+            if job.status in TERMINAL:
+                raise StateError(job_id, job.status, "succeeded")
+            job.status, job.progress, job.final_model_id, job.finished_at = "succeeded", 1.0, final_model_id, utcnow()
+            s.add(Event(job_id=job_id, level="info", message=f"job succeeded; final model {final_model_id}"))
+        return job
+
+    def job_failed(self, job_id: str, error: str) -> Job | None:
+        """Fail a job that is not finished yet (a cancelled job stays cancelled)."""
+        with self.tx() as s:
+            job = self._job(s, job_id, lock=True)
+            if job.status in TERMINAL:
+                return None
+            job.status, job.error, job.finished_at = "failed", error, utcnow()
+            s.add(Event(job_id=job_id, level="error", message=f"job failed: {error}"))
+        return job
+
+    # ---------------------------------------------------------------- reads
+    def phases(self, job_id: str) -> list[Phase]:
+        with self.sessions() as s:
+            return list(s.scalars(sa.select(Phase).where(Phase.job_id == job_id).order_by(Phase.index)))
+
+    def completed_phases(self, job_id: str) -> list[Phase]:
+        """The succeeded phases 0..k in order, stopping at the first one that is not (for resume)."""
+        done = []
+        for p in self.phases(job_id):
+            if p.status != "succeeded" or p.index != len(done):
+                break
+            done.append(p)
+        return done
+
+    def runs(self, job_id: str, kind: str | None = None) -> list[Run]:
+        q = sa.select(Run).where(Run.job_id == job_id)
+        if kind is not None:
+            q = q.where(Run.kind == kind)
+        with self.sessions() as s:
+            return list(s.scalars(q.order_by(Run.phase, Run.id)))
+
+    def finished_ingredients(self, job_id: str, phase: int) -> list[tuple[Run, Model]]:
+        with self.sessions() as s:
+            rows = s.execute(sa.select(Run, Model).join(Model, Model.id == Run.model_id)
+                             .where(Run.job_id == job_id, Run.phase == phase, Run.kind == "ingredient",
+                                    Run.status == "succeeded").order_by(Run.name))
+            return [(r, m) for r, m in rows]
+
+    def metrics(self, job_id: str, *, run_name: str | None = None, name: str | None = None,
+                limit: int = 100_000) -> list[dict[str, Any]]:
+        q = (sa.select(Run.name.label("run"), Metric.step, Metric.epoch, Metric.name, Metric.value, Metric.time)
+             .join(Run, Run.id == Metric.run_id).where(Metric.job_id == job_id))
+        if run_name is not None:
+            q = q.where(Run.name == run_name)
+        if name is not None:
+            q = q.where(Metric.name == name)
+        with self.sessions() as s:
+            return [dict(r._mapping) for r in s.execute(q.order_by(Run.name, Metric.step, Metric.name).limit(limit))]
+
+    def events(self, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[Event]:
+        with self.sessions() as s:
+            return list(s.scalars(sa.select(Event).where(Event.job_id == job_id, Event.id > after_id)
+                                  .order_by(Event.id).limit(limit)))
+
+    def get_model(self, model_id: str) -> Model | None:
+        with self.sessions() as s:
+            return s.get(Model, model_id)
+
+    def get_model_by_name(self, job_id: str, name: str) -> Model | None:
+        with self.sessions() as s:
+            return s.scalars(sa.select(Model).where(Model.job_id == job_id, Model.name == name)).one_or_none()
+
+    def _graph(self, model_id: str, up: bool) -> dict[str, Any]:
+        """The model and its ancestors (up) or descendants, as {nodes, edges}, by a recursive CTE."""
+        start, nxt = (ModelEdge.child_id, ModelEdge.parent_id) if up else (ModelEdge.parent_id, ModelEdge.child_id)
+        reach = sa.select(sa.literal(model_id, sa.String(32)).label("id")).cte("reach", recursive=True)
+        reach = reach.union(sa.select(nxt).join(reach, start == reach.c.id))
+        ids = sa.select(reach.c.id)
+        with self.sessions() as s:
+            nodes = list(s.scalars(sa.select(Model).where(Model.id.in_(ids)).order_by(Model.phase, Model.created_at)))
+            edges = s.scalars(sa.select(ModelEdge).where(start.in_(ids), nxt.in_(ids))).all()
+        return {"nodes": nodes, "edges": [{"parent": e.parent_id, "child": e.child_id, "kind": e.kind}
+                                          for e in edges]}
+
+    def lineage(self, model_id: str) -> dict[str, Any]:
+        return self._graph(model_id, up=True)
+
+    def descendants(self, model_id: str) -> dict[str, Any]:
+        return self._graph(model_id, up=False)
+
+    def recorder(self, job_id: str) -> DBRecorder:
+        return DBRecorder(self, job_id)
+
+
+class DBRecorder:
+    """The pipeline's recorder for one job (service.pipeline.Recorder); every call one transaction."""
+
+    def __init__(self, store: Store, job_id: str):
+        self.store, self.job_id = store, job_id
+
+    def job_started(self, spec: JobSpec, total_epochs: int) -> None:
+        with self.store.tx() as s:
+            job = self.store._job(s, self.job_id, lock=True)
+            if job.status == "cancelled":
+                raise JobCancelled(f"job {self.job_id} was cancelled")
+            if job.status in TERMINAL:
+                raise StateError(self.job_id, job.status, "running")
+            job.status, job.total_epochs = "running", total_epochs
+            job.started_at = job.started_at or utcnow()
+
+    def event(self, message: str, *, level: str = "info", phase: int | None = None) -> None:
+        with self.store.tx() as s:
+            s.add(Event(job_id=self.job_id, level=level, phase=phase, message=message))
+
+    def phase_started(self, phase: int, target_sparsity: float) -> None:
+        with self.store.tx() as s:
+            row = s.scalars(sa.select(Phase).where(Phase.job_id == self.job_id, Phase.index == phase)).one_or_none()
+            if row is None:
+                s.add(Phase(job_id=self.job_id, index=phase, target_sparsity=target_sparsity, status="running"))
+            else:                       # a resumed phase: the same row again
+                row.status, row.target_sparsity = "running", target_sparsity
+            self.store._job(s, self.job_id).current_phase = phase
+
+    def _run(self, s: Session, name: str) -> Run | None:
+        return s.scalars(sa.select(Run).where(Run.job_id == self.job_id, Run.name == name)).one_or_none()
+
+    def run_started(self, run: RunRecord) -> None:
+        with self.store.tx() as s:
+            row = self._run(s, run.name)
+            if row is None:
+                s.add(Run(job_id=self.job_id, phase=run.phase, name=run.name, kind=run.kind,
+                          config=_finite(run.config), status="running"))
+            else:                       # started again (a resumed job): its old curve goes
+                s.execute(sa.delete(Metric).where(Metric.run_id == row.id))
+                row.status, row.attempts, row.config, row.error = "running", row.attempts + 1, _finite(run.config), None
+                row.started_at, row.finished_at = utcnow(), None
+
+    def metric(self, run_name: str, row: dict[str, float]) -> None:
+        with self.store.tx() as s:
+            run = self._run(s, run_name)
+            if run is None:
+                return
+            step, epoch = int(row.get("step", 0)), int(row.get("epoch", 0))
+            now = utcnow()
+            s.add_all([Metric(job_id=self.job_id, run_id=run.id, step=step, epoch=epoch, name=k, value=float(v),
+                              time=now) for k, v in row.items()
+                       if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v)])
+            job = self.store._job(s, self.job_id)
+            job.done_epochs += 1
+            job.progress = min(0.99, job.done_epochs / job.total_epochs) if job.total_epochs else 0.0
+
+    def run_finished(self, run_name: str, status: str, *, model_id: str | None = None,
+                     metrics: dict[str, Any] | None = None, error: str | None = None) -> None:
+        with self.store.tx() as s:
+            run = self._run(s, run_name)
+            if run is None:
+                return
+            run.status, run.model_id, run.error, run.finished_at = status, model_id, error, utcnow()
+            run.metrics = _finite(metrics or {})
+
+    def model_saved(self, model: ModelRecord) -> None:
+        with self.store.tx() as s:
+            stale = s.scalars(sa.select(Model).where(Model.job_id == self.job_id, Model.name == model.name)).first()
+            if stale is not None:       # saved by a driver that died before the phase finished
+                s.execute(sa.delete(ModelEdge).where(sa.or_(ModelEdge.child_id == stale.id,
+                                                            ModelEdge.parent_id == stale.id)))
+                s.delete(stale)
+                s.flush()
+            s.add(Model(id=model.id, job_id=self.job_id, phase=model.phase, kind=model.kind, name=model.name,
+                        uri=model.uri, size_bytes=model.size_bytes, sha256=model.sha256, sparsity=model.sparsity,
+                        nonzeros=model.nonzeros, metrics=_finite(model.metrics)))
+            s.flush()
+            s.add_all([ModelEdge(parent_id=p, child_id=model.id, kind=k) for p, k in model.parents])
+
+    def phase_finished(self, summary: PhaseSummary) -> None:
+        with self.store.tx() as s:
+            row = s.scalars(sa.select(Phase).where(Phase.job_id == self.job_id,
+                                                   Phase.index == summary.phase)).one()
+            data = _finite(asdict(summary))
+            for key in ("target_sparsity", "sparsity", "pruned_accuracy", "soup_accuracy", "soup_val_accuracy",
+                        "gain_over_best", "gain_over_mean", "norm_drop", "mean_pairwise_distance",
+                        "ingredient_accuracies", "soup_ingredients", "seconds", "model_id"):
+                setattr(row, key, data[key])
+            if summary.phase > 0:
+                pruned = s.scalars(sa.select(Model.id).where(Model.job_id == self.job_id,
+                                                             Model.name == f"phase{summary.phase}/pruned")).first()
+                row.pruned_model_id = pruned
+            row.status, row.finished_at = "succeeded", utcnow()
