@@ -16,7 +16,7 @@ from collections import deque
 import ray
 from ray.util.queue import Empty, Queue
 
-from service.pipeline import EpochCallback
+from service.pipeline import EpochCallback, ResultCallback
 from workers.tasks import TrainOutcome, TrainTask, run_train_task
 
 RETRIES = 2
@@ -86,7 +86,8 @@ class RayExecutor:
             for name, row in items:
                 on_epoch(name, row)
 
-    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback) -> list[TrainOutcome | BaseException]:
+    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
+            on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
         if self._queue is None:
             self._queue = Queue(actor_options={"num_cpus": 0})
         idle = deque(self._pool(min(self.slots, len(tasks))))
@@ -110,6 +111,9 @@ class RayExecutor:
                 except Exception as e:                   # the task itself raised
                     results[i] = e
                 idle.append(actor)
+                if on_result is not None:
+                    self._drain(on_epoch)                # its last epochs before its end
+                    on_result(tasks[i], results[i])
         self._drain(on_epoch)   # metrics are queued synchronously, so everything is in by now
         return results  # type: ignore[return-value]
 

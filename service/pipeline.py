@@ -31,6 +31,7 @@ from workers.tasks import TrainOutcome, TrainTask, run_train_task
 from workers.train import default_device
 
 EpochCallback = Callable[[str, dict[str, float]], None]
+ResultCallback = Callable[[TrainTask, "TrainOutcome | BaseException"], None]
 
 
 class PhaseFailed(RuntimeError):
@@ -42,8 +43,10 @@ class PhaseFailed(RuntimeError):
 class Executor(Protocol):
     slots: int
 
-    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback) -> list[TrainOutcome | BaseException]:
-        """Run every task; return, in task order, its outcome or the exception that ended it."""
+    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
+            on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
+        """Run every task; report each epoch's metrics and each task's end (its outcome or the
+        exception that ended it) as they happen; return the outcomes in task order."""
 
 
 class SequentialExecutor:
@@ -51,13 +54,17 @@ class SequentialExecutor:
 
     slots = 1
 
-    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback) -> list[TrainOutcome | BaseException]:
+    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
+            on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
         results: list[TrainOutcome | BaseException] = []
         for task in tasks:
             try:
-                results.append(run_train_task(task, lambda row, n=task.name: on_epoch(n, row)))
+                out: TrainOutcome | BaseException = run_train_task(task, lambda row, n=task.name: on_epoch(n, row))
             except Exception as e:  # one failed ingredient must not end the others
-                results.append(e)
+                out = e
+            results.append(out)
+            if on_result is not None:
+                on_result(task, out)
         return results
 
 
@@ -320,36 +327,33 @@ class Pipeline:
             rec.event(f"phase {t}: resuming; reusing the finished ingredients {sorted(reused)}", phase=t)
         for task in todo:
             rec.run_started(RunRecord(task.name, "ingredient", t, task.info))
-        ran = dict(zip([task.name for task in todo], self.executor.run(todo, rec.metric)))
-        timing["retrain"] = time.perf_counter() - t1
+        # each ingredient is saved and recorded as soon as it finishes, so a driver that dies
+        # mid-phase leaves the finished ones for its successor to reuse
+        done: dict[str, tuple[State, ModelRecord, float | None] | None] = {}
 
-        # record the ingredients
-        survivors: list[tuple[int, State, ModelRecord]] = []
-        accs: list[float | None] = []
-        for i, task in enumerate(tasks):
-            if task.name in reused:
-                irec = reused[task.name]
-                survivors.append((i, self.artifacts.load_checkpoint(irec.uri).state, irec))
-                accs.append(irec.metrics.get("test_accuracy"))
-                continue
-            out = ran[task.name]
+        def finished(task: TrainTask, out: TrainOutcome | BaseException) -> None:
             if task.resume_url:
                 self.artifacts.delete(task.resume_url)
             if isinstance(out, BaseException):
                 rec.run_finished(task.name, "failed", error=repr(out))
-                rec.event(f"phase {t}: ingredient {i} failed: {out!r}", level="error", phase=t)
-                accs.append(None)
-                continue
+                rec.event(f"phase {t}: {task.name.split('/')[-1]} failed: {out!r}", level="error", phase=t)
+                done[task.name] = None
+                return
             model = ctx.model(out.state)
             scores = ctx.scores(model)
+            run_metrics = dict(scores, train_seconds=out.train_seconds, seconds=out.seconds)
             irec = self._save(ctx, model, masks, kind="ingredient", phase=t, name=task.name,
-                              parents=[(pruned_rec.id, "retrained_from")],
-                              metrics=dict(scores, train_seconds=out.train_seconds, seconds=out.seconds))
+                              parents=[(pruned_rec.id, "retrained_from")], metrics=run_metrics)
             rec.run_finished(task.name, "succeeded", model_id=irec.id,
-                             metrics=dict(scores, train_seconds=out.train_seconds, seconds=out.seconds,
-                                          resumed_from_epoch=out.resumed_from_epoch))
-            survivors.append((i, out.state, irec))
-            accs.append(scores.get("test_accuracy"))
+                             metrics=dict(run_metrics, resumed_from_epoch=out.resumed_from_epoch))
+            done[task.name] = (out.state, irec, scores.get("test_accuracy"))
+
+        for name, irec in reused.items():
+            done[name] = (self.artifacts.load_checkpoint(irec.uri).state, irec, irec.metrics.get("test_accuracy"))
+        self.executor.run(todo, rec.metric, finished)
+        timing["retrain"] = time.perf_counter() - t1
+        survivors = [(i, d[0], d[1]) for i, task in enumerate(tasks) if (d := done[task.name]) is not None]
+        accs = [None if done[task.name] is None else done[task.name][2] for task in tasks]
         if len(survivors) < spec.soup.min_ingredients:
             msg = (f"phase {t}: only {len(survivors)} of {len(tasks)} ingredients finished, "
                    f"fewer than min_ingredients={spec.soup.min_ingredients}; the phase fails")

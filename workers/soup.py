@@ -51,7 +51,7 @@ def average(states: Sequence[State]) -> State:
     """The uniform average of every floating-point tensor; integer tensors (BN batch counters) from the first."""
     keys = list(states[0])
     for i, s in enumerate(states[1:], 1):
-        if list(s) != keys:
+        if set(s) != set(keys):
             raise ValueError(f"ingredient {i} has different state keys from ingredient 0")
     out = {}
     for k in keys:

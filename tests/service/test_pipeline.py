@@ -80,8 +80,11 @@ class FailingExecutor(SequentialExecutor):
     def __init__(self, fail: set[str]):
         self.fail = fail
 
-    def run(self, tasks, on_epoch):
-        out = super().run([t for t in tasks if t.name not in self.fail], on_epoch)
+    def run(self, tasks, on_epoch, on_result=None):
+        out = super().run([t for t in tasks if t.name not in self.fail], on_epoch, on_result)
+        for t in tasks:
+            if t.name in self.fail and on_result is not None:
+                on_result(t, RuntimeError(f"{t.name} died"))
         it = iter(out)
         return [RuntimeError(f"{t.name} died") if t.name in self.fail else next(it) for t in tasks]
 
