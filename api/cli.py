@@ -79,21 +79,76 @@ def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[st
     return summary
 
 
+def follow(store, job_id: str, *, json_output: bool = False, poll: float = 0.5) -> Any:
+    """Show a job's progress and events from the store until it ends; return the finished job row."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+    last_event = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                  console=err_console, disable=json_output) as progress:
+        bar = progress.add_task("queued", total=1.0)
+        while True:
+            job = store.get_job(job_id)
+            for e in store.events(job_id, after_id=last_event):
+                last_event = e.id
+                if not json_output:
+                    style = {"warning": "yellow", "error": "bold red"}.get(e.level)
+                    progress.console.print(f"[{style}]{e.message}[/{style}]" if style else e.message, highlight=False)
+            phase = "" if job.current_phase is None else f" · phase {job.current_phase}"
+            progress.update(bar, completed=job.progress, description=f"{job.name} {job.status}{phase}")
+            if job.status in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(poll)
+
+
+def run_on_ray(spec: JobSpec, *, json_output: bool = False) -> dict[str, Any]:
+    """Run a job through the embedded service: the DB store, a Ray cluster (a local head unless
+    LADLE_RAY_ADDRESS names one), the dispatcher and a Ray-job driver. Ctrl-C cancels the job."""
+    from dataclasses import asdict
+
+    from service.driver import phase_summary
+    from service.runtime import Runtime
+    with Runtime() as rt:
+        job = rt.store.create_job(spec)
+        err_console.print(f"job {job.id} submitted to Ray at {rt.jobs_api_url}", highlight=False)
+        try:
+            job = follow(rt.store, job.id, json_output=json_output)
+        except KeyboardInterrupt:
+            rt.dispatcher.cancel(job.id)
+            raise _fail(f"cancelled job {job.id}", 130) from None
+        phases = [asdict(phase_summary(p)) for p in rt.store.phases(job.id)]
+        summary = {"job": {"id": job.id, "name": job.name, "status": job.status, "error": job.error,
+                           "final_model_id": job.final_model_id}, "phases": phases}
+        if json_output:
+            out_console.print_json(json.dumps(summary, default=str))
+        else:
+            out_console.print(phase_table(phases, title=f"{spec.name}: per phase (test accuracy)"))
+        if job.status != "succeeded":
+            raise _fail(f"job {job.id} {job.status}: {job.error or ''}")
+        final = rt.store.get_model(job.final_model_id)
+        if not json_output:
+            out_console.print(f"final model {final.id}: sparsity {final.sparsity:.4f}, test accuracy "
+                              f"{final.metrics.get('test_accuracy', float('nan')):.4f}, {final.size_bytes} bytes "
+                              f"at {final.uri}", soft_wrap=True)
+        return summary
+
+
 def _default_out(spec: JobSpec) -> Path:
     return get_settings().home / "runs" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 @app.command()
 def run(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)")],
-        local: Annotated[bool, typer.Option("--local", help="run in this process, sequentially, without Ray or a DB")] = False,
-        out: Annotated[Path | None, typer.Option("--out", help="folder for the models and summary.json")] = None,
+        local: Annotated[bool, typer.Option("--local", help="run in this process, sequentially, without Ray or a DB "
+                                                             "(default: on Ray, recorded in the DB)")] = False,
+        out: Annotated[Path | None, typer.Option("--out", help="with --local: folder for the models and summary.json")] = None,
         json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False) -> None:
     """Run a job spec to the end and print the per-phase table."""
     try:
         spec = load_spec(spec_file)
-        if not local:
-            raise _fail("running on a Ray cluster needs the service (not built yet); use --local", 2)
-        run_local(spec, out or _default_out(spec), json_output=json_output)
+        if local:
+            run_local(spec, out or _default_out(spec), json_output=json_output)
+        else:
+            run_on_ray(spec, json_output=json_output)
     except SpecError as e:
         err_console.print(f"[bold red]error:[/bold red] invalid job spec {spec_file}:", highlight=False)
         for loc, msg in e.errors:

@@ -15,7 +15,6 @@ import threading
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from service.cluster import loopback_env
 from service.store import Store
 
 log = logging.getLogger("ladle.dispatcher")
@@ -37,8 +36,6 @@ class Dispatcher:
     @property
     def client(self) -> JobSubmissionClient:
         if self._client is None:
-            import os
-            os.environ.update({k: v for k, v in loopback_env().items() if k.startswith("RAY_")})
             self._client = JobSubmissionClient(self.url)
         return self._client
 

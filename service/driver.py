@@ -64,6 +64,7 @@ def run_job(job_id: str) -> int:
     spec = JobSpec.model_validate(job.spec)
     ray.init(log_to_driver=False)          # inside a Ray job: the cluster that runs it
     executor = RayExecutor(cpus=spec.resources.cpus_per_ingredient, gpus=spec.resources.gpus_per_ingredient)
+    executor.warm_up(min(executor.slots, spec.soup.ingredients), wait=False)   # workers start while phase 0 runs
     resume = resume_point(store, job_id)
     pipeline = Pipeline(spec, executor, store.recorder(job_id), ArtifactStore(settings.artifacts),
                         prefix=f"jobs/{job_id}", resume=resume, epoch_checkpoints=True)

@@ -69,9 +69,11 @@ class RayExecutor:
         self._actors[self._actors.index(actor)] = fresh
         return fresh
 
-    def warm_up(self, n: int | None = None) -> None:
-        """Start the actors now (they stay for the job) and wait until they are up."""
-        ray.get([a.where.remote() for a in self._pool(n or self.slots)])
+    def warm_up(self, n: int | None = None, *, wait: bool = True) -> None:
+        """Start the actors now (they stay for the job); with wait, until they are up."""
+        refs = [a.where.remote() for a in self._pool(n or self.slots)]
+        if wait:
+            ray.get(refs)
 
     def _drain(self, on_epoch: EpochCallback) -> None:
         if self._queue is None:

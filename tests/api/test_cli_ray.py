@@ -1,0 +1,37 @@
+"""`ladle run job.yaml` without --local: the embedded service (SQLite, a local Ray head started and
+stopped by the command, the dispatcher) runs the job as a Ray job and prints the phase table."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+LADLE = str(Path(sys.executable).with_name("ladle"))
+
+
+@pytest.mark.slow
+def test_run_on_ray_with_the_embedded_service(tmp_path):
+    (tmp_path / "job.yaml").write_text("name: ray-cli\ndense: {epochs: 3}\nprune: {target_sparsity: 0.75, phases: 2}\n"
+                                       "retrain: {epochs: 1}\nsoup: {ingredients: 2}\n")
+    r = subprocess.run([LADLE, "run", "job.yaml", "--json"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["job"]["status"] == "succeeded"
+    assert [p["phase"] for p in out["phases"]] == [0, 1, 2]
+    assert out["phases"][2]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    # the store under ./.ladle holds the job, its lineage and its metrics
+    engine = sa.create_engine(f"sqlite:///{tmp_path / '.ladle' / 'ladle.db'}")
+    with engine.connect() as c:
+        assert c.execute(sa.text("select count(*) from models")).scalar() == 1 + 2 * 4
+        assert c.execute(sa.text("select count(*) from model_edges")).scalar() == 2 * 5
+        assert c.execute(sa.text("select count(distinct run_id) from metrics")).scalar() == 1 + 2 * 2
+    # the local Ray head was on loopback and was stopped with the command
+    url = re.search(r"submitted to Ray at (http://127\.0\.0\.1:\d+)", r.stderr).group(1)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/api/version", timeout=3)
