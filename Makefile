@@ -20,10 +20,12 @@ demo: $(STAMP)
 	$(VENV)/bin/ladle demo
 
 test: $(STAMP)
+	@[ "$${LADLE_SKIP_POSTGRES:-0}" = 1 ] || bash deploy/dev-services.sh
 	$(PY) -m pytest
 
 bench: $(STAMP)
 	$(PY) bench/soup_vs_imp.py
+	$(PY) bench/fanout.py
 
 clean:
 	rm -rf $(VENV) .ladle .pytest_cache

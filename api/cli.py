@@ -174,5 +174,192 @@ def demo(out: Annotated[Path | None, typer.Option("--out", help="folder for the 
     run_local(spec, out or get_settings().home / "demo")
 
 
+# ---------------------------------------------------------------- the service and its clients
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="LADLE_URL", help="the Ladle server")
+TOKEN = typer.Option(None, "--token", envvar="LADLE_TOKEN", help="bearer token (when auth is on)")
+JSON = typer.Option(False, "--json", help="print JSON for scripts")
+
+
+def _client(url: str, token: str | None):
+    from api.client import Client
+    return Client(url, token)
+
+
+def _api_errors(fn):
+    """Turn the SDK's typed errors into a one-line message and exit code 1 (no traceback)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import httpx
+
+        from api.client import LadleError
+        try:
+            return fn(*args, **kwargs)
+        except LadleError as e:
+            raise _fail(e.message) from None
+        except httpx.TransportError as e:
+            raise _fail(f"cannot reach the Ladle server: {e}") from None
+    return wrapper
+
+
+@app.command()
+def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="port")] = 8000) -> None:
+    """Start the REST API (and the dashboard) with the dispatcher and, unless LADLE_RAY_ADDRESS is set,
+    a local Ray head; all stop on exit."""
+    import uvicorn
+
+    from api.app import create_app
+    from service.store import Store
+    settings = get_settings()
+    if host not in LOOPBACK_HOSTS and not Store(settings.database_url).auth_enabled():
+        raise _fail(f"refusing to serve on {host} without auth: create a token first "
+                    "(ladle token create --name NAME --admin), or bind to 127.0.0.1", 2)
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@app.command()
+@_api_errors
+def submit(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)")],
+           wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar")] = False,
+           idempotency_key: Annotated[str | None, typer.Option("--idempotency-key")] = None,
+           url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
+    """Submit a job spec to the server."""
+    if not spec_file.is_file():
+        raise _fail(f"cannot read {spec_file}", 2)
+    with _client(url, token) as c:
+        job = c.submit(spec_file, idempotency_key=idempotency_key)
+        if not json_output:
+            err_console.print(f"job {job['id']} queued", highlight=False)
+        if wait:
+            job = c.wait(job["id"], progress=not json_output)
+            if not json_output:
+                out_console.print(phase_table(_phase_rows(c.phases(job["id"])), title=f"{job['name']}: {job['status']}"))
+        if json_output:
+            out_console.print_json(json.dumps(job))
+        else:
+            out_console.print(job["id"])
+        if wait and job["status"] != "succeeded":
+            raise typer.Exit(1)
+
+
+def _phase_rows(phases: list[dict]) -> list[dict]:
+    return [dict(p, phase=p["index"]) for p in phases]
+
+
+@app.command()
+@_api_errors
+def status(job_id: Annotated[str | None, typer.Argument(help="a job id; none: list the jobs")] = None,
+           url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
+    """A job's status and per-phase table, or the list of jobs."""
+    with _client(url, token) as c:
+        if job_id is None:
+            jobs = c.jobs(limit=100)
+            if json_output:
+                out_console.print_json(json.dumps(jobs))
+                return
+            table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption=f"{jobs['count']} jobs")
+            for col in ("id", "name", "status", "progress", "phase", "created"):
+                table.add_column(col)
+            for j in jobs["data"]:
+                table.add_row(j["id"], j["name"], j["status"], f"{100 * j['progress']:.0f}%",
+                              "" if j["current_phase"] is None else str(j["current_phase"]), j["created_at"][:19])
+            out_console.print(table)
+            return
+        job, phases = c.job(job_id), c.phases(job_id)
+        if json_output:
+            out_console.print_json(json.dumps({"job": job, "phases": phases}))
+            return
+        out_console.print(f"{job['id']} {job['name']}: {job['status']} {100 * job['progress']:.0f}%"
+                          + (f", error: {job['error']}" if job["error"] else ""), highlight=False)
+        out_console.print(phase_table(_phase_rows(phases)))
+
+
+@app.command()
+@_api_errors
+def logs(job_id: str, follow_: Annotated[bool, typer.Option("-f", "--follow", help="keep printing new events")] = False,
+         url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
+    """A job's events."""
+    with _client(url, token) as c:
+        last = 0
+        while True:
+            for e in c.events(job_id, after=last):
+                last = e["id"]
+                if json_output:
+                    print(json.dumps(e))
+                else:
+                    out_console.print(f"{e['time'][:19]} {e['level']:<7} {e['message']}", highlight=False)
+            if not follow_ or c.job(job_id)["status"] in ("succeeded", "failed", "cancelled"):
+                return
+            time.sleep(1)
+
+
+@app.command()
+@_api_errors
+def cancel(job_id: str, url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
+    """Cancel a job (what finished stays)."""
+    with _client(url, token) as c:
+        job = c.cancel(job_id)
+        out_console.print_json(json.dumps(job)) if json_output else out_console.print(f"{job_id} {job['status']}")
+
+
+@app.command()
+@_api_errors
+def lineage(model_id: str, url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
+    """A model's ancestors as a tree (dense -> pruned -> ingredients -> soup -> ...)."""
+    from rich.tree import Tree
+    with _client(url, token) as c:
+        graph = c.lineage(model_id)
+    if json_output:
+        out_console.print_json(json.dumps(graph))
+        return
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    parents: dict[str, list[tuple[str, str]]] = {}
+    for e in graph["edges"]:
+        parents.setdefault(e["child"], []).append((e["parent"], e["kind"]))
+
+    def label(n: dict, kind: str = "") -> str:
+        acc = "—" if n.get("accuracy") is None else f"{100 * n['accuracy']:.2f}%"
+        return f"{kind + ' ' if kind else ''}[bold]{n['kind']}[/bold] {n['name']} {n['id'][:8]} sparsity {n['sparsity']:.3f} acc {acc}"
+
+    def grow(tree: Tree, node_id: str) -> None:
+        for pid, kind in sorted(parents.get(node_id, []), key=lambda p: nodes[p[0]]["name"]):
+            grow(tree.add(label(nodes[pid], f"←{kind}")), pid)
+
+    root = Tree(label(nodes[model_id]))
+    grow(root, model_id)
+    out_console.print(root)
+
+
+@app.command()
+@_api_errors
+def download(model_id: str, output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
+             url: str = URL, token: str | None = TOKEN) -> None:
+    """Download a model's checkpoint (safetensors)."""
+    with _client(url, token) as c:
+        path = c.download(model_id, output)
+    out_console.print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
+token_app = typer.Typer(help="API tokens (auth is on as soon as one exists).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(name: Annotated[str, typer.Option("--name", help="who the token is for")],
+                 admin: Annotated[bool, typer.Option("--admin", help="sees and cancels every job")] = False) -> None:
+    """Mint a token in the database the server uses (shown once; stored hashed)."""
+    from service.store import Store
+    try:
+        _, secret = Store(get_settings().database_url).create_token(name, admin=admin)
+    except ValueError as e:
+        raise _fail(str(e), 2) from None
+    err_console.print(f"token for {name}{' (admin)' if admin else ''}; it is shown only now:", highlight=False)
+    out_console.print(secret)
+
+
 if __name__ == "__main__":
     app()

@@ -173,3 +173,13 @@ class Event(Base):
 
     __table_args__ = (sa.Index("ix_events_job_id_id", "job_id", "id"),
                       sa.CheckConstraint(_in("level", ("info", "warning", "error")), name="level"))
+
+
+class Token(Base):
+    """An API bearer token, stored as its SHA-256 (the secret itself is shown once, at creation)."""
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

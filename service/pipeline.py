@@ -12,7 +12,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -442,7 +442,3 @@ class Pipeline:
             model, masks, rec, summary = self._phase(ctx, t, model, masks, rec, rate)
             summaries.append(summary)
         return JobResult(phases=summaries, final_model_id=rec.id)
-
-
-def summary_dict(result: JobResult) -> dict[str, Any]:
-    return {"final_model_id": result.final_model_id, "phases": [asdict(p) for p in result.phases]}

@@ -13,8 +13,9 @@ from service.store import Store
 
 
 class Runtime:
-    def __init__(self, settings: Settings | None = None, *, num_cpus: int | None = None):
+    def __init__(self, settings: Settings | None = None, *, num_cpus: int | None = None, dispatch: bool = True):
         self.settings = settings or get_settings()
+        self.dispatch = dispatch           # False: jobs are stored but not run (API tests, read-only replicas)
         self.num_cpus = num_cpus or os.cpu_count() or 2
         self.store: Store | None = None
         self.head: LocalRay | None = None
@@ -30,7 +31,9 @@ class Runtime:
         if not s.ray_address:
             self.head = LocalRay(num_cpus=self.num_cpus).start()
         self.dispatcher = Dispatcher(self.store, self.jobs_api_url, database_url=s.database_url,
-                                     artifacts=s.artifacts, max_concurrent_jobs=s.max_concurrent_jobs).start()
+                                     artifacts=s.artifacts, max_concurrent_jobs=s.max_concurrent_jobs)
+        if self.dispatch:
+            self.dispatcher.start()
         return self
 
     def stop(self) -> None:

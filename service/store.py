@@ -7,7 +7,9 @@ transaction, so a driver that dies leaves everything up to its last call and not
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -17,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.db import make_engine, make_sessionmaker, migrate
-from service.orm import TERMINAL, Event, Job, Metric, Model, ModelEdge, Phase, Run, utcnow
+from service.orm import TERMINAL, Event, Job, Metric, Model, ModelEdge, Phase, Run, Token, utcnow
 from service.pipeline import ModelRecord, PhaseSummary, RunRecord
 from service.spec import JobSpec
 
@@ -49,6 +51,10 @@ def _finite(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [_finite(v) for v in x]
     return x
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class Store:
@@ -244,6 +250,31 @@ class Store:
 
     def recorder(self, job_id: str) -> DBRecorder:
         return DBRecorder(self, job_id)
+
+    # ---------------------------------------------------------------- health and auth
+    def ping(self) -> None:
+        with self.engine.connect() as c:
+            c.execute(sa.text("SELECT 1"))
+
+    def create_token(self, name: str, *, admin: bool = False) -> tuple[Token, str]:
+        """Mint a bearer token for `name`; returns the row and the secret (stored only as its hash)."""
+        secret = f"ladle_{secrets.token_urlsafe(32)}"
+        token = Token(id=uuid.uuid4().hex, name=name, admin=admin, token_hash=_hash(secret))
+        try:
+            with self.tx() as s:
+                s.add(token)
+        except sa.exc.IntegrityError:
+            raise ValueError(f"a token named {name!r} exists already") from None
+        return token, secret
+
+    def check_token(self, secret: str) -> Token | None:
+        with self.sessions() as s:
+            return s.scalars(sa.select(Token).where(Token.token_hash == _hash(secret))).one_or_none()
+
+    def auth_enabled(self) -> bool:
+        """Auth is on as soon as one token exists."""
+        with self.sessions() as s:
+            return s.scalar(sa.select(sa.func.count()).select_from(Token)) > 0
 
 
 class DBRecorder:

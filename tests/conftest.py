@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 PG_ADMIN_URL = os.environ.get("LADLE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-TABLES = ("metrics", "events", "model_edges", "models", "runs", "phases", "jobs")
+TABLES = ("metrics", "events", "model_edges", "models", "runs", "phases", "jobs", "tokens")
 
 
 @pytest.fixture(scope="session")

@@ -52,11 +52,6 @@ class TrainOutcome:
     resumed_from_epoch: int = 0            # > 0: continued from an epoch checkpoint (a retried task)
 
 
-def steps_per_epoch(data: DataConfig, data_seed: int) -> int:
-    splits = load_splits(data, data_seed)
-    return len(make_loader(splits.train, data.batch_size, shuffle=True))
-
-
 def _save_epoch(url: str, epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
                 history: list[dict[str, float]]) -> None:
     sd = opt.state_dict()

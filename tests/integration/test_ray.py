@@ -164,3 +164,24 @@ def test_dispatcher_runs_jobs_and_resumes_after_a_killed_driver(ray_head, file_s
     assert any("resuming" in m for m in events)
     assert resume_point(store, job.id).phases[-1].phase == 2
     assert next(r for r in runs if r.name == "phase2/ingredient1").attempts == 2
+
+
+def test_cancel_stops_the_ray_job_and_keeps_what_finished(ray_head, tmp_path):
+    url = f"sqlite:///{tmp_path / 'ladle.db'}"
+    store = Store(url)
+    spec = parse_spec({"name": "cancel", "model": {"arch": "resnet20"}, "dense": {"epochs": 1},
+                       "prune": {"target_sparsity": 0.5, "phases": 2}, "retrain": {"epochs": 20},
+                       "soup": {"ingredients": 2}})
+    job = store.create_job(spec)
+    dispatcher = Dispatcher(store, ray_head.dashboard_url, database_url=url, artifacts=str(tmp_path / "a"))
+    dispatcher.dispatch()
+    wait_for(lambda: store.completed_phases(job.id), 240, "phase 0 to finish")
+    dispatcher.cancel(job.id)
+    wait_for(lambda: dispatcher.client.get_job_status(job.id).is_terminal(), 60, "Ray to stop the job")
+    assert str(dispatcher.client.get_job_status(job.id)) == "STOPPED"
+    time.sleep(2)
+    dispatcher.reconcile()                          # a cancelled job is not resubmitted
+    final = store.get_job(job.id)
+    assert final.status == "cancelled" and final.attempts == 1
+    assert store.get_model_by_name(job.id, "phase0/dense") is not None      # what finished stays
+    assert not driver_pids(job.id)

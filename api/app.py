@@ -1,0 +1,39 @@
+"""The FastAPI app: /api/v1 (jobs, models, health, cluster), OpenAPI at /docs.
+
+`create_app()` starts the embedded runtime (store, Ray, dispatcher) with the server and stops it
+on exit; tests and embedders may pass a runtime they manage themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from api.routes import health, jobs, models
+from service.runtime import Runtime
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(runtime: Runtime | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        rt = runtime or Runtime()
+        if runtime is None:
+            await asyncio.to_thread(rt.start)
+        app.state.runtime = rt
+        try:
+            yield
+        finally:
+            if runtime is None:
+                await asyncio.to_thread(rt.stop)
+
+    app = FastAPI(title="Ladle", version="0.1.0", lifespan=lifespan, openapi_url=f"{API_PREFIX}/openapi.json",
+                  docs_url="/docs", description="Prune neural networks and retrain them as Sparse Model Soups.")
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (jobs, models, health):
+        api.include_router(module.router)
+    app.include_router(api)
+    return app

@@ -1,0 +1,52 @@
+"""Dependencies shared by the routers: the store, the runtime and the caller's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.runtime import Runtime
+from service.store import Store
+
+bearer = HTTPBearer(auto_error=False)
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str | None          # None: auth is off (embedded, loopback only)
+    admin: bool
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.runtime.store
+
+
+def get_caller(store: Annotated[Store, Depends(get_store)],
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    if not store.auth_enabled():
+        return Caller(name=None, admin=True)
+    if credentials is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
+                            headers={"WWW-Authenticate": "Bearer"})
+    token = store.check_token(credentials.credentials)
+    if token is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or revoked token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return Caller(name=token.name, admin=token.admin)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+StoreDep = Annotated[Store, Depends(get_store)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def visible(caller: Caller, owner: str | None) -> bool:
+    """Admins and auth-less callers see everything; a user sees their own jobs and models."""
+    return caller.admin or caller.name is None or owner == caller.name

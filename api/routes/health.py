@@ -1,0 +1,46 @@
+"""/api/v1/health (liveness and a DB check) and /api/v1/cluster (Ray nodes and resources)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from api.deps import CallerDep, RuntimeDep, StoreDep
+from api.schemas import ClusterPublic, HealthPublic
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthPublic, responses={503: {"description": "the database does not answer"}})
+def health(store: StoreDep) -> HealthPublic:
+    try:
+        store.ping()
+    except Exception as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"database: {type(e).__name__}") from None
+    return HealthPublic(status="ok", database="ok")
+
+
+@router.get("/cluster", response_model=ClusterPublic, responses={503: {"description": "Ray does not answer"}})
+def cluster(runtime: RuntimeDep, store: StoreDep, caller: CallerDep) -> ClusterPublic:
+    from ray.util.state import list_actors, list_nodes
+    try:
+        nodes = list_nodes(address=runtime.jobs_api_url, timeout=10)
+        actors = list_actors(address=runtime.jobs_api_url, filters=[("state", "=", "ALIVE")], detail=True,
+                             timeout=10, raise_on_missing_output=False)
+    except Exception as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"Ray at {runtime.jobs_api_url}: {e}") from None
+    total: dict[str, float] = {}
+    for n in nodes:
+        if n.state == "ALIVE":
+            for k, v in (n.resources_total or {}).items():
+                if not k.startswith("node:"):
+                    total[k] = total.get(k, 0.0) + float(v)
+    used: dict[str, float] = {}
+    for a in actors:
+        for k, v in (getattr(a, "required_resources", None) or {}).items():
+            used[k] = used.get(k, 0.0) + float(v)
+    available = {k: max(0.0, v - used.get(k, 0.0)) for k, v in total.items()}
+    jobs = {s: store.list_jobs(status=s, limit=1)[1] for s in ("queued", "running")}
+    return ClusterPublic(address=runtime.jobs_api_url,
+                         nodes=[{"node_id": n.node_id, "ip": n.node_ip, "state": n.state, "head": n.is_head_node,
+                                 "resources": n.resources_total} for n in nodes],
+                         resources_total=total, resources_available=available, jobs=jobs)

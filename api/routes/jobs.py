@@ -1,0 +1,118 @@
+"""/api/v1/jobs: submit, list, inspect and cancel jobs; their phases, runs, metrics and events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
+
+from api.deps import CallerDep, RuntimeDep, StoreDep, visible
+from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricPublic,
+                         MetricsPublic, PhasePublic, PhasesPublic, RunPublic, RunsPublic)
+from service.orm import TERMINAL
+from service.spec import JobSpec
+from service.store import StateError
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+NOT_FOUND = {404: {"model": Message, "description": "no such job (or not yours)"}}
+
+
+def _job(store, caller, job_id: str):
+    job = store.get_job(job_id)
+    if job is None or not visible(caller, job.owner):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+    return job
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def submit_job(spec: JobSpec, store: StoreDep, caller: CallerDep,
+               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobPublic:
+    """Validate and queue a job. The same `Idempotency-Key` again returns the same job."""
+    return JobPublic.model_validate(store.create_job(spec, owner=caller.name, idempotency_key=idempotency_key))
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(store: StoreDep, caller: CallerDep, status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> JobsPublic:
+    owner = None if caller.admin else caller.name
+    rows, count = store.list_jobs(status=status_, owner=owner, limit=limit, offset=offset)
+    return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
+def get_job(job_id: str, store: StoreDep, caller: CallerDep) -> JobPublic:
+    return JobPublic.model_validate(_job(store, caller, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic,
+             responses={**NOT_FOUND, 409: {"model": Message, "description": "the job has already ended"}})
+def cancel_job(job_id: str, store: StoreDep, runtime: RuntimeDep, caller: CallerDep) -> JobPublic:
+    job = _job(store, caller, job_id)
+    if job.status in TERMINAL:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {job.status}")
+    try:
+        runtime.dispatcher.cancel(job_id)
+    except StateError as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    return JobPublic.model_validate(store.get_job(job_id))
+
+
+@router.get("/{job_id}/phases", response_model=PhasesPublic, responses=NOT_FOUND)
+def job_phases(job_id: str, store: StoreDep, caller: CallerDep) -> PhasesPublic:
+    _job(store, caller, job_id)
+    rows = [PhasePublic.model_validate(p) for p in store.phases(job_id)]
+    return PhasesPublic(data=rows, count=len(rows))
+
+
+@router.get("/{job_id}/runs", response_model=RunsPublic, responses=NOT_FOUND)
+def job_runs(job_id: str, store: StoreDep, caller: CallerDep, kind: str | None = None) -> RunsPublic:
+    _job(store, caller, job_id)
+    rows = [RunPublic.model_validate(r) for r in store.runs(job_id, kind=kind)]
+    return RunsPublic(data=rows, count=len(rows))
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=NOT_FOUND)
+def job_metrics(job_id: str, store: StoreDep, caller: CallerDep, run: str | None = None, name: str | None = None,
+                limit: Annotated[int, Query(ge=1, le=100_000)] = 100_000) -> MetricsPublic:
+    _job(store, caller, job_id)
+    rows = [MetricPublic(**m) for m in store.metrics(job_id, run_name=run, name=name, limit=limit)]
+    return MetricsPublic(data=rows, count=len(rows))
+
+
+@router.get("/{job_id}/events", response_model=EventsPublic, responses=NOT_FOUND)
+def job_events(job_id: str, store: StoreDep, caller: CallerDep, after: Annotated[int, Query(ge=0)] = 0,
+               limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> EventsPublic:
+    """The job's events after the id `after`."""
+    _job(store, caller, job_id)
+    rows = [EventPublic.model_validate(e) for e in store.events(job_id, after_id=after, limit=limit)]
+    return EventsPublic(data=rows, count=len(rows))
+
+
+@router.get("/{job_id}/events/stream", responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}}})
+async def job_event_stream(job_id: str, request: Request, store: StoreDep, caller: CallerDep,
+                           after: Annotated[int, Query(ge=0)] = 0) -> StreamingResponse:
+    """Server-sent events: `event: event` for each new event, `event: job` when the job changes
+    (status, progress, phase); the stream ends after the job ends."""
+    _job(store, caller, job_id)
+
+    async def stream():
+        last, seen = after, None
+        while not await request.is_disconnected():
+            events = await asyncio.to_thread(store.events, job_id, after_id=last)
+            for e in events:
+                last = e.id
+                yield f"id: {e.id}\nevent: event\ndata: {EventPublic.model_validate(e).model_dump_json()}\n\n"
+            job = await asyncio.to_thread(store.get_job, job_id)
+            state = (job.status, round(job.progress, 4), job.current_phase)
+            if state != seen:
+                seen = state
+                yield f"event: job\ndata: {JobPublic.model_validate(job).model_dump_json()}\n\n"
+            if job.status in TERMINAL and not events:
+                yield f"event: end\ndata: {json.dumps({'status': job.status})}\n\n"
+                return
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

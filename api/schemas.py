@@ -1,0 +1,151 @@
+"""Response schemas, one set per resource (names clients rely on: design section 4)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+EdgeKind = Literal["pruned_from", "retrained_from", "averaged_from"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class JobPublic(_Out):
+    id: str
+    name: str
+    status: JobStatus
+    progress: float
+    current_phase: int | None
+    final_model_id: str | None
+    error: str | None
+    owner: str | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: dict[str, Any]
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class PhasePublic(_Out):
+    index: int
+    status: str
+    target_sparsity: float
+    sparsity: float | None
+    pruned_model_id: str | None
+    model_id: str | None
+    pruned_accuracy: float | None
+    ingredient_accuracies: list[float | None]
+    soup_accuracy: float | None
+    soup_val_accuracy: float | None
+    gain_over_best: float | None
+    gain_over_mean: float | None
+    norm_drop: float | None
+    mean_pairwise_distance: float | None
+    soup_ingredients: list[int]
+    seconds: dict[str, float | None]
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class PhasesPublic(BaseModel):
+    data: list[PhasePublic]
+    count: int
+
+
+class RunPublic(_Out):
+    name: str
+    kind: str
+    phase: int
+    status: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    model_id: str | None
+    error: str | None
+    attempts: int
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class RunsPublic(BaseModel):
+    data: list[RunPublic]
+    count: int
+
+
+class MetricPublic(BaseModel):
+    run: str
+    step: int
+    epoch: int
+    name: str
+    value: float
+    time: datetime
+
+
+class MetricsPublic(BaseModel):
+    data: list[MetricPublic]
+    count: int
+
+
+class EventPublic(_Out):
+    id: int
+    time: datetime
+    level: str
+    phase: int | None
+    message: str
+
+
+class EventsPublic(BaseModel):
+    data: list[EventPublic]
+    count: int
+
+
+class ModelPublic(_Out):
+    id: str
+    job_id: str
+    kind: Literal["dense", "pruned", "ingredient", "soup"]
+    name: str
+    phase: int
+    sparsity: float
+    nonzeros: int
+    size_bytes: int
+    sha256: str
+    accuracy: float | None = None
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class EdgePublic(BaseModel):
+    parent: str
+    child: str
+    kind: EdgeKind
+
+
+class LineagePublic(BaseModel):
+    nodes: list[ModelPublic]
+    edges: list[EdgePublic]
+
+
+class HealthPublic(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]
+
+
+class ClusterPublic(BaseModel):
+    address: str
+    nodes: list[dict[str, Any]]
+    resources_total: dict[str, float]
+    resources_available: dict[str, float]
+    jobs: dict[str, int]
+
+
+class Message(BaseModel):
+    detail: str
