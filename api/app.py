@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from urllib.parse import unquote
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from api.routes import health, jobs, models
 from service.runtime import Runtime
@@ -32,6 +35,13 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
 
     app = FastAPI(title="Ladle", version="0.1.0", lifespan=lifespan, openapi_url=f"{API_PREFIX}/openapi.json",
                   docs_url="/docs", description="Prune neural networks and retrain them as Sparse Model Soups.")
+    @app.middleware("http")
+    async def refuse_nul(request: Request, call_next):
+        """No id, name or filter contains a NUL character (PostgreSQL text cannot hold one)."""
+        if "\x00" in unquote(request.url.path) or "\x00" in unquote(request.url.query):
+            return JSONResponse({"detail": "the URL contains a NUL character"}, status_code=422)
+        return await call_next(request)
+
     api = APIRouter(prefix=API_PREFIX)
     for module in (jobs, models, health):
         api.include_router(module.router)

@@ -24,6 +24,13 @@ MAX_PHASES = 50
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError("must not contain NUL characters")
+        return v
+
 
 class ModelSpec(_Strict):
     arch: str = "mlp"

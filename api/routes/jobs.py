@@ -17,6 +17,7 @@ from service.spec import JobSpec
 from service.store import StateError
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+MAX_ID = 2**63 - 1          # the largest id a BIGINT (and SQLite's INTEGER) holds
 NOT_FOUND = {404: {"model": Message, "description": "no such job (or not yours)"}}
 
 
@@ -36,7 +37,8 @@ def submit_job(spec: JobSpec, store: StoreDep, caller: CallerDep,
 
 @router.get("", response_model=JobsPublic)
 def list_jobs(store: StoreDep, caller: CallerDep, status_: Annotated[JobStatus | None, Query(alias="status")] = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0) -> JobsPublic:
+              limit: Annotated[int, Query(ge=1, le=500)] = 50,
+              offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> JobsPublic:
     owner = None if caller.admin else caller.name
     rows, count = store.list_jobs(status=status_, owner=owner, limit=limit, offset=offset)
     return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
@@ -83,7 +85,7 @@ def job_metrics(job_id: str, store: StoreDep, caller: CallerDep, run: str | None
 
 
 @router.get("/{job_id}/events", response_model=EventsPublic, responses=NOT_FOUND)
-def job_events(job_id: str, store: StoreDep, caller: CallerDep, after: Annotated[int, Query(ge=0)] = 0,
+def job_events(job_id: str, store: StoreDep, caller: CallerDep, after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> EventsPublic:
     """The job's events after the id `after`."""
     _job(store, caller, job_id)
@@ -93,7 +95,7 @@ def job_events(job_id: str, store: StoreDep, caller: CallerDep, after: Annotated
 
 @router.get("/{job_id}/events/stream", responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}}})
 async def job_event_stream(job_id: str, request: Request, store: StoreDep, caller: CallerDep,
-                           after: Annotated[int, Query(ge=0)] = 0) -> StreamingResponse:
+                           after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> StreamingResponse:
     """Server-sent events: `event: event` for each new event, `event: job` when the job changes
     (status, progress, phase); the stream ends after the job ends."""
     _job(store, caller, job_id)

@@ -3,27 +3,39 @@ response that breaks its own schema (jobs are stored but not run: the dispatcher
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from tests.api.conftest import make_server
 
 
-@pytest.fixture(scope="module")
-def api_schema(ray_head, tmp_path_factory):
-    with make_server(tmp_path_factory.mktemp("contract"), ray_head, dispatch=False) as server:
-        yield schemathesis.openapi.from_url(f"{server.url}/api/v1/openapi.json")
-
-
-schema = schemathesis.pytest.from_fixture("api_schema")
-
-
 @pytest.mark.slow
-@schema.parametrize()
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-def test_api_contract(case):
-    if case.path.endswith("/stream"):
-        pytest.skip("the live event stream runs until its job ends (tested in test_api.py)")
-    response = case.call(timeout=30)
-    case.validate_response(response, checks=(not_a_server_error, response_schema_conformance))
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_api_contract(db, request, ray_head, tmp_path):
+    url = None
+    if db == "postgres":
+        from tests.conftest import _truncate
+        _truncate(request.getfixturevalue("pg_store"))
+        url = request.getfixturevalue("pg_url")
+    with make_server(tmp_path, ray_head, url, dispatch=False) as server:
+        schema = schemathesis.openapi.from_url(f"{server.url}/api/v1/openapi.json")
+        failures, tried = [], []
+        for result in schema.get_all_operations():
+            operation = result.ok()
+            if operation.path.endswith("/stream"):
+                continue          # the live event stream runs until its job ends (tested in test_api.py)
+
+            @given(case=operation.as_strategy())
+            @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+            def check(case):
+                response = case.call(timeout=30)
+                try:
+                    case.validate_response(response, checks=[not_a_server_error, response_schema_conformance])
+                except Exception as e:  # collect them all, report below
+                    failures.append(f"{case.method} {case.formatted_path}: {str(e)[:500]}")
+
+            check()
+            tried.append(f"{operation.method.upper()} {operation.path}")
+        assert len(tried) >= 12, tried
+        assert not failures, "\n".join(failures[:5])
