@@ -1,9 +1,14 @@
-"""Datasets as in-memory tensors, split into train / validation / test, and a fast batch loader.
+"""Datasets as in-memory tensors split into train / validation / test, and a fast seeded batch loader.
 
-digits (scikit-learn, ships offline), npz (x_train, y_train, x_test, y_test), imagefolder (train/ and
-test/ folders), cifar10 / cifar100 / mnist / fashion_mnist (torchvision, from a local root; nothing is
-downloaded), synthetic (fixed-seed random data with a learnable signal). The validation split is
-`val_fraction` of the training set, stratified by the job's seed.
+Datasets: digits (scikit-learn, ships offline), npz (a file with x_train, y_train, x_test, y_test),
+imagefolder (train/ and test/ or val/ folders of class folders), cifar10 / cifar100 / mnist / fashion_mnist
+(torchvision, from a local root: `data.path`, else $LADLE_DATA, else ~/.ladle/data; nothing is downloaded),
+synthetic (fixed-seed random data with a learnable signal).
+
+The validation split is `val_fraction` of the training set, stratified by class and drawn with the job's
+seed; digits has no test set of its own, so 20% of it is held out the same way. Images keep their stored
+dtype (uint8 for 8-bit sources, so CIFAR stays small in every Ray worker) and are normalised per channel
+with the training split's mean and std as they leave the split (`TensorSplit.batch`, `TensorSplit.x`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +25,11 @@ from torch import Tensor
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "npz",
                              "synthetic")
-NEEDS_PATH = frozenset({"imagefolder", "npz"})
+NEEDS_PATH: frozenset[str] = frozenset({"imagefolder", "npz"})
 TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+DIGITS_TEST_FRACTION = 0.2
 
 
 class DataError(ValueError):
@@ -37,16 +45,32 @@ class DataConfig:
     augment: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TensorSplit:
-    x: Tensor            # float32 (N, C, H, W), normalised
-    y: Tensor            # int64 (N,)
+    """One split in memory: raw `images` (N, C, H, W) as stored (uint8 or float32), labels `y` int64 (N,),
+    the source rows `index` int64 (N,) of each example, and the per-channel `mean` / `std` (1, C, 1, 1)
+    that normalise the images (computed on the training split, in the images' raw units)."""
+
+    images: Tensor
+    y: Tensor
+    index: Tensor
+    mean: Tensor = field(repr=False)
+    std: Tensor = field(repr=False)
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def batch(self, idx: Tensor | slice) -> Tensor:
+        """Normalised float32 images at `idx` (indices or a slice)."""
+        return (self.images[idx].float() - self.mean) / self.std
 
-@dataclass(frozen=True)
+    @property
+    def x(self) -> Tensor:
+        """All images, normalised float32 (materialised on every access; loaders use `batch`)."""
+        return self.batch(slice(None))
+
+
+@dataclass(frozen=True, eq=False)
 class Splits:
     train: TensorSplit
     val: TensorSplit
@@ -56,159 +80,296 @@ class Splits:
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("LADLE_DATA", Path.home() / ".ladle" / "data")).expanduser()
+    """Where the torchvision datasets are looked for when `data.path` is not given."""
+    return Path(os.environ.get("LADLE_DATA") or Path.home() / ".ladle" / "data").expanduser()
 
 
 def check_data(cfg: DataConfig) -> None:
-    """Cheap validation for job specs: a known name, and a path that exists where one is needed."""
+    """Cheap validation for job specs, naming the bad field: a known dataset, a path that exists (of the
+    right kind) where one is needed, val_fraction in [0, 0.5] and a positive batch size."""
     if cfg.name not in DATASETS:
         raise DataError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
     if cfg.name in NEEDS_PATH and not cfg.path:
         raise DataError(f"data.path: dataset {cfg.name!r} needs a path")
-    if cfg.path and not Path(cfg.path).expanduser().exists():
-        raise DataError(f"data.path {cfg.path!r} does not exist")
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        if not path.exists():
+            raise DataError(f"data.path {cfg.path!r} does not exist")
+        if cfg.name == "npz" and not path.is_file():
+            raise DataError(f"data.path {cfg.path!r} is not a file (npz needs a .npz file)")
+        if (cfg.name == "imagefolder" or cfg.name in TORCHVISION) and not path.is_dir():
+            raise DataError(f"data.path {cfg.path!r} is not a directory (dataset {cfg.name!r} needs a folder)")
+        if cfg.name == "imagefolder" and (not (path / "train").is_dir() or _eval_dir(path) is None):
+            raise DataError(f"data.path {cfg.path!r} needs train/ and test/ (or val/) folders of class folders")
     if not 0.0 <= cfg.val_fraction <= 0.5:
         raise DataError(f"data.val_fraction must be in [0, 0.5], got {cfg.val_fraction}")
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise DataError(f"data.batch_size must be a positive integer, got {cfg.batch_size!r}")
 
 
-# ---------------------------------------------------------------- raw arrays (x: N,C,H,W float, y: N int)
+# ---------------------------------------------------------------- sources: numpy arrays, x as (N, C, H, W)
 
-def _stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (rest, held-out) with about `fraction` of every class held out, shuffled by `seed`."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        held.append(idx[:round(fraction * len(idx))])
-    held_idx = np.sort(np.concatenate(held)) if held else np.array([], dtype=np.int64)
-    rest = np.setdiff1d(np.arange(len(y)), held_idx)
-    return rest, held_idx
+@dataclass(frozen=True)
+class _Source:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    train_rows: np.ndarray | None = None     # rows in the original data (default: positions in x_train)
+    test_rows: np.ndarray | None = None
 
 
-def _to_nchw(x: np.ndarray) -> np.ndarray:
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    """An independent random stream per (seed, purpose)."""
+    return np.random.default_rng([seed % 2**63, stream])
+
+
+def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (kept, held_out), both in random order: round(fraction * len(y)) held out, shared among the
+    classes in proportion to their size (largest remainders get the leftover places)."""
+    classes, counts = np.unique(y, return_counts=True)
+    share = fraction * counts
+    take = np.floor(share).astype(np.int64)
+    leftover = int(np.floor(fraction * len(y) + 0.5)) - int(take.sum())
+    take[np.argsort(take - share, kind="stable")[:leftover]] += 1
+    held = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    held_idx = np.concatenate([np.zeros(0, dtype=np.int64), *held])
+    kept = np.setdiff1d(np.arange(len(y)), held_idx)
+    return rng.permutation(kept), rng.permutation(held_idx)
+
+
+def _to_nchw(x: np.ndarray, what: str) -> np.ndarray:
+    """(N, H, W) -> (N, 1, H, W); (N, H, W, C) with C in (1, 3) and H, W not -> (N, C, H, W); else as is."""
     if x.ndim == 3:
         return x[:, None]
-    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        return x.transpose(0, 3, 1, 2)
     if x.ndim == 4:
+        if x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+            return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
         return x
-    raise DataError(f"images must be (N,H,W), (N,H,W,C) or (N,C,H,W); got shape {x.shape}")
+    raise DataError(f"{what}: images must be (N,H,W), (N,H,W,C) or (N,C,H,W); got shape {x.shape}")
 
 
-def _digits(seed: int):
+def _stored_dtype(x: np.ndarray) -> np.ndarray:
+    """uint8 stays uint8 (4x smaller); everything else becomes float32."""
+    return x if x.dtype == np.uint8 else x.astype(np.float32)
+
+
+def _labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"{what}: labels must be a 1-d array with one label per image ({n}); got shape {y.shape}")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)) \
+            or not np.all(np.mod(y, 1) == 0) or (len(y) and y.min() < 0):
+        raise DataError(f"{what}: labels must be non-negative integers")
+    return y.astype(np.int64)
+
+
+def _digits(seed: int) -> _Source:
     from sklearn.datasets import load_digits
     d = load_digits()
-    x, y = d.images.astype(np.float32)[:, None] / 16.0, d.target.astype(np.int64)
-    train, test = _stratified_split(y, 0.2, seed)
-    return x[train], y[train], x[test], y[test]
+    x, y = (d.images[:, None] / 16.0).astype(np.float32), d.target.astype(np.int64)
+    train, test = _stratified_split(y, DIGITS_TEST_FRACTION, _rng(seed, 0))
+    test = np.sort(test)
+    return _Source(x[train], y[train], x[test], y[test], train_rows=train, test_rows=test)
 
 
-def _npz(path: str):
+def _npz(path: str) -> _Source:
     try:
-        with np.load(Path(path).expanduser()) as f:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+        with np.load(Path(path).expanduser(), allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
             if missing:
-                raise DataError(f"data.path {path}: missing arrays {missing} (needs x_train, y_train, x_test, y_test)")
-            arrays = [f[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+                raise DataError(f"data.path {path!r}: missing arrays {missing} (an npz dataset needs "
+                                f"{', '.join(NPZ_KEYS)})")
+            arrays = {k: f[k] for k in NPZ_KEYS}
+    except DataError:
+        raise
     except (OSError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"data.path {path}: not a readable .npz file ({e})") from None
-    x_tr, y_tr, x_te, y_te = arrays
-    scale = 255.0 if x_tr.dtype == np.uint8 else 1.0
-    return (_to_nchw(x_tr).astype(np.float32) / scale, y_tr.astype(np.int64),
-            _to_nchw(x_te).astype(np.float32) / scale, y_te.astype(np.int64))
+        raise DataError(f"data.path {path!r}: not a readable .npz file ({e})") from e
+    x_tr = _stored_dtype(_to_nchw(arrays["x_train"], f"{path}: x_train"))
+    x_te = _stored_dtype(_to_nchw(arrays["x_test"], f"{path}: x_test"))
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"data.path {path!r}: x_train images are {x_tr.shape[1:]} but x_test images are "
+                        f"{x_te.shape[1:]}")
+    return _Source(x_tr, _labels(arrays["y_train"], len(x_tr), f"{path}: y_train"),
+                   x_te, _labels(arrays["y_test"], len(x_te), f"{path}: y_test"))
 
 
-def _image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _eval_dir(root: Path) -> Path | None:
+    return next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+
+
+def _image_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).iterdir())
+             if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+    if not files:
+        raise DataError(f"data.path: no images found in class folders under {root}")
+    return classes, files
+
+
+def _read_images(files: list[tuple[Path, int]], mode: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    xs, ys = [], []
-    for c, name in enumerate(classes):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"):
-                xs.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255.0)
-                ys.append(c)
-    if not xs:
-        raise DataError(f"data.path {root}: no images found")
-    if len({x.shape for x in xs}) > 1:
-        raise DataError(f"data.path {root}: images differ in size ({sorted({x.shape for x in xs})[:3]}...)")
-    return np.stack(xs).transpose(0, 3, 1, 2), np.array(ys, dtype=np.int64), classes
+    xs = []
+    for f, _ in files:
+        with Image.open(f) as im:
+            xs.append(np.asarray(im.convert(mode), dtype=np.uint8))
+    shapes = sorted({x.shape for x in xs})
+    if len(shapes) > 1:
+        raise DataError(f"data.path: images under {root} differ in size ({', '.join(map(str, shapes[:3]))}"
+                        f"{', ...' if len(shapes) > 3 else ''}); resize them to one size first")
+    x = np.stack(xs)
+    x = x[:, None] if mode == "L" else x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x), np.array([c for _, c in files], dtype=np.int64)
 
 
-def _imagefolder(path: str):
+def _imagefolder(path: str) -> _Source:
+    """Grayscale if every image is, else RGB; all images must have one size."""
+    from PIL import Image
     root = Path(path).expanduser()
-    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    test_dir = _eval_dir(root)
     if not (root / "train").is_dir() or test_dir is None:
-        raise DataError(f"data.path {root}: needs train/ and test/ (or val/) folders of class folders")
-    x_tr, y_tr, classes = _image_folder(root / "train")
-    x_te, y_te, test_classes = _image_folder(test_dir)
+        raise DataError(f"data.path {path!r} needs train/ and test/ (or val/) folders of class folders")
+    classes, train_files = _image_files(root / "train")
+    test_classes, test_files = _image_files(test_dir)
     if test_classes != classes:
-        raise DataError(f"data.path {root}: train/ and {test_dir.name}/ have different class folders")
-    return x_tr, y_tr, x_te, y_te
+        raise DataError(f"data.path {path!r}: train/ has classes {classes} but {test_dir.name}/ has {test_classes}")
+    modes = set()
+    for f, _ in train_files + test_files:
+        with Image.open(f) as im:
+            modes.add(im.mode)
+    mode = "L" if modes <= {"L", "1"} else "RGB"
+    x_tr, y_tr = _read_images(train_files, mode, root)
+    x_te, y_te = _read_images(test_files, mode, root)
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"data.path: images under {root} differ in size ({x_tr.shape[2:]} in train/, "
+                        f"{x_te.shape[2:]} in {test_dir.name}/)")
+    return _Source(x_tr, y_tr, x_te, y_te)
 
 
-def _torchvision(name: str, path: str | None):
+def _torchvision(name: str, path: str | None) -> _Source:
     import torchvision
     root = Path(path).expanduser() if path else default_root()
     cls = getattr(torchvision.datasets, TORCHVISION[name])
     try:
-        train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+        train, test = (cls(str(root), train=flag, download=False) for flag in (True, False))
     except RuntimeError as e:
-        raise DataError(f"dataset {name} not found under {root} ({e}); put the files there (set data.path): "
-                        "downloading is only possible where the network allows") from None
+        raise DataError(
+            f"dataset {name} not found under {root} ({e}). Put the {TORCHVISION[name]} files there in "
+            f"torchvision's layout and point data.path (or $LADLE_DATA) at it; Ladle never downloads data "
+            f"here (download only works where the network allows, e.g. torchvision.datasets."
+            f"{TORCHVISION[name]}(root, download=True) on another machine)") from e
 
-    def arrays(ds):
-        x = np.asarray(ds.data)
-        return _to_nchw(x).astype(np.float32) / 255.0, np.asarray(ds.targets, dtype=np.int64)
-    return (*arrays(train), *arrays(test))
+    def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
+        x = _to_nchw(np.asarray(ds.data), f"{name} under {root}")
+        return x, _labels(np.asarray(ds.targets), len(x), f"{name} under {root}")
+    return _Source(*arrays(train), *arrays(test))
 
 
 def _synthetic(seed: int = 1234, n_train: int = 2000, n_test: int = 500, classes: int = 10,
-               shape: tuple[int, int, int] = (1, 8, 8)):
+               shape: tuple[int, int, int] = (1, 8, 8)) -> _Source:
+    """Gaussian classes around fixed random means: a learnable signal, well above chance but not trivial."""
     rng = np.random.default_rng(seed)
-    means = rng.normal(0, 1, (classes, *shape)).astype(np.float32)
+    means = rng.normal(0, 1, (classes, *shape))
 
-    def draw(n):
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, classes, n)
         return (means[y] + rng.normal(0, 1.5, (n, *shape))).astype(np.float32), y.astype(np.int64)
-    return (*draw(n_train), *draw(n_test))
+    return _Source(*draw(n_train), *draw(n_test))
+
+
+def _load_source(name: str, path: str | None, seed: int) -> _Source:
+    if name == "digits":
+        return _digits(seed)
+    if name == "npz":
+        return _npz(path)
+    if name == "imagefolder":
+        return _imagefolder(path)
+    if name == "synthetic":
+        return _synthetic()
+    return _torchvision(name, path)
+
+
+# ---------------------------------------------------------------- splits
+
+def _channel_stats(x: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of (N, C, H, W) images in float64, a chunk at a time (no full float copy)."""
+    total, squares = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for i in range(0, len(x), chunk):
+        part = x[i:i + chunk].astype(np.float64)
+        total += part.sum(axis=(0, 2, 3))
+        squares += np.square(part).sum(axis=(0, 2, 3))
+    n = len(x) * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean ** 2, 0.0))
+    return mean, np.where(std > 1e-6 * np.maximum(np.abs(mean), 1.0), std, 1.0)  # constant channel: no scaling
 
 
 @functools.lru_cache(maxsize=8)
-def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Train / val / test tensors for `cfg`; the splits depend on `seed` (cached per process)."""
-    check_data(cfg)
-    if cfg.name == "digits":
-        x_tr, y_tr, x_te, y_te = _digits(seed)
-    elif cfg.name == "npz":
-        x_tr, y_tr, x_te, y_te = _npz(cfg.path)
-    elif cfg.name == "imagefolder":
-        x_tr, y_tr, x_te, y_te = _imagefolder(cfg.path)
-    elif cfg.name == "synthetic":
-        x_tr, y_tr, x_te, y_te = _synthetic()
-    else:
-        x_tr, y_tr, x_te, y_te = _torchvision(cfg.name, cfg.path)
-    rest, val = _stratified_split(y_tr, cfg.val_fraction, seed + 1)
-    mean = x_tr[rest].mean(axis=(0, 2, 3), keepdims=True)
-    std = x_tr[rest].std(axis=(0, 2, 3), keepdims=True) + 1e-6
+def _cached_splits(name: str, path: str | None, val_fraction: float, seed: int) -> Splits:
+    src = _load_source(name, path, seed)
+    train_rows = src.train_rows if src.train_rows is not None else np.arange(len(src.y_train))
+    test_rows = src.test_rows if src.test_rows is not None else np.arange(len(src.y_test))
+    keep, val = _stratified_split(src.y_train, val_fraction, _rng(seed, 1))
+    if len(keep) == 0:
+        raise DataError(f"data: dataset {name!r} has no training examples")
+    x_train = src.x_train[keep]
+    mean, std = (torch.from_numpy(s.astype(np.float32)).view(1, -1, 1, 1) for s in _channel_stats(x_train))
 
-    def split(x, y) -> TensorSplit:
-        return TensorSplit(torch.from_numpy(np.ascontiguousarray((x - mean) / std)), torch.from_numpy(y))
-    num_classes = int(max(y_tr.max(), y_te.max())) + 1
-    return Splits(train=split(x_tr[rest], y_tr[rest]), val=split(x_tr[val], y_tr[val]), test=split(x_te, y_te),
-                  num_classes=num_classes, in_shape=tuple(int(s) for s in x_tr.shape[1:]))
+    def split(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> TensorSplit:
+        return TensorSplit(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y),
+                           torch.from_numpy(rows.astype(np.int64)), mean, std)
+    labels = np.concatenate([src.y_train, src.y_test])
+    return Splits(train=split(x_train, src.y_train[keep], train_rows[keep]),
+                  val=split(src.x_train[val], src.y_train[val], train_rows[val]),
+                  test=split(src.x_test, src.y_test, test_rows),
+                  num_classes=int(labels.max()) + 1, in_shape=tuple(int(s) for s in x_train.shape[1:]))
+
+
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """Train / val / test splits for `cfg`; which examples land where (and the fixed order of the training
+    split) depends on `seed`. Cached per process on (name, path, val_fraction, seed): repeated calls return
+    the same tensors, which callers must not modify in place."""
+    check_data(cfg)
+    return _cached_splits(cfg.name, cfg.path, float(cfg.val_fraction), int(seed))
+
+
+load_splits.cache_clear = _cached_splits.cache_clear  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- loader
 
+def _translate(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Shift every image by a random offset in [-pad, pad]^2, pad = max(1, min(H, W) // 8), filling with 0
+    (the channel mean, since `x` is normalised): pad-and-random-crop in one gather."""
+    n, c, h, w = x.shape
+    pad = max(1, min(h, w) // 8)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def _flip(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Mirror each image left-right with probability 1/2."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
 class TensorLoader:
-    """Batches over in-memory tensors. shuffle: a new permutation every pass, drawn from a generator
-    seeded by `seed` (the same seed gives the same sequence of batches); otherwise a fixed order.
-    augment: random translations (pad size//8, random crop) and, for 3-channel images, flips."""
+    """Batches of (normalised x, y) over an in-memory split, on the CPU; re-iterable, `len` = batches.
+
+    shuffle=True draws a new permutation on every pass from a generator seeded by `seed`, so two loaders
+    with the same seed give the same batches pass after pass; shuffle=False keeps the split's fixed order.
+    augment=True shifts each image randomly (pad by size // 8, random crop) and flips 3-channel images
+    left-right with probability 1/2, driven by the same generator.
+    """
 
     def __init__(self, split: TensorSplit, batch_size: int, *, shuffle: bool, seed: int = 0,
                  augment: bool = False, drop_last: bool = False):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"data.batch_size must be a positive integer, got {batch_size!r}")
         self.split, self.batch_size, self.shuffle = split, batch_size, shuffle
         self.augment, self.drop_last = augment, drop_last
         self.generator = torch.Generator().manual_seed(seed)
@@ -217,30 +378,20 @@ class TensorLoader:
         n = len(self.split)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _augment(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        pad = max(1, min(h, w) // 8)
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=self.generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=self.generator)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w + 2 * pad)
-        out = padded.gather(2, rows)                                   # (n, c, h, w + 2 pad)
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
-        out = out.gather(3, cols)                                      # (n, c, h, w)
-        if c == 3:
-            flip = torch.rand(n, generator=self.generator) < 0.5
-            out[flip] = out[flip].flip(3)
-        return out
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.split)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = torch.randperm(len(self.split), generator=self.generator) if self.shuffle else None
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x, y = self.split.x[idx], self.split.y[idx]
-            yield (self._augment(x) if self.augment else x), y
+            start, stop = b * self.batch_size, (b + 1) * self.batch_size
+            idx = order[start:stop] if order is not None else slice(start, stop)
+            x = self.split.batch(idx)
+            if self.augment:
+                x = _translate(x, self.generator)
+                if x.shape[1] == 3:
+                    x = _flip(x, self.generator)
+            yield x, self.split.y[idx]
 
 
 def make_loader(split: TensorSplit, batch_size: int, *, shuffle: bool, seed: int = 0, augment: bool = False,
                 drop_last: bool = False) -> TensorLoader:
+    """A `TensorLoader` over `split` (see there)."""
     return TensorLoader(split, batch_size, shuffle=shuffle, seed=seed, augment=augment, drop_last=drop_last)
