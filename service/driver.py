@@ -53,7 +53,7 @@ def run_job(job_id: str) -> int:
     from service.executors import RayExecutor
 
     settings = get_settings()
-    store = Store(settings.database_url, migrate_schema=False)
+    store = Store(settings.database_url, migrate=False)
     job = store.get_job(job_id)
     if job is None:
         print(f"no job {job_id} in {settings.database_url}", file=sys.stderr)

@@ -1,8 +1,11 @@
 """The SQL store's tables (design section 5), as a SQLAlchemy 2.0 typed ORM.
 
 jobs, phases, runs (dense | ingredient | search_trial), models, model_edges (typed lineage),
-metrics (one row per run, step and name) and events. Relationships are lazy="raise": queries say
-what they load. The same models serve SQLite (embedded) and PostgreSQL.
+metrics (one row per run, epoch and metric name), events, and the API's bearer tokens. The same
+models serve SQLite (the embedded default) and PostgreSQL. There are no relationship() attributes:
+every query says what it loads, so nothing lazy-loads from a detached row. Timestamps are
+timezone-aware UTC on both backends. The schema itself belongs to Alembic (service/migrations); a
+test checks that the two agree.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
           "ck": "ck_%(table_name)s_%(constraint_name)s",
           "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
-EDGE_KINDS = ("pruned_from", "retrained_from", "averaged_from")
-MODEL_KINDS = ("dense", "pruned", "ingredient", "soup")
+PHASE_STATUSES = ("running", "succeeded", "failed")
 RUN_KINDS = ("dense", "ingredient", "search_trial")
+RUN_STATUSES = ("running", "succeeded", "failed", "stopped")
+MODEL_KINDS = ("dense", "pruned", "ingredient", "soup")
+EDGE_KINDS = ("pruned_from", "retrained_from", "averaged_from")
+EVENT_LEVELS = ("info", "warning", "error")
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")   # SQLite autoincrements INTEGER keys only
 
@@ -30,20 +36,23 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-class UTCDateTime(sa.TypeDecorator):
-    """A timezone-aware UTC timestamp on every backend (SQLite hands back naive datetimes)."""
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """TIMESTAMP WITH TIME ZONE that always comes back aware and in UTC (SQLite keeps no zone)."""
+
     impl = sa.DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc) if value is not None else None
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the store keeps timezone-aware UTC timestamps")
+        return value.astimezone(timezone.utc)
 
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -52,24 +61,23 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 
 class Base(DeclarativeBase):
     metadata = sa.MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: sa.JSON, list[Any]: sa.JSON,
-                           datetime: UTCDateTime()}
+    type_annotation_map = {dict[str, Any]: sa.JSON, list[Any]: sa.JSON, datetime: UTCDateTime()}
 
 
 class Job(Base):
     __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)          # uuid4 hex
     name: Mapped[str] = mapped_column(sa.String(200))
     status: Mapped[str] = mapped_column(sa.String(16), default="queued")
-    spec: Mapped[dict[str, Any]]
-    progress: Mapped[float] = mapped_column(default=0.0)
+    spec: Mapped[dict[str, Any]]                                             # JobSpec.model_dump(mode="json")
+    progress: Mapped[float] = mapped_column(default=0.0)                     # 0..1
     current_phase: Mapped[int | None]
-    final_model_id: Mapped[str | None] = mapped_column(sa.String(32))
+    final_model_id: Mapped[str | None] = mapped_column(sa.String(32))        # no FK: models reference jobs
     error: Mapped[str | None] = mapped_column(sa.Text)
     owner: Mapped[str | None] = mapped_column(sa.String(200))
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
     ray_submission_id: Mapped[str | None] = mapped_column(sa.String(100))
-    attempts: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)                         # drivers started
     total_epochs: Mapped[int] = mapped_column(default=0)
     done_epochs: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -79,7 +87,7 @@ class Job(Base):
 
     __table_args__ = (
         sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
-        sa.UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
+        sa.UniqueConstraint("owner", "idempotency_key"),
         sa.Index("ix_jobs_status_created_at", "status", "created_at"),
         sa.Index("ix_jobs_created_at", "created_at"),
         sa.Index("ix_jobs_owner_created_at", "owner", "created_at"),
@@ -90,12 +98,12 @@ class Phase(Base):
     __tablename__ = "phases"
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
-    index: Mapped[int]
+    index: Mapped[int]                                                       # 0 = dense
     status: Mapped[str] = mapped_column(sa.String(16), default="running")
     target_sparsity: Mapped[float]
     sparsity: Mapped[float | None]
     pruned_model_id: Mapped[str | None] = mapped_column(sa.String(32))
-    model_id: Mapped[str | None] = mapped_column(sa.String(32))
+    model_id: Mapped[str | None] = mapped_column(sa.String(32))              # the result: dense or soup
     pruned_accuracy: Mapped[float | None]
     soup_accuracy: Mapped[float | None]
     soup_val_accuracy: Mapped[float | None]
@@ -109,8 +117,8 @@ class Phase(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
-    __table_args__ = (sa.UniqueConstraint("job_id", "index", name="uq_phases_job_id_index"),
-                      sa.CheckConstraint(_in("status", ("running", "succeeded", "failed")), name="status"))
+    __table_args__ = (sa.UniqueConstraint("job_id", "index"),
+                      sa.CheckConstraint(_in("status", PHASE_STATUSES), name="status"))
 
 
 class Run(Base):
@@ -118,20 +126,20 @@ class Run(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
     phase: Mapped[int]
-    name: Mapped[str] = mapped_column(sa.String(200))
+    name: Mapped[str] = mapped_column(sa.String(200))                        # "dense", "phase1/ingredient0"
     kind: Mapped[str] = mapped_column(sa.String(16))
     status: Mapped[str] = mapped_column(sa.String(16), default="running")
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)            # final metrics
     model_id: Mapped[str | None] = mapped_column(sa.String(32))
     error: Mapped[str | None] = mapped_column(sa.Text)
     attempts: Mapped[int] = mapped_column(default=1)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
-    __table_args__ = (sa.UniqueConstraint("job_id", "name", name="uq_runs_job_id_name"),
+    __table_args__ = (sa.UniqueConstraint("job_id", "name"),
                       sa.CheckConstraint(_in("kind", RUN_KINDS), name="kind"),
-                      sa.CheckConstraint(_in("status", ("running", "succeeded", "failed", "stopped")), name="status"))
+                      sa.CheckConstraint(_in("status", RUN_STATUSES), name="status"))
 
 
 class Model(Base):
@@ -140,7 +148,7 @@ class Model(Base):
     job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
     phase: Mapped[int]
     kind: Mapped[str] = mapped_column(sa.String(16))
-    name: Mapped[str] = mapped_column(sa.String(200))
+    name: Mapped[str] = mapped_column(sa.String(200))                        # "phase1/soup"
     uri: Mapped[str] = mapped_column(sa.Text)
     size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
     sha256: Mapped[str] = mapped_column(sa.String(64))
@@ -149,7 +157,7 @@ class Model(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (sa.UniqueConstraint("job_id", "name", name="uq_models_job_id_name"),
+    __table_args__ = (sa.UniqueConstraint("job_id", "name"),
                       sa.CheckConstraint(_in("kind", MODEL_KINDS), name="kind"))
 
 
@@ -188,7 +196,7 @@ class Event(Base):
     message: Mapped[str] = mapped_column(sa.Text)
 
     __table_args__ = (sa.Index("ix_events_job_id_id", "job_id", "id"),
-                      sa.CheckConstraint(_in("level", ("info", "warning", "error")), name="level"))
+                      sa.CheckConstraint(_in("level", EVENT_LEVELS), name="level"))
 
 
 class Token(Base):

@@ -1,27 +1,43 @@
 """The store: the one place that writes to the database. Every write is one transaction.
 
-Rows come back as detached ORM objects (`expire_on_commit=False`; relationships are never loaded).
-`DBRecorder` is the pipeline's recorder for a job: each call the pipeline makes is one short
-transaction, so a driver that dies leaves everything up to its last call and nothing half-written.
+Rows come back as the ORM objects of service.orm (`Job`, `Phase`, `Run`, `Model`, `Event`,
+`Token`), detached from their session: `expire_on_commit=False` keeps their columns loaded, and the
+models have no relationships to lazy-load. Change them only through the Store. The exceptions are
+`metrics()` (plain dicts, since each row carries its run's name) and `lineage()` / `descendants()`
+(`{"nodes": [Model], "edges": [{"parent", "child", "kind"}]}`).
+
+`DBRecorder` is the pipeline's recorder (service.pipeline.Recorder) for one job: each call is one
+short transaction, so a driver that dies leaves everything up to its last call and nothing
+half-written. Its calls are safe to repeat when a new driver resumes the job: a phase or a run
+started again reuses its row, an epoch reported again replaces that epoch's metrics, and a model
+saved again under the name of a model that nothing refers to yet (its driver died right after
+saving it) replaces that row.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service.db import make_engine, make_sessionmaker, migrate
+from service import db
 from service.orm import TERMINAL, Event, Job, Metric, Model, ModelEdge, Phase, Run, Token, utcnow
 from service.pipeline import ModelRecord, PhaseSummary, RunRecord
 from service.spec import JobSpec
+
+PHASE_FIELDS = ("target_sparsity", "sparsity", "model_id", "pruned_accuracy", "soup_accuracy", "soup_val_accuracy",
+                "gain_over_best", "gain_over_mean", "norm_drop", "mean_pairwise_distance", "ingredient_accuracies",
+                "soup_ingredients", "seconds")
+JOB_FIELDS = frozenset(Job.__table__.c.keys()) - {"id", "created_at", "updated_at"}
 
 
 class JobNotFound(LookupError):
@@ -31,15 +47,15 @@ class JobNotFound(LookupError):
 
 
 class StateError(ValueError):
-    """A status change that the job's current status does not allow."""
+    """A status change that the job's current status does not allow (a finished job stays finished)."""
 
     def __init__(self, job_id: str, current: str, requested: str):
         super().__init__(f"job {job_id} is {current}; it cannot become {requested}")
-        self.current, self.requested = current, requested
+        self.job_id, self.current, self.requested = job_id, current, requested
 
 
 class JobCancelled(RuntimeError):
-    """The job was cancelled while its driver ran."""
+    """The job was cancelled before its driver started it."""
 
 
 def _finite(x: Any) -> Any:
@@ -58,22 +74,26 @@ def _hash(secret: str) -> str:
 
 
 class Store:
-    def __init__(self, url: str, *, migrate_schema: bool = True):
+    """`Store(url)` opens (and by default migrates) the database at `url`."""
+
+    def __init__(self, url: str, *, migrate: bool = True):
         self.url = url
-        self.engine = make_engine(url)
-        if migrate_schema:
-            migrate(self.engine)
-        self.sessions = make_sessionmaker(self.engine)
+        self.engine = db.make_engine(url)
+        if migrate:
+            db.migrate(self.engine)
+        self.sessions = db.make_sessionmaker(self.engine)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
+        """One write transaction, committed at the end (on SQLite it holds the write lock from the start)."""
         with self.sessions.begin() as session:
+            session.connection(execution_options={"sqlite_immediate": True})
             yield session
 
     def _job(self, s: Session, job_id: str, *, lock: bool = False) -> Job:
         q = sa.select(Job).where(Job.id == job_id)
-        if lock and s.bind.dialect.name == "postgresql":
-            q = q.with_for_update()
+        if lock:
+            q = q.with_for_update()       # PostgreSQL; on SQLite the transaction holds the write lock already
         job = s.scalars(q).one_or_none()
         if job is None:
             raise JobNotFound(job_id)
@@ -81,27 +101,22 @@ class Store:
 
     # ---------------------------------------------------------------- jobs
     def create_job(self, spec: JobSpec, *, owner: str | None = None, idempotency_key: str | None = None) -> Job:
-        """Store a queued job. The same (owner, idempotency key) again returns the first job."""
-        if idempotency_key is not None:
-            existing = self._by_key(owner, idempotency_key)
-            if existing is not None:
-                return existing
-        job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=spec.model_dump(mode="json"),
-                  owner=owner, idempotency_key=idempotency_key)
-        try:
-            with self.tx() as s:
-                s.add(job)
-        except sa.exc.IntegrityError:
-            existing = self._by_key(owner, idempotency_key) if idempotency_key is not None else None
-            if existing is None:
-                raise
-            return existing               # a concurrent request with the same key won
+        """Store a queued job. The same (owner, idempotency key) again returns the first job, also
+        when the two requests race (and also without an owner, where the UNIQUE constraint does
+        not help since NULLs are distinct)."""
+        with self.tx() as s:
+            if idempotency_key is not None:
+                if s.bind.dialect.name == "postgresql":
+                    s.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                        sa.func.hashtext(json.dumps(["job", owner, idempotency_key])))))
+                same_owner = Job.owner.is_(None) if owner is None else Job.owner == owner
+                existing = s.scalars(sa.select(Job).where(same_owner, Job.idempotency_key == idempotency_key)).first()
+                if existing is not None:
+                    return existing
+            job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=spec.model_dump(mode="json"),
+                      owner=owner, idempotency_key=idempotency_key)
+            s.add(job)
         return job
-
-    def _by_key(self, owner: str | None, key: str) -> Job | None:
-        with self.sessions() as s:
-            owner_match = Job.owner.is_(None) if owner is None else Job.owner == owner
-            return s.scalars(sa.select(Job).where(owner_match, Job.idempotency_key == key)).first()
 
     def get_job(self, job_id: str) -> Job | None:
         with self.sessions() as s:
@@ -109,6 +124,7 @@ class Store:
 
     def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
                   offset: int = 0) -> tuple[list[Job], int]:
+        """A page of jobs, newest first, and the number of jobs that match."""
         where = []
         if status is not None:
             where.append(Job.status == status)
@@ -125,25 +141,24 @@ class Store:
         if limit <= 0:
             return []
         with self.tx() as s:
-            q = sa.select(Job).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(limit)
-            if s.bind.dialect.name == "postgresql":
-                q = q.with_for_update(skip_locked=True)
-            jobs = list(s.scalars(q).all())
+            jobs = list(s.scalars(sa.select(Job).where(Job.status == "queued").order_by(Job.created_at, Job.id)
+                                  .limit(limit).with_for_update(skip_locked=True)))
             now = utcnow()
             for job in jobs:
                 job.status, job.started_at = "running", job.started_at or now
         return jobs
 
     def set_status(self, job_id: str, status: str, *, error: str | None = None) -> Job:
-        """Change a job's status; a finished job (succeeded, failed, cancelled) stays as it is."""
+        """Change a job's status and its timestamps. A finished job (succeeded, failed, cancelled)
+        refuses to change (StateError); setting the status it already has returns it unchanged."""
         with self.tx() as s:
             job = self._job(s, job_id, lock=True)
-            if job.status in TERMINAL and job.status != status:
-                raise StateError(job_id, job.status, status)
-            if job.status == status and status in TERMINAL:
+            if job.status in TERMINAL:
+                if job.status != status:
+                    raise StateError(job_id, job.status, status)
                 return job
-            job.status = status
             now = utcnow()
+            job.status = status
             if status == "running":
                 job.started_at = job.started_at or now
             if status in TERMINAL:
@@ -153,8 +168,12 @@ class Store:
         return job
 
     def update_job(self, job_id: str, **fields: Any) -> Job:
+        """Set plain columns, e.g. `update_job(id, ray_submission_id=..., attempts=2)`."""
+        unknown = set(fields) - JOB_FIELDS
+        if unknown:
+            raise TypeError(f"update_job: not a settable job column: {', '.join(sorted(unknown))}")
         with self.tx() as s:
-            job = self._job(s, job_id)
+            job = self._job(s, job_id, lock=True)
             for k, v in fields.items():
                 setattr(job, k, v)
         return job
@@ -169,7 +188,8 @@ class Store:
         return job
 
     def job_failed(self, job_id: str, error: str) -> Job | None:
-        """Fail a job that is not finished yet (a cancelled job stays cancelled)."""
+        """Fail a job that has not finished yet; None (and no change) if it has (a cancelled job
+        stays cancelled)."""
         with self.tx() as s:
             job = self._job(s, job_id, lock=True)
             if job.status in TERMINAL:
@@ -184,8 +204,8 @@ class Store:
             return list(s.scalars(sa.select(Phase).where(Phase.job_id == job_id).order_by(Phase.index)))
 
     def completed_phases(self, job_id: str) -> list[Phase]:
-        """The succeeded phases 0..k in order, stopping at the first one that is not (for resume)."""
-        done = []
+        """The succeeded phases 0..k in order, up to the first one that is not (where a resume starts)."""
+        done: list[Phase] = []
         for p in self.phases(job_id):
             if p.status != "succeeded" or p.index != len(done):
                 break
@@ -200,6 +220,7 @@ class Store:
             return list(s.scalars(q.order_by(Run.phase, Run.id)))
 
     def finished_ingredients(self, job_id: str, phase: int) -> list[tuple[Run, Model]]:
+        """The succeeded ingredient runs of a phase with their models (reused by a resumed phase)."""
         with self.sessions() as s:
             rows = s.execute(sa.select(Run, Model).join(Model, Model.id == Run.model_id)
                              .where(Run.job_id == job_id, Run.phase == phase, Run.kind == "ingredient",
@@ -208,6 +229,7 @@ class Store:
 
     def metrics(self, job_id: str, *, run_name: str | None = None, name: str | None = None,
                 limit: int = 100_000) -> list[dict[str, Any]]:
+        """Time series rows {run, step, epoch, name, value, time}, by run, step and name."""
         q = (sa.select(Run.name.label("run"), Metric.step, Metric.epoch, Metric.name, Metric.value, Metric.time)
              .join(Run, Run.id == Metric.run_id).where(Metric.job_id == job_id))
         if run_name is not None:
@@ -218,6 +240,7 @@ class Store:
             return [dict(r._mapping) for r in s.execute(q.order_by(Run.name, Metric.step, Metric.name).limit(limit))]
 
     def events(self, job_id: str, *, after_id: int = 0, limit: int = 1000) -> list[Event]:
+        """Events with id > after_id, oldest first (pass the last id seen to follow the log)."""
         with self.sessions() as s:
             return list(s.scalars(sa.select(Event).where(Event.job_id == job_id, Event.id > after_id)
                                   .order_by(Event.id).limit(limit)))
@@ -230,22 +253,26 @@ class Store:
         with self.sessions() as s:
             return s.scalars(sa.select(Model).where(Model.job_id == job_id, Model.name == name)).one_or_none()
 
-    def _graph(self, model_id: str, up: bool) -> dict[str, Any]:
-        """The model and its ancestors (up) or descendants, as {nodes, edges}, by a recursive CTE."""
-        start, nxt = (ModelEdge.child_id, ModelEdge.parent_id) if up else (ModelEdge.parent_id, ModelEdge.child_id)
-        reach = sa.select(sa.literal(model_id, sa.String(32)).label("id")).cte("reach", recursive=True)
-        reach = reach.union(sa.select(nxt).join(reach, start == reach.c.id))
+    def _graph(self, model_id: str, *, up: bool) -> dict[str, Any]:
+        """The model and all its ancestors (up) or descendants, with the edges among them, found by
+        one recursive CTE. An unknown id gives no nodes."""
+        near, far = (ModelEdge.child_id, ModelEdge.parent_id) if up else (ModelEdge.parent_id, ModelEdge.child_id)
+        reach = sa.select(Model.id.label("id")).where(Model.id == model_id).cte("reach", recursive=True)
+        reach = reach.union(sa.select(far).join(reach, near == reach.c.id))
         ids = sa.select(reach.c.id)
         with self.sessions() as s:
             nodes = list(s.scalars(sa.select(Model).where(Model.id.in_(ids)).order_by(Model.phase, Model.created_at)))
-            edges = s.scalars(sa.select(ModelEdge).where(start.in_(ids), nxt.in_(ids))).all()
+            edges = s.scalars(sa.select(ModelEdge).where(near.in_(ids), far.in_(ids))
+                              .order_by(ModelEdge.child_id, ModelEdge.parent_id)).all()
         return {"nodes": nodes, "edges": [{"parent": e.parent_id, "child": e.child_id, "kind": e.kind}
                                           for e in edges]}
 
     def lineage(self, model_id: str) -> dict[str, Any]:
+        """The DAG of the model's ancestors, the model included."""
         return self._graph(model_id, up=True)
 
     def descendants(self, model_id: str) -> dict[str, Any]:
+        """The DAG of the models derived from this one, the model included."""
         return self._graph(model_id, up=False)
 
     def recorder(self, job_id: str) -> DBRecorder:
@@ -284,6 +311,7 @@ class DBRecorder:
         self.store, self.job_id = store, job_id
 
     def job_started(self, spec: JobSpec, total_epochs: int) -> None:
+        """Running (again, for a resumed driver); refuses a job that is already finished."""
         with self.store.tx() as s:
             job = self.store._job(s, self.job_id, lock=True)
             if job.status == "cancelled":
@@ -303,36 +331,44 @@ class DBRecorder:
             if row is None:
                 s.add(Phase(job_id=self.job_id, index=phase, target_sparsity=target_sparsity, status="running"))
             else:                       # a resumed phase: the same row again
-                row.status, row.target_sparsity = "running", target_sparsity
+                row.status, row.target_sparsity, row.finished_at = "running", target_sparsity, None
             self.store._job(s, self.job_id).current_phase = phase
 
     def _run(self, s: Session, name: str) -> Run | None:
         return s.scalars(sa.select(Run).where(Run.job_id == self.job_id, Run.name == name)).one_or_none()
 
     def run_started(self, run: RunRecord) -> None:
+        """A new run, or a run started again by a resumed driver: the same row, attempts + 1. Its
+        metrics stay: a task resumed from an epoch checkpoint reports only the epochs after it, and
+        one that starts over replaces each epoch's rows as it reports them again."""
         with self.store.tx() as s:
             row = self._run(s, run.name)
             if row is None:
                 s.add(Run(job_id=self.job_id, phase=run.phase, name=run.name, kind=run.kind,
                           config=_finite(run.config), status="running"))
-            else:                       # started again (a resumed job): its old curve goes
-                s.execute(sa.delete(Metric).where(Metric.run_id == row.id))
-                row.status, row.attempts, row.config, row.error = "running", row.attempts + 1, _finite(run.config), None
+            else:
+                row.status, row.attempts, row.config = "running", row.attempts + 1, _finite(run.config)
+                row.metrics, row.model_id, row.error = {}, None, None
                 row.started_at, row.finished_at = utcnow(), None
 
     def metric(self, run_name: str, row: dict[str, float]) -> None:
+        """One epoch's row: a metrics row per finite numeric value ("epoch" and "step" go to their
+        columns). An epoch reported again replaces its rows and does not count twice for progress."""
         with self.store.tx() as s:
             run = self._run(s, run_name)
             if run is None:
                 return
             step, epoch = int(row.get("step", 0)), int(row.get("epoch", 0))
+            again = s.execute(sa.delete(Metric).where(Metric.run_id == run.id, Metric.epoch == epoch)).rowcount
             now = utcnow()
             s.add_all([Metric(job_id=self.job_id, run_id=run.id, step=step, epoch=epoch, name=k, value=float(v),
                               time=now) for k, v in row.items()
-                       if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v)])
-            job = self.store._job(s, self.job_id)
-            job.done_epochs += 1
-            job.progress = min(0.99, job.done_epochs / job.total_epochs) if job.total_epochs else 0.0
+                       if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v)])
+            if not again:
+                job = self.store._job(s, self.job_id)
+                job.done_epochs += 1
+                job.progress = min(0.99, job.done_epochs / job.total_epochs) if job.total_epochs else 0.0
 
     def run_finished(self, run_name: str, status: str, *, model_id: str | None = None,
                      metrics: dict[str, Any] | None = None, error: str | None = None) -> None:
@@ -344,13 +380,17 @@ class DBRecorder:
             run.metrics = _finite(metrics or {})
 
     def model_saved(self, model: ModelRecord) -> None:
+        """The model and its lineage edges, together. A model of the same name that nothing refers
+        to yet (no child, no run or phase result: its driver died right after saving it) is
+        replaced; a name in use raises IntegrityError and writes nothing."""
         with self.store.tx() as s:
-            stale = s.scalars(sa.select(Model).where(Model.job_id == self.job_id, Model.name == model.name)).first()
-            if stale is not None:       # saved by a driver that died before the phase finished
-                s.execute(sa.delete(ModelEdge).where(sa.or_(ModelEdge.child_id == stale.id,
-                                                            ModelEdge.parent_id == stale.id)))
-                s.delete(stale)
-                s.flush()
+            old = s.scalars(sa.select(Model.id).where(Model.job_id == self.job_id, Model.name == model.name)).first()
+            if old is not None and not s.scalar(sa.select(sa.or_(
+                    sa.exists().where(ModelEdge.parent_id == old),
+                    sa.exists().where(Run.job_id == self.job_id, Run.model_id == old),
+                    sa.exists().where(Phase.job_id == self.job_id, Phase.model_id == old)))):
+                s.execute(sa.delete(ModelEdge).where(ModelEdge.child_id == old))
+                s.execute(sa.delete(Model).where(Model.id == old))
             s.add(Model(id=model.id, job_id=self.job_id, phase=model.phase, kind=model.kind, name=model.name,
                         uri=model.uri, size_bytes=model.size_bytes, sha256=model.sha256, sparsity=model.sparsity,
                         nonzeros=model.nonzeros, metrics=_finite(model.metrics)))
@@ -362,12 +402,9 @@ class DBRecorder:
             row = s.scalars(sa.select(Phase).where(Phase.job_id == self.job_id,
                                                    Phase.index == summary.phase)).one()
             data = _finite(asdict(summary))
-            for key in ("target_sparsity", "sparsity", "pruned_accuracy", "soup_accuracy", "soup_val_accuracy",
-                        "gain_over_best", "gain_over_mean", "norm_drop", "mean_pairwise_distance",
-                        "ingredient_accuracies", "soup_ingredients", "seconds", "model_id"):
+            for key in PHASE_FIELDS:
                 setattr(row, key, data[key])
             if summary.phase > 0:
-                pruned = s.scalars(sa.select(Model.id).where(Model.job_id == self.job_id,
-                                                             Model.name == f"phase{summary.phase}/pruned")).first()
-                row.pruned_model_id = pruned
+                row.pruned_model_id = s.scalars(sa.select(Model.id).where(
+                    Model.job_id == self.job_id, Model.name == f"phase{summary.phase}/pruned")).first()
             row.status, row.finished_at = "succeeded", utcnow()

@@ -1,67 +1,169 @@
-"""The store on SQLite and on PostgreSQL: jobs, lineage, resume without duplicates, transactions."""
+"""The store on SQLite and on PostgreSQL (the `store` fixture of tests/conftest.py runs every test
+on both): jobs, status rules, lineage, resume without duplicates, transactions, the migration."""
 
+import threading
 import uuid
+from datetime import timezone
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from service import db
 from service.orm import Base, Event, Metric, Model, ModelEdge, Phase, Run
 from service.pipeline import ModelRecord, PhaseSummary, RunRecord
 from service.spec import parse_spec
-from service.store import JobNotFound, StateError
+from service.store import JobCancelled, JobNotFound, StateError, Store
 
 SPEC = parse_spec({"name": "t", "prune": {"phases": 2}, "soup": {"ingredients": 2}})
 
+
+def count(store, table, **where):
+    with store.engine.connect() as c:
+        q = sa.select(sa.func.count()).select_from(table.__table__)
+        return c.execute(q.where(*[table.__table__.c[k] == v for k, v in where.items()])).scalar()
+
+
+# ---------------------------------------------------------------- schema and engine
 
 def test_migration_matches_the_orm(store):
     with store.engine.connect() as c:
         assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
 
 
+def test_migration_has_the_orms_constraints(store):
+    """What compare_metadata does not look at: CHECK constraints and ON DELETE rules."""
+    insp = sa.inspect(store.engine)
+    for table in Base.metadata.sorted_tables:
+        checks = {c.name for c in table.constraints if isinstance(c, sa.CheckConstraint)}
+        assert {c["name"] for c in insp.get_check_constraints(table.name)} == checks, table.name
+        fks = {(fk.constraint.name, fk.parent.name, fk.column.table.name, fk.ondelete) for fk in table.foreign_keys}
+        assert {(fk["name"], *fk["constrained_columns"], fk["referred_table"], fk["options"].get("ondelete"))
+                for fk in insp.get_foreign_keys(table.name)} == fks, table.name
+
+
+def test_migrate_is_idempotent_and_downgrades(tmp_path):
+    url = f"sqlite:///{tmp_path / 'sub' / 'm.db'}"        # the folder is created
+    db.migrate(url)
+    db.migrate(url)                                      # at head already: nothing to do
+    engine = db.make_engine(url)
+    assert set(Base.metadata.tables) <= set(sa.inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        cfg = db.alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "base")
+    assert sa.inspect(engine).get_table_names() == ["alembic_version"]
+    engine.dispose()
+
+
 def test_sqlite_pragmas(tmp_path):
-    from service.store import Store
     s = Store(f"sqlite:///{tmp_path / 'x.db'}")
     with s.engine.connect() as c:
-        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
-        assert c.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        pragma = lambda name: c.exec_driver_sql(f"PRAGMA {name}").scalar()   # noqa: E731
+        assert pragma("journal_mode") == "wal"
+        assert pragma("foreign_keys") == 1                  # on again after the migration
+        assert pragma("busy_timeout") == 30000
+        assert pragma("synchronous") == 1                   # NORMAL
+    s.engine.dispose()
 
+
+def test_timestamps_are_aware_utc(store):
+    job = store.create_job(SPEC)
+    row = store.get_job(job.id)
+    assert row.created_at.tzinfo == timezone.utc and row.updated_at.tzinfo == timezone.utc
+    store.set_status(job.id, "running")
+    assert store.get_job(job.id).started_at.tzinfo == timezone.utc
+
+
+# ---------------------------------------------------------------- jobs
 
 def test_jobs_list_filter_paginate(store):
-    ids = [store.create_job(SPEC).id for _ in range(7)]
+    ids = [store.create_job(SPEC, owner="ann" if i % 2 else None).id for i in range(7)]
     store.set_status(ids[0], "running")
-    rows, count = store.list_jobs(limit=3)
-    assert count == 7 and len(rows) == 3
-    rows2, _ = store.list_jobs(limit=3, offset=3)
-    assert not {r.id for r in rows} & {r.id for r in rows2}
+    rows, n = store.list_jobs(limit=3)
+    assert n == 7 and [r.id for r in rows] == ids[::-1][:3]              # newest first
+    rows2, n2 = store.list_jobs(limit=3, offset=3)
+    assert n2 == 7 and [r.id for r in rows2] == ids[::-1][3:6]
     running, n = store.list_jobs(status="running")
-    assert n == 1 and running[0].id == ids[0]
+    assert n == 1 and running[0].id == ids[0] and running[0].spec == SPEC.model_dump(mode="json")
     assert store.list_jobs(status="queued")[1] == 6
+    assert store.list_jobs(owner="ann")[1] == 3
+    assert store.list_jobs(owner="ann", status="queued", limit=1)[1] == 3
+    assert store.list_jobs(offset=10) == ([], 7)
 
 
 def test_idempotency_key_gives_one_job(store):
     a = store.create_job(SPEC, idempotency_key="abc")
     b = store.create_job(SPEC, idempotency_key="abc")
     c = store.create_job(SPEC, idempotency_key="abc", owner="bob")     # keys are per owner
-    assert a.id == b.id != c.id
+    d = store.create_job(SPEC, idempotency_key="abc", owner="bob")
+    assert a.id == b.id != c.id == d.id
     assert store.list_jobs()[1] == 2
+
+
+def test_idempotency_key_under_concurrent_requests(store):
+    ids, errors = [], []
+
+    def submit():
+        try:
+            ids.append(store.create_job(SPEC, idempotency_key="race").id)
+        except Exception as e:   # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=submit) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(ids)) == 1 and store.list_jobs()[1] == 1
 
 
 def test_status_transitions_and_terminal_states(store):
     job = store.create_job(SPEC)
-    claimed = store.claim_queued(5)
-    assert [j.id for j in claimed] == [job.id] and claimed[0].status == "running"
+    later = store.create_job(SPEC)
+    claimed = store.claim_queued(1)                     # oldest first
+    assert [j.id for j in claimed] == [job.id] and claimed[0].status == "running" and claimed[0].started_at
+    assert [j.id for j in store.claim_queued(5)] == [later.id]
     assert store.claim_queued(5) == []
     store.set_status(job.id, "cancelled")
-    with pytest.raises(StateError, match="is cancelled; it cannot become running"):
+    assert store.set_status(job.id, "cancelled").status == "cancelled"   # the same again: no error
+    with pytest.raises(StateError, match=f"job {job.id} is cancelled; it cannot become running") as e:
         store.set_status(job.id, "running")
+    assert (e.value.current, e.value.requested) == ("cancelled", "running")
     assert store.job_failed(job.id, "late failure") is None            # a cancelled job stays cancelled
-    assert store.get_job(job.id).status == "cancelled"
+    with pytest.raises(StateError):
+        store.job_succeeded(job.id, "m")
+    with pytest.raises(JobCancelled):
+        store.recorder(job.id).job_started(SPEC, 1)
+    row = store.get_job(job.id)
+    assert row.status == "cancelled" and row.finished_at and row.error is None
+    failed = store.job_failed(later.id, "boom")
+    assert failed.status == "failed" and store.get_job(later.id).error == "boom"
     with pytest.raises(JobNotFound):
         store.set_status("nope", "running")
 
+
+def test_update_job(store):
+    job = store.create_job(SPEC)
+    store.update_job(job.id, ray_submission_id=f"{job.id}-r2", attempts=2)
+    row = store.get_job(job.id)
+    assert (row.ray_submission_id, row.attempts) == (f"{job.id}-r2", 2) and row.updated_at >= row.created_at
+    with pytest.raises(TypeError, match="not_a_column"):
+        store.update_job(job.id, not_a_column=1)
+
+
+def test_tokens(store):
+    assert not store.auth_enabled()
+    token, secret = store.create_token("ann", admin=True)
+    assert store.auth_enabled() and store.check_token(secret).id == token.id and store.check_token("x") is None
+    with pytest.raises(ValueError, match="exists already"):
+        store.create_token("ann")
+    store.ping()
+
+
+# ---------------------------------------------------------------- the recorder
 
 def model(kind, phase, name, parents=()):
     return ModelRecord(id=uuid.uuid4().hex, kind=kind, phase=phase, name=name, uri=f"mem://{name}", size_bytes=10,
@@ -86,6 +188,7 @@ def feed_job(store, job_id, phases=2, ingredients=2):
         rec.phase_started(t, 0.5 * t)
         pruned = model("pruned", t, f"phase{t}/pruned", [(parent.id, "pruned_from")])
         rec.model_saved(pruned)
+        rec.event(f"phase {t}: pruned", phase=t)
         ings = []
         for i in range(ingredients):
             name = f"phase{t}/ingredient{i}"
@@ -99,7 +202,8 @@ def feed_job(store, job_id, phases=2, ingredients=2):
         soup = model("soup", t, f"phase{t}/soup", [(i.id, "averaged_from") for i in ings])
         rec.model_saved(soup)
         rec.phase_finished(PhaseSummary(phase=t, target_sparsity=0.5 * t, sparsity=0.5 * t, soup_accuracy=0.9,
-                                        ingredient_accuracies=[0.9] * ingredients, model_id=soup.id))
+                                        ingredient_accuracies=[0.9] * ingredients, model_id=soup.id,
+                                        seconds={"total": 1.5}))
         all_models += [pruned, *ings, soup]
         parent = soup
     return all_models
@@ -108,76 +212,144 @@ def feed_job(store, job_id, phases=2, ingredients=2):
 def test_lineage_dag_through_phases(store):
     job = store.create_job(SPEC)
     models = feed_job(store, job.id)
-    final = models[-1]
-    lin = store.lineage(final.id)
-    assert {n.id for n in lin["nodes"]} == {m.id for m in models}          # 1 + 2 * (1 + 2 + 1)
-    assert len(lin["nodes"]) == 9
-    kinds = {(e["parent"], e["child"]): e["kind"] for e in lin["edges"]}
     by_name = {m.name: m.id for m in models}
-    assert kinds[(by_name["phase0/dense"], by_name["phase1/pruned"])] == "pruned_from"
-    assert kinds[(by_name["phase1/pruned"], by_name["phase1/ingredient1"])] == "retrained_from"
-    assert kinds[(by_name["phase1/ingredient0"], by_name["phase1/soup"])] == "averaged_from"
-    assert kinds[(by_name["phase1/soup"], by_name["phase2/pruned"])] == "pruned_from"
-    assert len(lin["edges"]) == 2 * (1 + 2 + 2)
+    lin = store.lineage(by_name["phase2/soup"])
+    assert len(lin["nodes"]) == 1 + 2 * (1 + 2 + 1) and {n.id for n in lin["nodes"]} == set(by_name.values())
+    assert lin["nodes"][0].name == "phase0/dense" and lin["nodes"][0].kind == "dense"
+    expected = set()
+    for t, parent in ((1, "phase0/dense"), (2, "phase1/soup")):
+        expected.add((parent, f"phase{t}/pruned", "pruned_from"))
+        for i in range(2):
+            expected.add((f"phase{t}/pruned", f"phase{t}/ingredient{i}", "retrained_from"))
+            expected.add((f"phase{t}/ingredient{i}", f"phase{t}/soup", "averaged_from"))
+    expected = {(by_name[p], by_name[c], k) for p, c, k in expected}
+    assert {(e["parent"], e["child"], e["kind"]) for e in lin["edges"]} == expected
+    assert len(lin["edges"]) == len(expected) == 10
+
     down = store.descendants(by_name["phase0/dense"])
-    assert {n.id for n in down["nodes"]} == {m.id for m in models}
+    assert {n.id for n in down["nodes"]} == set(by_name.values())
+    assert {(e["parent"], e["child"], e["kind"]) for e in down["edges"]} == expected
+
     mid = store.lineage(by_name["phase1/ingredient0"])
     assert {n.name for n in mid["nodes"]} == {"phase0/dense", "phase1/pruned", "phase1/ingredient0"}
+    assert {n.name for n in store.descendants(by_name["phase2/ingredient1"])["nodes"]} == \
+        {"phase2/ingredient1", "phase2/soup"}
+    assert store.lineage("nope") == {"nodes": [], "edges": []}
+    assert store.get_model(by_name["phase1/soup"]).kind == "soup"
+
+    phases = store.phases(job.id)
+    assert [(p.index, p.status) for p in phases] == [(0, "succeeded"), (1, "succeeded"), (2, "succeeded")]
+    assert phases[1].pruned_model_id == by_name["phase1/pruned"] and phases[1].model_id == by_name["phase1/soup"]
+    assert phases[2].seconds == {"total": 1.5} and phases[2].ingredient_accuracies == [0.9, 0.9]
+    assert store.get_job(job.id).current_phase == 2
+    assert [r.name for r in store.runs(job.id, kind="dense")] == ["dense"]
+    assert len(store.runs(job.id, kind="ingredient")) == 4
 
 
 def test_metrics_progress_and_reads(store):
     job = store.create_job(SPEC)
-    feed_job(store, job.id)
-    rows = store.metrics(job.id, run_name="phase1/ingredient0", name="train_loss")
-    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 5), (2, 10)]
-    j = store.get_job(job.id)
-    assert j.done_epochs == 10 and j.progress == pytest.approx(0.99)   # capped until it succeeds
+    rec = store.recorder(job.id)
+    rec.job_started(SPEC, total_epochs=4)
+    rec.phase_started(0, 0.0)
+    rec.run_started(RunRecord("dense", "dense", 0, {}))
+    progress = []
+    for e in (1, 2, 3, 4):
+        rec.metric("dense", {"epoch": e, "step": 10 * e, "train_loss": 1.0 / e, "lr": 0.1, "flag": True,
+                             "note": "text", "bad": float("nan")})
+        progress.append(store.get_job(job.id).progress)
+    assert progress == [0.25, 0.5, 0.75, 0.99]                          # capped until the job succeeds
+    rows = store.metrics(job.id, run_name="dense", name="train_loss")
+    assert [(r["run"], r["epoch"], r["step"], r["value"]) for r in rows] == \
+        [("dense", e, 10 * e, 1.0 / e) for e in (1, 2, 3, 4)]
+    assert rows[0]["time"].tzinfo == timezone.utc
+    assert {r["name"] for r in store.metrics(job.id)} == {"train_loss", "lr"}   # numbers only
+    assert count(store, Metric, job_id=job.id) == 8
     store.job_succeeded(job.id, "m")
-    assert store.get_job(job.id).progress == 1.0
-    assert [p.index for p in store.completed_phases(job.id)] == [0, 1, 2]
-    assert len(store.finished_ingredients(job.id, 1)) == 2
-
-
-def count(store, table):
-    with store.engine.connect() as c:
-        return c.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+    done = store.get_job(job.id)
+    assert (done.status, done.progress, done.final_model_id, done.done_epochs) == ("succeeded", 1.0, "m", 4)
 
 
 def test_resumed_calls_create_no_duplicate_rows(store):
     job = store.create_job(SPEC)
-    feed_job(store, job.id, phases=1)
-    before = {t.__tablename__: count(store, t) for t in (Phase, Run, Model, ModelEdge)}
+    feed_job(store, job.id)
+    tables = (Phase, Run, Model, ModelEdge, Metric)
+    before = {t.__tablename__: count(store, t) for t in tables}
+    done_before = store.get_job(job.id).done_epochs
+    # a second driver: phase 2 again, ingredient 0 again from scratch, ingredient 1 from its epoch-1 checkpoint
     rec = store.recorder(job.id)
     rec.job_started(SPEC, 10)
-    rec.phase_started(1, 0.5)                      # the same phase again
-    rec.run_started(RunRecord("phase1/ingredient0", "ingredient", 1, {"seed": 0}))
-    rec.metric("phase1/ingredient0", {"epoch": 1, "step": 5, "train_loss": 0.4})
-    after = {t.__tablename__: count(store, t) for t in (Phase, Run, Model, ModelEdge)}
-    assert after == before
-    run = next(r for r in store.runs(job.id) if r.name == "phase1/ingredient0")
-    assert run.attempts == 2 and run.status == "running"
-    assert len(store.metrics(job.id, run_name="phase1/ingredient0")) == 1   # the old curve went
+    rec.phase_started(2, 0.75)
+    rec.run_started(RunRecord("phase2/ingredient0", "ingredient", 2, {"seed": 0}))
+    rec.run_started(RunRecord("phase2/ingredient1", "ingredient", 2, {"seed": 1}))
+    rec.metric("phase2/ingredient0", {"epoch": 1, "step": 5, "train_loss": 0.25})
+    rec.metric("phase2/ingredient1", {"epoch": 2, "step": 10, "train_loss": 0.125})
+    assert {t.__tablename__: count(store, t) for t in tables} == dict(before, metrics=before["metrics"] - 2)
+    assert store.get_job(job.id).done_epochs == done_before              # no epoch counted twice
+    phase2 = store.phases(job.id)[2]
+    assert (phase2.status, phase2.target_sparsity, phase2.finished_at) == ("running", 0.75, None)
+    run = next(r for r in store.runs(job.id) if r.name == "phase2/ingredient0")
+    assert (run.attempts, run.status, run.model_id, run.finished_at) == (2, "running", None, None)
+    curve = store.metrics(job.id, run_name="phase2/ingredient1", name="train_loss")
+    assert [(r["epoch"], r["value"]) for r in curve] == [(1, 0.5), (2, 0.125)]   # epoch 1 kept, 2 replaced
+    assert [r.name for r, _ in store.finished_ingredients(job.id, 1)] == ["phase1/ingredient0", "phase1/ingredient1"]
+    assert store.finished_ingredients(job.id, 2) == []
+    assert [p.index for p in store.completed_phases(job.id)] == [0, 1]
 
 
-def test_a_failed_write_leaves_nothing_half_written(store):
+def test_model_saved_again_replaces_an_unreferenced_model(store):
+    """The driver died between saving a model and recording what it is for: its successor saves a
+    new model of the same name, which replaces the old row and its edges."""
     job = store.create_job(SPEC)
     rec = store.recorder(job.id)
     rec.job_started(SPEC, 1)
-    orphan = model("pruned", 1, "phase1/pruned", [("no-such-parent", "pruned_from")])
+    dense = model("dense", 0, "phase0/dense")
+    rec.model_saved(dense)
+    rec.run_started(RunRecord("phase1/ingredient0", "ingredient", 1, {}))
+    pruned = model("pruned", 1, "phase1/pruned", [(dense.id, "pruned_from")])
+    rec.model_saved(pruned)
+    lost = model("ingredient", 1, "phase1/ingredient0", [(pruned.id, "retrained_from")])
+    rec.model_saved(lost)
+    redo = model("ingredient", 1, "phase1/ingredient0", [(pruned.id, "retrained_from")])
+    rec.model_saved(redo)
+    assert store.get_model(lost.id) is None and store.get_model(redo.id).name == "phase1/ingredient0"
+    assert [(e["parent"], e["child"]) for e in store.descendants(pruned.id)["edges"]] == [(pruned.id, redo.id)]
+
+
+def test_a_model_name_in_use_clashes_and_nothing_is_half_written(store):
+    job = store.create_job(SPEC)
+    rec = store.recorder(job.id)
+    rec.job_started(SPEC, 1)
+    dense = model("dense", 0, "phase0/dense")
+    rec.model_saved(dense)
+    rec.model_saved(model("pruned", 1, "phase1/pruned", [(dense.id, "pruned_from")]))   # dense now has a child
+    edges = count(store, ModelEdge)
+    clash = model("dense", 0, "phase0/dense")
+    clash.parents = [(store.get_model_by_name(job.id, "phase1/pruned").id, "pruned_from")]
     with pytest.raises(sa.exc.IntegrityError):
-        rec.model_saved(orphan)                   # the edge's parent does not exist
-    assert store.get_model(orphan.id) is None     # the model row was rolled back with its edge
-    assert count(store, ModelEdge) == 0
+        rec.model_saved(clash)
+    assert store.get_model(clash.id) is None and store.get_model(dense.id) is not None
+    assert count(store, ModelEdge) == edges and count(store, Model) == 2
+
+    orphan = model("pruned", 2, "phase2/pruned", [(dense.id, "pruned_from"), ("no-such-parent", "pruned_from")])
+    with pytest.raises(sa.exc.IntegrityError):
+        rec.model_saved(orphan)                   # the second edge's parent does not exist
+    assert store.get_model(orphan.id) is None     # the model and its first edge were rolled back with it
+    assert count(store, ModelEdge) == edges and count(store, Model) == 2
 
 
 def test_events_in_order_with_cursor(store):
     job = store.create_job(SPEC)
     rec = store.recorder(job.id)
     for i in range(5):
-        rec.event(f"e{i}", phase=i)
+        rec.event(f"e{i}", phase=i, level="warning" if i == 3 else "info")
     first = store.events(job.id, limit=2)
     rest = store.events(job.id, after_id=first[-1].id)
     assert [e.message for e in first + rest] == [f"e{i}" for i in range(5)]
+    assert rest[1].level == "warning" and rest[1].phase == 3
+    assert store.events(job.id, after_id=rest[-1].id) == []
+    with pytest.raises(sa.exc.IntegrityError):
+        rec.event("x", level="loud")              # CHECK constraint
+    assert count(store, Event) == 5
 
 
 def test_nan_metrics_are_stored_as_null(store):
@@ -185,6 +357,14 @@ def test_nan_metrics_are_stored_as_null(store):
     rec = store.recorder(job.id)
     rec.job_started(SPEC, 1)
     m = model("dense", 0, "phase0/dense")
-    m.metrics = {"val_accuracy": float("nan"), "test_accuracy": 0.5}
+    m.metrics = {"val_accuracy": float("nan"), "test_accuracy": 0.5, "per_layer": [float("inf"), 0.5]}
     rec.model_saved(m)
-    assert store.get_model(m.id).metrics == {"val_accuracy": None, "test_accuracy": 0.5}
+    assert store.get_model(m.id).metrics == {"val_accuracy": None, "test_accuracy": 0.5, "per_layer": [None, 0.5]}
+
+
+def test_deleting_a_job_cascades(store):
+    job = store.create_job(SPEC)
+    feed_job(store, job.id, phases=1)
+    with store.tx() as s:
+        s.execute(sa.delete(Base.metadata.tables["jobs"]).where(sa.column("id") == job.id))
+    assert all(count(store, t) == 0 for t in (Phase, Run, Model, ModelEdge, Metric, Event))
