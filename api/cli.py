@@ -165,13 +165,50 @@ def demo_spec() -> JobSpec:
 
 
 @app.command()
-def demo(out: Annotated[Path | None, typer.Option("--out", help="folder for the models and summary.json")] = None) -> None:
-    """Run the demo SMS job (MLP on scikit-learn's digits, 3 phases to 90% sparsity, 4 ingredients)."""
+def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep serving after the job (Ctrl-C stops)")] = True,
+         port: Annotated[int | None, typer.Option(help="API port (default 8000, or a free one if taken)")] = None,
+         local: Annotated[bool, typer.Option("--local", help="in this process instead, without the service")] = False,
+         out: Annotated[Path | None, typer.Option("--out", help="with --local: folder for models and summary.json")] = None) -> None:
+    """The demo: starts the embedded service (SQLite, a local Ray head, the dispatcher, the API),
+    submits the demo SMS job on digits (MLP, 3 phases to 90% sparsity, 4 ingredients) through the
+    SDK, shows progress, prints the per-phase table, and keeps serving until Ctrl-C."""
+    import socket
+
+    from api.client import Client
+    from api.server import BackgroundServer
+    from service.runtime import Runtime
     spec = demo_spec()
     out_console.print(f"Ladle demo: {spec.name} — {spec.model.arch} on {spec.data.name}, "
                       f"{spec.prune.phases} phases to sparsity {spec.prune.target_sparsity}, "
-                      f"{spec.soup.ingredients} ingredients per phase ({spec.retrain.schedule})")
-    run_local(spec, out or get_settings().home / "demo")
+                      f"{spec.soup.ingredients} ingredients per phase ({spec.retrain.schedule})", highlight=False)
+    if local:
+        run_local(spec, out or get_settings().home / "demo")
+        return
+    if port is None:
+        with socket.socket() as s:
+            port = 8000 if s.connect_ex(("127.0.0.1", 8000)) != 0 else None
+    err_console.print("starting the service (SQLite store, local Ray head, dispatcher, API) ...")
+    with BackgroundServer(Runtime(), port=port or None) as server:
+        err_console.print(f"API on {server.url} (OpenAPI: {server.url}/docs)", highlight=False)
+        with Client(server.url) as c:
+            job = c.submit(spec)
+            err_console.print(f"submitted job {job['id']}", highlight=False)
+            job = c.wait(job["id"], on_event=lambda e: err_console.print(e["message"], highlight=False))
+            out_console.print(phase_table(_phase_rows(c.phases(job["id"])),
+                                          title=f"{spec.name}: {job['status']} (test accuracy)"))
+            if job["status"] != "succeeded":
+                raise _fail(f"job {job['id']} {job['status']}: {job['error']}")
+            final = c.model(job["final_model_id"])
+            out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, test accuracy "
+                              f"{100 * final['accuracy']:.2f}%; lineage: ladle lineage {final['id']} --url {server.url}",
+                              soft_wrap=True, highlight=False)
+        if serve_:
+            out_console.print(f"serving {server.url} (API docs at {server.url}/docs); Ctrl-C stops", highlight=False)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                err_console.print("stopping")
 
 
 # ---------------------------------------------------------------- the service and its clients

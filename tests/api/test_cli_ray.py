@@ -35,3 +35,16 @@ def test_run_on_ray_with_the_embedded_service(tmp_path):
     url = re.search(r"submitted to Ray at (http://127\.0\.0\.1:\d+)", r.stderr).group(1)
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/api/version", timeout=3)
+
+
+@pytest.mark.slow
+def test_demo_through_the_service(tmp_path):
+    """`make demo` runs `ladle demo`: the embedded service, the demo job through the SDK, the table."""
+    r = subprocess.run([LADLE, "demo", "--no-serve", "--port", "0"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["0", "1", "2", "3"]
+    assert rows[3][2] == "0.900"
+    assert float(rows[3][-3]) > 80            # the soup's test accuracy (%) after pruning to 90%
+    assert "final model" in r.stdout
