@@ -17,7 +17,6 @@ class Settings(BaseSettings):
     artifacts: str | None = None             # default: $LADLE_HOME/artifacts; or an fsspec URL
     ray_address: str | None = None           # unset: start a local Ray head
     max_concurrent_jobs: int = Field(2, ge=1, le=1000)
-    tokens: str | None = None                # bearer-token auth (unset: no auth, loopback only)
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

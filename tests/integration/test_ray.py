@@ -185,3 +185,22 @@ def test_cancel_stops_the_ray_job_and_keeps_what_finished(ray_head, tmp_path):
     assert final.status == "cancelled" and final.attempts == 1
     assert store.get_model_by_name(job.id, "phase0/dense") is not None      # what finished stays
     assert not driver_pids(job.id)
+
+
+def test_dispatcher_respects_max_concurrent_jobs(ray_head, tmp_path):
+    url = f"sqlite:///{tmp_path / 'ladle.db'}"
+    store = Store(url)
+    spec = parse_spec({"name": "limit", "model": {"arch": "resnet20"}, "dense": {"epochs": 20},
+                       "prune": {"phases": 1}, "soup": {"ingredients": 2}})
+    jobs = [store.create_job(spec) for _ in range(3)]
+    dispatcher = Dispatcher(store, ray_head.dashboard_url, database_url=url, artifacts=str(tmp_path / "a"),
+                            max_concurrent_jobs=1)
+    try:
+        assert dispatcher.dispatch() == [jobs[0].id]              # oldest first, one at a time
+        assert dispatcher.dispatch() == []
+        assert [store.get_job(j.id).status for j in jobs] == ["running", "queued", "queued"]
+    finally:
+        for j in jobs:
+            if store.get_job(j.id).status not in ("cancelled", "succeeded", "failed"):
+                dispatcher.cancel(j.id)
+    wait_for(lambda: dispatcher.client.get_job_status(jobs[0].id).is_terminal(), 60, "Ray to stop the job")
