@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/soup_vs_imp.py
 	$(PY) bench/fanout.py
+	$(PY) bench/api_load.py
 
 clean:
 	rm -rf $(VENV) .ladle .pytest_cache
