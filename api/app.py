@@ -11,13 +11,28 @@ from contextlib import asynccontextmanager
 
 from urllib.parse import unquote
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse
 
 from api.routes import health, jobs, models
 from service.runtime import Runtime
 
 API_PREFIX = "/api/v1"
+
+
+class RefuseNul:
+    """No id, name or filter may contain a NUL character (PostgreSQL text cannot hold one): 422.
+    A plain ASGI middleware, so that it costs nothing on the hot path."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and ("\x00" in unquote(scope.get("path", ""))
+                                        or b"%00" in scope.get("query_string", b"")):
+            response = JSONResponse({"detail": "the URL contains a NUL character"}, status_code=422)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def create_app(runtime: Runtime | None = None) -> FastAPI:
@@ -35,13 +50,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
 
     app = FastAPI(title="Ladle", version="0.1.0", lifespan=lifespan, openapi_url=f"{API_PREFIX}/openapi.json",
                   docs_url="/docs", description="Prune neural networks and retrain them as Sparse Model Soups.")
-    @app.middleware("http")
-    async def refuse_nul(request: Request, call_next):
-        """No id, name or filter contains a NUL character (PostgreSQL text cannot hold one)."""
-        if "\x00" in unquote(request.url.path) or "\x00" in unquote(request.url.query):
-            return JSONResponse({"detail": "the URL contains a NUL character"}, status_code=422)
-        return await call_next(request)
-
+    app.add_middleware(RefuseNul)
     api = APIRouter(prefix=API_PREFIX)
     for module in (jobs, models, health):
         api.include_router(module.router)

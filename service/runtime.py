@@ -13,9 +13,9 @@ from service.store import Store
 
 
 class Runtime:
-    def __init__(self, settings: Settings | None = None, *, num_cpus: int | None = None, dispatch: bool = True):
+    def __init__(self, settings: Settings | None = None, *, num_cpus: int | None = None, dispatch: bool | None = None):
         self.settings = settings or get_settings()
-        self.dispatch = dispatch           # False: jobs are stored but not run (API tests, read-only replicas)
+        self.dispatch = self.settings.dispatch if dispatch is None else dispatch   # False: store jobs, run none
         self.num_cpus = num_cpus or os.cpu_count() or 2
         self.store: Store | None = None
         self.head: LocalRay | None = None

@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     artifacts: str | None = None             # default: $LADLE_HOME/artifacts; or an fsspec URL
     ray_address: str | None = None           # unset: start a local Ray head
     max_concurrent_jobs: int = Field(2, ge=1, le=1000)
+    dispatch: bool = True                    # False: jobs are stored but not run (API-only replica, load tests)
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
