@@ -22,10 +22,9 @@ LOOPBACK = "127.0.0.1"
 
 
 def loopback_env() -> dict[str, str]:
-    """Environment for Ray processes and clients on this machine: loopback only, token auth."""
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    env.setdefault("RAY_AUTH_MODE", "token")
-    return env
+    """Environment for the Ray nodes started here: loopback only, whatever the deployment says
+    (token auth comes from the defaults the `service` package sets)."""
+    return dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
 
 
 def free_ports(n: int) -> list[int]:

@@ -57,15 +57,17 @@ class RayExecutor:
         self._actors: list = []
         self._queue: Queue | None = None
 
+    def _new_actor(self):
+        return IngredientWorker.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(max(1, int(self.cpus)))
+
     def _pool(self, n: int) -> list:
         while len(self._actors) < n:
-            self._actors.append(IngredientWorker.options(num_cpus=self.cpus, num_gpus=self.gpus)
-                                .remote(max(1, int(self.cpus))))
+            self._actors.append(self._new_actor())
         return self._actors[:n]
 
     def _replace(self, actor):
         ray.kill(actor)
-        fresh = IngredientWorker.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(max(1, int(self.cpus)))
+        fresh = self._new_actor()
         self._actors[self._actors.index(actor)] = fresh
         return fresh
 
