@@ -7,6 +7,7 @@ on exit; tests and embedders may pass a runtime they manage themselves.
 from __future__ import annotations
 
 import asyncio
+import gc
 from contextlib import asynccontextmanager
 
 from urllib.parse import unquote
@@ -42,6 +43,9 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
         if runtime is None:
             await asyncio.to_thread(rt.start)
         app.state.runtime = rt
+        # What start-up made (torch, Ray, the app) lives as long as the server: keep it out of the
+        # garbage collector's full passes, which otherwise stall requests (seen: 170 ms pauses)
+        gc.freeze()
         try:
             yield
         finally:

@@ -12,6 +12,9 @@ from service.runtime import Runtime
 from service.store import Store
 
 bearer = HTTPBearer(auto_error=False)
+# Auth answers (is auth on? whose token is this?) may be this old: the check runs on every request, and
+# a token minted by another process (`ladle token create`) turns auth on within this many seconds.
+AUTH_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True)
@@ -20,22 +23,24 @@ class Caller:
     admin: bool
 
 
-def get_runtime(request: Request) -> Runtime:
+# The dependencies are `async def` so that they run on the event loop: a sync dependency would cost a
+# trip to the thread pool on every request. get_caller asks the database at most once per AUTH_MAX_AGE.
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.runtime.store
 
 
-def get_caller(store: Annotated[Store, Depends(get_store)],
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
-    if not store.auth_enabled():
+async def get_caller(store: Annotated[Store, Depends(get_store)],
+                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+    if not store.auth_enabled(max_age=AUTH_MAX_AGE):
         return Caller(name=None, admin=True)
     if credentials is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
                             headers={"WWW-Authenticate": "Bearer"})
-    token = store.check_token(credentials.credentials)
+    token = store.check_token(credentials.credentials, max_age=AUTH_MAX_AGE)
     if token is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or revoked token",
                             headers={"WWW-Authenticate": "Bearer"})

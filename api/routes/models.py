@@ -30,7 +30,8 @@ def _model(store, caller, model_id: str):
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses=NOT_FOUND)
-def get_model(model_id: str, store: StoreDep, caller: CallerDep) -> ModelPublic:
+async def get_model(model_id: str, store: StoreDep, caller: CallerDep) -> ModelPublic:
+    # two key lookups, on the event loop (see api.routes.jobs)
     return public(_model(store, caller, model_id))
 
 
