@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean vendor
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,13 +20,24 @@ demo: $(STAMP)
 	$(VENV)/bin/ladle demo
 
 test: $(STAMP)
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@[ "$${LADLE_SKIP_POSTGRES:-0}" = 1 ] || bash deploy/dev-services.sh
 	$(PY) -m pytest
 
 bench: $(STAMP)
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) bench/soup_vs_imp.py
 	$(PY) bench/fanout.py
 	$(PY) bench/api_load.py
+
+# Re-fetch the dashboard's vendored front-end builds (versions in api/dashboard/vendor/VERSIONS)
+vendor:
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack -q chart.js@4.6.1 @dagrejs/dagre@3.1.3 >/dev/null \
+	  && for t in *.tgz; do mkdir -p $${t%.tgz} && tar xzf $$t -C $${t%.tgz}; done \
+	  && cp chart.js-4.6.1/package/dist/chart.umd.min.js chart.js-4.6.1/package/LICENSE.md $(CURDIR)/api/dashboard/vendor/ \
+	  && mv $(CURDIR)/api/dashboard/vendor/LICENSE.md $(CURDIR)/api/dashboard/vendor/chart.js.LICENSE.md \
+	  && cp dagrejs-dagre-3.1.3/package/dist/dagre.min.js $(CURDIR)/api/dashboard/vendor/ \
+	  && cp dagrejs-dagre-3.1.3/package/LICENSE $(CURDIR)/api/dashboard/vendor/dagre.LICENSE && rm -rf $$tmp
 
 clean:
 	rm -rf $(VENV) .ladle .pytest_cache

@@ -10,15 +10,18 @@ import asyncio
 import gc
 from contextlib import asynccontextmanager
 
+from pathlib import Path
 from urllib.parse import unquote
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
-from api.routes import health, jobs, models
+from api.routes import health, jobs, me, models
 from service.runtime import Runtime
 
 API_PREFIX = "/api/v1"
+DASHBOARD = Path(__file__).parent / "dashboard"      # static: index.html, app.js, vendored libraries
 
 
 class RefuseNul:
@@ -56,7 +59,13 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                   docs_url="/docs", description="Prune neural networks and retrain them as Sparse Model Soups.")
     app.add_middleware(RefuseNul)
     api = APIRouter(prefix=API_PREFIX)
-    for module in (jobs, models, health):
+    for module in (jobs, models, health, me):
         api.include_router(module.router)
     app.include_router(api)
+    app.mount("/dashboard", StaticFiles(directory=DASHBOARD), name="dashboard")
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard() -> FileResponse:
+        return FileResponse(DASHBOARD / "index.html")
+
     return app

@@ -33,18 +33,26 @@ async def get_store(request: Request) -> Store:
     return request.app.state.runtime.store
 
 
-async def get_caller(store: Annotated[Store, Depends(get_store)],
-                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Caller:
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def identify(store: Store, credentials: HTTPAuthorizationCredentials | None) -> tuple[bool, Caller | None]:
+    """(is auth on, who is calling): the caller is None when auth is on and the token is missing or bad."""
     if not store.auth_enabled(max_age=AUTH_MAX_AGE):
-        return Caller(name=None, admin=True)
+        return False, Caller(name=None, admin=True)
+    token = store.check_token(credentials.credentials, max_age=AUTH_MAX_AGE) if credentials else None
+    return True, (Caller(name=token.name, admin=token.admin) if token else None)
+
+
+async def get_caller(store: Annotated[Store, Depends(get_store)], credentials: BearerDep) -> Caller:
+    _, caller = identify(store, credentials)
+    if caller is not None:
+        return caller
     if credentials is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
                             headers={"WWW-Authenticate": "Bearer"})
-    token = store.check_token(credentials.credentials, max_age=AUTH_MAX_AGE)
-    if token is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or revoked token",
-                            headers={"WWW-Authenticate": "Bearer"})
-    return Caller(name=token.name, admin=token.admin)
+    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or revoked token",
+                        headers={"WWW-Authenticate": "Bearer"})
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 EdgeKind = Literal["pruned_from", "retrained_from", "averaged_from"]
@@ -25,6 +25,9 @@ class JobPublic(_Out):
     error: str | None
     owner: str | None
     attempts: int
+    sparsity: float | None = Field(description="sparsity reached by the last finished phase")
+    best_accuracy: float | None = Field(description="best test accuracy among the last finished phase's models "
+                                                    "(its soup and ingredients; the dense model in phase 0)")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -145,6 +148,13 @@ class ClusterPublic(BaseModel):
     resources_total: dict[str, float]
     resources_available: dict[str, float]
     jobs: dict[str, int]
+
+
+class MePublic(BaseModel):
+    auth: bool = Field(description="whether the server asks for bearer tokens")
+    authenticated: bool = Field(description="whether the request's token is good (true when auth is off)")
+    name: str | None
+    admin: bool
 
 
 class Message(BaseModel):

@@ -78,6 +78,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
     ray_submission_id: Mapped[str | None] = mapped_column(sa.String(100))
     attempts: Mapped[int] = mapped_column(default=0)                         # drivers started
+    sparsity: Mapped[float | None]            # reached by the last finished phase
+    best_accuracy: Mapped[float | None]       # the best test accuracy among that phase's models
     total_epochs: Mapped[int] = mapped_column(default=0)
     done_epochs: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -431,3 +431,7 @@ class DBRecorder:
                 row.pruned_model_id = s.scalars(sa.select(Model.id).where(
                     Model.job_id == self.job_id, Model.name == f"phase{summary.phase}/pruned")).first()
             row.status, row.finished_at = "succeeded", utcnow()
+            job = self.store._job(s, self.job_id)
+            accs = [a for a in (summary.soup_accuracy, *summary.ingredient_accuracies)
+                    if a is not None and math.isfinite(a)]
+            job.sparsity, job.best_accuracy = row.sparsity, max(accs, default=None)

@@ -3,6 +3,7 @@ Ray cluster per session (started with `ray start`, on loopback, 2 CPUs)."""
 
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -12,6 +13,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 PG_ADMIN_URL = os.environ.get("LADLE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+# The dashboard tests' screenshots (a folder that outlives the run; printed at its end)
+SCREENSHOTS = Path(os.environ.get("LADLE_SCREENSHOTS", Path(__file__).resolve().parents[1] / ".ladle" / "screenshots"))
 TABLES = ("metrics", "events", "model_edges", "models", "runs", "phases", "jobs", "tokens")
 
 
@@ -72,3 +75,9 @@ def ray_head():
     yield head
     ray.shutdown()
     head.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    shots = sorted(SCREENSHOTS.glob("*.png")) if SCREENSHOTS.is_dir() else []
+    if shots:
+        terminalreporter.write_line(f"dashboard screenshots ({len(shots)}): {SCREENSHOTS}")

@@ -33,6 +33,9 @@ def test_sdk_submit_wait_phases_lineage_metrics_download(live, finished, tmp_pat
         phases = c.phases(finished["id"])
         assert [p["index"] for p in phases] == [0, 1, 2]
         assert phases[2]["sparsity"] == pytest.approx(0.75, abs=1e-3)
+        # what the job list shows: the last phase's sparsity and its best model (soup or ingredient)
+        assert finished["sparsity"] == phases[2]["sparsity"]
+        assert finished["best_accuracy"] == max(phases[2]["soup_accuracy"], *phases[2]["ingredient_accuracies"])
         lin = c.lineage(finished["final_model_id"])
         assert len(lin["nodes"]) == 1 + 2 * 4 and len(lin["edges"]) == 2 * 5
         assert {e["kind"] for e in lin["edges"]} == {"pruned_from", "retrained_from", "averaged_from"}

@@ -1,11 +1,13 @@
-"""Job lists sort by (created_at, id): the indexes carry id too, so a page is read straight off an index
-instead of sorting every matching row for the id tiebreak.
+"""What job lists show and how fast: each job's sparsity reached and best accuracy so far (kept up to
+date by the driver, so a page of jobs needs no join), and indexes that carry id too, since lists sort
+by (created_at, id): a page is read straight off an index instead of sorting every matching row.
 
 Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-23 09:10:00
 """
 from alembic import op
+import sqlalchemy as sa
 
 
 revision = '0003'
@@ -18,6 +20,9 @@ OLD = {"ix_jobs_status_created_at": ["status", "created_at"], "ix_jobs_created_a
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("sparsity", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("best_accuracy", sa.Float(), nullable=True))
     for name, columns in OLD.items():
         op.drop_index(op.f(name), table_name="jobs")
         op.create_index(op.f(f"{name}_id"), "jobs", [*columns, "id"])
@@ -27,3 +32,6 @@ def downgrade() -> None:
     for name, columns in OLD.items():
         op.drop_index(op.f(f"{name}_id"), table_name="jobs")
         op.create_index(op.f(name), "jobs", columns)
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("best_accuracy")
+        batch.drop_column("sparsity")

@@ -1,0 +1,471 @@
+// Ladle's dashboard: one page, four views (#/ jobs, #/jobs/ID, #/models/ID, #/cluster), all read from the
+// REST API under /api/v1 and refreshed by polling while something runs. Charts: Chart.js; the lineage
+// DAG: laid out by dagre and drawn as SVG. Both are vendored builds (api/dashboard/vendor), no CDN.
+
+const API = "/api/v1";
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
+const COLORS = ["#3b6fd8", "#2f9e62", "#d0453f", "#c28a1d", "#6b5bd2", "#3b9dd8", "#d8589f", "#5f6b7a"];
+const KIND_COLORS = { dense: "#6b5bd2", pruned: "#c28a1d", ingredient: "#3b9dd8", soup: "#2f9e62" };
+
+let leave = [];             // what to undo when the view changes (timers, charts)
+let jobsFilter = "";        // the jobs page's status filter, kept across views
+
+// ------------------------------------------------------------------ API and auth
+class Unauthorized extends Error {}
+class HttpError extends Error {
+  constructor(status, message) { super(message); this.status = status; }
+}
+
+const tokenKey = "ladle-token";
+const token = () => localStorage.getItem(tokenKey);
+
+async function api(path, { method = "GET" } = {}) {
+  const headers = {};
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  const r = await fetch(API + path, { method, headers });
+  if (r.status === 401) {
+    const first = !signedIn;
+    const again = signIn("The server refused the token.");
+    if (first) again.then(whoami).then(route);
+    throw new Unauthorized();
+  }
+  if (!r.ok) {
+    let detail = r.statusText;
+    try { detail = (await r.json()).detail; } catch (_) { /* not JSON */ }
+    throw new HttpError(r.status, `${typeof detail === "string" ? detail : JSON.stringify(detail)} (${method} ${path})`);
+  }
+  return r.json();
+}
+
+let signedIn = null;        // resolves once a usable token is stored
+function signIn(message) {
+  const dialog = document.getElementById("token-dialog");
+  const error = document.getElementById("token-error");
+  localStorage.removeItem(tokenKey);
+  error.hidden = !message;
+  error.textContent = message || "";
+  if (!dialog.open) dialog.showModal();
+  if (!signedIn) {
+    signedIn = new Promise((resolve) => {
+      document.getElementById("token-form").onsubmit = () => {
+        localStorage.setItem(tokenKey, document.getElementById("token-input").value.trim());
+        signedIn = null;
+        resolve();
+      };
+    });
+  }
+  return signedIn;
+}
+
+async function whoami() {
+  // /me never answers 401: it says whether auth is on and whether our token is good
+  const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
+  const me = await (await fetch(`${API}/me`, { headers })).json();
+  const el = document.getElementById("whoami");
+  if (me.auth && !me.authenticated) {
+    el.textContent = "";
+    await signIn(token() ? "The server refused the token." : null);
+    return whoami();
+  }
+  el.innerHTML = me.auth ? `${esc(me.name)}${me.admin ? " (admin)" : ""} · <a href="#" id="sign-out">sign out</a>` : "";
+  const out = document.getElementById("sign-out");
+  if (out) out.onclick = (e) => { e.preventDefault(); localStorage.removeItem(tokenKey); whoami().then(route); };
+  return me;
+}
+
+// ------------------------------------------------------------------ helpers
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+}
+const pct = (x, digits = 1) => (x == null ? "–" : `${(100 * x).toFixed(digits)}%`);
+const badge = (status) => `<span class="badge ${esc(status)}">${esc(status)}</span>`;
+const bar = (p, cls = "") => `<span class="bar ${cls}"><span style="width:${(100 * (p || 0)).toFixed(1)}%"></span></span>`;
+
+function seconds(s) {
+  if (s == null || !isFinite(s)) return "–";
+  if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+}
+const since = (t) => (Date.now() - new Date(t).getTime()) / 1000;
+const ago = (t) => (t ? `${seconds(since(t))} ago` : "–");
+const duration = (a, b) => (a ? seconds(((b ? new Date(b) : new Date()) - new Date(a)) / 1000) : "–");
+const bytes = (n) => (n < 1024 ? `${n} B` : n < 2 ** 20 ? `${(n / 1024).toFixed(1)} KiB`
+  : n < 2 ** 30 ? `${(n / 2 ** 20).toFixed(1)} MiB` : `${(n / 2 ** 30).toFixed(1)} GiB`);
+
+function showError(e) {
+  if (e instanceof Unauthorized) return;
+  let el = document.getElementById("view-error");
+  if (!el) {
+    el = document.createElement("p");
+    el.id = "view-error";
+    el.className = "error";
+    document.getElementById("view").prepend(el);
+  }
+  el.textContent = e.message;
+}
+
+// Call fn now and then every `ms` until the view changes, fn returns false or what it reads is gone (404).
+function every(ms, fn) {
+  let stopped = false;
+  let timer;
+  const tick = async () => {
+    let again = true;
+    try {
+      again = (await fn()) !== false;
+      document.getElementById("view-error")?.remove();
+    } catch (e) {
+      showError(e);
+      again = !(e instanceof HttpError && e.status === 404);
+    }
+    if (!stopped && again) timer = setTimeout(tick, ms);
+  };
+  leave.push(() => { stopped = true; clearTimeout(timer); });
+  return tick();
+}
+
+function chart(canvas, config) {
+  const c = new Chart(canvas, config);
+  leave.push(() => c.destroy());
+  return c;
+}
+
+function lineOptions(x, y, xScale = { ticks: { precision: 0 } }) {
+  return {
+    animation: false, maintainAspectRatio: false, parsing: false,
+    interaction: { mode: "nearest", intersect: false },
+    plugins: { legend: { position: "bottom", labels: { boxWidth: 10, font: { size: 11 } } } },
+    scales: { x: { type: "linear", title: { display: true, text: x }, ...xScale }, y: { title: { display: true, text: y } } },
+  };
+}
+
+async function download(model) {
+  // a fetch (not a plain link) so that the bearer token goes along
+  const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
+  const r = await fetch(`${API}/models/${model.id}/download`, { headers });
+  if (!r.ok) throw new Error(`download failed: ${r.status}`);
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await r.blob());
+  a.download = `${model.name.replaceAll("/", "-")}-${model.id.slice(0, 8)}.safetensors`;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+}
+
+// ------------------------------------------------------------------ jobs page
+async function jobsView(el) {
+  el.innerHTML = `
+    <div class="toolbar"><h1>Jobs</h1>
+      <select id="status-filter" aria-label="status">
+        <option value="">all statuses</option>${STATUSES.map((s) => `<option>${s}</option>`).join("")}
+      </select><span class="muted" id="jobs-count"></span></div>
+    <table id="jobs"><thead><tr><th>name</th><th>status</th><th>progress</th><th class="num">phase</th>
+      <th class="num">sparsity</th><th class="num">best accuracy</th><th class="num">age</th><th class="num">duration</th>
+    </tr></thead><tbody></tbody></table>`;
+  const select = el.querySelector("#status-filter");
+  select.value = jobsFilter;
+  const refresh = async () => {
+    const page = await api(`/jobs?limit=200${jobsFilter ? `&status=${jobsFilter}` : ""}`);
+    el.querySelector("#jobs-count").textContent = `${page.count} job${page.count === 1 ? "" : "s"}`;
+    el.querySelector("#jobs tbody").innerHTML = page.data.map((j) => `
+      <tr data-job="${j.id}" data-status="${j.status}">
+        <td><a href="#/jobs/${j.id}">${esc(j.name)}</a> <span class="muted">${j.id.slice(0, 8)}</span></td>
+        <td>${badge(j.status)}</td>
+        <td class="progress" data-progress="${j.progress}">${bar(j.progress)} ${pct(j.progress, 0)}</td>
+        <td class="num">${j.current_phase ?? "–"} / ${j.spec?.prune?.phases ?? "?"}</td>
+        <td class="num">${pct(j.sparsity)}</td>
+        <td class="num">${pct(j.best_accuracy)}</td>
+        <td class="num">${ago(j.created_at)}</td>
+        <td class="num">${duration(j.started_at, j.finished_at)}</td>
+      </tr>`).join("") || `<tr><td colspan="8" class="muted">No jobs${jobsFilter ? ` that are ${jobsFilter}` : ""}.</td></tr>`;
+  };
+  select.onchange = () => { jobsFilter = select.value; refresh().catch(showError); };
+  await every(1000, refresh);
+}
+
+// ------------------------------------------------------------------ job page
+async function jobView(el, jobId) {
+  el.innerHTML = `
+    <div class="toolbar"><h1 id="job-name">Job ${esc(jobId)}</h1><span id="job-status"></span>
+      <button id="cancel" class="danger" hidden>Cancel job</button></div>
+    <div class="card facts" id="job-facts"></div>
+    <div class="grid">
+      <div class="card"><h2>Accuracy vs sparsity</h2><div class="chart"><canvas id="acc-sparsity"></canvas></div></div>
+      <div class="card"><h2>Phase timeline</h2><div class="chart"><canvas id="timeline"></canvas></div></div>
+    </div>
+    <div class="card"><div class="toolbar"><h2>Training curves</h2>
+      <select id="curve-phase" aria-label="phase"></select></div>
+      <div class="curves">
+        <div class="chart small"><canvas id="curve-loss"></canvas></div>
+        <div class="chart small"><canvas id="curve-accuracy"></canvas></div>
+        <div class="chart small"><canvas id="curve-lr"></canvas></div>
+      </div></div>
+    <div class="card" id="search-card" hidden><h2>Schedule search</h2><div id="search"></div></div>
+    <div class="card"><h2>Lineage</h2>${legend()}
+      <div class="lineage-wrap"><div class="graph"><svg id="lineage" role="img" aria-label="lineage graph"></svg></div>
+      <div id="model-panel" class="card" hidden></div></div></div>
+    <div class="card"><h2>Events</h2><div class="events" id="events"></div></div>`;
+
+  const accChart = chart(el.querySelector("#acc-sparsity"), {
+    type: "scatter",
+    data: { datasets: [
+      { label: "soup", data: [], showLine: true, borderColor: KIND_COLORS.soup, backgroundColor: KIND_COLORS.soup, pointRadius: 5 },
+      { label: "ingredients", data: [], borderColor: KIND_COLORS.ingredient, backgroundColor: KIND_COLORS.ingredient, pointRadius: 3 },
+      { label: "pruned, before retraining", data: [], borderColor: KIND_COLORS.pruned, backgroundColor: KIND_COLORS.pruned, pointStyle: "triangle", pointRadius: 5 },
+      { label: "dense", clip: false, data: [], borderColor: KIND_COLORS.dense, backgroundColor: KIND_COLORS.dense, pointStyle: "rectRot", pointRadius: 6 },
+    ] },
+    options: lineOptions("sparsity (%)", "test accuracy (%)", { min: 0, max: 100 }),
+  });
+  const stages = [["dense training", "total", "#6b5bd2"], ["prune", "prune", "#c28a1d"], ["retrain", "retrain", "#3b9dd8"],
+                  ["soup + BN", "soup", "#2f9e62"], ["evaluate", "eval", "#8a8fa0"]];
+  const timeline = chart(el.querySelector("#timeline"), {
+    type: "bar",
+    data: { labels: [], datasets: [...stages.map(([label, , color]) => ({ label, data: [], backgroundColor: color })),
+                                    { label: "running", data: [], backgroundColor: "#c9d6f2" }] },
+    options: { animation: false, maintainAspectRatio: false, indexAxis: "y",
+               plugins: { legend: { position: "bottom", labels: { boxWidth: 10, font: { size: 11 } } },
+                          tooltip: { callbacks: { label: (c) => `${c.dataset.label}: ${seconds(c.parsed.x)}` } } },
+               scales: { x: { stacked: true, title: { display: true, text: "seconds" } }, y: { stacked: true } } },
+  });
+  const curves = {
+    loss: chart(el.querySelector("#curve-loss"), { type: "line", data: { datasets: [] }, options: lineOptions("epoch", "train loss") }),
+    accuracy: chart(el.querySelector("#curve-accuracy"), { type: "line", data: { datasets: [] }, options: lineOptions("epoch", "val accuracy (%)") }),
+    lr: chart(el.querySelector("#curve-lr"), { type: "line", data: { datasets: [] }, options: lineOptions("epoch", "learning rate") }),
+  };
+  const phaseSelect = el.querySelector("#curve-phase");
+  let runs = [], metrics = [], lastKey = null, lastEvent = 0, ended = false, chosenPhase = null;
+
+  phaseSelect.onchange = () => { chosenPhase = Number(phaseSelect.value); drawCurves(); };
+  el.querySelector("#cancel").onclick = async (e) => {
+    if (!confirm("Cancel this job? Finished models are kept.")) return;
+    e.target.disabled = true;
+    try { await api(`/jobs/${jobId}/cancel`, { method: "POST" }); } catch (err) { showError(err); }
+    lastKey = null;
+  };
+
+  function drawCurves() {
+    const phases = [...new Set(runs.map((r) => r.phase))].sort((a, b) => a - b);
+    if (chosenPhase == null || !phases.includes(chosenPhase)) chosenPhase = phases.at(-1) ?? null;
+    phaseSelect.innerHTML = phases.map((p) => `<option value="${p}" ${p === chosenPhase ? "selected" : ""}>phase ${p}</option>`).join("");
+    const shown = runs.filter((r) => r.phase === chosenPhase);
+    const series = (name, scale = 1) => shown.map((r, i) => ({
+      label: r.name.split("/").pop(), borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length],
+      pointRadius: 2, borderWidth: 1.5,
+      data: metrics.filter((m) => m.run === r.name && m.name === name).map((m) => ({ x: m.epoch, y: m.value * scale })),
+    }));
+    curves.loss.data.datasets = series("train_loss");
+    curves.accuracy.data.datasets = series("val_accuracy", 100);
+    curves.lr.data.datasets = series("lr");
+    Object.values(curves).forEach((c) => c.update("none"));
+  }
+
+  function drawPhases(job, phases, ingredientRuns) {
+    const done = phases.filter((p) => p.status === "succeeded");
+    const dense = done.find((p) => p.index === 0);
+    const later = done.filter((p) => p.index > 0);
+    const [soup, ingredients, pruned, denseSet] = accChart.data.datasets;
+    soup.data = later.filter((p) => p.soup_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.soup_accuracy }));
+    pruned.data = later.filter((p) => p.pruned_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.pruned_accuracy }));
+    ingredients.data = ingredientRuns.filter((r) => r.metrics?.test_accuracy != null).map((r) => ({
+      x: 100 * (phases.find((p) => p.index === r.phase)?.sparsity ?? r.config?.sparsity ?? 0), y: 100 * r.metrics.test_accuracy,
+    })).filter((pt) => done.some((p) => Math.abs(100 * p.sparsity - pt.x) < 1e-9));
+    denseSet.data = dense && dense.soup_accuracy != null ? [{ x: 100 * (dense.sparsity ?? 0), y: 100 * dense.soup_accuracy }] : [];
+    accChart.update("none");
+
+    timeline.data.labels = phases.map((p) => (p.index === 0 ? "phase 0 (dense)" : `phase ${p.index}`));
+    stages.forEach(([, key], i) => {
+      timeline.data.datasets[i].data = phases.map((p) => (p.status === "succeeded" && (key === "total") === (p.index === 0) ? p.seconds?.[key] ?? 0 : 0));
+    });
+    timeline.data.datasets.at(-1).data = phases.map((p) => (p.status === "running" && !TERMINAL.has(job.status) ? since(p.started_at) : 0));
+    timeline.update("none");
+  }
+
+  async function lineage(job, phases) {
+    const last = [...phases].reverse().find((p) => p.model_id);
+    const modelId = job.final_model_id || last?.model_id;
+    if (!modelId) return;
+    const graph = await api(`/models/${modelId}/lineage`);
+    drawLineage(el.querySelector("#lineage"), graph, (m) => modelPanel(el.querySelector("#model-panel"), m));
+  }
+
+  function drawSearch(trials) {
+    const card = el.querySelector("#search-card");
+    card.hidden = trials.length === 0;
+    if (!trials.length) return;
+    const keys = [...new Set(trials.flatMap((t) => Object.keys(t.config?.search ?? {})))];
+    el.querySelector("#search").innerHTML = `<table id="search-trials"><thead><tr><th>phase</th><th>trial</th>
+      ${keys.map((k) => `<th>${esc(k)}</th>`).join("")}<th class="num">epochs run</th><th class="num">val accuracy</th><th>status</th></tr></thead><tbody>
+      ${trials.map((t) => `<tr class="${t.metrics?.chosen ? "chosen" : ""}"><td>${t.phase}</td><td>${esc(t.name.split("/").pop())}${t.metrics?.chosen ? " ★" : ""}</td>
+        ${keys.map((k) => { const v = t.config?.search?.[k]; return `<td>${typeof v === "number" ? +v.toPrecision(3) : esc(v)}</td>`; }).join("")}
+        <td class="num">${t.metrics?.epochs_run ?? "–"}</td><td class="num">${pct(t.metrics?.val_accuracy)}</td>
+        <td>${esc(t.metrics?.stopped_early ? "stopped early" : t.status)}</td></tr>`).join("")}</tbody></table>`;
+  }
+
+  async function refresh() {
+    const job = await api(`/jobs/${jobId}`);
+    el.querySelector("#job-name").textContent = job.name;
+    el.querySelector("#job-status").innerHTML = badge(job.status);
+    el.querySelector("#cancel").hidden = TERMINAL.has(job.status);
+    const spec = job.spec || {};
+    el.querySelector("#job-facts").innerHTML = [
+      ["progress", `${bar(job.progress, "big")} <span id="job-progress">${pct(job.progress, 0)}</span>`],
+      ["phase", `${job.current_phase ?? "–"} / ${spec.prune?.phases ?? "?"}`],
+      ["sparsity", `${pct(job.sparsity)} of ${pct(spec.prune?.target_sparsity)}`],
+      ["best accuracy", pct(job.best_accuracy)],
+      ["model", `${esc(spec.model?.arch)} on ${esc(spec.data?.name)}`],
+      ["soup", `${spec.soup?.ingredients} × ${esc(spec.soup?.vary)}, ${esc(spec.soup?.method)}`],
+      ["retraining", `${spec.retrain?.epochs} epochs, ${esc(spec.retrain?.schedule)}`],
+      ["created", ago(job.created_at)], ["duration", duration(job.started_at, job.finished_at)],
+      ...(job.error ? [["error", `<span class="error">${esc(job.error)}</span>`]] : []),
+    ].map(([k, v]) => `<div><span>${k}</span>${v}</div>`).join("");
+
+    const events = await api(`/jobs/${jobId}/events?after=${lastEvent}`);
+    if (events.data.length) {
+      const box = el.querySelector("#events");
+      box.insertAdjacentHTML("beforeend", events.data.map((e) => `<div class="${esc(e.level)}">
+        ${new Date(e.time).toLocaleTimeString()} ${e.phase != null ? `[phase ${e.phase}] ` : ""}${esc(e.message)}</div>`).join(""));
+      box.scrollTop = box.scrollHeight;
+      lastEvent = events.data.at(-1).id;
+    }
+
+    const key = `${job.status}|${job.progress}|${job.current_phase}`;
+    if (key !== lastKey || job.status === "running") {     // running: the timeline's current bar grows
+      const [phases, runPage] = await Promise.all([api(`/jobs/${jobId}/phases`), api(`/jobs/${jobId}/runs`)]);
+      runs = runPage.data.filter((r) => r.kind !== "search_trial");
+      drawPhases(job, phases.data, runs.filter((r) => r.kind === "ingredient"));
+      drawSearch(runPage.data.filter((r) => r.kind === "search_trial"));
+      if (key !== lastKey) {
+        metrics = (await api(`/jobs/${jobId}/metrics`)).data;
+        drawCurves();
+        await lineage(job, phases.data);
+      }
+      lastKey = key;
+    }
+    if (TERMINAL.has(job.status)) {
+      if (ended) return false;          // one more round after the end, for the last events
+      ended = true;
+    }
+  }
+  await every(1500, refresh);
+}
+
+function legend() {
+  return `<div class="legend">${Object.entries(KIND_COLORS).map(([k, c]) => `<span><i style="background:${c}"></i>${k}</span>`).join("")}
+    <span>— pruned_from / retrained_from</span><span>- - averaged_from</span></div>`;
+}
+
+function drawLineage(svg, graph, onSelect) {
+  const g = new dagre.graphlib.Graph();
+  g.setGraph({ rankdir: "LR", nodesep: 10, ranksep: 46, marginx: 8, marginy: 8 });
+  g.setDefaultEdgeLabel(() => ({}));
+  const byId = Object.fromEntries(graph.nodes.map((n) => [n.id, n]));
+  const label = (n) => (n.kind === "dense" ? "dense" : `p${n.phase} ${n.kind === "ingredient" ? n.name.split("/").pop() : n.kind}`);
+  graph.nodes.forEach((n) => g.setNode(n.id, { width: 24 + 6.5 * `${label(n)} · ${pct(n.accuracy)}`.length, height: 30 }));
+  graph.edges.forEach((e) => g.setEdge(e.parent, e.child, { kind: e.kind }));
+  dagre.layout(g);
+  const { width, height } = g.graph();
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("width", width);          // natural size; CSS scales a wide graph down to fit
+  svg.setAttribute("height", height);
+  const edges = g.edges().map((e) => {
+    const pts = g.edge(e).points;
+    const d = `M${pts[0].x},${pts[0].y} ` + pts.slice(1).map((p) => `L${p.x},${p.y}`).join(" ");
+    return `<path class="edge ${g.edge(e).kind}" data-parent="${e.v}" data-child="${e.w}" d="${d}" marker-end="url(#arrow)"/>`;
+  });
+  const nodes = g.nodes().map((id) => {
+    const { x, y, width: w, height: h } = g.node(id);
+    const n = byId[id];
+    return `<g class="node ${n.kind}" data-id="${id}" tabindex="0">
+      <title>${esc(n.name)}: sparsity ${pct(n.sparsity)}, accuracy ${pct(n.accuracy)}</title>
+      <rect x="${x - w / 2}" y="${y - h / 2}" width="${w}" height="${h}"></rect>
+      <text x="${x}" y="${y + 4}" text-anchor="middle">${esc(label(n))} · ${pct(n.accuracy, 1)}</text></g>`;
+  });
+  svg.innerHTML = `<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" orient="auto-start-reverse">
+    <path d="M0,0 L10,5 L0,10 z" fill="#9aa2b5"/></marker></defs>${edges.join("")}${nodes.join("")}`;
+  svg.querySelectorAll(".node").forEach((node) => {
+    const select = () => {
+      svg.querySelectorAll(".node.selected").forEach((x) => x.classList.remove("selected"));
+      node.classList.add("selected");
+      onSelect(byId[node.dataset.id]);
+    };
+    node.addEventListener("click", select);
+    node.addEventListener("keydown", (e) => { if (e.key === "Enter") select(); });
+  });
+}
+
+function modelPanel(panel, m) {
+  panel.hidden = false;
+  panel.innerHTML = `<h2>${esc(m.name)}</h2><dl>
+    <dt>kind</dt><dd>${esc(m.kind)}</dd><dt>phase</dt><dd>${m.phase}</dd>
+    <dt>sparsity</dt><dd>${pct(m.sparsity, 2)}</dd><dt>nonzeros</dt><dd>${m.nonzeros.toLocaleString()}</dd>
+    <dt>test accuracy</dt><dd>${pct(m.accuracy, 2)}</dd><dt>size</dt><dd>${bytes(m.size_bytes)}</dd>
+    <dt>sha256</dt><dd><code>${esc(m.sha256.slice(0, 16))}…</code></dd></dl>
+    <button id="download">Download checkpoint</button> <a href="#/models/${m.id}">model page</a>`;
+  panel.querySelector("#download").onclick = () => download(m).catch(showError);
+}
+
+// ------------------------------------------------------------------ model page
+async function modelView(el, modelId) {
+  el.innerHTML = `<div class="toolbar"><h1 id="model-name">Model</h1></div>
+    <div class="lineage-wrap"><div class="card" style="flex:1"><h2>Lineage</h2>${legend()}<div class="graph"><svg id="lineage" role="img" aria-label="lineage graph"></svg></div></div>
+    <div id="model-panel" class="card" hidden></div></div>`;
+  const [model, graph] = await Promise.all([api(`/models/${modelId}`), api(`/models/${modelId}/lineage`)]);
+  el.querySelector("#model-name").innerHTML = `${esc(model.name)} <span class="muted">of job <a href="#/jobs/${model.job_id}">${model.job_id.slice(0, 8)}</a></span>`;
+  const panel = el.querySelector("#model-panel");
+  drawLineage(el.querySelector("#lineage"), graph, (m) => modelPanel(panel, m));
+  el.querySelector(`#lineage .node[data-id="${modelId}"]`)?.classList.add("selected");
+  modelPanel(panel, model);
+}
+
+// ------------------------------------------------------------------ cluster page
+async function clusterView(el) {
+  el.innerHTML = `<h1>Cluster</h1>
+    <div class="grid"><div class="card"><h2>Resources in use</h2><table id="resources"></table></div>
+    <div class="card"><h2>Nodes</h2><table id="nodes"></table></div></div>
+    <div class="card"><h2>Running and queued jobs</h2><table id="active"></table></div>`;
+  await every(2000, async () => {
+    const [cluster, running, queued] = await Promise.all([
+      api("/cluster"), api("/jobs?status=running&limit=100"), api("/jobs?status=queued&limit=100")]);
+    const keys = Object.keys(cluster.resources_total).filter((k) => !k.includes("memory") || k === "memory").sort();
+    el.querySelector("#resources").innerHTML = `<tr><th>resource</th><th>in use</th><th class="num">used / total</th></tr>` +
+      keys.map((k) => {
+        const total = cluster.resources_total[k], used = total - (cluster.resources_available[k] ?? total);
+        const fmt = (v) => (k.includes("memory") ? bytes(v) : +v.toFixed(2));
+        return `<tr data-resource="${esc(k)}"><td>${esc(k)}</td><td>${bar(total ? used / total : 0)}</td><td class="num">${fmt(used)} / ${fmt(total)}</td></tr>`;
+      }).join("");
+    el.querySelector("#nodes").innerHTML = `<tr><th>node</th><th>address</th><th>state</th><th class="num">CPU</th><th class="num">GPU</th></tr>` +
+      cluster.nodes.map((n) => `<tr><td>${esc(n.node_id.slice(0, 12))}${n.head ? " (head)" : ""}</td><td>${esc(n.ip)}</td>
+        <td>${esc(n.state)}</td><td class="num">${n.resources?.CPU ?? 0}</td><td class="num">${n.resources?.GPU ?? 0}</td></tr>`).join("");
+    const jobs = [...running.data, ...queued.data];
+    el.querySelector("#active").innerHTML = `<tr><th>job</th><th>status</th><th>progress</th><th class="num">phase</th><th class="num">age</th></tr>` +
+      (jobs.map((j) => `<tr data-job="${j.id}"><td><a href="#/jobs/${j.id}">${esc(j.name)}</a></td><td>${badge(j.status)}</td>
+        <td>${bar(j.progress)} ${pct(j.progress, 0)}</td><td class="num">${j.current_phase ?? "–"}</td><td class="num">${ago(j.created_at)}</td></tr>`).join("")
+       || `<tr><td colspan="5" class="muted">Nothing running or queued.</td></tr>`);
+  });
+}
+
+// ------------------------------------------------------------------ router
+const ROUTES = [
+  [/^#?\/?$/, jobsView, "jobs"],
+  [/^#\/jobs\/([\w-]+)$/, jobView, "jobs"],
+  [/^#\/models\/([\w-]+)$/, modelView, "jobs"],
+  [/^#\/cluster$/, clusterView, "cluster"],
+];
+
+async function route() {
+  leave.forEach((undo) => undo());
+  leave = [];
+  const view = document.getElementById("view");
+  const hash = location.hash || "#/";
+  for (const [pattern, render, nav] of ROUTES) {
+    const m = hash.match(pattern);
+    if (!m) continue;
+    document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", a.dataset.nav === nav));
+    try { await render(view, ...m.slice(1)); } catch (e) { showError(e); }
+    return;
+  }
+  view.innerHTML = `<p>Nothing at ${esc(hash)}. <a href="#/">All jobs</a></p>`;
+}
+
+window.addEventListener("hashchange", route);
+whoami().then(route).catch(showError);

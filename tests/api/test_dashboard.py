@@ -1,0 +1,197 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a live server with
+real Ray: a finished digits job and a running one. Screenshots of every page go to SCREENSHOTS (printed
+at the end of the run)."""
+
+import re
+import time
+
+import httpx
+import pytest
+
+from api.client import Client
+from tests.api.conftest import make_server
+from tests.conftest import SCREENSHOTS
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+FINISHED = {"name": "dash-done", "dense": {"epochs": 3}, "prune": {"target_sparsity": 0.75, "phases": 2},
+            "retrain": {"epochs": 2}, "soup": {"ingredients": 3}}
+# long enough to watch it move (700 epochs of an MLP on digits); cancelled from the page at the end
+RUNNING = {"name": "dash-running", "dense": {"epochs": 100}, "prune": {"target_sparsity": 0.9, "phases": 3},
+           "retrain": {"epochs": 100}, "soup": {"ingredients": 2}}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+class Page:
+    """A fresh page that records console errors and uncaught exceptions, and takes named screenshots."""
+
+    def __init__(self, browser, base: str):
+        self.errors: list[str] = []
+        self.context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", lambda d: d.accept())
+        self.base = base
+
+    def go(self, route: str = ""):
+        self.page.goto(f"{self.base}/{route}")
+        return self.page
+
+    def shot(self, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def server(ray_head, tmp_path_factory):
+    with make_server(tmp_path_factory.mktemp("dash"), ray_head) as server:
+        with Client(server.url) as c:
+            done = c.wait(c.submit(FINISHED)["id"], progress=False, poll=0.5, timeout=300)
+            assert done["status"] == "succeeded", done["error"]
+            running = c.submit(RUNNING)
+            deadline = time.monotonic() + 120
+            while c.job(running["id"])["progress"] <= 0:        # started and training
+                assert time.monotonic() < deadline, "the long job did not start"
+                time.sleep(0.5)
+        server.jobs = {"finished": done, "running": running}
+        yield server
+        with Client(server.url) as c:                            # whatever the tests did, stop the long job
+            if c.job(running["id"])["status"] not in ("succeeded", "failed", "cancelled"):
+                c.cancel(running["id"])
+
+
+def chart_points(page, canvas: str) -> dict[str, int]:
+    return page.evaluate("""id => Object.fromEntries(Chart.getChart(document.getElementById(id)).data.datasets
+                            .map(d => [d.label, d.data.length]))""", canvas)
+
+
+def test_jobs_page_shows_both_jobs_and_progress_moves_without_reload(browser, server):
+    p = Page(browser, server.url)
+    page = p.go()
+    done, running = server.jobs["finished"], server.jobs["running"]
+    row = page.locator(f'tr[data-job="{running["id"]}"]')
+    row.wait_for()
+    assert page.locator(f'tr[data-job="{done["id"]}"] .badge').inner_text() == "succeeded"
+    assert done["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    assert page.locator(f'tr[data-job="{done["id"]}"] td').nth(4).inner_text() == f"{100 * done['sparsity']:.1f}%"
+    page.evaluate("window.__same_page = true")
+    first = float(row.locator("td.progress").get_attribute("data-progress"))
+    deadline = time.monotonic() + 60
+    while float(row.locator("td.progress").get_attribute("data-progress")) <= first:
+        assert time.monotonic() < deadline, "the running job's progress did not move on the page"
+        page.wait_for_timeout(500)
+    assert page.evaluate("window.__same_page") is True            # no reload happened
+    assert row.locator(".badge").inner_text() == "running"
+    p.shot("jobs")
+    page.select_option("#status-filter", "succeeded")
+    page.locator(f'tr[data-job="{running["id"]}"]').wait_for(state="detached")
+    assert page.locator(f'tr[data-job="{done["id"]}"]').count() == 1
+    assert p.errors == []
+
+
+def test_job_page_plots_and_lineage(browser, server):
+    done = server.jobs["finished"]
+    p = Page(browser, server.url)
+    page = p.go(f"#/jobs/{done['id']}")
+    with Client(server.url) as c:
+        lineage = c.lineage(done["final_model_id"])
+        runs = c.runs(done["id"])
+    page.locator("svg#lineage .node").first.wait_for()
+    T, m = FINISHED["prune"]["phases"], FINISHED["soup"]["ingredients"]
+    assert chart_points(page, "acc-sparsity") == {"soup": T, "ingredients": T * m, "pruned, before retraining": T,
+                                                  "dense": 1}
+    assert chart_points(page, "timeline") == {"dense training": T + 1, "prune": T + 1, "retrain": T + 1,
+                                              "soup + BN": T + 1, "evaluate": T + 1, "running": T + 1}
+    # the last phase's ingredients, one curve each, one point per retraining epoch
+    assert chart_points(page, "curve-loss") == {f"ingredient{i}": FINISHED["retrain"]["epochs"] for i in range(m)}
+    assert page.locator("svg#lineage .node").count() == len(lineage["nodes"]) == 1 + T * (2 + m)
+    assert page.locator("svg#lineage path.edge").count() == len(lineage["edges"])
+    for e in lineage["edges"]:
+        assert page.locator(f'svg#lineage path.edge.{e["kind"]}[data-parent="{e["parent"]}"]'
+                            f'[data-child="{e["child"]}"]').count() == 1
+    page.locator(f'svg#lineage .node[data-id="{done["final_model_id"]}"]').click()
+    panel = page.locator("#model-panel")
+    assert f"phase{T}/soup" in panel.locator("h2").inner_text()
+    soup = next(n for n in lineage["nodes"] if n["id"] == done["final_model_id"])
+    assert f"{100 * soup['sparsity']:.2f}%" in panel.inner_text()
+    with page.expect_download() as dl:
+        panel.locator("#download").click()
+    size = dl.value.path().stat().st_size
+    assert size == soup["size_bytes"]
+    assert "job succeeded" in page.locator("#events").inner_text()
+    assert page.locator("#cancel").is_hidden()
+    page.select_option("#curve-phase", "0")
+    assert chart_points(page, "curve-loss") == {"dense": FINISHED["dense"]["epochs"]}
+    assert len([r for r in runs if r["kind"] == "ingredient"]) == T * m
+    p.shot("job-finished")
+    page = p.go(f"#/models/{done['final_model_id']}")
+    page.locator("svg#lineage .node.selected").wait_for()
+    assert page.locator("svg#lineage .node").count() == len(lineage["nodes"])
+    p.shot("model")
+    assert p.errors == []
+
+
+def test_cluster_page(browser, server):
+    p = Page(browser, server.url)
+    page = p.go("#/cluster")
+    page.locator("#nodes tr td").first.wait_for()
+    assert "127.0.0.1" in page.locator("#nodes").inner_text()
+    assert page.locator('#resources tr[data-resource="CPU"]').inner_text().endswith("/ 2")
+    running = server.jobs["running"]
+    page.locator(f'#active tr[data-job="{running["id"]}"]').wait_for()
+    p.shot("cluster")
+    assert p.errors == []
+
+
+def test_cancel_from_the_job_page(browser, server):
+    running = server.jobs["running"]
+    p = Page(browser, server.url)
+    page = p.go(f"#/jobs/{running['id']}")
+    page.locator("#cancel").wait_for(state="visible")
+    page.locator("svg#lineage .node").first.wait_for()        # the dense model at least
+    p.shot("job-running")
+    page.locator("#cancel").click()                            # the confirm() dialog is accepted
+    page.locator("#job-status .badge", has_text="cancelled").wait_for(timeout=60_000)
+    assert page.locator("#cancel").is_hidden()
+    assert httpx.get(f"{server.url}/api/v1/jobs/{running['id']}").json()["status"] == "cancelled"
+    p.shot("job-cancelled")
+    assert p.errors == []
+
+
+def test_with_auth_the_page_asks_for_a_token_and_shows_only_its_jobs(browser, ray_head, tmp_path):
+    with make_server(tmp_path, ray_head, dispatch=False) as server:
+        store = server.runtime.store
+        _, alice = store.create_token("alice")
+        _, bob = store.create_token("bob")
+        mine = Client(server.url, alice).submit(dict(FINISHED, name="alices-job"))
+        theirs = Client(server.url, bob).submit(dict(FINISHED, name="bobs-job"))
+        p = Page(browser, server.url)
+        page = p.go()
+        dialog = page.locator("#token-dialog")
+        dialog.wait_for(state="visible")
+        page.fill("#token-input", "ladle_wrong")
+        page.press("#token-input", "Enter")
+        page.locator("#token-error", has_text="refused").wait_for()
+        p.shot("sign-in")
+        page.fill("#token-input", alice)
+        page.press("#token-input", "Enter")
+        page.locator(f'tr[data-job="{mine["id"]}"]').wait_for()
+        assert page.locator("#jobs tbody tr").count() == 1
+        assert page.locator(f'tr[data-job="{theirs["id"]}"]').count() == 0
+        assert "alice" in page.locator("#whoami").inner_text()
+        page = p.go(f"#/jobs/{theirs['id']}")                    # not hers: the API says 404
+        page.locator("#view-error").wait_for()
+        assert re.search("not found", page.locator("#view-error").inner_text())
+        # the API's 404 is the one console error a browser logs for it
+        assert all("404" in e for e in p.errors) and p.errors
