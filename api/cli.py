@@ -283,6 +283,21 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSO
             raise typer.Exit(1)
 
 
+def search_table(rows: list[dict]) -> Table:
+    """The schedule-search trials, the chosen one starred."""
+    fixed = ("phase", "trial", "epochs_run", "val_accuracy", "val_loss", "stopped_early", "chosen", "status")
+    searched = [k for k in rows[0] if k not in fixed]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="schedule search")
+    for col in ("phase", "trial", *searched, "epochs", "val acc", "ended"):
+        table.add_column(col, justify="left" if col in ("trial", "schedule", "ended") else "right")
+    for r in rows:
+        values = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r[k] for k in searched)]
+        ended = "failed" if r["status"] == "failed" else "stopped early" if r["stopped_early"] else "completed"
+        table.add_row(str(r["phase"]), r["trial"] + (" *" if r["chosen"] else ""), *values, str(r["epochs_run"]),
+                      "" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}%", ended)
+    return table
+
+
 def _phase_rows(phases: list[dict]) -> list[dict]:
     return [dict(p, phase=p["index"]) for p in phases]
 
@@ -306,13 +321,15 @@ def status(job_id: Annotated[str | None, typer.Argument(help="a job id; none: li
                               "" if j["current_phase"] is None else str(j["current_phase"]), j["created_at"][:19])
             out_console.print(table)
             return
-        job, phases = c.job(job_id), c.phases(job_id)
+        job, phases, search = c.job(job_id), c.phases(job_id), c.search(job_id)
         if json_output:
-            out_console.print_json(json.dumps({"job": job, "phases": phases}))
+            out_console.print_json(json.dumps({"job": job, "phases": phases, "search": search}))
             return
         out_console.print(f"{job['id']} {job['name']}: {job['status']} {100 * job['progress']:.0f}%"
                           + (f", error: {job['error']}" if job["error"] else ""), highlight=False)
         out_console.print(phase_table(_phase_rows(phases)))
+        if search:
+            out_console.print(search_table(search))
 
 
 @app.command()

@@ -97,6 +97,18 @@ class Client:
     def runs(self, job_id: str, kind: str | None = None) -> list[dict]:
         return self._get(f"/jobs/{job_id}/runs", kind=kind)["data"]
 
+    def search(self, job_id: str) -> list[dict]:
+        """The schedule-search trials of every searched phase: one row each with its phase, trial,
+        searched values, epochs run, last metrics, whether ASHA stopped it early and whether it won."""
+        rows = []
+        for r in self.runs(job_id, kind="search_trial"):
+            m = r["metrics"]
+            rows.append({"phase": r["phase"], "trial": r["name"].rsplit("/", 1)[-1], **r["config"].get("search", {}),
+                         "epochs_run": m.get("epochs_run"), "val_accuracy": m.get("val_accuracy"),
+                         "val_loss": m.get("val_loss"), "stopped_early": m.get("stopped_early"),
+                         "chosen": m.get("chosen"), "status": r["status"]})
+        return rows
+
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         return self._get(f"/jobs/{job_id}/events", after=after)["data"]
 

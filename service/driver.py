@@ -44,7 +44,9 @@ def resume_point(store: Store, job_id: str) -> ResumePoint | None:
     return ResumePoint(phases=[phase_summary(p) for p in done],
                        parent=model_record(store.get_model(done[-1].model_id)),
                        pruned=model_record(pruned) if pruned else None,
-                       ingredients={run.name: model_record(m) for run, m in store.finished_ingredients(job_id, nxt)})
+                       ingredients={run.name: model_record(m) for run, m in store.finished_ingredients(job_id, nxt)},
+                       searched=next((r.config["config"] for r in store.runs(job_id, kind="search_trial")
+                                      if r.phase == nxt and r.status == "succeeded" and r.metrics.get("chosen")), None))
 
 
 def run_job(job_id: str) -> int:
@@ -64,7 +66,8 @@ def run_job(job_id: str) -> int:
     spec = JobSpec.model_validate(job.spec)
     ray.init(log_to_driver=False)          # inside a Ray job: the cluster that runs it
     executor = RayExecutor(cpus=spec.resources.cpus_per_ingredient, gpus=spec.resources.gpus_per_ingredient)
-    executor.warm_up(min(executor.slots, spec.soup.ingredients), wait=False)   # workers start while phase 0 runs
+    if not (spec.search and spec.search.applies(1)):      # a search frees the pool first: no use warming it
+        executor.warm_up(min(executor.slots, spec.soup.ingredients), wait=False)   # workers start while phase 0 runs
     resume = resume_point(store, job_id)
     pipeline = Pipeline(spec, executor, store.recorder(job_id), ArtifactStore(settings.artifacts),
                         prefix=f"jobs/{job_id}", resume=resume, epoch_checkpoints=True)

@@ -8,6 +8,8 @@ the parent of the next phase. Everything that happens is reported to a `Recorder
 
 from __future__ import annotations
 
+import math
+import random
 import statistics
 import time
 import uuid
@@ -48,6 +50,12 @@ class Executor(Protocol):
         """Run every task; report each epoch's metrics and each task's end (its outcome or the
         exception that ended it) as they happen; return the outcomes in task order."""
 
+    def search(self, tasks: list[TrainTask], on_epoch: EpochCallback, *, metric: str, mode: str,
+               scheduler: str, grace_period: int, reduction_factor: int) -> dict[str, str | BaseException]:
+        """Run the trials of a schedule search, stopping weak ones early (ASHA on `metric` per epoch)
+        where the executor can; report each epoch's metrics as it happens. Returns per trial name how
+        it ended: "completed", "stopped" (early) or the exception."""
+
 
 class SequentialExecutor:
     """Runs tasks one after another in this process: for debugging and as the benchmarks' baseline."""
@@ -66,6 +74,11 @@ class SequentialExecutor:
             if on_result is not None:
                 on_result(task, out)
         return results
+
+    def search(self, tasks: list[TrainTask], on_epoch: EpochCallback, **_: Any) -> dict[str, str | BaseException]:
+        """Every trial to its end, one after another (early stopping needs Ray Tune: RayExecutor)."""
+        outs = self.run(tasks, on_epoch)
+        return {t.name: (o if isinstance(o, BaseException) else "completed") for t, o in zip(tasks, outs)}
 
 
 # ---------------------------------------------------------------- records
@@ -137,20 +150,28 @@ class ResumePoint:
     parent: ModelRecord                        # the result of phase k (dense or soup)
     pruned: ModelRecord | None = None          # phase k+1's pruned model, if it was saved
     ingredients: dict[str, ModelRecord] = field(default_factory=dict)   # finished ones of phase k+1, by run name
+    searched: dict[str, Any] | None = None     # the config phase k+1's finished search chose
 
 
 # ---------------------------------------------------------------- helpers
 
-def ingredient_settings(spec: JobSpec, phase: int, eta_max: float) -> list[dict[str, Any]]:
-    """Per ingredient of `phase`: seed, weight_decay, epochs and initial LR of the schedule.
+def retrain_config(spec: JobSpec, eta_max: float) -> dict[str, Any]:
+    """The spec's own retraining config: what a search starts from and may replace."""
+    return {"schedule": spec.retrain.schedule, "lr": spec.retrain.lr or eta_max, "epochs": spec.retrain.epochs,
+            "weight_decay": spec.retrain.optimizer.weight_decay}
+
+
+def ingredient_settings(spec: JobSpec, phase: int, eta_max: float,
+                        base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per ingredient of `phase`: seed, schedule, weight_decay, epochs and initial LR.
+    `base`: the retraining config to start from (a search's choice); default: the spec's.
 
     Only the `vary` hyperparameter differs. Derived values when `values` is null: seed -> distinct
     seeds; weight_decay -> log-spaced from wd/2 to 2 wd; retrain_epochs -> spread from E/2 to 3E/2;
     lr -> log-spaced from eta_max/2 to 2 eta_max (eta_max = retrain.lr or the dense peak LR).
     """
     m, soup = spec.soup.ingredients, spec.soup
-    base = {"seed": spec.seed * 1000 + phase * 100, "weight_decay": spec.retrain.optimizer.weight_decay,
-            "epochs": spec.retrain.epochs, "lr": spec.retrain.lr or eta_max}
+    base = dict(base or retrain_config(spec, eta_max), seed=phase_seed(spec, phase))
     spread = [(i / (m - 1) if m > 1 else 0.5) for i in range(m)]     # 0..1
     out = []
     for i in range(m):
@@ -166,6 +187,15 @@ def ingredient_settings(spec: JobSpec, phase: int, eta_max: float) -> list[dict[
             d["lr"] = v if v is not None else base["lr"] * 2 ** (2 * spread[i] - 1)
         out.append(d)
     return out
+
+
+def phase_seed(spec: JobSpec, phase: int) -> int:
+    return spec.seed * 1000 + phase * 100
+
+
+def describe(config: dict[str, Any]) -> str:
+    return (f"{config['schedule']} lr={config['lr']:.3g} epochs={config['epochs']} "
+            f"weight_decay={config['weight_decay']:.2g}")
 
 
 @dataclass
@@ -271,6 +301,56 @@ class Pipeline:
         self.recorder.phase_finished(summary)
         return model, masks, rec, summary
 
+    # -- the schedule search of a phase
+    def _search(self, ctx: _Context, t: int, task: Callable[..., TrainTask]) -> dict[str, Any]:
+        """Trial 0 is the spec's own retraining config, the others sample `search.space` (seeded by the
+        job's seed and the phase). All trials start from the same pruned model with the same seed, so
+        they differ only in their config. Returns the config of the best trial by `search.metric` (its
+        last reported value; a trial that ASHA stopped early reports fewer epochs)."""
+        sp, rec = self.spec.search, self.recorder
+        assert sp is not None
+        default = retrain_config(self.spec, max(ctx.dense_lrs))
+        rng = random.Random(phase_seed(self.spec, t))
+        configs = [default] + [dict(default, **sp.space.sample(rng)) for _ in range(sp.trials - 1)]
+        searched = [k for k in ("schedule", "lr", "epochs", "weight_decay") if getattr(sp.space, k) is not None]
+        tasks = [task(f"phase{t}/search/trial{i}", dict(c, seed=phase_seed(self.spec, t)),
+                      {"index": i, "search": {k: c[k] for k in searched}, "config": c, "default": i == 0})
+                 for i, c in enumerate(configs)]
+        for tk in tasks:
+            rec.run_started(RunRecord(tk.name, "search_trial", t, tk.info))
+        rec.event(f"phase {t}: searching the retraining schedule over {', '.join(searched)}: {len(tasks)} trials, "
+                  f"{sp.scheduler}, {sp.metric}", phase=t)
+        last: dict[str, dict[str, float]] = {}
+
+        def on_epoch(name: str, row: dict[str, float]) -> None:
+            last[name] = row
+            rec.metric(name, row)
+
+        ends = self.executor.search(tasks, on_epoch, metric=sp.metric, mode=sp.mode, scheduler=sp.scheduler,
+                                    grace_period=sp.grace_period, reduction_factor=sp.reduction_factor)
+        score = {tk.name: last.get(tk.name, {}).get(sp.metric) for tk in tasks}
+        ok = [i for i, tk in enumerate(tasks) if not isinstance(ends.get(tk.name), BaseException)
+              and score[tk.name] is not None and math.isfinite(score[tk.name])]
+        best = (max if sp.mode == "max" else min)(ok, key=lambda i: score[tasks[i].name]) if ok else None
+        for i, tk in enumerate(tasks):
+            end = ends.get(tk.name, RuntimeError("the search reported no end for this trial"))
+            row = {k: v for k, v in last.get(tk.name, {}).items() if k not in ("step", "lr")}
+            metrics = dict(row, epochs_run=int(row.pop("epoch", 0)), stopped_early=end == "stopped", chosen=i == best)
+            if isinstance(end, BaseException):
+                rec.run_finished(tk.name, "failed", metrics=metrics, error=repr(end))
+            else:
+                rec.run_finished(tk.name, "succeeded", metrics=metrics)
+        if best is None:
+            rec.event(f"phase {t}: every search trial failed; the ingredients use the spec's config", level="error",
+                      phase=t)
+            return default
+        stopped = sum(1 for e in ends.values() if e == "stopped")
+        base_score = score[tasks[0].name]
+        rec.event(f"phase {t}: {describe(configs[best])} chosen, {sp.metric} {score[tasks[best].name]:.4f} vs "
+                  + (f"{base_score:.4f} default" if base_score is not None else "no score for the default")
+                  + f" ({stopped} of {len(tasks)} trials stopped early)", phase=t)
+        return configs[best]
+
     # -- phases 1..T
     def _phase(self, ctx: _Context, t: int, parent: nn.Module, parent_masks: Masks, parent_rec: ModelRecord,
                rate: float) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:
@@ -300,27 +380,34 @@ class Pipeline:
                       f"accuracy after pruning {pruned_scores.get('test_accuracy', float('nan')):.4f}", phase=t)
         timing["prune"] = time.perf_counter() - t0
 
-        # retrain the ingredients
-        t1 = time.perf_counter()
         pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
         cpu_masks = {k: v.cpu() for k, v in masks.items()}
-        tasks = []
-        for i, s in enumerate(ingredient_settings(spec, t, max(ctx.dense_lrs))):
+
+        def task(name: str, s: dict[str, Any], info: dict[str, Any], checkpoints: bool = False) -> TrainTask:
             steps = s["epochs"] * ctx.steps_per_epoch
-            lrs = retrain_schedule(spec.retrain.schedule, steps, ctx.dense_lrs, lr=s["lr"], norm_drop=norm_drop,
-                                   rate=rate, phase_epochs=s["epochs"], dense_epochs=ctx.dense_epochs)
+            lrs = retrain_schedule(s["schedule"], steps, ctx.dense_lrs, lr=s["lr"], norm_drop=norm_drop, rate=rate,
+                                   phase_epochs=s["epochs"], dense_epochs=ctx.dense_epochs)
             opt = spec.retrain.optimizer.model_copy(update={"weight_decay": s["weight_decay"]}).config()
-            name = f"phase{t}/ingredient{i}"
-            info = {"index": i, "seed": s["seed"], "weight_decay": s["weight_decay"], "epochs": s["epochs"],
-                    "lr": s["lr"], "peak_lr": max(lrs), "schedule": spec.retrain.schedule,
-                    "vary": spec.soup.vary}
-            tasks.append(TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
-                                   data=spec.data.config(), data_seed=spec.seed, lrs=lrs, epochs=s["epochs"],
-                                   seed=s["seed"], init_state=pruned_state, masks=cpu_masks, optimizer=opt,
-                                   params=spec.retrain.params, augment=spec.data.augment,
-                                   threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info,
-                                   resume_url=self.artifacts.uri(f"{self.prefix}{name}.epoch.safetensors")
-                                   if self.epoch_checkpoints else None))
+            info = dict(info, seed=s["seed"], weight_decay=s["weight_decay"], epochs=s["epochs"], lr=s["lr"],
+                        peak_lr=max(lrs), schedule=s["schedule"])
+            return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
+                             data=spec.data.config(), data_seed=spec.seed, lrs=lrs, epochs=s["epochs"], seed=s["seed"],
+                             init_state=pruned_state, masks=cpu_masks, optimizer=opt, params=spec.retrain.params,
+                             augment=spec.data.augment, threads=max(1, int(spec.resources.cpus_per_ingredient)),
+                             info=info, resume_url=self.artifacts.uri(f"{self.prefix}{name}.epoch.safetensors")
+                             if checkpoints and self.epoch_checkpoints else None)
+
+        # search the retraining schedule (a finished search of a resumed phase is not run again)
+        base = None
+        if spec.search is not None and spec.search.applies(t):
+            t_search = time.perf_counter()
+            base = resume.searched if resume and resume.searched else self._search(ctx, t, task)
+            timing["search"] = time.perf_counter() - t_search
+
+        # retrain the ingredients
+        t1 = time.perf_counter()
+        tasks = [task(f"phase{t}/ingredient{i}", s, {"index": i, "vary": spec.soup.vary}, checkpoints=True)
+                 for i, s in enumerate(ingredient_settings(spec, t, max(ctx.dense_lrs), base))]
         reused = resume.ingredients if resume else {}
         todo = [task for task in tasks if task.name not in reused]
         if reused:

@@ -5,11 +5,14 @@ Validation errors name the field (pydantic's `loc`), e.g. ``prune.target_sparsit
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
 from workers.models import ModelError, check_arch
@@ -19,6 +22,7 @@ from workers.train import OptimizerConfig
 MAX_INGREDIENTS = 64
 MAX_EPOCHS = 1000
 MAX_PHASES = 50
+MAX_TRIALS = 200
 
 
 class _Strict(BaseModel):
@@ -138,6 +142,114 @@ class SoupSpec(_Strict):
         return self
 
 
+class Dimension(_Strict):
+    """One searched hyperparameter: exactly one of `choice` (a list), `uniform` [low, high],
+    `loguniform` [low, high] (both > 0) or `randint` [low, high] (whole numbers, both included)."""
+    choice: list[str | float] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    randint: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Dimension:
+        given = [k for k in ("choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of choice, uniform, loguniform, randint")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice must not be empty")
+        for kind in ("uniform", "loguniform", "randint"):
+            bounds = getattr(self, kind)
+            if bounds is not None and not bounds[0] <= bounds[1]:
+                raise ValueError(f"{kind} bounds must be [low, high] with low <= high")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform bounds must be positive")
+        return self
+
+    def values(self) -> list[Any]:
+        """The bounds or choices, for range checks."""
+        return list(self.choice if self.choice is not None else
+                    next(b for b in (self.uniform, self.loguniform, self.randint) if b is not None))
+
+
+class SearchSpace(_Strict):
+    """What the search varies; whatever is left out stays as `retrain` sets it."""
+    schedule: Dimension | None = None
+    lr: Dimension | None = None
+    epochs: Dimension | None = None
+    weight_decay: Dimension | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedules(cls, dim: Dimension | None) -> Dimension | None:
+        if dim is not None and (dim.choice is None or any(v not in RETRAIN_SCHEDULES for v in dim.choice)):
+            raise ValueError(f"must be a choice among {', '.join(RETRAIN_SCHEDULES)}")
+        return dim
+
+    @field_validator("lr", "weight_decay", "epochs")
+    @classmethod
+    def _numbers(cls, dim: Dimension | None, info: ValidationInfo) -> Dimension | None:
+        if dim is None:
+            return dim
+        if any(isinstance(v, str) for v in dim.values()):
+            raise ValueError("takes numbers")
+        low, high = min(dim.values()), max(dim.values())
+        if info.field_name == "lr" and not (0 < low and high <= 10):
+            raise ValueError(f"values must be in (0, 10], not [{low:g}, {high:g}]")
+        if info.field_name == "weight_decay" and not (0 <= low and high <= 1):
+            raise ValueError(f"values must be in [0, 1], not [{low:g}, {high:g}]")
+        if info.field_name == "epochs" and (dim.uniform is not None or dim.loguniform is not None
+                                            or any(v != int(v) for v in dim.values())
+                                            or not 1 <= low <= high <= MAX_EPOCHS):
+            raise ValueError(f"must be whole numbers in [1, {MAX_EPOCHS}] (a choice or randint)")
+        return dim
+
+    def sample(self, rng: random.Random) -> dict[str, Any]:
+        """One config: a value per dimension given (choice: uniform over the list; loguniform:
+        uniform in log space; randint: both ends included)."""
+        out: dict[str, Any] = {}
+        for name in ("schedule", "lr", "epochs", "weight_decay"):
+            dim: Dimension | None = getattr(self, name)
+            if dim is None:
+                continue
+            if dim.choice is not None:
+                v = rng.choice(dim.choice)
+            elif dim.uniform is not None:
+                v = rng.uniform(*dim.uniform)
+            elif dim.loguniform is not None:
+                v = math.exp(rng.uniform(math.log(dim.loguniform[0]), math.log(dim.loguniform[1])))
+            else:
+                v = rng.randint(*dim.randint)
+            out[name] = int(v) if name == "epochs" else v
+        return out
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> SearchSpace:
+        if not any((self.schedule, self.lr, self.epochs, self.weight_decay)):
+            raise ValueError("the search space is empty: name at least one of schedule, lr, epochs, weight_decay")
+        return self
+
+
+class SearchSpec(_Strict):
+    """A Ray Tune search over the retraining schedule before a phase's ingredients. Trial 0 is the
+    spec's own retraining config; the other trials sample the space. ASHA stops weak trials early."""
+    space: SearchSpace
+    trials: int = Field(8, ge=1, le=MAX_TRIALS)
+    scheduler: Literal["asha", "fifo"] = "asha"
+    metric: Literal["val_accuracy", "val_loss", "train_accuracy", "train_loss"] = "val_accuracy"
+    phases: Literal["first", "all"] | list[int] = "first"
+    grace_period: int = Field(1, ge=1, le=MAX_EPOCHS)          # ASHA: epochs before a trial may be stopped
+    reduction_factor: int = Field(2, ge=2, le=16)              # ASHA: keep the best 1/reduction_factor per rung
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return "max" if self.metric.endswith("accuracy") else "min"
+
+    def applies(self, phase: int) -> bool:
+        if self.phases == "all":
+            return True
+        return phase == 1 if self.phases == "first" else phase in self.phases
+
+
 class ResourcesSpec(_Strict):
     cpus_per_ingredient: float = Field(1.0, gt=0.0, le=256)
     gpus_per_ingredient: float = Field(0.0, ge=0.0, le=16)
@@ -152,7 +264,7 @@ class JobSpec(_Strict):
     prune: PruneSpec = PruneSpec()
     retrain: RetrainSpec = RetrainSpec()
     soup: SoupSpec = SoupSpec()
-    search: None = Field(None, description="Ray Tune schedule search; not available yet, must be null")
+    search: SearchSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
 
     @model_validator(mode="after")
@@ -160,6 +272,12 @@ class JobSpec(_Strict):
         if self.soup.method == "greedy" and self.data.val_fraction == 0:
             raise ValueError("soup.method greedy ranks ingredients on the validation split: "
                              "data.val_fraction must be > 0")
+        if self.search is not None:
+            if self.search.metric.startswith("val_") and self.data.val_fraction == 0:
+                raise ValueError(f"search.metric {self.search.metric} needs a validation split: "
+                                 "data.val_fraction must be > 0")
+            if isinstance(self.search.phases, list) and not all(1 <= p <= self.prune.phases for p in self.search.phases):
+                raise ValueError(f"search.phases must be phases in [1, {self.prune.phases}]")
         return self
 
 

@@ -216,7 +216,8 @@ async function jobView(el, jobId) {
     ] },
     options: lineOptions("sparsity (%)", "test accuracy (%)", { min: 0, max: 100 }),
   });
-  const stages = [["dense training", "total", "#6b5bd2"], ["prune", "prune", "#c28a1d"], ["retrain", "retrain", "#3b9dd8"],
+  const stages = [["dense training", "total", "#6b5bd2"], ["prune", "prune", "#c28a1d"], ["schedule search", "search", "#d8589f"],
+                  ["retrain", "retrain", "#3b9dd8"],
                   ["soup + BN", "soup", "#2f9e62"], ["evaluate", "eval", "#8a8fa0"]];
   const timeline = chart(el.querySelector("#timeline"), {
     type: "bar",

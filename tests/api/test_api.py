@@ -84,6 +84,9 @@ def test_cli_with_json(live, finished, tmp_path):
     ({"data": {"name": "npz", "path": "/no/such.npz"}}, ["body", "data"]),
     ({"soup": {"ingredients": 1000}}, ["body", "soup", "ingredients"]),
     ({"retrain": {"epochs": 0}}, ["body", "retrain", "epochs"]),
+    ({"search": {"space": {"momentum": {"choice": [0.9]}}}}, ["body", "search", "space", "momentum"]),
+    ({"search": {"space": {"lr": {"loguniform": [-1, 0.1]}}}}, ["body", "search", "space", "lr"]),
+    ({"search": {"space": {"schedule": {"choice": []}}}}, ["body", "search", "space", "schedule"]),
 ])
 def test_bad_input_is_422_naming_the_field_and_stores_nothing(live, body, field):
     before = httpx.get(f"{live.url}/api/v1/jobs").json()["count"]

@@ -17,7 +17,8 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
 FINISHED = {"name": "dash-done", "dense": {"epochs": 3}, "prune": {"target_sparsity": 0.75, "phases": 2},
-            "retrain": {"epochs": 2}, "soup": {"ingredients": 3}}
+            "retrain": {"epochs": 2}, "soup": {"ingredients": 3},
+            "search": {"space": {"lr": {"loguniform": [0.01, 0.3]}}, "trials": 3}}
 # long enough to watch it move (700 epochs of an MLP on digits); cancelled from the page at the end
 RUNNING = {"name": "dash-running", "dense": {"epochs": 100}, "prune": {"target_sparsity": 0.9, "phases": 3},
            "retrain": {"epochs": 100}, "soup": {"ingredients": 2}}
@@ -111,8 +112,8 @@ def test_job_page_plots_and_lineage(browser, server):
     T, m = FINISHED["prune"]["phases"], FINISHED["soup"]["ingredients"]
     assert chart_points(page, "acc-sparsity") == {"soup": T, "ingredients": T * m, "pruned, before retraining": T,
                                                   "dense": 1}
-    assert chart_points(page, "timeline") == {"dense training": T + 1, "prune": T + 1, "retrain": T + 1,
-                                              "soup + BN": T + 1, "evaluate": T + 1, "running": T + 1}
+    assert chart_points(page, "timeline") == {"dense training": T + 1, "prune": T + 1, "schedule search": T + 1,
+                                              "retrain": T + 1, "soup + BN": T + 1, "evaluate": T + 1, "running": T + 1}
     # the last phase's ingredients, one curve each, one point per retraining epoch
     assert chart_points(page, "curve-loss") == {f"ingredient{i}": FINISHED["retrain"]["epochs"] for i in range(m)}
     assert page.locator("svg#lineage .node").count() == len(lineage["nodes"]) == 1 + T * (2 + m)
@@ -130,6 +131,9 @@ def test_job_page_plots_and_lineage(browser, server):
     size = dl.value.path().stat().st_size
     assert size == soup["size_bytes"]
     assert "job succeeded" in page.locator("#events").inner_text()
+    trials = page.locator("#search-trials tbody tr")                # phase 1's search, the winner starred
+    assert trials.count() == FINISHED["search"]["trials"]
+    assert page.locator("#search-trials tbody tr", has_text="★").count() == 1
     assert page.locator("#cancel").is_hidden()
     page.select_option("#curve-phase", "0")
     assert chart_points(page, "curve-loss") == {"dense": FINISHED["dense"]["epochs"]}

@@ -33,7 +33,18 @@ def test_defaults_are_the_design_defaults():
     ({"soup": {"ingredients": 2, "values": [1, 2, 3]}}, "soup", "one per ingredient"),
     ({"soup": {"method": "greedy"}, "data": {"val_fraction": 0}}, "spec", "data.val_fraction must be > 0"),
     ({"prune": {"target_sparsity": 0.9, "bogus": 1}}, "prune.bogus", "Extra inputs"),
-    ({"search": {"trials": 3}}, "search", "None"),
+    ({"search": {"trials": 3}}, "search.space", "Field required"),
+    ({"search": {"space": {"momentum": {"choice": [0.9]}}}}, "search.space.momentum", "Extra inputs"),
+    ({"search": {"space": {"lr": {"loguniform": [-0.1, 0.5]}}}}, "search.space.lr", "must be positive"),
+    ({"search": {"space": {"lr": {"uniform": [-0.1, 0.5]}}}}, "search.space.lr", "(0, 10]"),
+    ({"search": {"space": {"schedule": {"choice": []}}}}, "search.space.schedule", "must not be empty"),
+    ({"search": {"space": {"schedule": {"choice": ["warp"]}}}}, "search.space.schedule", "llr"),
+    ({"search": {"space": {"epochs": {"uniform": [1, 3]}}}}, "search.space.epochs", "whole numbers"),
+    ({"search": {"space": {"lr": {"uniform": [0.5, 0.1]}}}}, "search.space.lr", "low <= high"),
+    ({"search": {"space": {}}}, "search.space", "empty"),
+    ({"search": {"space": {"lr": {"choice": [0.1]}}, "trials": 0}}, "search.trials", "greater than or equal to 1"),
+    ({"search": {"space": {"lr": {"choice": [0.1]}}, "metric": "test_accuracy"}}, "search.metric", "val_accuracy"),
+    ({"search": {"space": {"lr": {"choice": [0.1]}}, "phases": [5]}}, "spec", "search.phases"),
 ])
 def test_invalid_specs_name_the_field(data, field, words):
     with pytest.raises(SpecError) as excinfo:
@@ -53,3 +64,19 @@ def test_load_spec_from_yaml(tmp_path):
     path.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         load_spec(path)
+
+
+def test_search_space_samples_within_its_bounds_and_trial_phases():
+    import random
+    spec = parse_spec({"prune": {"phases": 3}, "search": {"space": {
+        "schedule": {"choice": ["llr", "allr"]}, "lr": {"loguniform": [0.01, 0.5]}, "epochs": {"randint": [2, 4]},
+        "weight_decay": {"uniform": [0.0, 0.001]}}, "phases": [2, 3]}})
+    rng = random.Random(0)
+    draws = [spec.search.space.sample(rng) for _ in range(300)]
+    assert {d["schedule"] for d in draws} == {"llr", "allr"}
+    assert {d["epochs"] for d in draws} == {2, 3, 4} and all(isinstance(d["epochs"], int) for d in draws)
+    assert all(0.01 <= d["lr"] <= 0.5 and 0 <= d["weight_decay"] <= 0.001 for d in draws)
+    assert 0.15 < sum(d["lr"] < 0.0707 for d in draws) / 300 < 0.85      # log-uniform: about half below the geometric mean
+    assert [spec.search.applies(t) for t in (1, 2, 3)] == [False, True, True]
+    assert spec.search.mode == "max" and parse_spec({"search": {"space": {"lr": {"choice": [0.1]}},
+                                                                "metric": "val_loss"}}).search.mode == "min"

@@ -21,8 +21,8 @@ OLD = {"ix_jobs_status_created_at": ["status", "created_at"], "ix_jobs_created_a
 
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("sparsity", sa.Float(), nullable=True))
-        batch.add_column(sa.Column("best_accuracy", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("sparsity", sa.Double(), nullable=True))
+        batch.add_column(sa.Column("best_accuracy", sa.Double(), nullable=True))
     for name, columns in OLD.items():
         op.drop_index(op.f(name), table_name="jobs")
         op.create_index(op.f(f"{name}_id"), "jobs", [*columns, "id"])
