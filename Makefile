@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/soup_vs_imp.py
 	$(PY) bench/fanout.py
 	$(PY) bench/api_load.py
+	$(PY) bench/search_vs_default.py
 
 # Re-fetch the dashboard's vendored front-end builds (versions in api/dashboard/vendor/VERSIONS)
 vendor:

@@ -192,6 +192,8 @@ class SearchSpace(_Strict):
             return dim
         if any(isinstance(v, str) for v in dim.values()):
             raise ValueError("takes numbers")
+        if not all(math.isfinite(v) for v in dim.values()):
+            raise ValueError("values must be finite numbers")
         low, high = min(dim.values()), max(dim.values())
         if info.field_name == "lr" and not (0 < low and high <= 10):
             raise ValueError(f"values must be in (0, 10], not [{low:g}, {high:g}]")

@@ -2,6 +2,7 @@
 search_trial, and the winner as the base of the phase's ingredients."""
 
 import math
+import time
 
 import pytest
 
@@ -50,3 +51,33 @@ def test_search_on_ray_stops_trials_early_and_feeds_the_best_config_to_the_soup(
     events = [e.message for e in store.events(job.id)]
     assert any(f"{chosen.config['schedule']} lr=" in m and "chosen, val_accuracy" in m and "default" in m
                for m in events)
+
+
+def test_cancelling_the_job_stops_its_search(ray_head, tmp_path):
+    from ray.util.state import list_actors
+
+    from service.dispatcher import Dispatcher
+    from tests.integration.test_ray import wait_for
+
+    url = f"sqlite:///{tmp_path / 'ladle.db'}"
+    store = Store(url)
+    spec = parse_spec(dict(JOB, name="cancel-search", model={"arch": "resnet20"}, dense={"epochs": 1},
+                           search=dict(SEARCH, trials=4, scheduler="fifo"), retrain={"epochs": 30}))
+    job = store.create_job(spec)
+    dispatcher = Dispatcher(store, ray_head.dashboard_url, database_url=url, artifacts=str(tmp_path / "a"))
+    dispatcher.dispatch()
+
+    def trials_training():
+        return [a for a in list_actors(address=ray_head.dashboard_url, filters=[("state", "=", "ALIVE")],
+                                       raise_on_missing_output=False) if "ImplicitFunc" in a.class_name]
+
+    wait_for(lambda: store.metrics(job.id, name="train_loss", run_name="phase1/search/trial0"), 240,
+             "the search to train")
+    assert trials_training()                          # Tune's trial actors, on the cluster's CPUs
+    dispatcher.cancel(job.id)
+    wait_for(lambda: dispatcher.client.get_job_status(job.id).is_terminal(), 60, "Ray to stop the job")
+    wait_for(lambda: not trials_training(), 60, "the trial actors to go")
+    assert store.get_job(job.id).status == "cancelled"
+    rows = len(store.metrics(job.id, name="train_loss"))
+    time.sleep(3)
+    assert len(store.metrics(job.id, name="train_loss")) == rows   # nothing trains on
