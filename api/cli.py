@@ -189,10 +189,11 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
             port = 8000 if s.connect_ex(("127.0.0.1", 8000)) != 0 else None
     err_console.print("starting the service (SQLite store, local Ray head, dispatcher, API) ...")
     with BackgroundServer(Runtime(), port=port or None) as server:
-        err_console.print(f"API on {server.url} (OpenAPI: {server.url}/docs)", highlight=False)
+        err_console.print(f"dashboard on {server.url}/ (API docs: {server.url}/docs)", highlight=False)
         with Client(server.url) as c:
             job = c.submit(spec)
-            err_console.print(f"submitted job {job['id']}", highlight=False)
+            err_console.print(f"submitted job {job['id']}: watch it live at {server.url}/#/jobs/{job['id']}",
+                              highlight=False)
             job = c.wait(job["id"], on_event=lambda e: err_console.print(e["message"], highlight=False))
             out_console.print(phase_table(_phase_rows(c.phases(job["id"])),
                                           title=f"{spec.name}: {job['status']} (test accuracy)"))
@@ -203,7 +204,8 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
                               f"{100 * final['accuracy']:.2f}%; lineage: ladle lineage {final['id']} --url {server.url}",
                               soft_wrap=True, highlight=False)
         if serve_:
-            out_console.print(f"serving {server.url} (API docs at {server.url}/docs); Ctrl-C stops", highlight=False)
+            out_console.print(f"serving the dashboard at {server.url}/ (API docs at {server.url}/docs); Ctrl-C stops",
+                              highlight=False)
             try:
                 while True:
                     time.sleep(1)

@@ -1,5 +1,5 @@
-"""Does a searched retraining schedule pay for its search? On digits (an MLP, 3 phases to 90% sparsity,
-4 ingredients per phase, 5 retraining epochs), the same job three ways, 3 seeds each, one run:
+"""Does a searched retraining schedule pay for its search? On digits (an MLP, 3 phases to 90% sparsity by
+default, 4 ingredients per phase, 5 retraining epochs), the same job three ways, 3 seeds each, one run:
   default LLR   the spec's linear schedule at the dense run's peak LR
   searched      a Ray Tune search before every phase over the schedule (llr, allr, clr, slr, ft) and the
                 initial LR (log-uniform 0.005..0.5): 8 trials with ASHA, the winner feeds the soup
@@ -7,7 +7,7 @@
 and prints the SMS soup's final test accuracy (mean ± std over seeds), the total compute in epochs
 (dense + search trials as far as they ran + ingredients) and the wall time, on a local Ray cluster.
 
-    .venv/bin/python bench/search_vs_default.py [--seeds 0 1 2] [--trials 8]
+    .venv/bin/python bench/search_vs_default.py [--seeds 0 1 2] [--trials 8] [--sparsity 0.9] [--epochs 5]
 """
 
 from __future__ import annotations
@@ -35,11 +35,12 @@ BASE = {"model": {"arch": "mlp"}, "data": {"name": "digits"}, "dense": {"epochs"
         "soup": {"ingredients": 4}}
 
 
-def arms(trials: int) -> dict[str, dict]:
+def arms(trials: int, sparsity: float, epochs: int) -> dict[str, dict]:
     space = {"schedule": {"choice": ["llr", "allr", "clr", "slr", "ft"]}, "lr": {"loguniform": [0.005, 0.5]}}
-    return {"default LLR": BASE,
-            "searched": dict(BASE, search={"space": space, "trials": trials, "phases": "all"}),
-            "ALLR": dict(BASE, retrain={"epochs": 5, "schedule": "allr"})}
+    base = dict(BASE, prune={"target_sparsity": sparsity, "phases": 3}, retrain={"epochs": epochs, "schedule": "llr"})
+    return {"default LLR": base,
+            "searched": dict(base, search={"space": space, "trials": trials, "phases": "all"}),
+            "ALLR": dict(base, retrain={"epochs": epochs, "schedule": "allr"})}
 
 
 def epochs_run(store: Store, job_id: str) -> dict[str, int]:
@@ -55,6 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--trials", type=int, default=8)
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--epochs", type=int, default=5, help="retraining epochs per phase")
     args = ap.parse_args()
     console = Console(width=120)
     results: dict[str, list[dict]] = {}
@@ -62,7 +65,7 @@ def main() -> None:
         ray.init(address=head.address, log_to_driver=False)
         store = Store(f"sqlite:///{tmp}/ladle.db")
         for seed in args.seeds:
-            for arm, spec_dict in arms(args.trials).items():
+            for arm, spec_dict in arms(args.trials, args.sparsity, args.epochs).items():
                 spec = parse_spec(dict(spec_dict, name=f"{arm}-{seed}", seed=seed))
                 job = store.create_job(spec)
                 executor = RayExecutor(cpus=1)
@@ -84,8 +87,8 @@ def main() -> None:
                               + ("; chosen: " + ", ".join(f"{c['schedule']} lr={c['lr']:.3g}" for c in chosen)
                                  if chosen else ""))
         ray.shutdown()
-    table = Table(title=f"SMS on digits, MLP, 3 phases to 90% sparsity, m=4, 5 retraining epochs; "
-                        f"seeds {args.seeds}; 2 CPUs")
+    table = Table(title=f"SMS on digits, MLP, 3 phases to {100 * args.sparsity:g}% sparsity, m=4, {args.epochs} "
+                        f"retraining epochs; seeds {args.seeds}; 2 CPUs")
     for col in ("retraining", "soup test acc (%)", "sparsity", "epochs (all)", "of which search", "wall (s)"):
         table.add_column(col, justify="right")
 

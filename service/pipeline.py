@@ -257,9 +257,17 @@ class Pipeline:
         return rec
 
     def _total_epochs(self) -> int:
-        dense = 0 if self.spec.model.checkpoint else self.spec.dense.epochs
-        per_phase = sum(d["epochs"] for d in ingredient_settings(self.spec, 1, 1.0))
-        return dense + per_phase * self.spec.prune.phases
+        """For progress: every epoch the job will train (a search's trials counted as if none stopped early)."""
+        spec = self.spec
+        dense = 0 if spec.model.checkpoint else spec.dense.epochs
+        per_phase = sum(d["epochs"] for d in ingredient_settings(spec, 1, 1.0))
+        search = 0
+        if spec.search is not None:
+            dim = spec.search.space.epochs
+            trial_epochs = int(max(dim.values())) if dim is not None else spec.retrain.epochs
+            searched = sum(spec.search.applies(t) for t in range(1, spec.prune.phases + 1))
+            search = searched * spec.search.trials * trial_epochs
+        return dense + per_phase * spec.prune.phases + search
 
     # -- phase 0
     def _dense(self, ctx: _Context) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:

@@ -76,6 +76,24 @@ def test_cli_with_json(live, finished, tmp_path):
     assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_search_results_through_the_sdk_and_cli(live):
+    spec = dict(JOB, name="searched", prune={"target_sparsity": 0.5, "phases": 1},
+                search={"space": {"schedule": {"choice": ["llr", "clr"]}, "lr": {"loguniform": [0.01, 0.2]}},
+                        "trials": 3, "scheduler": "fifo"})
+    with Client(live.url) as c:
+        job = c.wait(c.submit(spec)["id"], progress=False, poll=0.5, timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        rows = c.search(job["id"])
+    assert [r["trial"] for r in rows] == ["trial0", "trial1", "trial2"] and {r["phase"] for r in rows} == {1}
+    assert rows[0]["schedule"] == "llr" and all(r["epochs_run"] == 1 and not r["stopped_early"] for r in rows)
+    [chosen] = [r for r in rows if r["chosen"]]
+    assert chosen["val_accuracy"] == max(r["val_accuracy"] for r in rows)
+    r = ladle("status", job["id"], live=live)
+    assert r.returncode == 0 and "schedule search" in r.stdout and f"{chosen['trial']} *" in r.stdout
+    r = ladle("status", job["id"], "--json", live=live)
+    assert json.loads(r.stdout)["search"] == rows
+
+
 @pytest.mark.parametrize("body,field", [
     ({"prune": {"target_sparsity": 1.0}}, ["body", "prune", "target_sparsity"]),
     ({"prune": {"phases": 0}}, ["body", "prune", "phases"]),

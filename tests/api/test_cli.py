@@ -52,3 +52,20 @@ def test_bad_spec_names_the_fields_without_a_traceback(tmp_path):
     assert "Traceback" not in r.stderr
     r = ladle("run", str(tmp_path / "missing.yaml"), "--local")
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_local_with_a_search_runs_every_trial_and_records_the_choice(tmp_path):
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: search\ndense: {epochs: 2}\nprune: {target_sparsity: 0.5, phases: 1}\n"
+                    "retrain: {epochs: 2}\nsoup: {ingredients: 2}\n"
+                    "search: {space: {lr: {choice: [0.001, 0.05]}}, trials: 3}\n")
+    out = tmp_path / "out"
+    r = ladle("run", str(spec), "--local", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    trials = [run for run in runs if run["kind"] == "search_trial"]
+    assert len(trials) == 3 and all(t["metrics"]["epochs_run"] == 2 for t in trials)   # no ASHA without Ray
+    [chosen] = [t for t in trials if t["metrics"]["chosen"]]
+    assert chosen["metrics"]["val_accuracy"] == max(t["metrics"]["val_accuracy"] for t in trials)
+    ingredients = [run for run in runs if run["kind"] == "ingredient"]
+    assert {i["config"]["lr"] for i in ingredients} == {chosen["config"]["lr"]}
