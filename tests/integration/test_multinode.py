@@ -14,21 +14,20 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 
 from api.client import Client
 from api.server import BackgroundServer
-from service.cluster import LOOPBACK, LocalRay, free_ports
+from service.cluster import LocalRay
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.conftest import _truncate
 from tests.integration.test_ray import check_lineage
+from tests.s3server import s3_server  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -49,31 +48,6 @@ def listening_addresses(process_group: int) -> set[str]:
     out = subprocess.run(["ss", "-H", "-ltnup"], capture_output=True, text=True, check=True).stdout
     return {line.split()[4].rsplit(":", 1)[0] for line in out.splitlines()
             if any(group(pid) == process_group for pid in re.findall(r"pid=(\d+)", line))}
-
-
-@pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """moto's S3 server as its own process on a free loopback port; yields (endpoint, access log)."""
-    port = free_ports(1)[0]
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", LOOPBACK, "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://{LOOPBACK}:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not come up; see {log}") from None
-                time.sleep(0.2)
-        yield endpoint, log
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +75,8 @@ def two_nodes():
         head.stop()
 
 
-def test_one_job_on_two_ray_nodes_with_s3_artifacts_and_postgres(two_nodes, s3_server, pg_url, pg_store,
+def test_one_job_on_two_ray_nodes_with_s3_artifacts_and_postgres(two_nodes, s3_server,  # noqa: F811
+                                                                  pg_url, pg_store,
                                                                  tmp_path, monkeypatch):
     import s3fs
     from ray.job_submission import JobSubmissionClient
