@@ -248,13 +248,16 @@ def _api_errors(fn):
 def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="port")] = 8000) -> None:
     """Start the REST API (and the dashboard) with the dispatcher and, unless LADLE_RAY_ADDRESS is set,
-    a local Ray head; all stop on exit."""
+    a local Ray head; all stop on exit. With LADLE_ADMIN_TOKEN set, that token is an admin token."""
     import uvicorn
 
     from api.app import create_app
     from service.store import Store
     settings = get_settings()
-    if host not in LOOPBACK_HOSTS and not Store(settings.database_url).auth_enabled():
+    store = Store(settings.database_url)
+    if settings.admin_token is not None:
+        store.ensure_token("admin", settings.admin_token.get_secret_value(), admin=True)
+    if host not in LOOPBACK_HOSTS and not store.auth_enabled():
         raise _fail(f"refusing to serve on {host} without auth: create a token first "
                     "(ladle token create --name NAME --admin), or bind to 127.0.0.1", 2)
     uvicorn.run(create_app(), host=host, port=port, log_level="info")

@@ -72,6 +72,8 @@ class LocalRay:
                     f"--dashboard-port={dash}", f"--ray-client-server-port={client}", f"--temp-dir={self.temp_dir}"]
             self.address, self.dashboard_url = f"{LOOPBACK}:{gcs}", f"http://{LOOPBACK}:{dash}"
         else:
+            # Ray's own `ray start`, allowed to join while staying on loopback (see service.ray_join)
+            cmd[:2] = [sys.executable, "-m", "service.ray_join", "start"]
             cmd.append(f"--address={self.head_address}")
             self.address = self.head_address
         log = open(Path(self.temp_dir) / f"ray-start-{os.getpid()}-{time.time_ns()}.log", "wb")

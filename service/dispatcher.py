@@ -10,6 +10,7 @@ from the last completed phase, up to `max_attempts` drivers in all.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 
@@ -19,6 +20,20 @@ from service.store import Store
 
 log = logging.getLogger("ladle.dispatcher")
 
+# The object store's endpoint and credentials in the standard variables botocore (s3fs) reads: the
+# ones set where the dispatcher runs go to every driver, and through the Ray job's runtime_env to its
+# actors on every node, so drivers and workers reach the same s3:// artifacts as the API. Unset ones
+# are not sent: nodes with their own credentials (an instance or pod role) need none of these.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def driver_env(database_url: str, artifacts: str) -> dict[str, str]:
+    """What a driver and its workers need to reach the store and the artifacts."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env.update({"LADLE_DATABASE_URL": database_url, "LADLE_ARTIFACTS": artifacts,
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    return env
 
 
 class Dispatcher:
@@ -26,8 +41,7 @@ class Dispatcher:
                  max_concurrent_jobs: int = 2, max_attempts: int = 3, interval: float = 1.0):
         self.store, self.url = store, jobs_api_url
         self.max_jobs, self.max_attempts, self.interval = max_concurrent_jobs, max_attempts, interval
-        self.env = {"LADLE_DATABASE_URL": database_url, "LADLE_ARTIFACTS": artifacts,
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        self.env = driver_env(database_url, artifacts)
         self._client: JobSubmissionClient | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

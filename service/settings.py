@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     ray_address: str | None = None           # unset: start a local Ray head
     max_concurrent_jobs: int = Field(2, ge=1, le=1000)
     dispatch: bool = True                    # False: jobs are stored but not run (API-only replica, load tests)
+    # A deployment's admin bearer token (from a Secret): `ladle serve` keeps it in the store as the
+    # token named "admin", so a server bound beyond loopback has auth on from its first start
+    admin_token: SecretStr | None = Field(None, min_length=16)
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:

@@ -302,6 +302,26 @@ class Store:
         self._auth_on = (time.monotonic(), True)
         return token, secret
 
+    def ensure_token(self, name: str, secret: str, *, admin: bool = False) -> Token:
+        """Keep the token `name` equal to `secret` (created, or its secret and role replaced): for a
+        token that comes from the deployment's configuration. Safe to run from several replicas."""
+        for _ in range(2):
+            try:
+                with self.tx() as s:
+                    token = s.scalars(sa.select(Token).where(Token.name == name)).one_or_none()
+                    if token is None:
+                        token = Token(id=uuid.uuid4().hex, name=name)
+                        s.add(token)
+                    token.token_hash, token.admin = _hash(secret), admin
+                break
+            except sa.exc.IntegrityError:     # another replica created it meanwhile: update that one
+                continue
+        else:
+            raise ValueError(f"cannot store the token {name!r}: another token has the same secret")
+        self._tokens.clear()
+        self._auth_on = (time.monotonic(), True)
+        return token
+
     def check_token(self, secret: str, *, max_age: float = 0.0) -> Token | None:
         """The token whose secret this is, or None. `max_age`: a valid token seen at most that many
         seconds ago is not looked up again (the API asks on every request)."""

@@ -106,6 +106,9 @@ def driver_pids(job_id):
     return [int(p) for p in out.split()]
 
 
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
 @pytest.fixture
 def file_store(request, tmp_path):
     """A store the drivers (other processes) can reach: a SQLite file, or the session's Postgres DB."""
@@ -118,8 +121,7 @@ def file_store(request, tmp_path):
     return store, request.getfixturevalue("pg_url")
 
 
-@pytest.mark.parametrize("file_store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)],
-                         indirect=True)
+@pytest.mark.parametrize("file_store", BACKENDS, indirect=True)
 def test_dispatcher_runs_jobs_and_resumes_after_a_killed_driver(ray_head, file_store, tmp_path):
     store, url = file_store
     # ingredient 0 retrains 1 epoch, ingredient 1 six: the driver is killed while ingredient 1 of
@@ -166,9 +168,9 @@ def test_dispatcher_runs_jobs_and_resumes_after_a_killed_driver(ray_head, file_s
     assert next(r for r in runs if r.name == "phase2/ingredient1").attempts == 2
 
 
-def test_cancel_stops_the_ray_job_and_keeps_what_finished(ray_head, tmp_path):
-    url = f"sqlite:///{tmp_path / 'ladle.db'}"
-    store = Store(url)
+@pytest.mark.parametrize("file_store", BACKENDS, indirect=True)
+def test_cancel_stops_the_ray_job_and_keeps_what_finished(ray_head, file_store, tmp_path):
+    store, url = file_store
     spec = parse_spec({"name": "cancel", "model": {"arch": "resnet20"}, "dense": {"epochs": 1},
                        "prune": {"target_sparsity": 0.5, "phases": 2}, "retrain": {"epochs": 20},
                        "soup": {"ingredients": 2}})
@@ -187,9 +189,9 @@ def test_cancel_stops_the_ray_job_and_keeps_what_finished(ray_head, tmp_path):
     assert not driver_pids(job.id)
 
 
-def test_dispatcher_respects_max_concurrent_jobs(ray_head, tmp_path):
-    url = f"sqlite:///{tmp_path / 'ladle.db'}"
-    store = Store(url)
+@pytest.mark.parametrize("file_store", BACKENDS, indirect=True)
+def test_dispatcher_respects_max_concurrent_jobs(ray_head, file_store, tmp_path):
+    store, url = file_store
     spec = parse_spec({"name": "limit", "model": {"arch": "resnet20"}, "dense": {"epochs": 20},
                        "prune": {"phases": 1}, "soup": {"ingredients": 2}})
     jobs = [store.create_job(spec) for _ in range(3)]
