@@ -170,6 +170,8 @@ class Store:
                 job.started_at = job.started_at or now
             if status in TERMINAL:
                 job.finished_at = now
+            if status == "cancelled":
+                s.add(Event(job_id=job_id, level="info", message="job cancelled; what finished is kept"))
             if error is not None:
                 job.error = error
         return job

@@ -168,6 +168,7 @@ def test_cancel_from_the_job_page(browser, server):
     page.locator("#cancel").click()                            # the confirm() dialog is accepted
     page.locator("#job-status .badge", has_text="cancelled").wait_for(timeout=60_000)
     assert page.locator("#cancel").is_hidden()
+    page.locator("#events", has_text="job cancelled").wait_for()
     assert httpx.get(f"{server.url}/api/v1/jobs/{running['id']}").json()["status"] == "cancelled"
     p.shot("job-cancelled")
     assert p.errors == []

@@ -129,6 +129,7 @@ def test_status_transitions_and_terminal_states(store):
     assert store.claim_queued(5) == []
     store.set_status(job.id, "cancelled")
     assert store.set_status(job.id, "cancelled").status == "cancelled"   # the same again: no error
+    assert [e.message for e in store.events(job.id)] == ["job cancelled; what finished is kept"]   # once
     with pytest.raises(StateError, match=f"job {job.id} is cancelled; it cannot become running") as e:
         store.set_status(job.id, "running")
     assert (e.value.current, e.value.requested) == ("cancelled", "running")
