@@ -310,7 +310,7 @@ class Pipeline:
         return model, masks, rec, summary
 
     # -- the schedule search of a phase
-    def _search(self, ctx: _Context, t: int, task: Callable[..., TrainTask]) -> dict[str, Any]:
+    def _search(self, ctx: _Context, t: int, make_task: Callable[..., TrainTask]) -> dict[str, Any]:
         """Trial 0 is the spec's own retraining config, the others sample `search.space` (seeded by the
         job's seed and the phase). All trials start from the same pruned model with the same seed, so
         they differ only in their config. Returns the config of the best trial by `search.metric` (its
@@ -321,7 +321,7 @@ class Pipeline:
         rng = random.Random(phase_seed(self.spec, t))
         configs = [default] + [dict(default, **sp.space.sample(rng)) for _ in range(sp.trials - 1)]
         searched = [k for k in ("schedule", "lr", "epochs", "weight_decay") if getattr(sp.space, k) is not None]
-        tasks = [task(f"phase{t}/search/trial{i}", dict(c, seed=phase_seed(self.spec, t)),
+        tasks = [make_task(f"phase{t}/search/trial{i}", dict(c, seed=phase_seed(self.spec, t)),
                       {"index": i, "search": {k: c[k] for k in searched}, "config": c, "default": i == 0})
                  for i, c in enumerate(configs)]
         for tk in tasks:
@@ -391,7 +391,7 @@ class Pipeline:
         pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
         cpu_masks = {k: v.cpu() for k, v in masks.items()}
 
-        def task(name: str, s: dict[str, Any], info: dict[str, Any], checkpoints: bool = False) -> TrainTask:
+        def make_task(name: str, s: dict[str, Any], info: dict[str, Any], checkpoints: bool = False) -> TrainTask:
             steps = s["epochs"] * ctx.steps_per_epoch
             lrs = retrain_schedule(s["schedule"], steps, ctx.dense_lrs, lr=s["lr"], norm_drop=norm_drop, rate=rate,
                                    phase_epochs=s["epochs"], dense_epochs=ctx.dense_epochs)
@@ -409,12 +409,12 @@ class Pipeline:
         base = None
         if spec.search is not None and spec.search.applies(t):
             t_search = time.perf_counter()
-            base = resume.searched if resume and resume.searched else self._search(ctx, t, task)
+            base = resume.searched if resume and resume.searched else self._search(ctx, t, make_task)
             timing["search"] = time.perf_counter() - t_search
 
         # retrain the ingredients
         t1 = time.perf_counter()
-        tasks = [task(f"phase{t}/ingredient{i}", s, {"index": i, "vary": spec.soup.vary}, checkpoints=True)
+        tasks = [make_task(f"phase{t}/ingredient{i}", s, {"index": i, "vary": spec.soup.vary}, checkpoints=True)
                  for i, s in enumerate(ingredient_settings(spec, t, max(ctx.dense_lrs), base))]
         reused = resume.ingredients if resume else {}
         todo = [task for task in tasks if task.name not in reused]

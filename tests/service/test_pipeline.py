@@ -129,3 +129,33 @@ def test_start_from_a_given_checkpoint(small_run, tmp_path):
     _, rec2, result2 = run(spec, tmp_path)
     assert not [r for r in rec2.runs.values() if r["kind"] == "dense"]
     assert result2.phases[0].soup_accuracy == pytest.approx(result.phases[0].soup_accuracy)
+
+
+class DiesAfterTheSearch(SequentialExecutor):
+    """A driver that dies once the search is done, before any ingredient trains."""
+
+    def run(self, tasks, on_epoch, on_result=None):
+        if any("ingredient" in t.name for t in tasks):
+            raise RuntimeError("driver died")
+        return super().run(tasks, on_epoch, on_result)
+
+
+class MustNotSearch(SequentialExecutor):
+    def search(self, *args, **kwargs):
+        raise AssertionError("the finished search ran again")
+
+
+def test_a_resumed_phase_reuses_its_finished_search(store, tmp_path):
+    from service.driver import resume_point
+    spec = parse_spec(dict(SMALL, prune={"target_sparsity": 0.5, "phases": 1},
+                           search={"space": {"lr": {"choice": [0.002, 0.05]}}, "trials": 3}))
+    job = store.create_job(spec)
+    artifacts = ArtifactStore(str(tmp_path))
+    with pytest.raises(RuntimeError, match="driver died"):
+        Pipeline(spec, DiesAfterTheSearch(), store.recorder(job.id), artifacts, prefix=f"jobs/{job.id}").run()
+    [chosen] = [r for r in store.runs(job.id, kind="search_trial") if r.metrics["chosen"]]
+    resume = resume_point(store, job.id)
+    assert resume.searched == chosen.config["config"]
+    Pipeline(spec, MustNotSearch(), store.recorder(job.id), artifacts, prefix=f"jobs/{job.id}", resume=resume).run()
+    assert {r.config["lr"] for r in store.runs(job.id, kind="ingredient")} == {chosen.config["config"]["lr"]}
+    assert len(store.runs(job.id, kind="search_trial")) == 3
