@@ -1,5 +1,5 @@
 """The Ray executor: a phase's ingredients in parallel on warm, long-lived Ray actors, and a phase's
-schedule search as a Ray Tune experiment.
+schedule search as a Ray Tune experiment (service.search).
 
 One pool of `IngredientWorker` actors per job, created on first use and kept across phases, so the
 cost of starting a worker process and importing torch is paid once per job, not per ingredient.
@@ -8,56 +8,22 @@ GPUs. Per-epoch metrics stream back through a Ray queue while the ingredients tr
 process dies, Ray restarts the actor and retries the call (`max_restarts`, `max_task_retries`); the
 retried task resumes from its last epoch checkpoint (`TrainTask.resume_url`).
 
-A search runs its trials with Ray Tune: one trial per task (the pipeline samples the configs), each
-asking for the ingredients' resources, with ASHA stopping weak trials at its rungs. The warm pool is
-released first, so that the trials get its CPUs and GPUs; the next phase starts a new one.
+A search releases the warm pool first, so that Tune's trials get its CPUs and GPUs; the next phase
+starts a new one.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
 from collections import deque
 
 import ray
-from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.util.queue import Empty, Queue
 
 from service.pipeline import EpochCallback, ResultCallback
 from workers.tasks import TrainOutcome, TrainTask, run_train_task
 
 RETRIES = 2
-SEARCH_TIME = "training_iteration"        # Tune counts one per report, that is per epoch
-
-
-def _row(result: dict) -> dict[str, float]:
-    """The training row in a Tune result (Tune adds its own keys: time, ids, config...)."""
-    return {k: v for k, v in result.items()
-            if k in ("epoch", "step", "lr") or (k.startswith(("train_", "val_")) and isinstance(v, (int, float)))}
-
-
-# Tune pickles its run config, callbacks included: the callback holds a key into this table, not the
-# (unpicklable) listener itself
-_LISTENERS: dict[str, tuple[list[str], EpochCallback]] = {}
-
-
-class _Report(tune.Callback):
-    """Runs in the driver: each trial's epoch rows go to the search's listener as they arrive."""
-
-    def __init__(self, key: str):
-        self.key = key
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        names, on_epoch = _LISTENERS[self.key]
-        on_epoch(names[trial.config["trial"]], _row(result))
-
-
-def _trial(config: dict, tasks: list[TrainTask]) -> None:
-    """A Tune trial: train its task, reporting every epoch (ASHA may stop it after any report)."""
-    run_train_task(tasks[config["trial"]], tune.report)
 
 
 @ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
@@ -161,32 +127,11 @@ class RayExecutor:
 
     def search(self, tasks: list[TrainTask], on_epoch: EpochCallback, *, metric: str, mode: str,
                scheduler: str, grace_period: int, reduction_factor: int) -> dict[str, str | BaseException]:
-        self.shutdown()                                    # the trials need the pool's resources
-        key = uuid.uuid4().hex
-        _LISTENERS[key] = ([t.name for t in tasks], on_epoch)
-        sched = (ASHAScheduler(time_attr=SEARCH_TIME, max_t=max(t.epochs for t in tasks), grace_period=grace_period,
-                               reduction_factor=reduction_factor) if scheduler == "asha" else FIFOScheduler())
-        storage = tempfile.mkdtemp(prefix="ladle-search-")
-        try:
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(_trial, tasks=tasks), {"cpu": self.cpus, "gpu": self.gpus}),
-                param_space={"trial": tune.grid_search(list(range(len(tasks))))},
-                tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=sched,
-                                            max_concurrent_trials=self.slots),
-                run_config=tune.RunConfig(storage_path=storage, name="search", callbacks=[_Report(key)], verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=RETRIES)))
-            ends: dict[str, str | BaseException] = {}
-            for result in tuner.fit():
-                task = tasks[result.config["trial"]]
-                if result.error is not None:
-                    ends[task.name] = result.error
-                else:
-                    ran = int((result.metrics or {}).get(SEARCH_TIME, 0))
-                    ends[task.name] = "completed" if ran >= task.epochs else "stopped"
-            return ends
-        finally:
-            _LISTENERS.pop(key, None)
-            shutil.rmtree(storage, ignore_errors=True)
+        from service.search import tune_search      # Ray Tune is imported only by jobs that search
+        self.shutdown()                              # the trials need the pool's resources
+        return tune_search(tasks, on_epoch, cpus=self.cpus, gpus=self.gpus, slots=self.slots, metric=metric,
+                           mode=mode, scheduler=scheduler, grace_period=grace_period,
+                           reduction_factor=reduction_factor, retries=RETRIES)
 
     def shutdown(self) -> None:
         for a in self._actors:
