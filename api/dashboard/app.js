@@ -166,7 +166,8 @@ async function jobsView(el) {
   select.value = jobsFilter;
   const refresh = async () => {
     const page = await api(`/jobs?limit=200${jobsFilter ? `&status=${jobsFilter}` : ""}`);
-    el.querySelector("#jobs-count").textContent = `${page.count} job${page.count === 1 ? "" : "s"}`;
+    el.querySelector("#jobs-count").textContent = `${page.count} job${page.count === 1 ? "" : "s"}`
+      + (page.count > page.data.length ? ` (the newest ${page.data.length} shown)` : "");
     el.querySelector("#jobs tbody").innerHTML = page.data.map((j) => `
       <tr data-job="${j.id}" data-status="${j.status}">
         <td><a href="#/jobs/${j.id}">${esc(j.name)}</a> <span class="muted">${j.id.slice(0, 8)}</span></td>
