@@ -282,12 +282,22 @@ async function jobView(el, jobId) {
     timeline.update("none");
   }
 
+  // The DAG up to the last finished phase's model, plus, while a phase runs, its finished ingredients
+  // (each one's lineage brings in the phase's pruned model)
   async function lineage(job, phases) {
     const last = [...phases].reverse().find((p) => p.model_id);
-    const modelId = job.final_model_id || last?.model_id;
-    if (!modelId) return;
-    const graph = await api(`/models/${modelId}/lineage`);
-    drawLineage(el.querySelector("#lineage"), graph, (m) => modelPanel(el.querySelector("#model-panel"), m));
+    const tips = new Set([job.final_model_id || last?.model_id]);
+    if (!job.final_model_id) {
+      runs.filter((r) => r.kind === "ingredient" && r.phase === job.current_phase && r.model_id)
+        .forEach((r) => tips.add(r.model_id));
+    }
+    tips.delete(undefined);
+    if (!tips.size) return;
+    const graphs = await Promise.all([...tips].map((id) => api(`/models/${id}/lineage`)));
+    const nodes = new Map(graphs.flatMap((g) => g.nodes).map((n) => [n.id, n]));
+    const edges = new Map(graphs.flatMap((g) => g.edges).map((e) => [`${e.parent} ${e.child}`, e]));
+    drawLineage(el.querySelector("#lineage"), { nodes: [...nodes.values()], edges: [...edges.values()] },
+                (m) => modelPanel(el.querySelector("#model-panel"), m));
   }
 
   function drawSearch(trials) {
