@@ -44,10 +44,14 @@ def _pct(x: float | None, signed: bool = False) -> str:
 
 
 def phase_table(phases: list[dict[str, Any]], title: str = "") -> Table:
-    """The per-phase table: sparsity, test accuracy (%) after pruning, of each ingredient and of the soup."""
+    """The per-phase table: sparsity, test accuracy (%) after pruning, of each ingredient (after the same
+    BatchNorm recalibration as the soup), of the soup and of the ingredients' prediction ensemble;
+    wall time and compute."""
     table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient")
-    for col in ("phase", "target", "sparsity", "pruned", "ingredients", "soup", "Δbest", "s"):
+                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient; ensemble: "
+                          "argmax of the ingredients' mean softmax; CPU s and epochs: the phase's compute")
+    for col in ("phase", "target", "sparsity", "pruned", "ingredients", "soup", "Δbest", "ensemble", "s", "CPU s",
+                "epochs"):
         table.add_column(col, justify="left" if col == "ingredients" else "right", no_wrap=True)
     for p in phases:
         accs = p.get("ingredient_accuracies") or []
@@ -55,7 +59,8 @@ def phase_table(phases: list[dict[str, Any]], title: str = "") -> Table:
         table.add_row(str(p["phase"]), _fmt(p["target_sparsity"], ".3f"), _fmt(p["sparsity"], ".3f"),
                       _pct(p.get("pruned_accuracy")), ingredients or ("dense" if p["phase"] == 0 else ""),
                       _pct(p.get("soup_accuracy")), _pct(p.get("gain_over_best"), signed=True),
-                      _fmt((p.get("seconds") or {}).get("total"), ".1f"))
+                      _pct(p.get("ensemble_accuracy")), _fmt((p.get("seconds") or {}).get("total"), ".1f"),
+                      _fmt(p.get("cpu_seconds"), ".1f"), _fmt(p.get("epochs_trained"), "d"))
     return table
 
 

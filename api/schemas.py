@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 EdgeKind = Literal["pruned_from", "retrained_from", "averaged_from"]
@@ -28,10 +28,21 @@ class JobPublic(_Out):
     sparsity: float | None = Field(description="sparsity reached by the last finished phase")
     best_accuracy: float | None = Field(description="best test accuracy among the last finished phase's models "
                                                     "(its soup and ingredients; the dense model in phase 0)")
+    cpu_seconds: float | None = Field(description="CPU-seconds of the finished phases: their runs and the driver")
+    gpu_seconds: float | None = Field(description="GPU-seconds of the finished phases (wall time x GPU share)")
+    epochs_trained: int | None = Field(description="epochs trained by the finished phases' runs")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     spec: dict[str, Any]
+
+    @computed_field(description="seconds from start to finish (to now while it runs)")
+    @property
+    def wall_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or datetime.now(timezone.utc)
+        return max(0.0, (end - self.started_at).total_seconds())
 
 
 class JobsPublic(BaseModel):
@@ -56,6 +67,11 @@ class PhasePublic(_Out):
     mean_pairwise_distance: float | None
     soup_ingredients: list[int]
     seconds: dict[str, float | None]
+    ensemble_accuracy: float | None = Field(description="test accuracy of the ingredients' prediction ensemble "
+                                                        "(argmax of their mean softmax)")
+    cpu_seconds: float | None
+    gpu_seconds: float | None
+    epochs_trained: int | None
     started_at: datetime
     finished_at: datetime | None
 

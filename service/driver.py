@@ -31,7 +31,8 @@ def phase_summary(row) -> PhaseSummary:
                         gain_over_best=row.gain_over_best, gain_over_mean=row.gain_over_mean, norm_drop=row.norm_drop,
                         mean_pairwise_distance=row.mean_pairwise_distance,
                         soup_ingredients=list(row.soup_ingredients or []), model_id=row.model_id,
-                        seconds=dict(row.seconds or {}))
+                        seconds=dict(row.seconds or {}), ensemble_accuracy=row.ensemble_accuracy,
+                        cpu_seconds=row.cpu_seconds, gpu_seconds=row.gpu_seconds, epochs_trained=row.epochs_trained)
 
 
 def resume_point(store: Store, job_id: str) -> ResumePoint | None:

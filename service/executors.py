@@ -58,6 +58,7 @@ class RayExecutor:
             if gpus > 0:
                 slots = min(slots, int(round(resources.get("GPU", 0) / gpus, 6)))
         self.slots = max(1, slots)
+        self.in_process = False
         self._actors: list = []
         self._queue: Queue | None = None
 
@@ -116,7 +117,9 @@ class RayExecutor:
                 except ray.exceptions.ActorError as e:   # its worker died beyond its retries: replace it
                     results[i] = e
                     actor = self._replace(actor)
-                except Exception as e:                   # the task itself raised
+                except ray.exceptions.RayTaskError as e:  # the task itself raised: keep its own error
+                    results[i] = e.cause if isinstance(e.cause, Exception) else e
+                except Exception as e:
                     results[i] = e
                 idle.append(actor)
                 if on_result is not None:

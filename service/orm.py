@@ -82,6 +82,9 @@ class Job(Base):
     best_accuracy: Mapped[float | None]       # the best test accuracy among that phase's models
     total_epochs: Mapped[int] = mapped_column(default=0)
     done_epochs: Mapped[int] = mapped_column(default=0)
+    cpu_seconds: Mapped[float | None]         # compute of the finished phases (runs + the driver's share)
+    gpu_seconds: Mapped[float | None]
+    epochs_trained: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -117,6 +120,10 @@ class Phase(Base):
     ingredient_accuracies: Mapped[list[Any]] = mapped_column(default=list)
     soup_ingredients: Mapped[list[Any]] = mapped_column(default=list)
     seconds: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    ensemble_accuracy: Mapped[float | None]   # the ingredients' prediction ensemble (mean softmax)
+    cpu_seconds: Mapped[float | None]
+    gpu_seconds: Mapped[float | None]
+    epochs_trained: Mapped[int | None]
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 

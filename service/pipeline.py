@@ -22,14 +22,14 @@ from torch import nn
 
 from service.artifacts import ArtifactStore
 from service.spec import JobSpec
-from workers.checkpoint import Checkpoint
+from workers.checkpoint import SavedModel, save_model
 from workers.data import Splits, load_splits, make_loader
-from workers.evaluate import evaluate, model_stats
+from workers.evaluate import ensemble_accuracy, evaluate, score_splits
 from workers.models import build_model
 from workers.pruning import Masks, full_masks, per_phase_rate, prunable_names, prune, sparsity_after
 from workers.schedules import dense_schedule, retrain_schedule
 from workers.soup import State, bn_recalibrate, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
-from workers.tasks import TrainOutcome, TrainTask, run_train_task
+from workers.tasks import Finish, TrainOutcome, TrainTask, run_train_task
 from workers.train import default_device
 
 EpochCallback = Callable[[str, dict[str, float]], None]
@@ -44,6 +44,7 @@ class PhaseFailed(RuntimeError):
 
 class Executor(Protocol):
     slots: int
+    in_process: bool        # tasks run in the driver's process (their CPU time is the driver's too)
 
     def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
             on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
@@ -61,6 +62,7 @@ class SequentialExecutor:
     """Runs tasks one after another in this process: for debugging and as the benchmarks' baseline."""
 
     slots = 1
+    in_process = True
 
     def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
             on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
@@ -112,7 +114,7 @@ class PhaseSummary:
     target_sparsity: float
     sparsity: float
     pruned_accuracy: float | None = None            # test accuracy right after pruning
-    ingredient_accuracies: list[float | None] = field(default_factory=list)   # None: failed
+    ingredient_accuracies: list[float | None] = field(default_factory=list)   # after BN recalibration; None: failed
     soup_accuracy: float | None = None
     soup_val_accuracy: float | None = None
     gain_over_best: float | None = None
@@ -122,6 +124,10 @@ class PhaseSummary:
     soup_ingredients: list[int] = field(default_factory=list)
     model_id: str | None = None                     # the phase's result (dense or soup)
     seconds: dict[str, float] = field(default_factory=dict)
+    ensemble_accuracy: float | None = None          # the ingredients' prediction ensemble (mean softmax)
+    cpu_seconds: float | None = None                # compute of the phase: its runs and the driver's share
+    gpu_seconds: float | None = None
+    epochs_trained: int | None = None               # by its runs (ingredients, search trials; phase 0: dense)
 
 
 class Recorder(Protocol):
@@ -199,6 +205,47 @@ def describe(config: dict[str, Any]) -> str:
 
 
 @dataclass
+class Compute:
+    """What a run, a phase or a job consumed: CPU-seconds (process CPU time, all threads), GPU-seconds
+    (wall time x the GPU share held, on CUDA) and epochs trained. Runs add up to their phase, together
+    with the driver's own share (pruning, soup, BatchNorm recalibration, evaluation); phases add up to
+    the job."""
+    cpu_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+    epochs_trained: int = 0
+
+    def add(self, cpu_seconds: float | None = 0.0, gpu_seconds: float | None = 0.0,
+            epochs_trained: int | None = 0) -> None:
+        self.cpu_seconds += cpu_seconds or 0.0
+        self.gpu_seconds += gpu_seconds or 0.0
+        self.epochs_trained += int(epochs_trained or 0)
+
+    def add_outcome(self, out: TrainOutcome) -> None:
+        self.add(out.cpu_seconds, out.gpu_seconds, out.epochs_trained)
+
+
+def run_metrics(out: TrainOutcome) -> dict[str, Any]:
+    """A finished training run's figures, as its run and model records keep them."""
+    return dict(out.scores, train_seconds=out.train_seconds, seconds=out.seconds, cpu_seconds=out.cpu_seconds,
+                gpu_seconds=out.gpu_seconds, epochs_trained=out.epochs_trained)
+
+
+def dense_history(meta: dict[str, Any]) -> tuple[list[float], int]:
+    """The per-step dense LRs and dense epochs that a checkpoint's `dense_schedule` metadata records:
+    either the steps themselves (`lrs`, with `epochs`) or the schedule that made them (`kind`, `lr`,
+    `epochs`, `steps_per_epoch`, `warmup`). Raises KeyError/ValueError/TypeError when it is malformed."""
+    epochs = int(meta["epochs"])
+    if meta.get("lrs") is not None:
+        lrs = [float(x) for x in meta["lrs"]]
+    else:
+        lrs = dense_schedule(str(meta["kind"]), float(meta["lr"]), epochs * int(meta["steps_per_epoch"]),
+                             float(meta.get("warmup", 0.0)))
+    if not lrs or epochs < 1 or not all(math.isfinite(x) and x >= 0 for x in lrs):
+        raise ValueError("empty or invalid dense LR history")
+    return lrs, epochs
+
+
+@dataclass
 class _Context:
     spec: JobSpec
     splits: Splits
@@ -207,6 +254,7 @@ class _Context:
     dense_epochs: int
     steps_per_epoch: int
     meta: dict[str, Any]
+    dense_source: str | None = None        # where dense_lrs came from, when it is worth an event
 
     def model(self, state: State | None = None) -> nn.Module:
         m = build_model(self.spec.model.arch, num_classes=self.splits.num_classes, in_shape=self.splits.in_shape,
@@ -219,12 +267,19 @@ class _Context:
         return make_loader(getattr(self.splits, split), self.spec.data.batch_size, shuffle=shuffle)
 
     def scores(self, model: nn.Module) -> dict[str, float]:
-        out = {}
-        for split in ("val", "test"):
-            if len(getattr(self.splits, split)):
-                r = evaluate(model, self.loader(split), device=self.device)
-                out.update({f"{split}_accuracy": r["accuracy"], f"{split}_loss": r["loss"], f"{split}_ece": r["ece"]})
-        return out
+        return score_splits(model, self.splits, self.spec.data.batch_size, device=self.device)[0]
+
+
+def _hint(spec: JobSpec, error: BaseException, *, dense: bool) -> str:
+    """Where to change the LR of a run that diverged."""
+    from workers.models import suggested_lr
+    from workers.train import TrainingDiverged
+    if not isinstance(error, TrainingDiverged):
+        return ""
+    if dense:
+        lr = suggested_lr(spec.model.arch)
+        return f" (dense.lr is {spec.dense.lr:g}" + (f"; {spec.model.arch} trains well at {lr:g}" if lr else "") + ")"
+    return f" (the retraining LR: retrain.lr, or the dense peak LR {spec.dense.lr:g} when it is null)"
 
 
 class Pipeline:
@@ -238,23 +293,37 @@ class Pipeline:
         self.device = device or default_device()
         self.resume = resume
         self.epoch_checkpoints = epoch_checkpoints   # for executors that retry a task after its worker died
+        self._checkpoint = None                      # model.checkpoint, read once
 
     # -- plumbing
-    def _save(self, ctx: _Context, model: nn.Module, masks: Masks, *, kind: str, phase: int, name: str,
-              parents: list[tuple[str, str]], metrics: dict[str, Any]) -> ModelRecord:
-        model_id = uuid.uuid4().hex
-        stats = model_stats(model, masks)
-        meta = dict(ctx.meta, model_id=model_id, kind=kind, phase=phase, name=name,
+    def _url(self, name: str) -> str:
+        return self.artifacts.uri(f"{self.prefix}{name}.safetensors")
+
+    @staticmethod
+    def _meta(ctx: _Context, model_id: str, kind: str, phase: int, name: str,
+              parents: list[tuple[str, str]]) -> dict[str, Any]:
+        return dict(ctx.meta, model_id=model_id, kind=kind, phase=phase, name=name,
                     parents=[{"id": p, "kind": k} for p, k in parents])
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        uri, size, sha = self.artifacts.save_checkpoint(f"{self.prefix}{name}.safetensors",
-                                                        Checkpoint(state=state, masks=masks, meta=meta))
-        rec = ModelRecord(id=model_id, kind=kind, phase=phase, name=name, uri=uri, size_bytes=size, sha256=sha,
-                          sparsity=stats["sparsity"], nonzeros=stats["nonzeros"],
-                          metrics=dict(metrics, layer_sparsity=stats["layer_sparsity"],
-                                       parameters=stats["parameters"]), parents=parents)
+
+    def _record(self, saved: SavedModel, meta: dict[str, Any], metrics: dict[str, Any]) -> ModelRecord:
+        """Record a saved model with its lineage edges (from its `meta`)."""
+        rec = ModelRecord(id=meta["model_id"], kind=meta["kind"], phase=meta["phase"], name=meta["name"],
+                          uri=saved.uri, size_bytes=saved.size_bytes, sha256=saved.sha256, sparsity=saved.sparsity,
+                          nonzeros=saved.nonzeros, metrics=dict(metrics, layer_sparsity=saved.layer_sparsity,
+                                                                parameters=saved.parameters),
+                          parents=[(p["id"], p["kind"]) for p in meta["parents"]])
         self.recorder.model_saved(rec)
         return rec
+
+    def _save(self, ctx: _Context, model: nn.Module, masks: Masks, *, kind: str, phase: int, name: str,
+              parents: list[tuple[str, str]], metrics: dict[str, Any]) -> ModelRecord:
+        meta = self._meta(ctx, uuid.uuid4().hex, kind, phase, name, parents)
+        return self._record(save_model(self._url(name), model, masks, meta), meta, metrics)
+
+    def _load_checkpoint(self):
+        if self._checkpoint is None:
+            self._checkpoint = self.artifacts.load_checkpoint(self.spec.model.checkpoint)
+        return self._checkpoint
 
     def _total_epochs(self) -> int:
         """For progress: every epoch the job will train (a search's trials counted as if none stopped early)."""
@@ -269,52 +338,72 @@ class Pipeline:
             search = searched * spec.search.trials * trial_epochs
         return dense + per_phase * spec.prune.phases + search
 
+    def _driver_share(self, compute: Compute, t0: float, cpu0: float, in_process: Compute, outside: float) -> None:
+        """Add the driver's own compute since (t0, cpu0) to `compute`: its CPU time less what tasks run
+        in this process consumed (already counted as runs), and on CUDA its wall time outside the
+        executor's runs (`outside` seconds were spent waiting for them)."""
+        compute.add(max(0.0, time.process_time() - cpu0 - in_process.cpu_seconds),
+                    max(0.0, time.perf_counter() - t0 - outside) if self.device.type == "cuda" else 0.0)
+
     # -- phase 0
     def _dense(self, ctx: _Context) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:
         spec = self.spec
         self.recorder.phase_started(0, 0.0)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        compute, in_process, waited = Compute(), Compute(), 0.0
         if spec.model.checkpoint:
-            ckpt = self.artifacts.load_checkpoint(spec.model.checkpoint)
+            ckpt = self._load_checkpoint()
             arch = ckpt.meta.get("arch")
             if arch and arch != spec.model.arch:
                 raise ValueError(f"model.checkpoint was made for arch {arch!r}, the spec says {spec.model.arch!r}")
             model = ctx.model(ckpt.state)
             masks = ckpt.masks or full_masks(model)
             self.recorder.event(f"phase 0: loaded dense checkpoint {spec.model.checkpoint}", phase=0)
-            run_metrics: dict[str, Any] = {}
+            rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
+                             metrics=ctx.scores(model))
         else:
+            meta = self._meta(ctx, uuid.uuid4().hex, "dense", 0, "phase0/dense", [])
             task = TrainTask(name="dense", arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
                              data=spec.data.config(), data_seed=spec.seed, lrs=ctx.dense_lrs,
                              epochs=spec.dense.epochs, seed=spec.seed, optimizer=spec.retrain.optimizer.config(),
-                             augment=spec.data.augment)
+                             augment=spec.data.config().augment, finish=Finish(url=self._url("phase0/dense"), meta=meta),
+                             gpus=spec.resources.gpus_per_ingredient)
             self.recorder.run_started(RunRecord("dense", "dense", 0, {"epochs": spec.dense.epochs,
                                                                       "lr": spec.dense.lr,
+                                                                      "warmup": spec.dense.warmup,
                                                                       "schedule": spec.dense.schedule,
                                                                       "seed": spec.seed}))
+            t_run = time.perf_counter()
             [out] = self.executor.run([task], self.recorder.metric)
+            waited = time.perf_counter() - t_run
             if isinstance(out, BaseException):
                 self.recorder.run_finished("dense", "failed", error=repr(out))
-                raise RuntimeError(f"dense training failed: {out!r}") from out
+                msg = f"dense training failed: {out}{_hint(spec, out, dense=True)}"
+                self.recorder.event(f"phase 0: {msg}", level="error", phase=0)
+                raise RuntimeError(msg) from out
             model = ctx.model(out.state)
             masks = full_masks(model)
-            run_metrics = {"train_seconds": out.train_seconds, "seconds": out.seconds}
-        scores = ctx.scores(model)
-        rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[], metrics=scores)
-        if not spec.model.checkpoint:
-            self.recorder.run_finished("dense", "succeeded", model_id=rec.id, metrics=dict(scores, **run_metrics))
+            rec = self._record(out.saved, meta, out.scores)
+            self.recorder.run_finished("dense", "succeeded", model_id=rec.id, metrics=run_metrics(out))
+            compute.add_outcome(out)
+            if self.executor.in_process:
+                in_process.add_outcome(out)
+        self._driver_share(compute, t0, cpu0, in_process, waited)
         summary = PhaseSummary(phase=0, target_sparsity=0.0, sparsity=rec.sparsity,
-                               soup_accuracy=scores.get("test_accuracy"), soup_val_accuracy=scores.get("val_accuracy"),
-                               model_id=rec.id, seconds={"total": time.perf_counter() - t0})
+                               soup_accuracy=rec.metrics.get("test_accuracy"),
+                               soup_val_accuracy=rec.metrics.get("val_accuracy"), model_id=rec.id,
+                               seconds={"total": time.perf_counter() - t0}, cpu_seconds=compute.cpu_seconds,
+                               gpu_seconds=compute.gpu_seconds, epochs_trained=compute.epochs_trained)
         self.recorder.phase_finished(summary)
         return model, masks, rec, summary
 
     # -- the schedule search of a phase
-    def _search(self, ctx: _Context, t: int, make_task: Callable[..., TrainTask]) -> dict[str, Any]:
+    def _search(self, ctx: _Context, t: int, make_task: Callable[..., TrainTask]) -> tuple[dict[str, Any], Compute]:
         """Trial 0 is the spec's own retraining config, the others sample `search.space` (seeded by the
         job's seed and the phase). All trials start from the same pruned model with the same seed, so
         they differ only in their config. Returns the config of the best trial by `search.metric` (its
-        last reported value; a trial that ASHA stopped early reports fewer epochs)."""
+        last reported value; a trial that ASHA stopped early reports fewer epochs), and what the trials
+        consumed (from each trial's last epoch row)."""
         sp, rec = self.spec.search, self.recorder
         assert sp is not None
         default = retrain_config(self.spec, max(ctx.dense_lrs))
@@ -340,6 +429,10 @@ class Pipeline:
         ok = [i for i, tk in enumerate(tasks) if not isinstance(ends.get(tk.name), BaseException)
               and score[tk.name] is not None and math.isfinite(score[tk.name])]
         best = (max if sp.mode == "max" else min)(ok, key=lambda i: score[tasks[i].name]) if ok else None
+        compute = Compute()
+        for tk in tasks:
+            row = last.get(tk.name, {})
+            compute.add(row.get("cpu_seconds"), row.get("gpu_seconds"), row.get("epoch"))
         for i, tk in enumerate(tasks):
             end = ends.get(tk.name, RuntimeError("the search reported no end for this trial"))
             row = {k: v for k, v in last.get(tk.name, {}).items() if k not in ("step", "lr")}
@@ -351,13 +444,14 @@ class Pipeline:
         if best is None:
             rec.event(f"phase {t}: every search trial failed; the ingredients use the spec's config", level="error",
                       phase=t)
-            return default
+            return default, compute
         stopped = sum(1 for e in ends.values() if e == "stopped")
         base_score = score[tasks[0].name]
         rec.event(f"phase {t}: {describe(configs[best])} chosen, {sp.metric} {score[tasks[best].name]:.4f} vs "
                   + (f"{base_score:.4f} default" if base_score is not None else "no score for the default")
                   + f" ({stopped} of {len(tasks)} trials stopped early)", phase=t)
-        return configs[best]
+        return configs[best], compute
+
 
     # -- phases 1..T
     def _phase(self, ctx: _Context, t: int, parent: nn.Module, parent_masks: Masks, parent_rec: ModelRecord,
@@ -366,7 +460,8 @@ class Pipeline:
         target = sparsity_after(rate, t) if t < spec.prune.phases else spec.prune.target_sparsity
         rec.phase_started(t, target)
         timing: dict[str, float] = {}
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        compute, in_process = Compute(), Compute()
 
         # prune (pruning is deterministic; a resumed phase reuses the pruned model it saved)
         resume = self.resume if self.resume and len(self.resume.phases) == t else None
@@ -391,30 +486,42 @@ class Pipeline:
         pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
         cpu_masks = {k: v.cpu() for k, v in masks.items()}
 
-        def make_task(name: str, s: dict[str, Any], info: dict[str, Any], checkpoints: bool = False) -> TrainTask:
+        def make_task(name: str, s: dict[str, Any], info: dict[str, Any], ingredient: bool = False) -> TrainTask:
+            """A retraining task; an ingredient's worker also recalibrates, scores and saves it."""
             steps = s["epochs"] * ctx.steps_per_epoch
             lrs = retrain_schedule(s["schedule"], steps, ctx.dense_lrs, lr=s["lr"], norm_drop=norm_drop, rate=rate,
                                    phase_epochs=s["epochs"], dense_epochs=ctx.dense_epochs)
             opt = spec.retrain.optimizer.model_copy(update={"weight_decay": s["weight_decay"]}).config()
             info = dict(info, seed=s["seed"], weight_decay=s["weight_decay"], epochs=s["epochs"], lr=s["lr"],
                         peak_lr=max(lrs), schedule=s["schedule"])
+            finish = Finish(url=self._url(name), recal_fraction=spec.soup.bn_recalibration_fraction, probs=True,
+                            meta=self._meta(ctx, uuid.uuid4().hex, "ingredient", t, name,
+                                            [(pruned_rec.id, "retrained_from")])) if ingredient else None
             return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
                              data=spec.data.config(), data_seed=spec.seed, lrs=lrs, epochs=s["epochs"], seed=s["seed"],
                              init_state=pruned_state, masks=cpu_masks, optimizer=opt, params=spec.retrain.params,
-                             augment=spec.data.augment, threads=max(1, int(spec.resources.cpus_per_ingredient)),
-                             info=info, resume_url=self.artifacts.uri(f"{self.prefix}{name}.epoch.safetensors")
-                             if checkpoints and self.epoch_checkpoints else None)
+                             augment=spec.data.config().augment, threads=max(1, int(spec.resources.cpus_per_ingredient)),
+                             info=info, finish=finish, gpus=spec.resources.gpus_per_ingredient,
+                             resume_url=self.artifacts.uri(f"{self.prefix}{name}.epoch.safetensors")
+                             if ingredient and self.epoch_checkpoints else None)
 
         # search the retraining schedule (a finished search of a resumed phase is not run again)
         base = None
+        waited = 0.0
         if spec.search is not None and spec.search.applies(t):
             t_search = time.perf_counter()
-            base = resume.searched if resume and resume.searched else self._search(ctx, t, make_task)
-            timing["search"] = time.perf_counter() - t_search
+            if resume and resume.searched:
+                base = resume.searched
+            else:
+                base, trials = self._search(ctx, t, make_task)
+                compute.add(trials.cpu_seconds, trials.gpu_seconds, trials.epochs_trained)
+                if self.executor.in_process:
+                    in_process.add(trials.cpu_seconds)
+            timing["search"] = waited = time.perf_counter() - t_search
 
-        # retrain the ingredients
+        # retrain the ingredients; each worker recalibrates BatchNorm, scores and saves its ingredient
         t1 = time.perf_counter()
-        tasks = [make_task(f"phase{t}/ingredient{i}", s, {"index": i, "vary": spec.soup.vary}, checkpoints=True)
+        tasks = [make_task(f"phase{t}/ingredient{i}", s, {"index": i, "vary": spec.soup.vary}, ingredient=True)
                  for i, s in enumerate(ingredient_settings(spec, t, max(ctx.dense_lrs), base))]
         reused = resume.ingredients if resume else {}
         todo = [task for task in tasks if task.name not in reused]
@@ -422,33 +529,39 @@ class Pipeline:
             rec.event(f"phase {t}: resuming; reusing the finished ingredients {sorted(reused)}", phase=t)
         for task in todo:
             rec.run_started(RunRecord(task.name, "ingredient", t, task.info))
-        # each ingredient is saved and recorded as soon as it finishes, so a driver that dies
-        # mid-phase leaves the finished ones for its successor to reuse
-        done: dict[str, tuple[State, ModelRecord, float | None] | None] = {}
+        # each ingredient is recorded as soon as it finishes, so a driver that dies mid-phase leaves the
+        # finished ones for its successor to reuse
+        done: dict[str, tuple[State, ModelRecord, torch.Tensor | None] | None] = {}
 
         def finished(task: TrainTask, out: TrainOutcome | BaseException) -> None:
             if task.resume_url:
                 self.artifacts.delete(task.resume_url)
             if isinstance(out, BaseException):
                 rec.run_finished(task.name, "failed", error=repr(out))
-                rec.event(f"phase {t}: {task.name.split('/')[-1]} failed: {out!r}", level="error", phase=t)
+                rec.event(f"phase {t}: {task.name.split('/')[-1]} failed: {out}{_hint(spec, out, dense=False)}",
+                          level="error", phase=t)
                 done[task.name] = None
                 return
-            model = ctx.model(out.state)
-            scores = ctx.scores(model)
-            run_metrics = dict(scores, train_seconds=out.train_seconds, seconds=out.seconds)
-            irec = self._save(ctx, model, masks, kind="ingredient", phase=t, name=task.name,
-                              parents=[(pruned_rec.id, "retrained_from")], metrics=run_metrics)
+            metrics = run_metrics(out)
+            irec = self._record(out.saved, task.finish.meta, metrics)
             rec.run_finished(task.name, "succeeded", model_id=irec.id,
-                             metrics=dict(run_metrics, resumed_from_epoch=out.resumed_from_epoch))
-            done[task.name] = (out.state, irec, scores.get("test_accuracy"))
+                             metrics=dict(metrics, resumed_from_epoch=out.resumed_from_epoch))
+            done[task.name] = (out.state, irec, out.probs)
+            compute.add_outcome(out)
+            if self.executor.in_process:
+                in_process.add_outcome(out)
 
         for name, irec in reused.items():
-            done[name] = (self.artifacts.load_checkpoint(irec.uri).state, irec, irec.metrics.get("test_accuracy"))
+            model = ctx.model(self.artifacts.load_checkpoint(irec.uri).state)
+            probs = evaluate(model, ctx.loader("test"), device=ctx.device, probs=True).get("probs")
+            done[name] = ({k: v.detach().cpu() for k, v in model.state_dict().items()}, irec, probs)
+            m = irec.metrics                       # spent by the driver that trained it
+            compute.add(m.get("cpu_seconds"), m.get("gpu_seconds"), m.get("epochs_trained"))
         self.executor.run(todo, rec.metric, finished)
         timing["retrain"] = time.perf_counter() - t1
-        survivors = [(i, d[0], d[1]) for i, task in enumerate(tasks) if (d := done[task.name]) is not None]
-        accs = [None if done[task.name] is None else done[task.name][2] for task in tasks]
+        waited += timing["retrain"]
+        survivors = [(i, d[0], d[1], d[2]) for i, task in enumerate(tasks) if (d := done[task.name]) is not None]
+        accs = [None if done[task.name] is None else done[task.name][1].metrics.get("test_accuracy") for task in tasks]
         if len(survivors) < spec.soup.min_ingredients:
             msg = (f"phase {t}: only {len(survivors)} of {len(tasks)} ingredients finished, "
                    f"fewer than min_ingredients={spec.soup.min_ingredients}; the phase fails")
@@ -456,11 +569,11 @@ class Pipeline:
             raise PhaseFailed(msg)
         if len(survivors) < len(tasks):
             rec.event(f"phase {t}: soup made from the {len(survivors)} surviving ingredients "
-                      f"{[i for i, _, _ in survivors]} of {len(tasks)}", level="warning", phase=t)
+                      f"{[i for i, *_ in survivors]} of {len(tasks)}", level="warning", phase=t)
 
-        # soup
+        # soup: average, recalibrate BatchNorm, evaluate (the ingredients were scored the same way)
         t2 = time.perf_counter()
-        states = [state for _, state, _ in survivors]
+        states = [state for _, state, _, _ in survivors]
         check_shared_mask(states, cpu_masks)
         recal = self.spec.soup.bn_recalibration_fraction
         train_fixed = ctx.loader("train")
@@ -470,37 +583,49 @@ class Pipeline:
             return evaluate(m, ctx.loader("val"), device=ctx.device)["accuracy"]
 
         if spec.soup.method == "greedy":
-            g = greedy_soup(states, cpu_masks, val_score)
+            g = greedy_soup(states, cpu_masks, val_score,
+                            scores=[r.metrics.get("val_accuracy") for _, _, r, _ in survivors])
             soup_state, chosen = g.state, [survivors[j][0] for j in g.chosen]
             chosen_recs = [survivors[j][2] for j in g.chosen]
             rec.event(f"phase {t}: greedy soup of ingredients {chosen} (val accuracy {g.score:.4f}, "
                       f"best ingredient {max(g.ingredient_scores):.4f})", phase=t)
         else:
             soup_state = uniform_soup(states, cpu_masks)
-            chosen, chosen_recs = [i for i, _, _ in survivors], [r for _, _, r in survivors]
+            chosen, chosen_recs = [i for i, *_ in survivors], [r for _, _, r, _ in survivors]
         soup = bn_recalibrate(ctx.model(soup_state), train_fixed, recal, device=ctx.device)
         timing["soup"] = time.perf_counter() - t2
         t3 = time.perf_counter()
         soup_scores = ctx.scores(soup)
+        probs = [p for *_, p in survivors]
+        ensemble = (ensemble_accuracy(probs, ctx.splits.test.y)
+                    if len(ctx.splits.test) and all(p is not None for p in probs) else None)
         timing["eval"] = time.perf_counter() - t3
         ok = [a for a in accs if a is not None]
         soup_acc = soup_scores.get("test_accuracy")
         distances = pairwise_distances(states, prunable_names(soup)) if len(states) > 1 else []
         extra = {"gain_over_best": soup_acc - max(ok), "gain_over_mean": soup_acc - statistics.fmean(ok),
+                 "ensemble_accuracy": ensemble,
                  "mean_pairwise_distance": statistics.fmean(distances) if distances else 0.0,
                  "ingredients": chosen}
         soup_rec = self._save(ctx, soup, masks, kind="soup", phase=t, name=f"phase{t}/soup",
                               parents=[(r.id, "averaged_from") for r in chosen_recs],
                               metrics=dict(soup_scores, **extra))
         timing["total"] = time.perf_counter() - t0
+        self._driver_share(compute, t0, cpu0, in_process, waited)
         summary = PhaseSummary(phase=t, target_sparsity=target, sparsity=soup_rec.sparsity,
                                pruned_accuracy=pruned_scores.get("test_accuracy"), ingredient_accuracies=accs,
                                soup_accuracy=soup_acc, soup_val_accuracy=soup_scores.get("val_accuracy"),
                                gain_over_best=extra["gain_over_best"], gain_over_mean=extra["gain_over_mean"],
                                norm_drop=norm_drop, mean_pairwise_distance=extra["mean_pairwise_distance"],
-                               soup_ingredients=chosen, model_id=soup_rec.id, seconds=timing)
+                               soup_ingredients=chosen, model_id=soup_rec.id, seconds=timing,
+                               ensemble_accuracy=ensemble, cpu_seconds=compute.cpu_seconds,
+                               gpu_seconds=compute.gpu_seconds, epochs_trained=compute.epochs_trained)
+        kept = ""
+        if ensemble is not None and ensemble > statistics.fmean(ok):
+            kept = f", keeping {100 * (soup_acc - statistics.fmean(ok)) / (ensemble - statistics.fmean(ok)):.0f}% of its gain"
         rec.event(f"phase {t}: soup accuracy {soup_acc:.4f} ({extra['gain_over_best']:+.4f} over the best "
-                  f"ingredient, {extra['gain_over_mean']:+.4f} over the mean), sparsity {soup_rec.sparsity:.4f}",
+                  f"ingredient, {extra['gain_over_mean']:+.4f} over the mean), sparsity {soup_rec.sparsity:.4f}"
+                  + (f"; prediction ensemble of {len(probs)}: {ensemble:.4f}{kept}" if ensemble is not None else ""),
                   phase=t)
         rec.phase_finished(summary)
         return soup, masks, soup_rec, summary
@@ -509,19 +634,38 @@ class Pipeline:
         spec = self.spec
         splits = load_splits(spec.data.config(), spec.seed)
         spe = len(make_loader(splits.train, spec.data.batch_size, shuffle=True))
-        dense_lrs = dense_schedule(spec.dense.schedule, spec.dense.lr, spec.dense.epochs * spe)
+        history = {"kind": spec.dense.schedule, "lr": spec.dense.lr, "epochs": spec.dense.epochs,
+                   "steps_per_epoch": spe, "warmup": spec.dense.warmup}
+        dense_lrs, dense_epochs = dense_history(history)
+        source = None
+        if spec.model.checkpoint:
+            stored = self._load_checkpoint().meta.get("dense_schedule")
+            own = (f"the spec's dense section ({spec.dense.schedule}, lr {spec.dense.lr:g}, "
+                   f"{spec.dense.epochs} epochs)")
+            if stored is None:
+                source = f"model.checkpoint carries no dense LR history; the retraining schedules use {own}"
+            else:
+                try:
+                    dense_lrs, dense_epochs = dense_history(stored)
+                    history = stored
+                    source = (f"the retraining schedules use the dense LR history stored in model.checkpoint "
+                              f"({len(dense_lrs)} steps over {dense_epochs} epochs, peak {max(dense_lrs):.4g}, "
+                              f"final {dense_lrs[-1]:.4g})")
+                except (KeyError, TypeError, ValueError) as e:
+                    source = (f"model.checkpoint's dense LR history is unreadable ({e!r}); the retraining "
+                              f"schedules use {own}")
         meta = {"arch": spec.model.arch, "model_kwargs": dict(spec.model.kwargs),
                 "num_classes": splits.num_classes, "in_shape": list(splits.in_shape),
-                "job": spec.name, "spec": spec.model_dump(mode="json"),
-                "dense_schedule": {"kind": spec.dense.schedule, "lr": spec.dense.lr, "epochs": spec.dense.epochs,
-                                   "steps_per_epoch": spe}}
+                "job": spec.name, "spec": spec.model_dump(mode="json"), "dense_schedule": history}
         return _Context(spec=spec, splits=splits, device=self.device, dense_lrs=dense_lrs,
-                        dense_epochs=spec.dense.epochs, steps_per_epoch=spe, meta=meta)
+                        dense_epochs=dense_epochs, steps_per_epoch=spe, meta=meta, dense_source=source)
 
     def run(self) -> JobResult:
         spec = self.spec
         ctx = self.context()
         self.recorder.job_started(spec, self._total_epochs())
+        if ctx.dense_source:
+            self.recorder.event(ctx.dense_source, phase=0)
         rate = per_phase_rate(spec.prune.target_sparsity, spec.prune.phases)
         if self.resume:
             summaries, rec = list(self.resume.phases), self.resume.parent

@@ -24,7 +24,8 @@ SEARCH_TIME = "training_iteration"        # Tune counts one per report, that is 
 def _row(result: dict) -> dict[str, float]:
     """The training row in a Tune result (Tune adds its own keys: time, ids, config...)."""
     return {k: v for k, v in result.items()
-            if k in ("epoch", "step", "lr") or (k.startswith(("train_", "val_")) and isinstance(v, (int, float)))}
+            if k in ("epoch", "step", "lr", "cpu_seconds", "gpu_seconds")
+            or (k.startswith(("train_", "val_")) and isinstance(v, (int, float)))}
 
 
 # Tune pickles its run config, callbacks included: the callback holds a key into this table, not the

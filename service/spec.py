@@ -90,9 +90,12 @@ class DataSpec(_Strict):
 
 
 class DenseSpec(_Strict):
+    """Budgeted dense training: `epochs` at peak `lr` (workers.models.suggested_lr lists one that works
+    per zoo architecture), a linear warm-up over the first `warmup` share of the steps, then `schedule`."""
     epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
     lr: float = Field(0.1, gt=0.0, le=10.0)
     schedule: Literal[DENSE_SCHEDULES] = "linear"  # type: ignore[valid-type]
+    warmup: float = Field(0.05, ge=0.0, le=0.5)
 
 
 class PruneSpec(_Strict):

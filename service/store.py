@@ -35,9 +35,10 @@ from service.orm import TERMINAL, Event, Job, Metric, Model, ModelEdge, Phase, R
 from service.pipeline import ModelRecord, PhaseSummary, RunRecord
 from service.spec import JobSpec
 
+COMPUTE_FIELDS = ("cpu_seconds", "gpu_seconds", "epochs_trained")
 PHASE_FIELDS = ("target_sparsity", "sparsity", "model_id", "pruned_accuracy", "soup_accuracy", "soup_val_accuracy",
                 "gain_over_best", "gain_over_mean", "norm_drop", "mean_pairwise_distance", "ingredient_accuracies",
-                "soup_ingredients", "seconds")
+                "soup_ingredients", "seconds", "ensemble_accuracy", *COMPUTE_FIELDS)
 JOB_FIELDS = frozenset(Job.__table__.c.keys()) - {"id", "created_at", "updated_at"}
 
 
@@ -457,3 +458,9 @@ class DBRecorder:
             accs = [a for a in (summary.soup_accuracy, *summary.ingredient_accuracies)
                     if a is not None and math.isfinite(a)]
             job.sparsity, job.best_accuracy = row.sparsity, max(accs, default=None)
+            s.flush()
+            # the job's compute: the sum over its finished phases (a resumed phase replaced its row)
+            totals = s.execute(sa.select(*(sa.func.sum(getattr(Phase, f)) for f in COMPUTE_FIELDS))
+                               .where(Phase.job_id == self.job_id, Phase.status == "succeeded")).one()
+            for f, v in zip(COMPUTE_FIELDS, totals):
+                setattr(job, f, v)

@@ -25,7 +25,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from workers.evaluate import model_stats
 from workers.pruning import Masks
+
+
+@dataclass
+class SavedModel:
+    """Where a model's checkpoint went and the figures the store keeps about it."""
+    uri: str
+    size_bytes: int
+    sha256: str
+    sparsity: float
+    nonzeros: int
+    parameters: int
+    layer_sparsity: dict[str, float]
 
 
 class CheckpointError(ValueError):
@@ -132,3 +145,13 @@ def load(url: str | os.PathLike) -> Checkpoint:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {url}: {e.strerror or e}") from e
     return from_bytes(data, source=f"checkpoint {url}")
+
+
+def save_model(url: str, model: torch.nn.Module, masks: Masks, meta: dict[str, Any]) -> SavedModel:
+    """Save a model's state (on the CPU) with its masks and `meta` to `url`; return its record."""
+    stats = model_stats(model, masks)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    size, sha = save(url, Checkpoint(state=state, masks=masks, meta=meta))
+    return SavedModel(uri=str(url), size_bytes=size, sha256=sha, sparsity=stats["sparsity"],
+                      nonzeros=stats["nonzeros"], parameters=stats["parameters"],
+                      layer_sparsity=stats["layer_sparsity"])

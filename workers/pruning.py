@@ -85,7 +85,19 @@ class PruneResult:
     model: nn.Module
     masks: Masks
     removed: int            # weights removed by this step
-    norm_drop: float        # d = ||w_removed||_2 / ||w_before||_2 over the prunable weights
+    norm_drop: float        # d = ||theta - theta_pruned||_2 / ||theta||_2 (see `weight_and_bias_norm_sq`)
+
+
+def weight_and_bias_norm_sq(model: nn.Module) -> float:
+    """||theta||^2 over the `weight` and `bias` parameters of every module, normalisation layers
+    included (the SMS reference code's definition of the model norm for ALLR's norm drop)."""
+    total = 0.0
+    for module in model.modules():
+        for name in ("weight", "bias"):
+            p = module._parameters.get(name)
+            if p is not None:
+                total += float(p.detach().double().pow(2).sum())
+    return total
 
 
 def _scores(weight: torch.Tensor, criterion: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -112,7 +124,11 @@ def prune(model: nn.Module, masks: Masks | None, target_sparsity: float, *, scop
     global: rank all still-unpruned prunable weights together and drop the smallest until
     round(n * (1 - S)) weights remain; layerwise: the same within every tensor. Counting towards the
     absolute target (not a fraction of what remains) keeps every phase within one weight per
-    tensor of 1 - (1 - p)^t. Also returns d, the relative L2 norm of the removed weights.
+    tensor of 1 - (1 - p)^t.
+
+    Also returns ALLR's norm drop d = ||theta - theta_pruned||_2 / ||theta||_2, where theta is every
+    weight and bias of the model, BatchNorm's included (as the SMS reference code measures it):
+    pruning changes only the removed weights, so the numerator is their L2 norm.
     """
     if not 0.0 <= target_sparsity < 1.0:
         raise PruningError(f"target sparsity must be in [0, 1), got {target_sparsity}")
@@ -143,7 +159,7 @@ def prune(model: nn.Module, masks: Masks | None, target_sparsity: float, *, scop
             d[_drop_k(scores[n], alive[n], n_drop(alive[n]))] = True
             drops[n] = d
 
-    before_sq = sum(float(params[n].double().pow(2).sum()) for n in names)
+    before_sq = weight_and_bias_norm_sq(model)
     removed_sq = 0.0
     removed = 0
     for n in names:

@@ -3,7 +3,8 @@
 A schedule is a list of N per-step learning rates (step i uses ``lrs[i]``). The dense run records
 its schedule so that the retraining schedules can be derived from it:
 
-    eta_max = peak of the dense schedule, eta_min = its final LR, D = its length.
+    eta_max = peak of the dense schedule, eta_min = its final LR, D = its length
+    (dense: a short linear warm-up, then linear, cosine or constant; see `dense_schedule`).
 
 For retraining over N steps, W = round(0.1 N) warm-up steps (slr, clr, llr, allr) and R = N - W:
 
@@ -35,17 +36,25 @@ class ScheduleError(ValueError):
     """An unknown schedule or arguments it cannot use."""
 
 
-def dense_schedule(kind: str, lr: float, steps: int) -> list[float]:
-    """Budgeted dense training: linear lr(i) = lr (1 - i/N); cosine lr (1 + cos(pi i/N))/2; constant lr."""
+def dense_schedule(kind: str, lr: float, steps: int, warmup: float = 0.0) -> list[float]:
+    """Budgeted dense training over N steps: W = round(warmup * N) warm-up steps lr (i + 1) / W, then
+    over the R = N - W steps left: linear lr (1 - j/R); cosine lr (1 + cos(pi j/R))/2; constant lr.
+
+    The warm-up keeps the first steps of a fresh network from diverging at a large peak LR."""
     if steps < 1:
         raise ScheduleError(f"a schedule needs at least one step, got {steps}")
+    if kind not in DENSE_SCHEDULES:
+        raise ScheduleError(f"unknown dense schedule {kind!r}; known: {', '.join(DENSE_SCHEDULES)}")
+    if not 0.0 <= warmup < 1.0:
+        raise ScheduleError(f"the warm-up share must be in [0, 1), got {warmup}")
+    W = min(round(warmup * steps), steps - 1)
+    R = steps - W
+    warm = [lr * (i + 1) / W for i in range(W)]
     if kind == "linear":
-        return [lr * (1.0 - i / steps) for i in range(steps)]
+        return warm + [lr * (1.0 - j / R) for j in range(R)]
     if kind == "cosine":
-        return [lr * (1.0 + math.cos(math.pi * i / steps)) / 2.0 for i in range(steps)]
-    if kind == "constant":
-        return [lr] * steps
-    raise ScheduleError(f"unknown dense schedule {kind!r}; known: {', '.join(DENSE_SCHEDULES)}")
+        return warm + [lr * (1.0 + math.cos(math.pi * j / R)) / 2.0 for j in range(R)]
+    return warm + [lr] * R
 
 
 def warmup_steps(kind: str, steps: int) -> int:

@@ -80,10 +80,13 @@ class GreedyResult:
 
 
 def greedy_soup(states: Sequence[State], masks: Masks, score: Callable[[State], float],
-                ingredient_masks: Sequence[Masks] | None = None) -> GreedyResult:
-    """Greedy soup (module docstring); never scores below its best ingredient under `score`."""
+                ingredient_masks: Sequence[Masks] | None = None,
+                scores: Sequence[float | None] | None = None) -> GreedyResult:
+    """Greedy soup (module docstring); never scores below its best ingredient under `score`.
+    `scores`: the ingredients' own scores where already known (None entries are computed)."""
     check_shared_mask(states, masks, ingredient_masks)
-    scores = [score(s) for s in states]
+    given = list(scores) if scores is not None else [None] * len(states)
+    scores = [score(s) if v is None else float(v) for s, v in zip(states, given)]
     order = sorted(range(len(states)), key=lambda i: -scores[i])
     chosen, best = [order[0]], scores[order[0]]
     soup = states[order[0]]

@@ -1,7 +1,15 @@
 """Units of work that executors run: one training run (the dense model or one soup ingredient).
 
 A `TrainTask` is plain data (picklable, no DB or HTTP), so the same function runs in-process in the
-sequential executor and on a Ray worker.
+sequential executor and on a Ray worker. With `finish`, the worker also does what used to be the
+driver's serial share of a phase: BatchNorm recalibration, scoring on val and test (keeping the test
+softmax for the prediction ensemble) and writing the checkpoint, so that m ingredients do it in
+parallel and the driver only records the result.
+
+Compute accounting: every epoch row carries `cpu_seconds`, the CPU time of the task's process so far
+(all its threads; a worker runs one task at a time), and the outcome adds the time spent finishing.
+GPU-seconds are wall seconds times the GPU share the task holds (`gpus`, or the whole device when
+none was asked for) when it runs on CUDA, else 0.
 """
 
 from __future__ import annotations
@@ -13,12 +21,25 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint import Checkpoint, CheckpointError, load, save
+from workers.checkpoint import Checkpoint, CheckpointError, SavedModel, load, save, save_model
 from workers.data import DataConfig, load_splits, make_loader
+from workers.evaluate import chance_level, has_batchnorm, score_splits
 from workers.models import build_model
-from workers.pruning import Masks
-from workers.soup import State
-from workers.train import OptimizerConfig, default_device, train
+from workers.pruning import Masks, full_masks
+from workers.soup import State, bn_recalibrate
+from workers.train import OptimizerConfig, check_learned, default_device, train
+
+
+@dataclass
+class Finish:
+    """After training: recalibrate BatchNorm over the first `recal_fraction` of the unshuffled training
+    batches (as the soup is), score on val and test (plus the scores before recalibration, suffixed
+    `_raw`, for a model with BatchNorm), keep the test softmax when `probs`, and save the checkpoint
+    to `url` with `meta`."""
+    url: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    recal_fraction: float = 0.0
+    probs: bool = False
 
 
 @dataclass
@@ -39,6 +60,8 @@ class TrainTask:
     threads: int | None = None             # torch intra-op threads on a worker
     info: dict[str, Any] = field(default_factory=dict)   # what varies, for the record
     resume_url: str | None = None          # epoch checkpoint: written after every epoch, resumed from if present
+    finish: Finish | None = None           # recalibrate, score and save in the worker
+    gpus: float = 0.0                      # the GPU share the executor gives the task (for accounting)
 
 
 @dataclass
@@ -50,6 +73,12 @@ class TrainOutcome:
     train_seconds: float                   # inside training steps
     seconds: float                         # the whole task, set-up included
     resumed_from_epoch: int = 0            # > 0: continued from an epoch checkpoint (a retried task)
+    epochs_trained: int = 0                # epochs this attempt trained
+    cpu_seconds: float = 0.0               # CPU time of the whole task (training and finishing)
+    gpu_seconds: float = 0.0
+    scores: dict[str, float] = field(default_factory=dict)   # with `finish`: val/test scores
+    probs: torch.Tensor | None = None      # with `finish.probs`: the test softmax (n, classes)
+    saved: SavedModel | None = None        # with `finish`: the checkpoint written
 
 
 def _save_epoch(url: str, epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -77,7 +106,8 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
     With `resume_url`, an epoch checkpoint is written there after every epoch, and a task that
     finds one (a retry after its worker died) continues from that epoch instead of starting over.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    device = device or default_device()
     if task.threads:
         torch.set_num_threads(task.threads)
     splits = load_splits(task.data, task.data_seed)
@@ -101,15 +131,41 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
     result_rows: list[dict[str, float]] = []
 
     def record(row: dict[str, float]) -> None:
+        row["cpu_seconds"] = time.process_time() - cpu_start
+        if device.type == "cuda":
+            row["gpu_seconds"] = (time.perf_counter() - start) * (task.gpus or 1.0)
         result_rows.append(row)
         if on_epoch is not None:
             on_epoch(row)
 
     result = train(model, loader, task.lrs, epochs=task.epochs, optimizer=task.optimizer, masks=task.masks,
                    params=task.params, val_loader=val_loader, on_epoch=record,
-                   device=device or default_device(), seed=task.seed + start_epoch, start_epoch=start_epoch,
+                   device=device, seed=task.seed + start_epoch, start_epoch=start_epoch,
                    optimizer_state=opt_state, on_checkpoint=checkpoint if task.resume_url else None)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return TrainOutcome(name=task.name, state=state, history=history + result.history, steps=result.steps,
-                        train_seconds=result.train_seconds, seconds=time.perf_counter() - start,
-                        resumed_from_epoch=start_epoch)
+    full = history + result.history
+    if full:
+        check_learned(full[-1], chance_level(splits.train.y), peak_lr=max(task.lrs))
+    out = TrainOutcome(name=task.name, state={}, history=full, steps=result.steps,
+                       train_seconds=result.train_seconds, seconds=0.0, resumed_from_epoch=start_epoch,
+                       epochs_trained=task.epochs - start_epoch)
+    if task.finish is not None:
+        out.scores, out.probs, out.saved = finish(model, task.masks, splits, task.data.batch_size, task.finish,
+                                                  device)
+    out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out.seconds = time.perf_counter() - start
+    out.cpu_seconds = time.process_time() - cpu_start
+    out.gpu_seconds = out.seconds * (task.gpus or 1.0) if device.type == "cuda" else 0.0
+    return out
+
+
+def finish(model: torch.nn.Module, masks: Masks | None, splits, batch_size: int, fin: Finish,
+           device: torch.device) -> tuple[dict[str, float], torch.Tensor | None, SavedModel]:
+    """Recalibrate, score and save a trained model (see `Finish`); returns (scores, test softmax, saved)."""
+    scores: dict[str, float] = {}
+    if fin.recal_fraction > 0 and has_batchnorm(model):
+        scores, _ = score_splits(model, splits, batch_size, device=device, suffix="_raw")
+        bn_recalibrate(model, make_loader(splits.train, batch_size, shuffle=False), fin.recal_fraction, device=device)
+    recal, probs = score_splits(model, splits, batch_size, device=device, probs=fin.probs)
+    scores.update(recal)
+    saved = save_model(fin.url, model, masks or full_masks(model), fin.meta)
+    return scores, probs, saved

@@ -3,10 +3,15 @@
 Masked training: before every optimizer step the gradient of each pruned weight is zeroed, so with
 w = 0 the weight-decay term, the momentum buffer and the (Nesterov) update of that weight are all
 exactly zero; after the step the weights are multiplied by their mask once more as a guard.
+
+Divergence is an error, not a result: a loss that turns NaN or infinite stops training at once, and
+a run whose last epoch is no better than always guessing the most frequent class (`check_learned`)
+fails too; both raise `TrainingDiverged` naming the learning rate.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,6 +24,14 @@ from workers.pruning import Masks, prunable_names
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 PARAM_MODES = ("all", "bias_norm")
+
+
+CHANCE_MARGIN = 0.01          # an accuracy within this of chance counts as "learned nothing"
+
+
+class TrainingDiverged(RuntimeError):
+    """Training produced a NaN/infinite loss, or ended at chance level: the learning rate is too high
+    (or the data carries no signal)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,10 @@ def train(model: nn.Module, loader: Iterable, lrs: list[float], *, epochs: int,
                 group["lr"] = lrs[step]
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)
+            if not math.isfinite(loss_value := loss.item()):
+                raise TrainingDiverged(f"the training loss became {loss_value} at epoch {epoch}, step {step + 1} "
+                                       f"with learning rate {lrs[step]:.4g} (peak {max(lrs):.4g}): lower the "
+                                       "learning rate")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
@@ -114,7 +131,7 @@ def train(model: nn.Module, loader: Iterable, lrs: list[float], *, epochs: int,
                 opt.step()
                 for w, m in pinned:
                     w.mul_(m)
-            loss_sum += loss.item() * len(y)
+            loss_sum += loss_value * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             step += 1
@@ -134,3 +151,15 @@ def train(model: nn.Module, loader: Iterable, lrs: list[float], *, epochs: int,
     result.steps = step - start_epoch * steps_per_epoch
     result.optimizer = opt
     return result
+
+
+def check_learned(row: dict[str, float], chance: float, *, peak_lr: float, margin: float = CHANCE_MARGIN) -> None:
+    """Raise TrainingDiverged when an epoch's row shows chance-level accuracy: train accuracy and, where
+    measured, val accuracy both at most `chance` + `margin` (chance: the most frequent class's share)."""
+    accs = [row[k] for k in ("train_accuracy", "val_accuracy") if k in row]
+    if accs and all(a <= chance + margin for a in accs):
+        seen = ", ".join(f"{k.replace('_', ' ')} {row[k]:.3f}" for k in ("train_accuracy", "val_accuracy")
+                         if k in row)
+        raise TrainingDiverged(f"training ended at chance level ({seen}; chance {chance:.3f}) with peak "
+                               f"learning rate {peak_lr:.4g}: the run diverged or learned nothing; lower the "
+                               "learning rate")

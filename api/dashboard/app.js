@@ -214,6 +214,7 @@ async function jobView(el, jobId) {
       { label: "ingredients", data: [], borderColor: KIND_COLORS.ingredient, backgroundColor: KIND_COLORS.ingredient, pointRadius: 3 },
       { label: "pruned, before retraining", data: [], borderColor: KIND_COLORS.pruned, backgroundColor: KIND_COLORS.pruned, pointStyle: "triangle", pointRadius: 5 },
       { label: "dense", clip: false, data: [], borderColor: KIND_COLORS.dense, backgroundColor: KIND_COLORS.dense, pointStyle: "rectRot", pointRadius: 6 },
+      { label: "prediction ensemble", data: [], showLine: true, borderDash: [4, 3], borderColor: "#8a8fa0", backgroundColor: "#8a8fa0", pointStyle: "crossRot", pointRadius: 6 },
     ] },
     options: lineOptions("sparsity (%)", "test accuracy (%)", { min: 0, max: 100 }),
   });
@@ -265,7 +266,8 @@ async function jobView(el, jobId) {
     const done = phases.filter((p) => p.status === "succeeded");
     const dense = done.find((p) => p.index === 0);
     const later = done.filter((p) => p.index > 0);
-    const [soup, ingredients, pruned, denseSet] = accChart.data.datasets;
+    const [soup, ingredients, pruned, denseSet, ensemble] = accChart.data.datasets;
+    ensemble.data = later.filter((p) => p.ensemble_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.ensemble_accuracy }));
     soup.data = later.filter((p) => p.soup_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.soup_accuracy }));
     pruned.data = later.filter((p) => p.pruned_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.pruned_accuracy }));
     ingredients.data = ingredientRuns.filter((r) => r.metrics?.test_accuracy != null).map((r) => ({
@@ -328,6 +330,7 @@ async function jobView(el, jobId) {
       ["soup", `${spec.soup?.ingredients} × ${esc(spec.soup?.vary)}, ${esc(spec.soup?.method)}`],
       ["retraining", `${spec.retrain?.epochs} epochs, ${esc(spec.retrain?.schedule)}`],
       ["created", ago(job.created_at)], ["duration", duration(job.started_at, job.finished_at)],
+      ["compute", job.cpu_seconds == null ? "–" : `${seconds(job.cpu_seconds)} CPU${job.gpu_seconds ? `, ${seconds(job.gpu_seconds)} GPU` : ""}, ${job.epochs_trained} epochs`],
       ...(job.error ? [["error", `<span class="error">${esc(job.error)}</span>`]] : []),
     ].map(([k, v]) => `<div><span>${k}</span>${v}</div>`).join("");
 

@@ -159,3 +159,109 @@ def test_a_resumed_phase_reuses_its_finished_search(store, tmp_path):
     Pipeline(spec, MustNotSearch(), store.recorder(job.id), artifacts, prefix=f"jobs/{job.id}", resume=resume).run()
     assert {r.config["lr"] for r in store.runs(job.id, kind="ingredient")} == {chosen.config["config"]["lr"]}
     assert len(store.runs(job.id, kind="search_trial")) == 3
+
+
+# a BatchNorm model (ResNet-20 at a quarter width): recalibration changes its scores
+BN = dict(SMALL, model={"arch": "resnet20", "kwargs": {"width": 0.25}}, dense={"epochs": 2, "lr": 0.1},
+          prune={"target_sparsity": 0.5, "phases": 1}, retrain={"epochs": 1}, soup={"ingredients": 3})
+
+
+@pytest.fixture(scope="module")
+def bn_run(tmp_path_factory):
+    return run(BN, tmp_path_factory.mktemp("bn"))
+
+
+def _model(rec_model, spec):
+    from workers.models import build_model
+    ckpt = load(rec_model["uri"])
+    m = build_model(spec.model.arch, num_classes=ckpt.meta["num_classes"], in_shape=tuple(ckpt.meta["in_shape"]),
+                    **spec.model.kwargs)
+    m.load_state_dict(ckpt.state)
+    return m
+
+
+def test_gains_use_ingredient_scores_after_the_same_bn_recalibration_as_the_soup(bn_run):
+    spec, rec, result = bn_run
+    phase = result.phases[1]
+    ingredients = [m for m in rec.models if m["kind"] == "ingredient"]
+    raw = [m["metrics"]["test_accuracy_raw"] for m in ingredients]
+    recal = [m["metrics"]["test_accuracy"] for m in ingredients]
+    assert raw != recal                                   # recalibration matters for this model
+    assert phase.ingredient_accuracies == recal
+    assert phase.gain_over_best == pytest.approx(phase.soup_accuracy - max(recal))
+    assert phase.gain_over_mean == pytest.approx(phase.soup_accuracy - sum(recal) / len(recal))
+    # the saved ingredient is the recalibrated one: loading it gives the recorded score
+    from workers.data import load_splits, make_loader
+    from workers.evaluate import evaluate
+    test = make_loader(load_splits(spec.data.config(), spec.seed).test, 64, shuffle=False)
+    assert evaluate(_model(ingredients[0], spec), test)["accuracy"] == pytest.approx(recal[0])
+
+
+def test_ensemble_accuracy_is_the_mean_softmax_of_the_saved_ingredients(bn_run):
+    import torch
+
+    from workers.data import load_splits, make_loader
+    from workers.evaluate import evaluate
+    spec, rec, result = bn_run
+    splits = load_splits(spec.data.config(), spec.seed)
+    probs = [evaluate(_model(m, spec), make_loader(splits.test, 64, shuffle=False), probs=True)["probs"]
+             for m in rec.models if m["kind"] == "ingredient"]
+    expected = float((torch.stack(probs).mean(0).argmax(1) == splits.test.y).float().mean())
+    assert result.phases[1].ensemble_accuracy == pytest.approx(expected)
+    assert any("prediction ensemble of 3" in e["message"] for e in rec.events)
+
+
+def test_compute_adds_up_from_runs_to_phases_to_the_job(store, tmp_path):
+    spec = parse_spec(SMALL)
+    job = store.create_job(spec)
+    Pipeline(spec, SequentialExecutor(), store.recorder(job.id), ArtifactStore(str(tmp_path)),
+             prefix=f"jobs/{job.id}").run()
+    phases, runs, row = store.phases(job.id), store.runs(job.id), store.get_job(job.id)
+    for p in phases:
+        mine = [r for r in runs if r.phase == p.index]
+        assert all(r.metrics["cpu_seconds"] > 0 and r.metrics["gpu_seconds"] == 0 for r in mine)
+        assert p.cpu_seconds >= sum(r.metrics["cpu_seconds"] for r in mine) > 0
+        assert p.epochs_trained == sum(r.metrics["epochs_trained"] for r in mine)
+    assert phases[0].epochs_trained == spec.dense.epochs
+    assert phases[1].epochs_trained == spec.soup.ingredients * spec.retrain.epochs
+    assert row.cpu_seconds == pytest.approx(sum(p.cpu_seconds for p in phases))
+    assert row.epochs_trained == sum(p.epochs_trained for p in phases)
+    assert row.gpu_seconds == 0
+
+
+def test_the_checkpoints_dense_lr_history_drives_the_retraining_schedule(tmp_path):
+    from workers.checkpoint import Checkpoint, save
+    from workers.data import load_splits, make_loader
+    from workers.schedules import dense_schedule, retrain_schedule
+    first = dict(SMALL, dense={"epochs": 3, "lr": 0.05, "schedule": "cosine"}, prune={"target_sparsity": 0.3,
+                                                                                       "phases": 1})
+    spec, rec, _ = run(first, tmp_path / "a")
+    dense = next(m for m in rec.models if m["kind"] == "dense")
+    # the spec's own dense section says something else: the checkpoint's history must win
+    second = dict(SMALL, model={"arch": "mlp", "checkpoint": dense["uri"]},
+                  dense={"epochs": 6, "lr": 0.3, "schedule": "linear"}, prune={"target_sparsity": 0.5, "phases": 1},
+                  retrain={"epochs": 1, "schedule": "lrw"}, soup={"ingredients": 1, "min_ingredients": 1})
+    _, rec2, _ = run(second, tmp_path / "b")
+    spe = len(make_loader(load_splits(spec.data.config(), 0).train, 64, shuffle=True))
+    replay = retrain_schedule("lrw", spe, dense_schedule("cosine", 0.05, 3 * spe, warmup=0.05))
+    run2 = rec2.runs["phase1/ingredient0"]
+    assert run2["config"]["peak_lr"] == pytest.approx(max(replay))
+    assert run2["config"]["lr"] == pytest.approx(0.05)            # eta_max: the checkpoint's peak, not 0.3
+    assert run2["history"][-1]["lr"] == pytest.approx(replay[-1])
+    assert any("dense LR history stored in model.checkpoint" in e["message"] for e in rec2.events)
+    # a checkpoint without the history: the spec's dense section, and the events say so
+    bare = load(dense["uri"])
+    save(tmp_path / "bare.safetensors", Checkpoint(state=bare.state, masks=bare.masks, meta={"arch": "mlp"}))
+    _, rec3, _ = run(dict(second, model={"arch": "mlp", "checkpoint": str(tmp_path / "bare.safetensors")}),
+                     tmp_path / "c")
+    assert rec3.runs["phase1/ingredient0"]["config"]["lr"] == pytest.approx(0.3)
+    assert any("no dense LR history; the retraining schedules use the spec's dense section" in e["message"]
+               for e in rec3.events)
+
+
+def test_a_diverging_dense_run_fails_the_job_naming_the_lr(tmp_path):
+    spec = dict(SMALL, dense={"epochs": 2, "lr": 10.0})
+    # at lr 10 the MLP's ReLUs die (chance level) or its loss overflows (NaN): either way a clear failure
+    with pytest.raises(RuntimeError, match=r"dense training failed: (the training loss became|training ended at "
+                                           r"chance level).*dense\.lr is 10; mlp trains well at 0\.1"):
+        run(spec, tmp_path)

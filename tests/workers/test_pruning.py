@@ -69,14 +69,26 @@ def test_global_magnitude_removes_the_smallest_and_keeps_biases():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
-def test_norm_drop_is_relative_l2_norm_of_removed_weights():
+def test_norm_drop_follows_the_reference_definition_on_a_batchnorm_model():
+    """d = sqrt(| ||theta||^2 - ||theta_pruned||^2 |) / ||theta|| over every weight and bias, BatchNorm's
+    included, as the SMS reference code measures the model norm (get_model_norm_square)."""
     torch.manual_seed(2)
-    model = MODELS["mlp"]()
+    model = MODELS["cnn"]()
+    with torch.no_grad():                      # BatchNorm away from its identity init, so it counts
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-1.0, 1.0)
+
+    def norm_sq(net):
+        return sum(float(p.detach().double().pow(2).sum()) for mod in net.modules() for n, p in mod.named_parameters(
+            recurse=False) if n in ("weight", "bias"))
+
     result = prune(model, None, 0.3, scope="layerwise")
-    w = model.state_dict()
-    removed_sq = sum(float(w[n][~m].pow(2).sum()) for n, m in result.masks.items())
-    total_sq = sum(float(w[n].pow(2).sum()) for n in result.masks)
-    assert result.norm_drop == pytest.approx((removed_sq / total_sq) ** 0.5)
+    before, after = norm_sq(model), norm_sq(result.model)
+    assert result.norm_drop == pytest.approx(abs(before - after) ** 0.5 / before ** 0.5)
+    prunable_only = sum(float(model.state_dict()[n].pow(2).sum()) for n in result.masks)
+    assert before > prunable_only * 1.05       # the BatchNorm terms make a difference here
     assert result.removed == sum(int((~m).sum()) for m in result.masks.values())
 
 

@@ -94,3 +94,13 @@ def test_bad_schedules_are_refused():
         retrain_schedule("allr", N, DENSE)
     with pytest.raises(ScheduleError, match="at least one step"):
         dense_schedule("linear", 0.1, 0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_dense_warmup_ramps_linearly_then_follows_the_schedule(kind):
+    lrs = dense_schedule(kind, 0.1, 200, warmup=0.05)
+    assert len(lrs) == 200
+    assert lrs[:10] == pytest.approx([0.1 * (i + 1) / 10 for i in range(10)])   # W = 10 steps up to the peak
+    assert max(lrs) == pytest.approx(0.1)
+    assert lrs[10:] == pytest.approx(dense_schedule(kind, 0.1, 190))            # then the schedule over R = 190
+    assert dense_schedule(kind, 0.1, 200, warmup=0.0) == dense_schedule(kind, 0.1, 200)

@@ -4,7 +4,7 @@ import torch
 from tests.workers.tiny import MODELS, batches
 from workers.evaluate import evaluate
 from workers.pruning import prune
-from workers.train import OptimizerConfig, train, trainable_parameters
+from workers.train import OptimizerConfig, TrainingDiverged, check_learned, train, trainable_parameters
 
 CPU = torch.device("cpu")
 
@@ -68,3 +68,17 @@ def test_step_i_uses_lr_i():
     train(MODELS["mlp"](), data, [0.01 * (i + 1) for i in range(2 * len(data))], epochs=2,
           on_epoch=lambda r: seen.append(r["lr"]), device=CPU)
     assert seen == pytest.approx([0.01 * len(data), 0.01 * 2 * len(data)])
+
+
+def test_a_loss_that_turns_nan_stops_training_and_names_the_lr():
+    torch.manual_seed(0)
+    model, data = MODELS["mlp"](), batches(n=256)
+    with pytest.raises(TrainingDiverged, match=r"learning rate 1e\+04"):
+        train(model, data, [1e4] * (5 * len(data)), epochs=5, device=CPU)
+
+
+def test_chance_level_is_divergence_and_a_learned_run_is_not():
+    with pytest.raises(TrainingDiverged, match="chance level .* peak learning rate 0.3"):
+        check_learned({"train_accuracy": 0.104, "val_accuracy": 0.098}, 0.1, peak_lr=0.3)
+    check_learned({"train_accuracy": 0.104, "val_accuracy": 0.45}, 0.1, peak_lr=0.3)   # val learned something
+    check_learned({"train_accuracy": 0.9}, 0.1, peak_lr=0.3)
