@@ -8,7 +8,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean vendor
+# Debian's Fashion-MNIST (IDX files in /usr/share/datasets/fashion-mnist): the built-in offline dataset that
+# fashion_mnist jobs, the demo, the tests and the benchmarks read; installed as root when missing.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test bench clean vendor datasets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,15 +20,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' $(QUIET)
 	touch $(STAMP)
 
-demo: $(STAMP)
+datasets:
+	test -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: $(STAMP) datasets
 	$(VENV)/bin/ladle demo
 
-test: $(STAMP)
+test: $(STAMP) datasets
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@[ "$${LADLE_SKIP_POSTGRES:-0}" = 1 ] || bash deploy/dev-services.sh
 	$(PY) -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP) datasets
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) bench/soup_vs_imp.py
 	$(PY) bench/fanout.py

@@ -59,11 +59,28 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
+    """The dataset (see workers/data.py)::
+
+        data:
+          name: digits          # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagefolder | npz | synthetic
+          path: null            # required by imagefolder / npz; for the others, the only place looked in when given
+          val_fraction: 0.1     # of the training split, stratified, drawn with the job's seed
+          batch_size: 128
+          augment: null         # null: the dataset's default; true / false overrides it
+
+    A dataset that is not there is a 422 at submission naming data.name (or data.path) and how to get
+    it: fashion_mnist comes with Debian's package dataset-fashion-mnist; mnist, cifar10 and cifar100 are
+    read from $LADLE_DATA or ~/.ladle/data (never downloaded).
+    Default augmentation (the papers'): random crop after padding by 4 pixels (min(H, W) // 8) plus a
+    horizontal flip for cifar10 / cifar100; none for mnist, fashion_mnist, digits, npz, synthetic and
+    imagefolder. `config().augment` is the resolved bool.
+    """
+
     name: str = "digits"
     path: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, le=0.5)
     batch_size: int = Field(128, ge=1, le=65536)
-    augment: bool = False
+    augment: bool | None = None
 
     @field_validator("name")
     @classmethod
@@ -85,6 +102,7 @@ class DataSpec(_Strict):
         return self
 
     def config(self) -> DataConfig:
+        """The workers' DataConfig, with `augment` resolved to a bool (null: the dataset's default)."""
         return DataConfig(name=self.name, path=self.path, val_fraction=self.val_fraction,
                           batch_size=self.batch_size, augment=self.augment)
 

@@ -1,20 +1,36 @@
 """Datasets as in-memory tensors split into train / validation / test, and a fast seeded batch loader.
 
 Datasets: digits (scikit-learn, ships offline), npz (a file with x_train, y_train, x_test, y_test),
-imagefolder (train/ and test/ or val/ folders of class folders), cifar10 / cifar100 / mnist / fashion_mnist
-(torchvision, from a local root: `data.path`, else $LADLE_DATA, else ~/.ladle/data; nothing is downloaded),
-synthetic (fixed-seed random data with a learnable signal).
+imagefolder (train/ and test/ or val/ folders of class folders), mnist / fashion_mnist (the four IDX files,
+plain or gzip'd, read directly; fashion_mnist ships with Debian's package dataset-fashion-mnist),
+cifar10 / cifar100 (torchvision's files), synthetic (fixed-seed random data with a learnable signal).
+Nothing is ever downloaded; `check_data` says where a missing dataset was looked for and how to get it.
+
+Where mnist / fashion_mnist are looked for (`search_roots`): `data.path` only, when given; else, in order,
+`DEBIAN_FASHION_MNIST` (fashion_mnist only), $LADLE_DATA, ~/.ladle/data. In each of those folders the IDX
+files may lie directly or in torchvision's layout (<root>/MNIST/raw/, <root>/FashionMNIST/raw/, or the
+processed training.pt / test.pt of older torchvision in <root>/<Folder>/processed/). cifar10 / cifar100 are
+read by torchvision from `data.path`, else $LADLE_DATA, else ~/.ladle/data (`default_root`).
 
 The validation split is `val_fraction` of the training set, stratified by class and drawn with the job's
 seed; digits has no test set of its own, so 20% of it is held out the same way. Images keep their stored
 dtype (uint8 for 8-bit sources, so CIFAR stays small in every Ray worker) and are normalised per channel
 with the training split's mean and std as they leave the split (`TensorSplit.batch`, `TensorSplit.x`).
-"""
+
+Augmentation (`DataConfig.augment`, resolved by `default_augment` when not given): the papers' default per
+dataset — random crop after padding by min(H, W) // 8 (4 pixels on 32x32) plus a horizontal flip for
+cifar10 / cifar100; none for mnist, fashion_mnist, digits, npz, synthetic and imagefolder (Ladle cannot
+tell whether a flip keeps the label of a user's images; ask for it with `augment: true`)."""
 
 from __future__ import annotations
 
 import functools
+import gzip
+import math
 import os
+import pickle
+import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +42,18 @@ from torch import Tensor
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "npz",
                              "synthetic")
 NEEDS_PATH: frozenset[str] = frozenset({"imagefolder", "npz"})
-TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}                  # read by torchvision
+TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+IDX_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}              # name -> torchvision's folder
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")                                           # each plain or with .gz
+PROCESSED_FILES = ("training.pt", "test.pt")        # older torchvision's (images, labels) tensors per split
+IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+MAX_IDX_BYTES = 1 << 31                              # a read cap (decompressed); MNIST's largest file is 47 MB
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")   # Debian's package dataset-fashion-mnist
+DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+AUGMENTED_BY_DEFAULT: frozenset[str] = frozenset({"cifar10", "cifar100"})
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DIGITS_TEST_FRACTION = 0.2
@@ -36,13 +63,27 @@ class DataError(ValueError):
     """A dataset that is unknown, missing or malformed."""
 
 
+def default_augment(name: str) -> bool:
+    """The papers' augmentation default for dataset `name`: True (random crop after padding by
+    min(H, W) // 8, plus a horizontal flip of 3-channel images) for cifar10 / cifar100; False for mnist,
+    fashion_mnist, digits, npz, synthetic and imagefolder."""
+    return name in AUGMENTED_BY_DEFAULT
+
+
 @dataclass(frozen=True)
 class DataConfig:
+    """What to load. `augment` None means the dataset's default (`default_augment`); it is resolved on
+    construction, so `DataConfig(...).augment` is always a bool."""
+
     name: str = "digits"
     path: str | None = None
     val_fraction: float = 0.1
     batch_size: int = 128
-    augment: bool = False
+    augment: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.augment is None:
+            object.__setattr__(self, "augment", default_augment(self.name))
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,13 +121,98 @@ class Splits:
 
 
 def default_root() -> Path:
-    """Where the torchvision datasets are looked for when `data.path` is not given."""
-    return Path(os.environ.get("LADLE_DATA") or Path.home() / ".ladle" / "data").expanduser()
+    """Where cifar10 / cifar100 are looked for when `data.path` is not given: $LADLE_DATA, else ~/.ladle/data."""
+    return Path(os.environ.get("LADLE_DATA") or home_data_root()).expanduser()
+
+
+def home_data_root() -> Path:
+    """~/.ladle/data, the last place datasets are looked for."""
+    return Path.home() / ".ladle" / "data"
+
+
+def search_roots(name: str, path: str | None) -> list[Path]:
+    """The folders searched for the IDX dataset `name`, in order: `path` alone when given; else
+    `DEBIAN_FASHION_MNIST` (fashion_mnist only), $LADLE_DATA (when set), ~/.ladle/data."""
+    if path:
+        return [Path(path).expanduser()]
+    roots = [DEBIAN_FASHION_MNIST] if name == "fashion_mnist" else []
+    if os.environ.get("LADLE_DATA"):
+        roots.append(Path(os.environ["LADLE_DATA"]).expanduser())
+    return [*roots, home_data_root()]
+
+
+@dataclass(frozen=True)
+class IdxFiles:
+    """Where an IDX dataset was found: the four IDX files (train images, train labels, test images, test
+    labels) or, with `processed`, torchvision's (training.pt, test.pt)."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    processed: bool = False
+
+
+def _idx_files_in(folder: Path) -> IdxFiles | None:
+    """The four IDX files in `folder` (each plain or .gz, plain preferred), else its processed .pt files."""
+    found = [next((p for p in (folder / base, folder / f"{base}.gz") if p.is_file()), None) for base in IDX_FILES]
+    if all(found):
+        return IdxFiles(folder, tuple(found))
+    if all((folder / f).is_file() for f in PROCESSED_FILES):
+        return IdxFiles(folder, tuple(folder / f for f in PROCESSED_FILES), processed=True)
+    return None
+
+
+def candidate_folders(name: str, root: Path) -> list[Path]:
+    """The folders of `root` that may hold the IDX dataset `name`: the root itself, then torchvision's
+    <root>/<Folder>/raw and <root>/<Folder>/processed."""
+    sub = root / IDX_DATASETS[name]
+    return [root, sub / "raw", sub / "processed"]
+
+
+def find_idx_dataset(name: str, path: str | None) -> IdxFiles | None:
+    """The first place (see `search_roots`, `candidate_folders`) that holds the IDX dataset `name`, or None.
+    Cheap: it only checks that files exist."""
+    for root in search_roots(name, path):
+        for folder in candidate_folders(name, root):
+            found = _idx_files_in(folder)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe_root(name: str, root: Path, path: str | None) -> str:
+    """A searched root as a user reads it: $LADLE_DATA and ~/.ladle/data spelled as such."""
+    if path or (name == "fashion_mnist" and root == DEBIAN_FASHION_MNIST):
+        return str(root)
+    return "~/.ladle/data" if root == home_data_root() else f"$LADLE_DATA={root}"
+
+
+def missing_idx_message(name: str, path: str | None) -> str:
+    """Why the IDX dataset `name` was not found: the field to change, where it was looked for, which files
+    are needed and how to get them."""
+    folder = IDX_DATASETS[name]
+    roots = ", ".join(_describe_root(name, r, path) for r in search_roots(name, path))
+    files = f"its four IDX files ({', '.join(f'{f}.gz' for f in IDX_FILES)}; .gz optional)"
+    package = (f"install Debian's package {DEBIAN_FASHION_MNIST_PACKAGE} (apt-get install "
+               f"{DEBIAN_FASHION_MNIST_PACKAGE})")
+    if path:
+        where = (f"data.path: dataset {name!r} not found in {roots} (directly or in {folder}/raw/ or "
+                 f"{folder}/processed/)")
+        how = (f"that folder needs {files}; or leave data.path out and {package}, which puts them in "
+               f"{DEBIAN_FASHION_MNIST}" if name == "fashion_mnist" else
+               f"that folder needs {files}; Debian has no MNIST package")
+    else:
+        where = (f"data.name: dataset {name!r} not found (looked in {roots}, each directly and in {folder}/raw/ "
+                 f"or {folder}/processed/)")
+        how = (f"{package} or point data.path at a folder with {files}" if name == "fashion_mnist" else
+               f"put {files} in ~/.ladle/data (or the folder $LADLE_DATA names), or point data.path at a folder "
+               f"that holds them; Debian has no MNIST package")
+    return f"{where}: {how}"
 
 
 def check_data(cfg: DataConfig) -> None:
     """Cheap validation for job specs, naming the bad field: a known dataset, a path that exists (of the
-    right kind) where one is needed, val_fraction in [0, 0.5] and a positive batch size."""
+    right kind) where one is needed, the files of mnist / fashion_mnist / cifar10 / cifar100 present
+    (existence only, nothing is parsed), val_fraction in [0, 0.5] and a positive batch size."""
     if cfg.name not in DATASETS:
         raise DataError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
     if cfg.name in NEEDS_PATH and not cfg.path:
@@ -97,14 +223,29 @@ def check_data(cfg: DataConfig) -> None:
             raise DataError(f"data.path {cfg.path!r} does not exist")
         if cfg.name == "npz" and not path.is_file():
             raise DataError(f"data.path {cfg.path!r} is not a file (npz needs a .npz file)")
-        if (cfg.name == "imagefolder" or cfg.name in TORCHVISION) and not path.is_dir():
+        if (cfg.name == "imagefolder" or cfg.name in TORCHVISION or cfg.name in IDX_DATASETS) and not path.is_dir():
             raise DataError(f"data.path {cfg.path!r} is not a directory (dataset {cfg.name!r} needs a folder)")
         if cfg.name == "imagefolder" and (not (path / "train").is_dir() or _eval_dir(path) is None):
             raise DataError(f"data.path {cfg.path!r} needs train/ and test/ (or val/) folders of class folders")
+    if cfg.name in IDX_DATASETS and find_idx_dataset(cfg.name, cfg.path) is None:
+        raise DataError(missing_idx_message(cfg.name, cfg.path))
+    if cfg.name in TORCHVISION:
+        root = Path(cfg.path).expanduser() if cfg.path else default_root()
+        if not (root / TORCHVISION_FOLDERS[cfg.name]).is_dir():
+            raise DataError(missing_torchvision_message(cfg.name, root, "data.path" if cfg.path else "data.name"))
     if not 0.0 <= cfg.val_fraction <= 0.5:
         raise DataError(f"data.val_fraction must be in [0, 0.5], got {cfg.val_fraction}")
     if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise DataError(f"data.batch_size must be a positive integer, got {cfg.batch_size!r}")
+
+
+def missing_torchvision_message(name: str, root: Path, field_name: str, reason: str = "") -> str:
+    """Why cifar10 / cifar100 was not found under `root`, and how to get it (never by downloading here)."""
+    cls = TORCHVISION[name]
+    return (f"{field_name}: dataset {name} not found under {root}{f' ({reason})' if reason else ''}: put "
+            f"torchvision's {TORCHVISION_FOLDERS[name]}/ folder there and point data.path (or $LADLE_DATA) at "
+            f"it; Ladle never downloads data (download only where the network allows, e.g. "
+            f"torchvision.datasets.{cls}(root, download=True) on another machine)")
 
 
 # ---------------------------------------------------------------- sources: numpy arrays, x as (N, C, H, W)
@@ -247,22 +388,87 @@ def _imagefolder(path: str) -> _Source:
 
 
 def _torchvision(name: str, path: str | None) -> _Source:
+    """cifar10 / cifar100 through torchvision's reader, from `data.path` or `default_root()`; no download."""
     import torchvision
     root = Path(path).expanduser() if path else default_root()
     cls = getattr(torchvision.datasets, TORCHVISION[name])
     try:
         train, test = (cls(str(root), train=flag, download=False) for flag in (True, False))
     except RuntimeError as e:
-        raise DataError(
-            f"dataset {name} not found under {root} ({e}). Put the {TORCHVISION[name]} files there in "
-            f"torchvision's layout and point data.path (or $LADLE_DATA) at it; Ladle never downloads data "
-            f"here (download only works where the network allows, e.g. torchvision.datasets."
-            f"{TORCHVISION[name]}(root, download=True) on another machine)") from e
+        raise DataError(missing_torchvision_message(name, root, "data.path" if path else "data.name", str(e))) from e
 
     def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
         x = _to_nchw(np.asarray(ds.data), f"{name} under {root}")
         return x, _labels(np.asarray(ds.targets), len(x), f"{name} under {root}")
     return _Source(*arrays(train), *arrays(test))
+
+
+def _file_bytes(path: Path, limit: int = MAX_IDX_BYTES) -> bytes:
+    """The contents of `path`, gunzipped when it starts with gzip's magic bytes; at most `limit` bytes."""
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as f:
+            raw = f.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    if len(raw) > limit:
+        raise DataError(f"{path}: larger than {limit} bytes{' unpacked' if gzipped else ''}; not an IDX file of "
+                        f"a dataset Ladle reads")
+    return raw
+
+
+def parse_idx(raw: bytes, what: str) -> np.ndarray:
+    """An IDX array from its bytes: a magic number (two zero bytes, a dtype code, the number of
+    dimensions), one big-endian uint32 per dimension, then the values, big-endian, in C order.
+    Returned in native byte order (a writable copy); `what` names the source in errors."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES or raw[3] == 0:
+        raise DataError(f"{what}: not an IDX file (magic number 0x{raw[:4].hex() or 'none'}; expected "
+                        f"0x0000TTDD with type TT in {', '.join(f'{t:02x}' for t in IDX_DTYPES)} and DD >= 1 "
+                        f"dimensions)")
+    ndim, dtype = raw[3], IDX_DTYPES[raw[2]]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{what}: IDX header cut short ({len(raw)} bytes; {ndim} dimensions need {header})")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    count = math.prod(dims)
+    if len(raw) - header != count * dtype.itemsize:
+        raise DataError(f"{what}: IDX header says {' x '.join(map(str, dims))} values of {dtype.itemsize} "
+                        f"byte(s) ({count * dtype.itemsize} bytes) but the file holds {len(raw) - header}")
+    return np.frombuffer(raw, dtype, count=count, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (plain or gzip'd, told apart by its first bytes) as a numpy array; see `parse_idx`."""
+    return parse_idx(_file_bytes(Path(path)), str(path))
+
+
+def _read_processed(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Older torchvision's processed split: a torch-saved (images uint8 (N, H, W), labels int64 (N,)) pair."""
+    try:
+        pair = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path}: not a torchvision processed file ({e})") from e
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
+        raise DataError(f"{path}: not a torchvision processed file (expected an (images, labels) pair of tensors)")
+    return pair[0].numpy(), pair[1].numpy()
+
+
+def _idx_source(name: str, path: str | None) -> _Source:
+    """mnist / fashion_mnist from the first place `find_idx_dataset` finds."""
+    found = find_idx_dataset(name, path)
+    if found is None:
+        raise DataError(missing_idx_message(name, path))
+    if found.processed:
+        (x_tr, y_tr), (x_te, y_te) = (_read_processed(f) for f in found.files)
+        origin = [str(f) for f in found.files for _ in ("images", "labels")]
+    else:
+        x_tr, y_tr, x_te, y_te = (read_idx(f) for f in found.files)
+        origin = [str(f) for f in found.files]        # the file of x_train, y_train, x_test, y_test
+    x_tr, x_te = _stored_dtype(_to_nchw(x_tr, origin[0])), _stored_dtype(_to_nchw(x_te, origin[2]))
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(f"{found.folder}: training images are {x_tr.shape[1:]} but test images are {x_te.shape[1:]}")
+    return _Source(x_tr, _labels(y_tr, len(x_tr), origin[1]), x_te, _labels(y_te, len(x_te), origin[3]))
 
 
 def _synthetic(seed: int = 1234, n_train: int = 2000, n_test: int = 500, classes: int = 10,
@@ -286,6 +492,8 @@ def _load_source(name: str, path: str | None, seed: int) -> _Source:
         return _imagefolder(path)
     if name == "synthetic":
         return _synthetic()
+    if name in IDX_DATASETS:
+        return _idx_source(name, path)
     return _torchvision(name, path)
 
 
@@ -327,10 +535,14 @@ def _cached_splits(name: str, path: str | None, val_fraction: float, seed: int) 
 
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Train / val / test splits for `cfg`; which examples land where (and the fixed order of the training
-    split) depends on `seed`. Cached per process on (name, path, val_fraction, seed): repeated calls return
-    the same tensors, which callers must not modify in place."""
+    split) depends on `seed`. Cached per process on (name, path, val_fraction, seed), with mnist /
+    fashion_mnist keyed by the folder they were found in: repeated calls return the same tensors, which
+    callers must not modify in place."""
     check_data(cfg)
-    return _cached_splits(cfg.name, cfg.path, float(cfg.val_fraction), int(seed))
+    path = cfg.path
+    if cfg.name in IDX_DATASETS:
+        path = str(find_idx_dataset(cfg.name, cfg.path).folder)     # found: check_data looked
+    return _cached_splits(cfg.name, path, float(cfg.val_fraction), int(seed))
 
 
 load_splits.cache_clear = _cached_splits.cache_clear  # type: ignore[attr-defined]

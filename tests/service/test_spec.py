@@ -1,5 +1,6 @@
 import pytest
 
+import workers.data
 from service.spec import JobSpec, SpecError, load_spec, parse_spec
 
 
@@ -10,6 +11,7 @@ def fields(excinfo) -> list[str]:
 def test_defaults_are_the_design_defaults():
     spec = parse_spec({})
     assert spec.model.arch == "mlp" and spec.data.name == "digits"
+    assert spec.data.augment is None and spec.data.config().augment is False
     assert spec.prune.target_sparsity == 0.9 and spec.prune.phases == 3 and spec.prune.scope == "global"
     assert spec.retrain.schedule == "llr" and spec.retrain.epochs == 5 and spec.retrain.lr is None
     assert spec.soup.ingredients == 4 and spec.soup.vary == "seed" and spec.soup.method == "uniform"
@@ -80,3 +82,51 @@ def test_search_space_samples_within_its_bounds_and_trial_phases():
     assert [spec.search.applies(t) for t in (1, 2, 3)] == [False, True, True]
     assert spec.search.mode == "max" and parse_spec({"search": {"space": {"lr": {"choice": [0.1]}},
                                                                 "metric": "val_loss"}}).search.mode == "min"
+
+
+@pytest.mark.parametrize("data,augment", [
+    ({"name": "digits"}, False),
+    ({"name": "synthetic"}, False),
+    ({"name": "fashion_mnist"}, False),                       # Debian's package (installed by make test)
+    ({"name": "fashion_mnist", "augment": True}, True),
+    ({"name": "cifar10"}, True),
+    ({"name": "cifar100"}, True),
+    ({"name": "cifar10", "augment": False}, False),
+    ({"name": "npz", "augment": None}, False),
+])
+def test_augment_null_is_the_datasets_default_and_a_value_overrides_it(tmp_path, data, augment):
+    for folder in ("cifar-10-batches-py", "cifar-100-python"):           # check_data only looks for the folder
+        (tmp_path / folder).mkdir()
+    (tmp_path / "d.npz").write_bytes(b"")
+    path = {"cifar10": str(tmp_path), "cifar100": str(tmp_path), "npz": str(tmp_path / "d.npz")}.get(data["name"])
+    spec = parse_spec({"data": {**data, "path": path}})
+    assert spec.data.augment == data.get("augment")                       # the spec keeps what was asked
+    assert spec.data.config().augment is augment                          # the pipeline reads the resolved bool
+    assert parse_spec(spec.model_dump(mode="json")) == spec               # and it round-trips as stored
+
+
+@pytest.fixture
+def no_datasets(tmp_path, monkeypatch):
+    """No Debian package, no $LADLE_DATA and an empty home: every IDX dataset is missing."""
+    monkeypatch.setattr(workers.data, "DEBIAN_FASHION_MNIST", tmp_path / "debian")
+    monkeypatch.delenv("LADLE_DATA", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("data,words", [
+    ({"name": "fashion_mnist"}, ["data.name: dataset 'fashion_mnist' not found", "debian",
+                                 "apt-get install dataset-fashion-mnist", "data.path"]),
+    ({"name": "fashion_mnist", "path": "{tmp}"}, ["data.path: dataset 'fashion_mnist' not found in {tmp}",
+                                                  "train-images-idx3-ubyte", "dataset-fashion-mnist"]),
+    ({"name": "mnist"}, ["data.name: dataset 'mnist' not found", "~/.ladle/data", "t10k-labels-idx1-ubyte",
+                         "Debian has no MNIST package"]),
+    ({"name": "cifar10"}, ["data.name: dataset cifar10 not found under", "cifar-10-batches-py"]),
+])
+def test_a_missing_dataset_is_a_spec_error_saying_how_to_get_it(no_datasets, data, words):
+    data = {k: v.format(tmp=no_datasets) for k, v in data.items()}
+    with pytest.raises(SpecError) as excinfo:
+        parse_spec({"data": data})
+    assert fields(excinfo) == ["data"]
+    for w in words:
+        assert w.format(tmp=no_datasets) in str(excinfo.value)
