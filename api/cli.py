@@ -163,26 +163,69 @@ def run(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)"
         raise _fail(str(e)) from None
 
 
-def demo_spec() -> JobSpec:
-    text = resources.files("service").joinpath("examples/digits-sms.yaml").read_text()
+def demo_spec(small: bool = False) -> JobSpec:
+    """The packaged demo job: Fashion-MNIST with LeNet-5, or (small) digits with an MLP."""
+    name = "digits-sms.yaml" if small else "fashion-sms.yaml"
+    text = resources.files("service").joinpath(f"examples/{name}").read_text()
     import yaml
     return JobSpec.model_validate(yaml.safe_load(text))
+
+
+def imp_spec(spec: JobSpec, dense_checkpoint: str, cpus: int) -> JobSpec:
+    """Plain IMP beside a soup job: the same phases and retraining from the same dense model, one
+    ingredient, with all `cpus` for it (the soup's ingredients share them)."""
+    return spec.model_copy(update={
+        "name": f"{spec.name}-imp",
+        "model": spec.model.model_copy(update={"checkpoint": dense_checkpoint}),
+        "soup": spec.soup.model_copy(update={"ingredients": 1, "min_ingredients": 1}),
+        "resources": spec.resources.model_copy(update={"cpus_per_ingredient": cpus})})
+
+
+def verdict(soup_phases: list[dict], imp_phases: list[dict] | None) -> list[str]:
+    """One line per phase that a newcomer understands: the soup against its best ingredient, its
+    ingredients' prediction ensemble and, when given, plain IMP at the same sparsity."""
+    lines = []
+    imp = {p["index"]: p for p in imp_phases or []}
+    for p in soup_phases:
+        if p["index"] == 0 or p.get("soup_accuracy") is None:
+            continue
+        accs = [a for a in p.get("ingredient_accuracies") or [] if a is not None]
+        line = (f"phase {p['index']} ({100 * p['sparsity']:.1f}% of the weights pruned): the soup of {len(accs)} "
+                f"scores {100 * p['soup_accuracy']:.2f}%, {_pp(p['soup_accuracy'] - max(accs))} its best ingredient "
+                f"({100 * max(accs):.2f}%)")
+        if p.get("ensemble_accuracy") is not None:
+            line += f"; the {len(accs)} models' prediction ensemble {100 * p['ensemble_accuracy']:.2f}%"
+        if p["index"] in imp and imp[p["index"]].get("soup_accuracy") is not None:
+            a = imp[p["index"]]["soup_accuracy"]
+            line += f"; {_pp(p['soup_accuracy'] - a)} plain IMP ({100 * a:.2f}%)"
+        lines.append(line)
+    return lines
+
+
+def _pp(d: float) -> str:
+    return f"{100 * abs(d):.2f} pp {'above' if d > 0 else 'below' if d < 0 else 'level with'}"
 
 
 @app.command()
 def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep serving after the job (Ctrl-C stops)")] = True,
          port: Annotated[int | None, typer.Option(help="API port (default 8000, or a free one if taken)")] = None,
+         small: Annotated[bool, typer.Option("--small", help="the quick job: an MLP on scikit-learn's digits")] = False,
+         imp: Annotated[bool, typer.Option("--imp/--no-imp", help="also run plain IMP from the same dense model, "
+                                                                  "for comparison")] = True,
          local: Annotated[bool, typer.Option("--local", help="in this process instead, without the service")] = False,
          out: Annotated[Path | None, typer.Option("--out", help="with --local: folder for models and summary.json")] = None) -> None:
     """The demo: starts the embedded service (SQLite, a local Ray head, the dispatcher, the API),
-    submits the demo SMS job on digits (MLP, 3 phases to 90% sparsity, 4 ingredients) through the
-    SDK, shows progress, prints the per-phase table, and keeps serving until Ctrl-C."""
+    submits the demo SMS job (LeNet-5 on Fashion-MNIST: 3 phases to 90% sparsity, 3 ingredients per
+    phase; --small: an MLP on digits) through the SDK, then plain IMP from the same dense model, shows
+    progress, prints the per-phase table and one line per phase comparing the soup with its best
+    ingredient and with IMP, and keeps serving the dashboard until Ctrl-C."""
+    import os
     import socket
 
     from api.client import Client
     from api.server import BackgroundServer
     from service.runtime import Runtime
-    spec = demo_spec()
+    spec = demo_spec(small)
     out_console.print(f"Ladle demo: {spec.name} — {spec.model.arch} on {spec.data.name}, "
                       f"{spec.prune.phases} phases to sparsity {spec.prune.target_sparsity}, "
                       f"{spec.soup.ingredients} ingredients per phase ({spec.retrain.schedule})", highlight=False)
@@ -200,14 +243,29 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
             err_console.print(f"submitted job {job['id']}: watch it live at {server.url}/#/jobs/{job['id']}",
                               highlight=False)
             job = c.wait(job["id"], on_event=lambda e: err_console.print(e["message"], highlight=False))
-            out_console.print(phase_table(_phase_rows(c.phases(job["id"])),
-                                          title=f"{spec.name}: {job['status']} (test accuracy)"))
+            phases = c.phases(job["id"])
+            out_console.print(phase_table(_phase_rows(phases), title=f"{spec.name}: {job['status']} (test accuracy)"))
             if job["status"] != "succeeded":
                 raise _fail(f"job {job['id']} {job['status']}: {job['error']}")
+            imp_phases = None
+            if imp:
+                dense = server.runtime.store.get_model(phases[0]["model_id"])     # the in-process server's store
+                imp_job = c.submit(imp_spec(spec, dense.uri, os.cpu_count() or 1))
+                err_console.print(f"for comparison, plain IMP from the same dense model: job {imp_job['id']}",
+                                  highlight=False)
+                imp_job = c.wait(imp_job["id"], progress=True)
+                if imp_job["status"] == "succeeded":
+                    imp_phases = c.phases(imp_job["id"])
+                else:
+                    err_console.print(f"IMP job {imp_job['status']}: {imp_job['error']}", highlight=False)
+            out_console.print("\n[bold]What the soup bought[/bold] (test accuracy):")
+            for line in verdict(phases, imp_phases):
+                out_console.print(f"  {line}", highlight=False, soft_wrap=True)
             final = c.model(job["final_model_id"])
             out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, test accuracy "
-                              f"{100 * final['accuracy']:.2f}%; lineage: ladle lineage {final['id']} --url {server.url}",
-                              soft_wrap=True, highlight=False)
+                              f"{100 * final['accuracy']:.2f}%; lineage: ladle lineage {final['id']} --url {server.url}"
+                              + (f"; both jobs side by side: ladle compare {job['id']} {imp_job['id']} --url "
+                                 f"{server.url}" if imp else ""), soft_wrap=True, highlight=False)
         if serve_:
             out_console.print(f"serving the dashboard at {server.url}/ (API docs at {server.url}/docs); Ctrl-C stops",
                               highlight=False)

@@ -1,7 +1,9 @@
-"""Fan-out efficiency: one phase's ingredients run sequentially in-process vs on warm Ray actors.
+"""Fan-out efficiency: one phase's ingredients run sequentially in-process vs on warm Ray actors, and
+a whole phase of the pipeline with 1 vs 2 ingredients.
 
-The same tasks (resnet20 retraining on digits from one pruned parent, m = 2 and 4 ingredients,
-~5 s and ~20 s each) are run, in one process and one run:
+Part 1, the executor. The same tasks (resnet20 retraining on digits from one pruned parent, m = 2 and
+4 ingredients, ~5 s and ~20 s each, each finished in its worker: BatchNorm recalibration, scoring on
+val and test, checkpoint written) are run, in one process and one run:
   sequential   the local executor, one ingredient after another (torch on 1 thread)
   ray (cold)   the Ray executor's first phase of a job: actors start, torch imports, data loads
   ray (warm)   the following phases of the same job: the same actors, already warm
@@ -9,13 +11,24 @@ and this prints phase wall times, the speed-up, the parallel efficiency
 m * t_single / (slots * t_phase), and the orchestration overhead per phase: the phase wall time
 minus the time the slots spent inside training steps (sum of train seconds / slots).
 
-    .venv/bin/python bench/fanout.py [--short 5] [--long 20] [--rounds 2]
+Part 2, the pipeline. One prune-retrain phase of an MLP on Fashion-MNIST (ingredients of about
+`--phase-seconds` each) run by the driver's own code (Pipeline + RayExecutor + the SQLite store's
+recorder, as a Ray job's driver runs it), with m = 1 and m = 2 ingredients on 2 CPUs, alternated
+`--rounds` times: the phase's wall time with 2 ingredients over that with 1. With the ingredients'
+evaluation and checkpoint writing in the workers, the driver's serial share is the soup only.
+
+    .venv/bin/python bench/fanout.py [--short 5] [--long 20] [--rounds 2] [--phase-seconds 12]
+    .venv/bin/python bench/fanout.py --only pipeline --data npz --path fashion.npz
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import service  # noqa: F401,I001  first: Ray's environment (loopback only, token auth) before ray is imported
 import ray
@@ -30,9 +43,10 @@ from workers.data import DataConfig, load_splits, make_loader
 from workers.models import build_model
 from workers.pruning import prune
 from workers.schedules import retrain_schedule, dense_schedule
-from workers.tasks import TrainTask, run_train_task
+from workers.tasks import Finish, TrainTask, run_train_task
 
 DATA = DataConfig(batch_size=64)
+OUT = tempfile.mkdtemp(prefix="ladle-fanout-")
 
 
 def tasks_for(parent, masks, m: int, epochs: int) -> list[TrainTask]:
@@ -40,7 +54,9 @@ def tasks_for(parent, masks, m: int, epochs: int) -> list[TrainTask]:
     dense = dense_schedule("linear", 0.1, 10 * spe)
     lrs = retrain_schedule("llr", epochs * spe, dense)
     return [TrainTask(name=f"ingredient{i}", arch="resnet20", data=DATA, data_seed=0, lrs=lrs, epochs=epochs,
-                      seed=i, init_state=parent, masks=masks, threads=1) for i in range(m)]
+                      seed=i, init_state=parent, masks=masks, threads=1,
+                      finish=Finish(url=f"{OUT}/ingredient{i}.safetensors", recal_fraction=0.2, probs=True))
+            for i in range(m)]
 
 
 def phase(executor, tasks) -> tuple[float, float]:
@@ -54,16 +70,88 @@ def phase(executor, tasks) -> tuple[float, float]:
     return wall, sum(o.train_seconds for o in outs)
 
 
+def pipeline_phases(args, console: Console) -> Table:
+    """Part 2: the wall time of one pipeline phase with 1 and with 2 ingredients, through the driver's code."""
+    from service.artifacts import ArtifactStore
+    from service.pipeline import Pipeline
+    from service.spec import parse_spec
+    from service.store import Store
+    from workers.checkpoint import Checkpoint, save
+
+    data = {"name": args.data, "path": args.path, "batch_size": 128}
+    splits = load_splits(DataConfig(name=args.data, path=args.path, batch_size=128), 0)
+    torch.manual_seed(0)
+    dense = build_model("mlp", num_classes=splits.num_classes, in_shape=splits.in_shape)
+    spe = len(make_loader(splits.train, 128, shuffle=True))
+    ckpt = str(Path(OUT) / "dense.safetensors")
+    save(ckpt, Checkpoint(state=dense.state_dict(), meta={"arch": "mlp", "dense_schedule": {
+        "kind": "linear", "lr": 0.1, "epochs": 10, "steps_per_epoch": spe}}))
+    # calibrate the ingredient length: seconds per MLP epoch on one thread (after a first, set-up call)
+    probe = TrainTask(name="probe", arch="mlp", data=DataConfig(name=args.data, path=args.path, batch_size=128),
+                      data_seed=0, lrs=[0.01] * spe, epochs=1, threads=1)
+    run_train_task(probe)
+    t0 = time.perf_counter()
+    run_train_task(probe)
+    epochs = max(1, round(args.phase_seconds / (time.perf_counter() - t0)))
+    console.print(f"pipeline: MLP on {args.data}, {epochs} retraining epochs per ingredient")
+    store = Store(f"sqlite:///{OUT}/ladle.db")
+    times: dict[int, list[dict]] = {1: [], 2: []}
+    for r in range(args.rounds):
+        for m in (1, 2):
+            spec = parse_spec({"name": f"fanout m={m}", "model": {"arch": "mlp", "checkpoint": ckpt}, "data": data,
+                               "prune": {"target_sparsity": 0.5, "phases": 1}, "retrain": {"epochs": epochs},
+                               "soup": {"ingredients": m, "min_ingredients": 1}})
+            job = store.create_job(spec)
+            executor = RayExecutor(cpus=1)
+            executor.warm_up(m)                     # the driver warms its pool while phase 0 runs
+            result = Pipeline(spec, executor, store.recorder(job.id), ArtifactStore(OUT), prefix=f"jobs/{job.id}",
+                              epoch_checkpoints=True).run()
+            executor.shutdown()
+            times[m].append(result.phases[1].seconds)
+    table = Table(title=f"One pipeline phase on {args.cpus} CPUs (MLP, {args.data}, {epochs} epochs per ingredient, "
+                        f"mean of {args.rounds}): driver share = phase − retrain")
+    for col in ("ingredients", "phase s", "retrain s", "prune s", "soup s", "eval s", "driver share s", "vs m=1"):
+        table.add_column(col, justify="right")
+    base = statistics.fmean(t["total"] for t in times[1])
+    for m, rows in times.items():
+        mean = {k: statistics.fmean(t.get(k, 0.0) for t in rows) for k in ("total", "retrain", "prune", "soup", "eval")}
+        table.add_row(str(m), f"{mean['total']:.2f}", f"{mean['retrain']:.2f}", f"{mean['prune']:.2f}",
+                      f"{mean['soup']:.2f}", f"{mean['eval']:.2f}", f"{mean['total'] - mean['retrain']:.2f}",
+                      f"{mean['total'] / base:.3f}x")
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--short", type=float, default=5.0, help="target seconds per short ingredient")
     ap.add_argument("--long", type=float, default=20.0, help="target seconds per long ingredient")
     ap.add_argument("--rounds", type=int, default=2, help="warm Ray phases to average per case")
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--phase-seconds", type=float, default=12.0, help="target seconds per pipeline ingredient")
+    ap.add_argument("--data", default="fashion_mnist", help="dataset of the pipeline part")
+    ap.add_argument("--path", default=None, help="its data.path (e.g. an npz file)")
+    ap.add_argument("--only", choices=("executor", "pipeline"), default=None)
     args = ap.parse_args()
     console = Console(width=150)
     torch.set_num_threads(1)
+    head = LocalRay(num_cpus=args.cpus).start()       # the same embedded head the service starts
+    try:
+        ray.init(address=head.address, log_to_driver=False)
+        tables = []
+        if args.only in (None, "executor"):
+            tables.append(executor_phases(args, console))
+        if args.only in (None, "pipeline"):
+            tables.append(pipeline_phases(args, console))
+        for table in tables:
+            console.print(table)
+    finally:
+        ray.shutdown()
+        head.stop()
+        shutil.rmtree(OUT, ignore_errors=True)
 
+
+def executor_phases(args, console: Console) -> Table:
+    """Part 1: sequential vs Ray (cold, warm) for resnet20 ingredients of about --short and --long seconds."""
     splits = load_splits(DATA, 0)
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=splits.num_classes, in_shape=splits.in_shape)
@@ -76,8 +164,6 @@ def main() -> None:
     per_epoch = (time.perf_counter() - t0) / 2
     console.print(f"one resnet20 epoch on digits, 1 thread: {per_epoch:.2f} s")
 
-    head = LocalRay(num_cpus=args.cpus).start()       # the same embedded head the service starts
-    ray.init(address=head.address, log_to_driver=False)
     table = Table(title=f"Fan-out of one phase on {args.cpus} CPUs: sequential vs Ray actors "
                         f"(efficiency = m·t_single / (slots·t_phase))")
     for col in ("ingredient", "m", "executor", "phase s", "t_single s", "speed-up", "efficiency",
@@ -103,9 +189,7 @@ def main() -> None:
                               f"{t_single:.2f}", f"{seq_wall / wall:.2f}", f"{m * t_single / (slots * wall):.2f}",
                               f"{overhead:.2f}", f"{100 * overhead / wall:.1f}")
             console.print(f"done: {label}, m={m}")
-    console.print(table)
-    ray.shutdown()
-    head.stop()
+    return table
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ from service.spec import JobSpec
 from workers.checkpoint import SavedModel, save_model
 from workers.data import Splits, load_splits, make_loader
 from workers.evaluate import ensemble_accuracy, evaluate, score_splits
-from workers.models import build_model
+from workers.models import build_model, suggested_lr
 from workers.pruning import Masks, full_masks, per_phase_rate, prunable_names, prune, sparsity_after
 from workers.schedules import dense_schedule, retrain_schedule
 from workers.soup import State, bn_recalibrate, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
 from workers.tasks import Finish, TrainOutcome, TrainTask, run_train_task
-from workers.train import default_device
+from workers.train import TrainingDiverged, default_device
 
 EpochCallback = Callable[[str, dict[str, float]], None]
 ResultCallback = Callable[[TrainTask, "TrainOutcome | BaseException"], None]
@@ -272,8 +272,6 @@ class _Context:
 
 def _hint(spec: JobSpec, error: BaseException, *, dense: bool) -> str:
     """Where to change the LR of a run that diverged."""
-    from workers.models import suggested_lr
-    from workers.train import TrainingDiverged
     if not isinstance(error, TrainingDiverged):
         return ""
     if dense:

@@ -39,12 +39,18 @@ def test_run_on_ray_with_the_embedded_service(tmp_path):
 
 @pytest.mark.slow
 def test_demo_through_the_service(tmp_path):
-    """`make demo` runs `ladle demo`: the embedded service, the demo job through the SDK, the table."""
-    r = subprocess.run([LADLE, "demo", "--no-serve", "--port", "0"], capture_output=True, text=True,
+    """`make demo` runs `ladle demo` (here its quick --small job on digits): the embedded service, the
+    soup job and plain IMP from the same dense model through the SDK, the table and a verdict per phase."""
+    r = subprocess.run([LADLE, "demo", "--small", "--no-serve", "--port", "0"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["0", "1", "2", "3"]
     assert rows[3][2] == "0.900"
-    assert float(rows[3][-3]) > 80            # the soup's test accuracy (%) after pruning to 90%
-    assert "final model" in r.stdout
+    verdicts = re.findall(r"phase (\d) \(([\d.]+)% of the weights pruned\): the soup of 4 scores ([\d.]+)%, [\d.]+ pp "
+                          r"(?:above|below|level with) its best ingredient \(([\d.]+)%\); the 4 models' prediction "
+                          r"ensemble ([\d.]+)%; [\d.]+ pp (?:above|below|level with) plain IMP \(([\d.]+)%\)", r.stdout)
+    assert [v[0] for v in verdicts] == ["1", "2", "3"], r.stdout
+    assert float(verdicts[2][1]) == pytest.approx(90.0, abs=0.05)
+    assert all(float(v[2]) > 80 and float(v[5]) > 80 for v in verdicts)   # soup and IMP well above chance
+    assert "final model" in r.stdout and "ladle compare" in r.stdout
