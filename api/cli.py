@@ -466,6 +466,84 @@ def download(model_id: str, output: Annotated[Path, typer.Option("-o", "--output
     out_console.print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
+# ---------------------------------------------------------------- ladle compare: several jobs side by side
+
+def _wall_seconds(job: dict) -> float | None:
+    """A job's wall time: the server's `wall_seconds` when it has one, else finished_at (or now) − started_at."""
+    from datetime import datetime, timezone
+    if job.get("wall_seconds") is not None:
+        return job["wall_seconds"]
+    if not job.get("started_at"):
+        return None
+
+    def utc(s: str) -> datetime:
+        t = datetime.fromisoformat(s)
+        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    end = utc(job["finished_at"]) if job.get("finished_at") else datetime.now(timezone.utc)
+    return (end - utc(job["started_at"])).total_seconds()
+
+
+def _last_done(phases: list[dict]) -> dict:
+    """The last phase with a soup accuracy (phase 0: the dense model), or {} when none has one yet."""
+    return next((p for p in reversed(phases) if p.get("soup_accuracy") is not None), {})
+
+
+def compare_table(items: list[dict]) -> Table:
+    """One row per job and phase: sparsity, soup accuracy, Δ vs the best ingredient, ensemble accuracy, and
+    the phase's wall time and compute; fields the server does not report show as —."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=0,   # one space between columns: fits 80
+                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient; "
+                          "wall s, CPU s, GPU s, epochs: per phase")
+    names = max((len(item["job"]["name"]) for item in items), default=3)
+    table.add_column("job", min_width=min(names, 12), overflow="fold")
+    for col in ("phase", "sparsity", "soup", "Δbest", "ensemble", "wall s", "CPU s", "GPU s", "epochs"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for item in items:
+        phases = item["phases"] or [{}]
+        for i, p in enumerate(phases):
+            table.add_row(item["job"]["name"] if i == 0 else "", _fmt(p.get("index"), "d"),
+                          _fmt(p.get("sparsity"), ".3f"), _pct(p.get("soup_accuracy")),
+                          _pct(p.get("gain_over_best"), signed=True), _pct(p.get("ensemble_accuracy")),
+                          _fmt((p.get("seconds") or {}).get("total"), ".1f"),
+                          _fmt(p.get("cpu_seconds"), ".1f"), _fmt(p.get("gpu_seconds"), ".1f"),
+                          _fmt(p.get("epochs_trained"), ".0f"), end_section=i == len(phases) - 1)
+    return table
+
+
+def compare_summary(item: dict) -> str:
+    """One line per job: its status, final sparsity and accuracies, wall time and compute."""
+    def pct(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.2f}%"
+
+    def sec(x: float | None) -> str:
+        return "—" if x is None else f"{x:.1f} s"
+    job, last = item["job"], _last_done(item["phases"])
+    best = max((a for a in last.get("ingredient_accuracies") or [] if a is not None), default=None)
+    return (f"{job['name']} {job['id'][:8]}: {job['status']}, sparsity {_fmt(job.get('sparsity'), '.3f')}, "
+            f"soup {pct(last.get('soup_accuracy'))}, best ingredient {pct(best)}, "
+            f"ensemble {pct(last.get('ensemble_accuracy'))}, wall {sec(_wall_seconds(job))}, "
+            f"CPU {sec(job.get('cpu_seconds'))}, GPU {sec(job.get('gpu_seconds'))}, "
+            f"epochs {_fmt(job.get('epochs_trained'), '.0f')}")
+
+
+@app.command()
+@_api_errors
+def compare(job_ids: Annotated[list[str], typer.Argument(help="two or more job ids", metavar="JOB")],
+            url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
+    """Several jobs side by side: per phase sparsity, soup accuracy, Δ vs the best ingredient, ensemble
+    accuracy, wall time and compute, then one summary line per job."""
+    if len(job_ids) < 2:
+        raise _fail(f"compare needs at least two job ids (got {len(job_ids)}); `ladle status` lists them", 2)
+    with _client(url, token) as c:
+        items = c.compare(job_ids)
+    if json_output:
+        out_console.print_json(json.dumps(items))
+        return
+    out_console.print(compare_table(items))
+    for item in items:
+        out_console.print(compare_summary(item), highlight=False, soft_wrap=True)
+
+
 token_app = typer.Typer(help="API tokens (auth is on as soon as one exists).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 

@@ -5,12 +5,14 @@
     job = c.submit("job.yaml")            # a JobSpec, a dict, or a YAML/JSON file
     job = c.wait(job["id"])               # with a progress bar
     c.phases(job["id"]); c.lineage(job["final_model_id"]); c.download(job["final_model_id"], "soup.safetensors")
+    c.compare([job["id"], other_id])      # [{job, phases}, ...]: several jobs side by side
 
 Errors from the server surface as typed exceptions carrying its message.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,16 @@ class Client:
                          "val_loss": m.get("val_loss"), "stopped_early": m.get("stopped_early"),
                          "chosen": m.get("chosen"), "status": r["status"]})
         return rows
+
+    def compare(self, job_ids: list[str]) -> list[dict]:
+        """Several jobs side by side, in the order given: per job `{job, phases}` (GET /jobs/{id} and
+        /jobs/{id}/phases). An id that is not a job (or not yours) raises NotFound naming it."""
+        out = []
+        for job_id in job_ids:
+            if not re.fullmatch(r"[\w-]+", job_id):       # "", "a/b", "?x" would reach another route
+                raise NotFound(404, f"job {job_id!r} not found")
+            out.append({"job": self.job(job_id), "phases": self.phases(job_id)})   # its 404 names the id
+        return out
 
     def events(self, job_id: str, after: int = 0) -> list[dict]:
         return self._get(f"/jobs/{job_id}/events", after=after)["data"]

@@ -1,6 +1,6 @@
-// Ladle's dashboard: one page, four views (#/ jobs, #/jobs/ID, #/models/ID, #/cluster), all read from the
-// REST API under /api/v1 and refreshed by polling while something runs. Charts: Chart.js; the lineage
-// DAG: laid out by dagre and drawn as SVG. Both are vendored builds (api/dashboard/vendor), no CDN.
+// Ladle's dashboard: one page, five views (#/ jobs, #/jobs/ID, #/compare?ids=A,B,..., #/models/ID, #/cluster),
+// all read from the REST API under /api/v1 and refreshed by polling while something runs. Charts: Chart.js;
+// the lineage DAG: laid out by dagre and drawn as SVG. Both are vendored builds (api/dashboard/vendor), no CDN.
 
 const API = "/api/v1";
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
@@ -10,6 +10,7 @@ const KIND_COLORS = { dense: "#6b5bd2", pruned: "#c28a1d", ingredient: "#3b9dd8"
 
 let leave = [];             // what to undo when the view changes (timers, charts)
 let jobsFilter = "";        // the jobs page's status filter, kept across views
+const picked = new Set();   // the jobs ticked for comparing, kept across views
 
 // ------------------------------------------------------------------ API and auth
 class Unauthorized extends Error {}
@@ -158,18 +159,48 @@ async function jobsView(el) {
     <div class="toolbar"><h1>Jobs</h1>
       <select id="status-filter" aria-label="status">
         <option value="">all statuses</option>${STATUSES.map((s) => `<option>${s}</option>`).join("")}
-      </select><span class="muted" id="jobs-count"></span></div>
-    <table id="jobs"><thead><tr><th>name</th><th>status</th><th>progress</th><th class="num">phase</th>
-      <th class="num">sparsity</th><th class="num">best accuracy</th><th class="num">age</th><th class="num">duration</th>
-    </tr></thead><tbody></tbody></table>`;
+      </select><span class="muted" id="jobs-count"></span>
+      <button id="compare-jobs" hidden></button></div>
+    <table id="jobs"><thead><tr><th class="pick" title="tick two or more to compare them"></th><th>name</th><th>status</th>
+      <th>progress</th><th class="num">phase</th><th class="num">sparsity</th><th class="num">best accuracy</th><th class="num">age</th>
+      <th class="num">duration</th></tr></thead><tbody></tbody></table>`;
   const select = el.querySelector("#status-filter");
+  const tbody = el.querySelector("#jobs tbody");
+  const compare = el.querySelector("#compare-jobs");
   select.value = jobsFilter;
+  const showCompare = () => {
+    compare.hidden = picked.size === 0;
+    compare.disabled = picked.size < 2;
+    compare.textContent = picked.size < 2 ? "Compare: tick another job" : `Compare ${picked.size} jobs`;
+  };
+  compare.onclick = () => { location.hash = `#/compare?ids=${[...picked].join(",")}`; };
+  tbody.onchange = (e) => {
+    const id = e.target.dataset.pick;
+    if (!id) return;
+    if (e.target.checked) picked.add(id); else picked.delete(id);
+    showCompare();
+  };
+  showCompare();
   const refresh = async () => {
     const page = await api(`/jobs?limit=200${jobsFilter ? `&status=${jobsFilter}` : ""}`);
     el.querySelector("#jobs-count").textContent = `${page.count} job${page.count === 1 ? "" : "s"}`
       + (page.count > page.data.length ? ` (the newest ${page.data.length} shown)` : "");
-    el.querySelector("#jobs tbody").innerHTML = page.data.map((j) => `
-      <tr data-job="${j.id}" data-status="${j.status}">
+    if (!page.data.length) {
+      tbody.innerHTML = `<tr><td colspan="9" class="muted">No jobs${jobsFilter ? ` that are ${jobsFilter}` : ""}.</td></tr>`;
+      return;
+    }
+    // each row keeps its checkbox across refreshes (a click that spans a refresh still lands)
+    const rows = page.data.map((j) => {
+      let tr = tbody.querySelector(`tr[data-job="${j.id}"]`);
+      if (!tr) {
+        tr = document.createElement("tr");
+        tr.dataset.job = j.id;
+        tr.innerHTML = `<td class="pick"><input type="checkbox" data-pick="${j.id}" aria-label="compare ${esc(j.name)}"></td>`;
+      }
+      tr.dataset.status = j.status;
+      tr.querySelector("input").checked = picked.has(j.id);
+      [...tr.children].slice(1).forEach((td) => td.remove());
+      tr.insertAdjacentHTML("beforeend", `
         <td><a href="#/jobs/${j.id}">${esc(j.name)}</a> <span class="muted">${j.id.slice(0, 8)}</span></td>
         <td>${badge(j.status)}</td>
         <td class="progress" data-progress="${j.progress}">${bar(j.progress)} ${pct(j.progress, 0)}</td>
@@ -177,11 +208,82 @@ async function jobsView(el) {
         <td class="num">${pct(j.sparsity)}</td>
         <td class="num">${pct(j.best_accuracy)}</td>
         <td class="num">${ago(j.created_at)}</td>
-        <td class="num">${duration(j.started_at, j.finished_at)}</td>
-      </tr>`).join("") || `<tr><td colspan="8" class="muted">No jobs${jobsFilter ? ` that are ${jobsFilter}` : ""}.</td></tr>`;
+        <td class="num">${duration(j.started_at, j.finished_at)}</td>`);
+      return tr;
+    });
+    if (rows.length !== tbody.children.length || rows.some((tr, i) => tbody.children[i] !== tr)) tbody.replaceChildren(...rows);
   };
   select.onchange = () => { jobsFilter = select.value; refresh().catch(showError); };
   await every(1000, refresh);
+}
+
+// ------------------------------------------------------------------ compare page
+const fixed = (x, digits = 1) => (x == null ? "–" : (+x).toFixed(digits));
+
+// A job's wall time: the server's wall_seconds when it reports one, else finished_at (or, running, now) − started_at
+function wallSeconds(job) {
+  if (job.wall_seconds != null) return job.wall_seconds;
+  return job.started_at ? ((job.finished_at ? new Date(job.finished_at) : new Date()) - new Date(job.started_at)) / 1000 : null;
+}
+
+// The compute a job reports (CPU-seconds, GPU-seconds, epochs trained), the parts it has
+function compute(job) {
+  return [[job.cpu_seconds, (x) => `${fixed(x)} CPU-s`], [job.gpu_seconds, (x) => `${fixed(x)} GPU-s`],
+          [job.epochs_trained, (x) => `${fixed(x, 0)} epochs`]].filter(([x]) => x != null).map(([x, f]) => f(x));
+}
+
+async function compareView(el, idList) {
+  const ids = [...new Set(idList.split(",").filter(Boolean))];
+  el.innerHTML = `
+    <div class="toolbar"><h1>Compare ${ids.length} jobs</h1><a href="#/">change the selection</a></div>
+    <div class="card"><h2>Soup accuracy vs sparsity</h2><div class="chart tall"><canvas id="compare-chart"></canvas></div></div>
+    <div class="card"><table id="compare-table"><thead><tr><th>job</th><th>status</th><th class="num">final sparsity</th>
+      <th class="num">final accuracy</th><th class="num">best ingredient</th><th class="num">ensemble</th>
+      <th class="num">wall time</th><th class="num">CPU s</th><th class="num">GPU s</th><th class="num">epochs</th>
+    </tr></thead><tbody></tbody></table>
+    <p class="muted">Test accuracy of the last finished phase: its soup (final accuracy), its best ingredient and the
+      ensemble of its ingredients. Phase 0 is the dense model, at sparsity 0.</p></div>`;
+  if (ids.length < 2) throw new Error("Comparing needs two or more jobs: tick them on the jobs page.");
+  const options = lineOptions("sparsity (%)", "soup test accuracy (%)", { min: 0, max: 100 });
+  options.plugins.tooltip = { callbacks: {
+    label: (c) => `${c.raw.job}, phase ${c.raw.phase}: ${c.parsed.y.toFixed(2)}% at sparsity ${c.parsed.x.toFixed(1)}%` } };
+  const accChart = chart(el.querySelector("#compare-chart"), {
+    type: "scatter",
+    data: { datasets: ids.map((id, i) => ({ label: id.slice(0, 8), data: [], showLine: true, clip: false, borderWidth: 2, pointRadius: 4,
+                                            borderColor: COLORS[i % COLORS.length], backgroundColor: COLORS[i % COLORS.length] })) },
+    options,
+  });
+  const tbody = el.querySelector("#compare-table tbody");
+  await every(2000, async () => {
+    const jobs = await Promise.all(ids.map(async (id) => {
+      const [job, phases] = await Promise.all([api(`/jobs/${id}`), api(`/jobs/${id}/phases`)]);
+      return { job, phases: phases.data.filter((p) => p.soup_accuracy != null).sort((a, b) => a.index - b.index) };
+    }));
+    jobs.forEach(({ job, phases }, i) => {           // in place: a dataset hidden from the legend stays hidden
+      const set = accChart.data.datasets[i];
+      const wall = wallSeconds(job);
+      set.label = [job.name, ...(wall == null ? [] : [`${seconds(wall)} wall`]), ...compute(job)].join(" · ");
+      set.data = phases.map((p) => ({ x: 100 * (p.sparsity ?? 0), y: 100 * p.soup_accuracy, phase: p.index, job: job.name }));
+    });
+    accChart.update("none");
+    tbody.innerHTML = jobs.map(({ job, phases }, i) => {
+      const last = phases.at(-1) ?? {};
+      const ingredients = (last.ingredient_accuracies ?? []).filter((a) => a != null);
+      return `<tr data-job="${job.id}">
+        <td><i class="swatch" style="background:${COLORS[i % COLORS.length]}"></i><a href="#/jobs/${job.id}">${esc(job.name)}</a>
+          <span class="muted">${job.id.slice(0, 8)}</span></td>
+        <td>${badge(job.status)}</td>
+        <td class="num">${pct(job.sparsity)}</td>
+        <td class="num">${pct(last.soup_accuracy, 2)}</td>
+        <td class="num">${pct(ingredients.length ? Math.max(...ingredients) : null, 2)}</td>
+        <td class="num">${pct(last.ensemble_accuracy, 2)}</td>
+        <td class="num">${seconds(wallSeconds(job))}</td>
+        <td class="num">${fixed(job.cpu_seconds)}</td>
+        <td class="num">${fixed(job.gpu_seconds)}</td>
+        <td class="num">${fixed(job.epochs_trained, 0)}</td></tr>`;
+    }).join("");
+    return !jobs.every(({ job }) => TERMINAL.has(job.status));   // running ones: keep refreshing
+  });
 }
 
 // ------------------------------------------------------------------ job page
@@ -463,6 +565,7 @@ async function clusterView(el) {
 const ROUTES = [
   [/^#?\/?$/, jobsView, "jobs"],
   [/^#\/jobs\/([\w-]+)$/, jobView, "jobs"],
+  [/^#\/compare\?ids=([\w,-]*)$/, compareView, "jobs"],
   [/^#\/models\/([\w-]+)$/, modelView, "jobs"],
   [/^#\/cluster$/, clusterView, "cluster"],
 ];

@@ -1,10 +1,14 @@
-"""The `ladle` command as a user runs it (a real subprocess)."""
+"""The `ladle` command as a user runs it (a real subprocess); the client commands against a live server."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from api.client import Client, NotFound
+from tests.api.conftest import make_server
 from workers.checkpoint import load
 
 LADLE = str(Path(sys.executable).with_name("ladle"))
@@ -69,3 +73,54 @@ def test_run_local_with_a_search_runs_every_trial_and_records_the_choice(tmp_pat
     assert chosen["metrics"]["val_accuracy"] == max(t["metrics"]["val_accuracy"] for t in trials)
     ingredients = [run for run in runs if run["kind"] == "ingredient"]
     assert {i["config"]["lr"] for i in ingredients} == {chosen["config"]["lr"]}
+
+
+TINY = {"dense": {"epochs": 2}, "prune": {"target_sparsity": 0.5, "phases": 1}, "retrain": {"epochs": 1},
+        "soup": {"ingredients": 2}}
+
+
+@pytest.fixture(scope="module")
+def two_jobs(ray_head, tmp_path_factory):
+    """A live server (real store, the session's Ray) with two small finished digits jobs."""
+    with make_server(tmp_path_factory.mktemp("cli"), ray_head) as server:
+        with Client(server.url) as c:
+            ids = [c.submit(dict(TINY, name=name))["id"] for name in ("cmp-a", "cmp-b")]
+            server.jobs = [c.wait(i, progress=False, poll=0.5, timeout=300) for i in ids]
+        assert [j["status"] for j in server.jobs] == ["succeeded"] * 2, [j["error"] for j in server.jobs]
+        yield server
+
+
+@pytest.mark.slow
+def test_compare_prints_both_jobs_per_phase(two_jobs):
+    a, b = (j["id"] for j in two_jobs.jobs)
+    r = ladle("compare", a, b, "--url", two_jobs.url, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [item["job"]["id"] for item in out] == [a, b]
+    assert all([p["index"] for p in item["phases"]] == [0, 1] for item in out)
+    with Client(two_jobs.url) as c:
+        assert out == c.compare([a, b])                    # --json prints the SDK's list
+    r = ladle("compare", a, b, "--url", two_jobs.url)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for item in out:
+        name, last = item["job"]["name"], item["phases"][-1]
+        assert any(line.split()[:4] == [name, "0", "0.000", f"{100 * item['phases'][0]['soup_accuracy']:.2f}"]
+                   for line in lines)                                              # its phase 0 row
+        assert any(line.split()[:3] == ["1", "0.500", f"{100 * last['soup_accuracy']:.2f}"] for line in lines)
+        summary = next(line for line in lines if line.startswith(f"{name} {item['job']['id'][:8]}: succeeded"))
+        assert f"soup {100 * last['soup_accuracy']:.2f}%" in summary and "wall " in summary
+
+
+@pytest.mark.slow
+def test_compare_needs_two_known_jobs(two_jobs):
+    a, b = (j["id"] for j in two_jobs.jobs)
+    r = ladle("compare", a, "--url", two_jobs.url)
+    assert r.returncode == 2 and "at least two job ids" in r.stderr and "Traceback" not in r.stderr
+    r = ladle("compare", a, "no-such-job", b, "--url", two_jobs.url)
+    assert r.returncode == 1 and "job no-such-job not found" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+    with Client(two_jobs.url) as c:
+        for bad in ("no-such-job", "a/b", ""):
+            with pytest.raises(NotFound, match=f"job '?{bad}'? not found"):
+                c.compare([a, bad])

@@ -1,6 +1,6 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright) against a live server with
-real Ray: a finished digits job and a running one. Screenshots of every page go to SCREENSHOTS (printed
-at the end of the run)."""
+real Ray: a finished digits job and a running one (and, to compare, a second small finished one).
+Screenshots of every page go to SCREENSHOTS (printed at the end of the run)."""
 
 import re
 import time
@@ -20,6 +20,9 @@ FINISHED = {"name": "dash-done", "dense": {"epochs": 3}, "prune": {"target_spars
             "retrain": {"epochs": 2}, "soup": {"ingredients": 3},
             "search": {"space": {"lr": {"loguniform": [0.01, 0.3]}}, "trials": 3}}
 # long enough to watch it move (700 epochs of an MLP on digits); cancelled from the page at the end
+# a second finished job for the compare view: same number of phases, a different target
+SECOND = {"name": "dash-second", "dense": {"epochs": 2}, "prune": {"target_sparsity": 0.5, "phases": 2},
+          "retrain": {"epochs": 1}, "soup": {"ingredients": 2}}
 RUNNING = {"name": "dash-running", "dense": {"epochs": 100}, "prune": {"target_sparsity": 0.9, "phases": 3},
            "retrain": {"epochs": 100}, "soup": {"ingredients": 2}}
 
@@ -85,7 +88,7 @@ def test_jobs_page_shows_both_jobs_and_progress_moves_without_reload(browser, se
     row.wait_for()
     assert page.locator(f'tr[data-job="{done["id"]}"] .badge').inner_text() == "succeeded"
     assert done["sparsity"] == pytest.approx(0.75, abs=1e-3)
-    assert page.locator(f'tr[data-job="{done["id"]}"] td').nth(4).inner_text() == f"{100 * done['sparsity']:.1f}%"
+    assert page.locator(f'tr[data-job="{done["id"]}"] td').nth(5).inner_text() == f"{100 * done['sparsity']:.1f}%"
     page.evaluate("window.__same_page = true")
     first = float(row.locator("td.progress").get_attribute("data-progress"))
     deadline = time.monotonic() + 60
@@ -158,6 +161,22 @@ def test_cluster_page(browser, server):
     assert p.errors == []
 
 
+def test_compare_view_refreshes_a_running_job(browser, server):
+    done, running = server.jobs["finished"], server.jobs["running"]
+    p = Page(browser, server.url)
+    page = p.go(f"#/compare?ids={done['id']},{running['id']}")
+    row = page.locator(f'#compare-table tr[data-job="{running["id"]}"]')
+    row.wait_for()
+    assert row.locator(".badge").inner_text() == "running"
+    label = "() => Chart.getChart(document.getElementById('compare-chart')).data.datasets[1].label"
+    first = page.evaluate(label)
+    assert first.startswith("dash-running · ")
+    page.wait_for_function(f"first => ({label})() !== first", arg=first, timeout=10_000)   # its wall time so far
+    page = p.go(f"#/compare?ids={done['id']}")
+    assert "two or more jobs" in page.locator("#view-error").inner_text()
+    assert p.errors == []
+
+
 def test_cancel_from_the_job_page(browser, server):
     running = server.jobs["running"]
     p = Page(browser, server.url)
@@ -171,6 +190,56 @@ def test_cancel_from_the_job_page(browser, server):
     page.locator("#events", has_text="job cancelled").wait_for()
     assert httpx.get(f"{server.url}/api/v1/jobs/{running['id']}").json()["status"] == "cancelled"
     p.shot("job-cancelled")
+    assert p.errors == []
+
+
+def test_compare_two_finished_jobs(browser, server):
+    """Tick two jobs on the jobs page, open the compare view: one curve per job (a point per phase, the
+    soup's accuracy at its sparsity), legend labels with name, wall time and compute, and a table row each."""
+    done = server.jobs["finished"]
+    with Client(server.url) as c:
+        second = c.wait(c.submit(SECOND)["id"], progress=False, poll=0.5, timeout=300)
+        assert second["status"] == "succeeded", second["error"]
+        expected = c.compare([done["id"], second["id"]])
+    p = Page(browser, server.url)
+    page = p.go()
+    button = page.locator("#compare-jobs")
+    page.locator(f'tr[data-job="{done["id"]}"] input[type=checkbox]').check()
+    assert button.is_visible() and button.is_disabled()              # one job is not a comparison
+    page.locator(f'tr[data-job="{second["id"]}"] input[type=checkbox]').check()
+    p.shot("compare-pick")
+    button.filter(has_text="Compare 2 jobs").click()
+    page.wait_for_url(re.compile(r"#/compare\?ids="))
+    assert page.evaluate("location.hash") == f"#/compare?ids={done['id']},{second['id']}"
+    page.locator("#compare-table tbody tr[data-job]").nth(1).wait_for()   # drawn after the chart
+    chart = "Chart.getChart(document.getElementById('compare-chart'))"
+    datasets = page.evaluate(f"() => {chart}.data.datasets.map(d => ({{label: d.label, x: d.data.map(p => p.x), "
+                             "y: d.data.map(p => p.y)}))")
+    legend = page.evaluate(f"() => {chart}.legend.legendItems.map(i => i.text)")
+    assert len(datasets) == 2 and len(legend) == 2
+    for d, text, item in zip(datasets, legend, expected):
+        job, phases = item["job"], item["phases"]
+        assert len(phases) == len(d["y"]) == job["spec"]["prune"]["phases"] + 1          # phase 0 (dense) too
+        assert d["y"] == pytest.approx([100 * ph["soup_accuracy"] for ph in phases])
+        assert d["x"] == pytest.approx([100 * (ph["sparsity"] or 0) for ph in phases])
+        assert d["x"][0] == 0 and d["x"][-1] == pytest.approx(100 * job["spec"]["prune"]["target_sparsity"], abs=0.1)
+        assert text == d["label"] and text.startswith(f"{job['name']} · ") and " wall" in text
+        for field, unit in (("cpu_seconds", "CPU-s"), ("gpu_seconds", "GPU-s"), ("epochs_trained", "epochs")):
+            assert (unit in text) == (job.get(field) is not None)      # compute, when the server reports it
+        row = page.locator(f'#compare-table tr[data-job="{job["id"]}"] td')
+        assert row.nth(0).inner_text().startswith(job["name"]) and row.nth(1).inner_text() == "succeeded"
+        assert row.nth(2).inner_text() == f"{100 * job['sparsity']:.1f}%"
+        assert row.nth(3).inner_text() == f"{100 * phases[-1]['soup_accuracy']:.2f}%"
+        best = max(a for a in phases[-1]["ingredient_accuracies"] if a is not None)
+        assert row.nth(4).inner_text() == f"{100 * best:.2f}%"
+        ensemble = phases[-1].get("ensemble_accuracy")
+        assert row.nth(5).inner_text() == ("–" if ensemble is None else f"{100 * ensemble:.2f}%")
+        cpu = job.get("cpu_seconds")
+        assert row.nth(7).inner_text() == ("–" if cpu is None else f"{cpu:.1f}")
+    p.shot("compare")
+    page.locator("a", has_text="change the selection").click()       # the ticks are kept
+    page.locator(f'tr[data-job="{second["id"]}"] input:checked').wait_for()
+    assert button.inner_text() == "Compare 2 jobs"
     assert p.errors == []
 
 
