@@ -1,4 +1,4 @@
-# Each target does its own set-up: a virtualenv in .venv with the project and its test extras.
+# Each target does its own set-up: a virtualenv in .venv with the project and its test and bench extras.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 # pip warns about every package the machine's extra local indexes lack; keep the noise out of the log
@@ -17,7 +17,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip $(QUIET)
-	$(PY) -m pip install -q -e '.[test]' $(QUIET)
+	$(PY) -m pip install -q -e '.[test,bench]' $(QUIET)
 	touch $(STAMP)
 
 datasets:

@@ -468,21 +468,6 @@ def download(model_id: str, output: Annotated[Path, typer.Option("-o", "--output
 
 # ---------------------------------------------------------------- ladle compare: several jobs side by side
 
-def _wall_seconds(job: dict) -> float | None:
-    """A job's wall time: the server's `wall_seconds` when it has one, else finished_at (or now) − started_at."""
-    from datetime import datetime, timezone
-    if job.get("wall_seconds") is not None:
-        return job["wall_seconds"]
-    if not job.get("started_at"):
-        return None
-
-    def utc(s: str) -> datetime:
-        t = datetime.fromisoformat(s)
-        return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
-    end = utc(job["finished_at"]) if job.get("finished_at") else datetime.now(timezone.utc)
-    return (end - utc(job["started_at"])).total_seconds()
-
-
 def _last_done(phases: list[dict]) -> dict:
     """The last phase with a soup accuracy (phase 0: the dense model), or {} when none has one yet."""
     return next((p for p in reversed(phases) if p.get("soup_accuracy") is not None), {})
@@ -521,7 +506,7 @@ def compare_summary(item: dict) -> str:
     best = max((a for a in last.get("ingredient_accuracies") or [] if a is not None), default=None)
     return (f"{job['name']} {job['id'][:8]}: {job['status']}, sparsity {_fmt(job.get('sparsity'), '.3f')}, "
             f"soup {pct(last.get('soup_accuracy'))}, best ingredient {pct(best)}, "
-            f"ensemble {pct(last.get('ensemble_accuracy'))}, wall {sec(_wall_seconds(job))}, "
+            f"ensemble {pct(last.get('ensemble_accuracy'))}, wall {sec(job.get('wall_seconds'))}, "
             f"CPU {sec(job.get('cpu_seconds'))}, GPU {sec(job.get('gpu_seconds'))}, "
             f"epochs {_fmt(job.get('epochs_trained'), '.0f')}")
 

@@ -172,3 +172,18 @@ def test_auth(ray_head, tmp_path):
         assert Client(server.url, admin).jobs()["count"] == 1
         assert Client(server.url, admin).job(job["id"])["id"] == job["id"]
         assert httpx.get(f"{server.url}/api/v1/health").status_code == 200     # liveness needs no token
+
+
+def test_a_missing_dataset_is_a_422_that_names_the_field_and_the_package(live, monkeypatch, tmp_path):
+    import workers.data
+    monkeypatch.setattr(workers.data, "DEBIAN_FASHION_MNIST", tmp_path / "no-fashion")
+    monkeypatch.setenv("LADLE_DATA", str(tmp_path / "no-data"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    workers.data.load_splits.cache_clear()
+    before = httpx.get(f"{live.url}/api/v1/jobs").json()["count"]
+    r = httpx.post(f"{live.url}/api/v1/jobs", json={"data": {"name": "fashion_mnist"}})
+    assert r.status_code == 422, r.text
+    [err] = r.json()["detail"]
+    assert err["loc"][:2] == ["body", "data"]
+    assert "data.name" in err["msg"] and "apt-get install dataset-fashion-mnist" in err["msg"], err["msg"]
+    assert httpx.get(f"{live.url}/api/v1/jobs").json()["count"] == before

@@ -265,3 +265,23 @@ def test_a_diverging_dense_run_fails_the_job_naming_the_lr(tmp_path):
     with pytest.raises(RuntimeError, match=r"dense training failed: (the training loss became|training ended at "
                                            r"chance level).*dense\.lr is 10; mlp trains well at 0\.1"):
         run(spec, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_one_epoch_cnn_job_on_fashion_mnist_is_well_above_chance(tmp_path):
+    """Fashion-MNIST from Debian's package (make test installs it): LeNet-5, 1 dense epoch, one phase of two
+    1-epoch ingredients; everything well above chance (10%)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # as an ingredient with cpus_per_ingredient=1 (and faster on 2 busy cores)
+    try:
+        spec = {"model": {"arch": "lenet5"}, "data": {"name": "fashion_mnist", "batch_size": 128},
+                "dense": {"epochs": 1, "lr": 0.05}, "prune": {"target_sparsity": 0.5, "phases": 1},
+                "retrain": {"epochs": 1}, "soup": {"ingredients": 2}}
+        _, rec, result = run(spec, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    dense, phase = result.phases
+    assert dense.soup_accuracy > 0.75 and phase.soup_accuracy > 0.75
+    assert all(a > 0.75 for a in phase.ingredient_accuracies) and phase.ensemble_accuracy > 0.75
+    assert {m["metrics"]["parameters"] for m in rec.models} == {61706}    # LeNet-5 on 1x28x28, 10 classes
