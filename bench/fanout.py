@@ -14,8 +14,11 @@ minus the time the slots spent inside training steps (sum of train seconds / slo
 Part 2, the pipeline. One prune-retrain phase of an MLP on Fashion-MNIST (ingredients of about
 `--phase-seconds` each) run by the driver's own code (Pipeline + RayExecutor + the SQLite store's
 recorder, as a Ray job's driver runs it), with m = 1 and m = 2 ingredients on 2 CPUs, alternated
-`--rounds` times: the phase's wall time with 2 ingredients over that with 1. With the ingredients'
-evaluation and checkpoint writing in the workers, the driver's serial share is the soup only.
+`--rounds` times: the phase's wall time with 2 ingredients over that with 1, split into the time the
+ingredients spent inside training steps (in their workers), the result latency (the phase's retrain
+time after its slowest ingredient's task ended) and the driver's serial share (prune, soup, eval;
+the ingredients' evaluation and checkpoint writing happen in their workers). Beside it, the
+machine's own ceiling: the same training in 2 plain processes at once against 1.
 
     .venv/bin/python bench/fanout.py [--short 5] [--long 20] [--rounds 2] [--phase-seconds 12]
     .venv/bin/python bench/fanout.py --only pipeline --data npz --path fashion.npz
@@ -24,6 +27,7 @@ evaluation and checkpoint writing in the workers, the driver's serial share is t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -70,6 +74,24 @@ def phase(executor, tasks) -> tuple[float, float]:
     return wall, sum(o.train_seconds for o in outs)
 
 
+def _train_in_process(task: TrainTask) -> float:
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    run_train_task(task)
+    return time.perf_counter() - t0
+
+
+def plain_processes(task: TrainTask, n: int) -> float:
+    """Wall seconds for `n` fresh processes (no Ray) that each train `task` at once, after their set-up:
+    what this machine gives n independent single-thread trainings."""
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(n) as pool:
+        pool.map(_train_in_process, [dataclasses.replace(task, epochs=1, lrs=task.lrs[:len(task.lrs) // task.epochs])] * n)
+        t0 = time.perf_counter()             # the processes are up and their data loaded: time the training only
+        pool.map(_train_in_process, [task] * n)
+        return time.perf_counter() - t0
+
+
 def pipeline_phases(args, console: Console) -> Table:
     """Part 2: the wall time of one pipeline phase with 1 and with 2 ingredients, through the driver's code."""
     from service.artifacts import ArtifactStore
@@ -94,10 +116,14 @@ def pipeline_phases(args, console: Console) -> Table:
     run_train_task(probe)
     epochs = max(1, round(args.phase_seconds / (time.perf_counter() - t0)))
     console.print(f"pipeline: MLP on {args.data}, {epochs} retraining epochs per ingredient")
+    ceiling_task = TrainTask(name="ceiling", arch="mlp", data=probe.data, data_seed=0, lrs=[0.01] * (epochs * spe),
+                             epochs=epochs, threads=1)
     store = Store(f"sqlite:///{OUT}/ladle.db")
     times: dict[int, list[dict]] = {1: [], 2: []}
+    ceiling: dict[int, list[float]] = {1: [], 2: []}
     for r in range(args.rounds):
         for m in (1, 2):
+            ceiling[m].append(plain_processes(ceiling_task, m))
             spec = parse_spec({"name": f"fanout m={m}", "model": {"arch": "mlp", "checkpoint": ckpt}, "data": data,
                                "prune": {"target_sparsity": 0.5, "phases": 1}, "retrain": {"epochs": epochs},
                                "soup": {"ingredients": m, "min_ingredients": 1}})
@@ -107,15 +133,24 @@ def pipeline_phases(args, console: Console) -> Table:
             result = Pipeline(spec, executor, store.recorder(job.id), ArtifactStore(OUT), prefix=f"jobs/{job.id}",
                               epoch_checkpoints=True).run()
             executor.shutdown()
-            times[m].append(result.phases[1].seconds)
+            runs = [r.metrics for r in store.runs(job.id, kind="ingredient")]
+            times[m].append(dict(result.phases[1].seconds, train=statistics.fmean(r["train_seconds"] for r in runs),
+                                 latency=result.phases[1].seconds["retrain"] - max(r["seconds"] for r in runs)))
     table = Table(title=f"One pipeline phase on {args.cpus} CPUs (MLP, {args.data}, {epochs} epochs per ingredient, "
                         f"mean of {args.rounds}): driver share = phase − retrain")
-    for col in ("ingredients", "phase s", "retrain s", "prune s", "soup s", "eval s", "driver share s", "vs m=1"):
+    for col in ("ingredients", "phase s", "retrain s", "in-worker training s", "result latency s", "prune s", "soup s",
+                "eval s", "driver share s", "vs m=1"):
         table.add_column(col, justify="right")
     base = statistics.fmean(t["total"] for t in times[1])
+    limit = statistics.fmean(ceiling[2]) / statistics.fmean(ceiling[1])
+    table.caption = (f"the machine's own ceiling: {epochs} epochs in 2 plain processes at once take {limit:.3f}x as long "
+                     f"as in 1 ({statistics.fmean(ceiling[1]):.2f} s vs {statistics.fmean(ceiling[2]):.2f} s, no Ray, no "
+                     f"driver); the phase ratio over that ceiling is Ladle's own cost")
     for m, rows in times.items():
-        mean = {k: statistics.fmean(t.get(k, 0.0) for t in rows) for k in ("total", "retrain", "prune", "soup", "eval")}
-        table.add_row(str(m), f"{mean['total']:.2f}", f"{mean['retrain']:.2f}", f"{mean['prune']:.2f}",
+        mean = {k: statistics.fmean(t.get(k, 0.0) for t in rows)
+                for k in ("total", "retrain", "train", "latency", "prune", "soup", "eval")}
+        table.add_row(str(m), f"{mean['total']:.2f}", f"{mean['retrain']:.2f}", f"{mean['train']:.2f}",
+                      f"{mean['latency']:.2f}", f"{mean['prune']:.2f}",
                       f"{mean['soup']:.2f}", f"{mean['eval']:.2f}", f"{mean['total'] - mean['retrain']:.2f}",
                       f"{mean['total'] / base:.3f}x")
     return table
