@@ -1,10 +1,12 @@
-"""The artifact store: checkpoints under a local folder (default) or any fsspec URL (s3://bucket/prefix)."""
+"""The artifact store: checkpoints under a local folder (default) or any fsspec URL (s3://bucket/prefix).
+Models are written by `workers.checkpoint.save_model` to `uri(key)` (by the driver, or by the worker
+that trained them)."""
 
 from __future__ import annotations
 
 import fsspec
 
-from workers.checkpoint import Checkpoint, load, save
+from workers.checkpoint import Checkpoint, load
 
 
 class ArtifactStore:
@@ -13,12 +15,6 @@ class ArtifactStore:
 
     def uri(self, key: str) -> str:
         return f"{self.root}/{key}"
-
-    def save_checkpoint(self, key: str, ckpt: Checkpoint) -> tuple[str, int, str]:
-        """Write a checkpoint under `key`; return (uri, size in bytes, sha256 of the file)."""
-        uri = self.uri(key)
-        size, sha = save(uri, ckpt)
-        return uri, size, sha
 
     @staticmethod
     def load_checkpoint(uri: str) -> Checkpoint:

@@ -114,7 +114,7 @@ def test_job_page_plots_and_lineage(browser, server):
     page.locator("svg#lineage .node").first.wait_for()
     T, m = FINISHED["prune"]["phases"], FINISHED["soup"]["ingredients"]
     assert chart_points(page, "acc-sparsity") == {"soup": T, "ingredients": T * m, "pruned, before retraining": T,
-                                                  "dense": 1}
+                                                  "dense": 1, "prediction ensemble": T}
     assert chart_points(page, "timeline") == {"dense training": T + 1, "prune": T + 1, "schedule search": T + 1,
                                               "retrain": T + 1, "soup + BN": T + 1, "evaluate": T + 1, "running": T + 1}
     # the last phase's ingredients, one curve each, one point per retraining epoch
