@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -24,8 +25,9 @@ from workers.models import ModelError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Ladle: prune neural networks and retrain them as Sparse Model Soups.")
-out_console = Console()
-err_console = Console(stderr=True)
+# piped output (a log, a file, a test) is not cut to 80 columns: the per-phase tables are wider
+out_console = Console(width=None if sys.stdout.isatty() else 150)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 USER_ERRORS = (SpecError, CheckpointError, DataError, ModelError, FileNotFoundError)
 
@@ -50,13 +52,12 @@ def phase_table(phases: list[dict[str, Any]], title: str = "") -> Table:
     table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False,
                   caption="accuracies in % on the test split; Δbest: soup minus best ingredient; ensemble: "
                           "argmax of the ingredients' mean softmax; CPU s and epochs: the phase's compute")
-    for col in ("phase", "target", "sparsity", "pruned", "ingredients", "soup", "Δbest", "ensemble", "s", "CPU s",
-                "epochs"):
+    for col in ("phase", "sparsity", "pruned", "ingredients", "soup", "Δbest", "ensemble", "s", "CPU s", "epochs"):
         table.add_column(col, justify="left" if col == "ingredients" else "right", no_wrap=True)
     for p in phases:
         accs = p.get("ingredient_accuracies") or []
         ingredients = " ".join("fail" if a is None else f"{100 * a:.1f}" for a in accs)
-        table.add_row(str(p["phase"]), _fmt(p["target_sparsity"], ".3f"), _fmt(p["sparsity"], ".3f"),
+        table.add_row(str(p["phase"]), _fmt(p["sparsity"], ".3f"),
                       _pct(p.get("pruned_accuracy")), ingredients or ("dense" if p["phase"] == 0 else ""),
                       _pct(p.get("soup_accuracy")), _pct(p.get("gain_over_best"), signed=True),
                       _pct(p.get("ensemble_accuracy")), _fmt((p.get("seconds") or {}).get("total"), ".1f"),

@@ -27,7 +27,7 @@ def test_run_local_prints_the_phase_table_and_writes_models(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["0", "1", "2"]
-    assert rows[2][2] == "0.750"                  # sparsity reached in the last phase
+    assert rows[2][1] == "0.750"                  # sparsity reached in the last phase
     summary = json.loads((out / "summary.json").read_text())
     final = next(m for m in summary["models"] if m["id"] == summary["final_model_id"])
     ckpt = load(final["uri"])

@@ -46,7 +46,7 @@ def test_demo_through_the_service(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["0", "1", "2", "3"]
-    assert rows[3][2] == "0.900"
+    assert rows[3][1] == "0.900"
     verdicts = re.findall(r"phase (\d) \(([\d.]+)% of the weights pruned\): the soup of 4 scores ([\d.]+)%, [\d.]+ pp "
                           r"(?:above|below|level with) its best ingredient \(([\d.]+)%\); the 4 models' prediction "
                           r"ensemble ([\d.]+)%; [\d.]+ pp (?:above|below|level with) plain IMP \(([\d.]+)%\)", r.stdout)
