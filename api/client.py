@@ -4,6 +4,7 @@
     c = Client("http://127.0.0.1:8000", token=None)
     job = c.submit("job.yaml")            # a JobSpec, a dict, or a YAML/JSON file
     job = c.wait(job["id"])               # with a progress bar
+    for events, job in c.follow(job["id"]): ...   # or its new events and latest state, until it ends
     c.phases(job["id"]); c.lineage(job["final_model_id"]); c.download(job["final_model_id"], "soup.safetensors")
     c.compare([job["id"], other_id])      # [{job, phases}, ...]: several jobs side by side
 
@@ -14,13 +15,12 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import yaml
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class LadleError(Exception):
@@ -45,6 +45,35 @@ class InvalidSpec(LadleError): ...
 
 
 ERRORS = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict, 422: InvalidSpec}
+
+
+class Update(NamedTuple):
+    """One look at a followed job: the events that arrived since the last look, oldest first, and the job
+    as GET /jobs/{id} shows it."""
+    events: list[dict]
+    job: dict
+
+
+def follow(read_job: Callable[[], dict], read_events: Callable[[int], list[dict]], *, after: int = 0,
+           poll: float = 0.5, timeout: float | None = None) -> Iterator[Update]:
+    """Poll a job until it has ended, yielding an Update each `poll` seconds; the last one has
+    job["finished"] true. `read_job()` gives the job as the API shows it, `read_events(after)` a page of
+    its events with ids above `after`: the HTTP API (Client.follow) or an in-process store (`ladle run`).
+    The job is read before its events, so the events of a job seen ended are all in the last Update.
+    TimeoutError when it still runs after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = read_job()
+        events = []
+        while page := read_events(after):           # every page: a backlog comes in one Update
+            events += page
+            after = page[-1]["id"]
+        yield Update(events, job)
+        if job["finished"]:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job['id']} still {job['status']} after {timeout} s")
+        time.sleep(poll)
 
 
 class Client:
@@ -100,16 +129,10 @@ class Client:
         return self._get(f"/jobs/{job_id}/runs", kind=kind)["data"]
 
     def search(self, job_id: str) -> list[dict]:
-        """The schedule-search trials of every searched phase: one row each with its phase, trial,
-        searched values, epochs run, last metrics, whether ASHA stopped it early and whether it won."""
-        rows = []
-        for r in self.runs(job_id, kind="search_trial"):
-            m = r["metrics"]
-            rows.append({"phase": r["phase"], "trial": r["name"].rsplit("/", 1)[-1], **r["config"].get("search", {}),
-                         "epochs_run": m.get("epochs_run"), "val_accuracy": m.get("val_accuracy"),
-                         "val_loss": m.get("val_loss"), "stopped_early": m.get("stopped_early"),
-                         "chosen": m.get("chosen"), "status": r["status"]})
-        return rows
+        """The schedule-search trials of every searched phase (GET /jobs/{id}/search): per trial its
+        phase, index, config, the values the search drew (`searched`), epochs run, last validation
+        metrics, whether ASHA stopped it early and whether it won (`chosen`)."""
+        return self._get(f"/jobs/{job_id}/search")["data"]
 
     def compare(self, job_ids: list[str]) -> list[dict]:
         """Several jobs side by side, in the order given: per job `{job, phases}` (GET /jobs/{id} and
@@ -132,28 +155,33 @@ class Client:
             return pd.DataFrame(rows)
         return rows
 
+    def follow(self, job_id: str, *, after: int = 0, poll: float = 0.5,
+               timeout: float | None = None) -> Iterator[Update]:
+        """Follow a job until it has ended (its `finished` field): each `poll` seconds, an Update with the
+        events newer than the event id `after` that arrived since the last one, and the job. The last
+        Update has the ended job and all its remaining events. TimeoutError after `timeout` seconds.
+
+            for events, job in c.follow(job_id):
+                ...
+        """
+        return follow(lambda: self.job(job_id), lambda last: self.events(job_id, after=last),
+                      after=after, poll=poll, timeout=timeout)
+
     def wait(self, job_id: str, *, progress: bool = True, poll: float = 1.0, timeout: float | None = None,
              on_event=None) -> dict:
-        """Wait until the job ends, with a progress bar (phase and epochs done); returns the job."""
+        """Wait until the job ends, with a progress bar (phase and epochs done); `on_event` is called
+        with each event as it arrives. Returns the job."""
         from tqdm import tqdm
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last_event = 0
         with tqdm(total=100, unit="%", disable=not progress, bar_format="{desc} {bar} {n:.0f}% [{elapsed}]") as bar:
-            while True:
-                job = self.job(job_id)
+            for events, job in self.follow(job_id, poll=poll, timeout=timeout):
                 if on_event is not None:
-                    for e in self.events(job_id, after=last_event):
-                        last_event = e["id"]
+                    for e in events:
                         on_event(e)
                 phase = "" if job["current_phase"] is None else f" phase {job['current_phase']}"
                 bar.set_description_str(f"{job['name']} {job['status']}{phase}")
                 bar.n = round(100 * job["progress"], 1)
                 bar.refresh()
-                if job["status"] in TERMINAL:
-                    return job
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still {job['status']} after {timeout} s")
-                time.sleep(poll)
+        return job
 
     # -- models
     def model(self, model_id: str) -> dict:

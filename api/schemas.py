@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from service.states import TERMINAL, JobStatus
+
 EdgeKind = Literal["pruned_from", "retrained_from", "averaged_from"]
 
 
@@ -24,7 +25,8 @@ class JobPublic(_Out):
     final_model_id: str | None
     error: str | None
     owner: str | None
-    attempts: int
+    attempts: int = Field(description="drivers started for the job")
+    driver_failures: int = Field(description="drivers that ended without finishing (at most 3 before it fails)")
     sparsity: float | None = Field(description="sparsity reached by the last finished phase")
     best_accuracy: float | None = Field(description="best test accuracy among the last finished phase's models "
                                                     "(its soup and ingredients; the dense model in phase 0)")
@@ -35,6 +37,11 @@ class JobPublic(_Out):
     started_at: datetime | None
     finished_at: datetime | None
     spec: dict[str, Any]
+
+    @computed_field(description="whether the job has ended (succeeded, failed or cancelled): it will not change")
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
 
     @computed_field(description="seconds from start to finish (to now while it runs)")
     @property
@@ -100,6 +107,36 @@ class RunsPublic(BaseModel):
     count: int
 
 
+class RetrainConfigPublic(BaseModel):
+    schedule: str
+    lr: float
+    epochs: int
+    weight_decay: float
+    seed: int = 0
+
+
+class SearchTrialPublic(BaseModel):
+    """One trial of a phase's schedule search (service.records.SearchTrial)."""
+    model_config = ConfigDict(from_attributes=True)
+    phase: int
+    index: int
+    name: str
+    status: str
+    config: RetrainConfigPublic
+    searched: dict[str, float | int | str] = Field(description="the values the search drew for this trial")
+    default: bool = Field(description="trial 0: the spec's own retraining config")
+    epochs_run: int | None
+    val_accuracy: float | None
+    val_loss: float | None
+    stopped_early: bool = Field(description="stopped by ASHA at one of its rungs")
+    chosen: bool = Field(description="the best by the search's metric: the phase's ingredients use its config")
+
+
+class SearchTrialsPublic(BaseModel):
+    data: list[SearchTrialPublic]
+    count: int
+
+
 class MetricPublic(BaseModel):
     run: str
     step: int
@@ -154,8 +191,9 @@ class LineagePublic(BaseModel):
 
 
 class HealthPublic(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"]
     database: Literal["ok"]
+    ray: str          # "ok", "not dispatching" (an API-only replica), or why Ray's Jobs API does not answer
 
 
 class ClusterPublic(BaseModel):

@@ -41,8 +41,8 @@ from rich.console import Console
 from rich.table import Table
 
 from service.cluster import LocalRay
-from service.executors import RayExecutor
-from service.pipeline import SequentialExecutor
+from service.executors import RayExecutor, SequentialExecutor
+from service.recorders import DBRecorder
 from workers.data import DataConfig, load_splits, make_loader
 from workers.models import build_model
 from workers.pruning import prune
@@ -130,7 +130,7 @@ def pipeline_phases(args, console: Console) -> Table:
             job = store.create_job(spec)
             executor = RayExecutor(cpus=1)
             executor.warm_up(m)                     # the driver warms its pool while phase 0 runs
-            result = Pipeline(spec, executor, store.recorder(job.id), ArtifactStore(OUT), prefix=f"jobs/{job.id}",
+            result = Pipeline(spec, executor, DBRecorder(store, job.id), ArtifactStore(OUT), prefix=f"jobs/{job.id}",
                               epoch_checkpoints=True).run()
             executor.shutdown()
             runs = [r.metrics for r in store.runs(job.id, kind="ingredient")]

@@ -27,6 +27,7 @@ from service.artifacts import ArtifactStore
 from service.cluster import LocalRay
 from service.executors import RayExecutor
 from service.pipeline import Pipeline
+from service.recorders import DBRecorder
 from service.spec import parse_spec
 from service.store import Store
 
@@ -71,7 +72,7 @@ def main() -> None:
                 executor = RayExecutor(cpus=1)
                 t0 = time.perf_counter()
                 try:
-                    result = Pipeline(spec, executor, store.recorder(job.id), ArtifactStore(f"{tmp}/artifacts"),
+                    result = Pipeline(spec, executor, DBRecorder(store, job.id), ArtifactStore(f"{tmp}/artifacts"),
                                       prefix=f"jobs/{job.id}").run()
                 finally:
                     executor.shutdown()

@@ -1,8 +1,11 @@
-"""The Ray job entrypoint: `python -m service.driver JOB_ID`.
+"""The Ray job entrypoint: `python -m service.driver JOB_ID [SUBMISSION_ID]`.
 
 Runs one job's pipeline with the Ray executor (warm actors) and the DB recorder. A driver started
 for a job that already has completed phases (its previous driver died) resumes after the last
 completed one and reuses what the interrupted phase had finished.
+
+A driver knows its submission id: once the job has been given to another submission (its Ray head
+died and the job was requeued, say) the old driver cannot start it or fail it any more.
 """
 
 from __future__ import annotations
@@ -10,29 +13,14 @@ from __future__ import annotations
 import sys
 
 from service.artifacts import ArtifactStore
-from service.pipeline import ModelRecord, PhaseSummary, Pipeline, ResumePoint
+from service.pipeline import Pipeline
+from service.records import ResumePoint
 from service.settings import get_settings
 from service.spec import JobSpec
-from service.store import Store
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def model_record(row) -> ModelRecord:
-    return ModelRecord(id=row.id, kind=row.kind, phase=row.phase, name=row.name, uri=row.uri,
-                       size_bytes=row.size_bytes, sha256=row.sha256, sparsity=row.sparsity, nonzeros=row.nonzeros,
-                       metrics=dict(row.metrics or {}), parents=[])
-
-
-def phase_summary(row) -> PhaseSummary:
-    return PhaseSummary(phase=row.index, target_sparsity=row.target_sparsity, sparsity=row.sparsity,
-                        pruned_accuracy=row.pruned_accuracy, ingredient_accuracies=list(row.ingredient_accuracies or []),
-                        soup_accuracy=row.soup_accuracy, soup_val_accuracy=row.soup_val_accuracy,
-                        gain_over_best=row.gain_over_best, gain_over_mean=row.gain_over_mean, norm_drop=row.norm_drop,
-                        mean_pairwise_distance=row.mean_pairwise_distance,
-                        soup_ingredients=list(row.soup_ingredients or []), model_id=row.model_id,
-                        seconds=dict(row.seconds or {}), ensemble_accuracy=row.ensemble_accuracy,
-                        cpu_seconds=row.cpu_seconds, gpu_seconds=row.gpu_seconds, epochs_trained=row.epochs_trained)
+from service.states import TERMINAL, StateError
+from service.store import JobCancelled, Store
+from service.store.convert import model_record, phase_summary, search_trial
+from service.recorders import DBRecorder
 
 
 def resume_point(store: Store, job_id: str) -> ResumePoint | None:
@@ -41,16 +29,17 @@ def resume_point(store: Store, job_id: str) -> ResumePoint | None:
     if not done:
         return None
     nxt = len(done)
-    pruned = store.get_model_by_name(job_id, f"phase{nxt}/pruned")
+    started = next((p for p in store.phases(job_id) if p.index == nxt), None)
+    pruned = store.get_model(started.pruned_model_id) if started is not None and started.pruned_model_id else None
     return ResumePoint(phases=[phase_summary(p) for p in done],
                        parent=model_record(store.get_model(done[-1].model_id)),
                        pruned=model_record(pruned) if pruned else None,
                        ingredients={run.name: model_record(m) for run, m in store.finished_ingredients(job_id, nxt)},
-                       searched=next((r.config["config"] for r in store.runs(job_id, kind="search_trial")
-                                      if r.phase == nxt and r.status == "succeeded" and r.metrics.get("chosen")), None))
+                       searched=next((tr.config for tr in map(search_trial, store.runs(job_id, kind="search_trial"))
+                                      if tr.phase == nxt and tr.status == "succeeded" and tr.chosen), None))
 
 
-def run_job(job_id: str) -> int:
+def run_job(job_id: str, submission: str | None = None) -> int:
     import ray
 
     from service.executors import RayExecutor
@@ -66,16 +55,22 @@ def run_job(job_id: str) -> int:
         return 0
     spec = JobSpec.model_validate(job.spec)
     ray.init(log_to_driver=False)          # inside a Ray job: the cluster that runs it
-    executor = RayExecutor(cpus=spec.resources.cpus_per_ingredient, gpus=spec.resources.gpus_per_ingredient)
+    recorder = DBRecorder(store, job_id, submission=submission)
+    executor = RayExecutor(cpus=spec.resources.cpus_per_ingredient, gpus=spec.resources.gpus_per_ingredient,
+                           unschedulable_timeout=settings.unschedulable_timeout,
+                           on_wait=lambda message: recorder.event(message, level="warning"))
     if not (spec.search and spec.search.applies(1)):      # a search frees the pool first: no use warming it
         executor.warm_up(min(executor.slots, spec.soup.ingredients), wait=False)   # workers start while phase 0 runs
     resume = resume_point(store, job_id)
-    pipeline = Pipeline(spec, executor, store.recorder(job_id), ArtifactStore(settings.artifacts),
+    pipeline = Pipeline(spec, executor, recorder, ArtifactStore(settings.artifacts),
                         prefix=f"jobs/{job_id}", resume=resume, epoch_checkpoints=True)
     try:
         result = pipeline.run()
+    except (JobCancelled, StateError) as e:   # cancelled, or given to another driver: leave it as it is
+        print(f"not running job {job_id}: {e}", file=sys.stderr)
+        return 0
     except Exception as e:
-        store.job_failed(job_id, f"{type(e).__name__}: {e}")
+        store.job_failed(job_id, f"{type(e).__name__}: {e}", submission=submission)
         raise
     finally:
         executor.shutdown()
@@ -84,10 +79,10 @@ def run_job(job_id: str) -> int:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
-        print("usage: python -m service.driver JOB_ID", file=sys.stderr)
+    if len(sys.argv) not in (2, 3):
+        print("usage: python -m service.driver JOB_ID [SUBMISSION_ID]", file=sys.stderr)
         raise SystemExit(2)
-    raise SystemExit(run_job(sys.argv[1]))
+    raise SystemExit(run_job(*sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The Ray executor: a phase's ingredients in parallel on warm, long-lived Ray actors, and a phase's
-schedule search as a Ray Tune experiment (service.search).
+"""The executors (service.records.Executor): `SequentialExecutor` runs a phase's tasks one after
+another in this process; `RayExecutor` runs a phase's ingredients in parallel on warm, long-lived Ray
+actors, and a phase's schedule search as a Ray Tune experiment (service.search).
 
 One pool of `IngredientWorker` actors per job, created on first use and kept across phases, so the
 cost of starting a worker process and importing torch is paid once per job, not per ingredient.
@@ -8,6 +9,11 @@ GPUs. Per-epoch metrics stream back through a Ray queue while the ingredients tr
 process dies, Ray restarts the actor and retries the call (`max_restarts`, `max_task_retries`); the
 retried task resumes from its last epoch checkpoint (`TrainTask.resume_url`).
 
+Workers that no node can start (more CPUs or GPUs per ingredient than any node has) fail the job
+with `Unschedulable` after `unschedulable_timeout` seconds, time for an autoscaler to add such a
+node; workers that wait for resources held by other jobs wait as long as it takes (`on_wait` hears
+of it once).
+
 A search releases the warm pool first, so that Tune's trials get its CPUs and GPUs; the next phase
 starts a new one.
 """
@@ -15,20 +21,62 @@ starts a new one.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.util.queue import Empty, Queue
 
-from service.pipeline import EpochCallback, ResultCallback
+from service.cluster import unfit
+from service.records import EpochCallback, ResultCallback
 from workers.tasks import TrainOutcome, TrainTask, run_train_task
 
 RETRIES = 2
 
 
-@ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)
+class SequentialExecutor:
+    """Runs tasks one after another in this process: for debugging and as the benchmarks' baseline."""
+
+    slots = 1
+    in_process = True
+
+    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
+            on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
+        results: list[TrainOutcome | BaseException] = []
+        for task in tasks:
+            try:
+                out: TrainOutcome | BaseException = run_train_task(task, lambda row, n=task.name: on_epoch(n, row))
+            except Exception as e:  # one failed ingredient must not end the others
+                out = e
+            results.append(out)
+            if on_result is not None:
+                on_result(task, out)
+        return results
+
+    def search(self, tasks: list[TrainTask], on_epoch: EpochCallback, **_: Any) -> dict[str, str | BaseException]:
+        """Every trial to its end, one after another (early stopping needs Ray Tune: RayExecutor)."""
+        outs = self.run(tasks, on_epoch)
+        return {t.name: (o if isinstance(o, BaseException) else "completed") for t, o in zip(tasks, outs)}
+
+
+class WorkerLost(RuntimeError):
+    """An ingredient whose worker process died on every try (killed, out of memory, node lost)."""
+
+
+class Unschedulable(RuntimeError):
+    """No node of the cluster can start an ingredient worker with the resources the job asks for."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 class IngredientWorker:
-    """A warm worker: torch imported and datasets cached across the ingredients it trains."""
+    """A warm worker: torch imported and datasets cached across the ingredients it trains. The
+    executor runs it as a Ray actor (`RayExecutor.worker`)."""
 
     def __init__(self, threads: int):
         import torch
@@ -46,12 +94,19 @@ class IngredientWorker:
         return run_train_task(task, on_epoch)
 
 
+
 class RayExecutor:
     """Runs tasks on a pool of warm Ray actors; `slots` of them train at once."""
 
+    # If a worker's process dies, Ray starts the actor again and retries its call, RETRIES times
+    worker = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(IngredientWorker)
+
     def __init__(self, *, cpus: float = 1.0, gpus: float = 0.0, slots: int | None = None,
-                 poll_seconds: float = 0.2):
+                 poll_seconds: float = 0.2, unschedulable_timeout: float = 600.0,
+                 on_wait: Callable[[str], None] | None = None):
         self.cpus, self.gpus, self.poll = cpus, gpus, poll_seconds
+        self.unschedulable_timeout, self.on_wait = unschedulable_timeout, on_wait
+        self._placed: set[int] = set()          # id() of the actors known to have started
         if slots is None:
             resources = ray.cluster_resources()
             slots = int(resources.get("CPU", 1) // cpus)
@@ -63,7 +118,7 @@ class RayExecutor:
         self._queue: Queue | None = None
 
     def _new_actor(self):
-        return IngredientWorker.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(max(1, int(self.cpus)))
+        return self.worker.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(max(1, int(self.cpus)))
 
     def _pool(self, n: int) -> list:
         while len(self._actors) < n:
@@ -74,7 +129,32 @@ class RayExecutor:
         ray.kill(actor)
         fresh = self._new_actor()
         self._actors[self._actors.index(actor)] = fresh
+        self._placed.discard(id(actor))
         return fresh
+
+    def _await_placement(self, actors: list) -> None:
+        """Return once one of `actors` has started (the others follow as resources free up). Raise
+        Unschedulable if none has after `unschedulable_timeout` seconds and no node could hold one."""
+        refs = {a.where.remote(): a for a in actors if id(a) not in self._placed}
+        if not refs:
+            return
+        start, said = time.monotonic(), False
+        while True:
+            elapsed = time.monotonic() - start
+            ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.1, min(10.0, self.unschedulable_timeout - elapsed)))
+            if ready:
+                self._placed.update(id(refs[r]) for r in ready)
+                return
+            nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
+            why = unfit(self.cpus, self.gpus, nodes)
+            if why is None:                           # it fits a node: other jobs hold what it needs
+                if not said and self.on_wait is not None:
+                    self.on_wait(f"waiting for {self.cpus:g} CPUs and {self.gpus:g} GPUs per ingredient, "
+                                 "which other jobs hold")
+                said = True
+            elif time.monotonic() - start >= self.unschedulable_timeout:
+                raise Unschedulable(f"{why}; no worker started within {self.unschedulable_timeout:g} s "
+                                    "(LADLE_UNSCHEDULABLE_TIMEOUT)")
 
     def warm_up(self, n: int | None = None, *, wait: bool = True) -> None:
         """Start the actors now (they stay for the job); with wait, until they are up."""
@@ -100,6 +180,7 @@ class RayExecutor:
         if self._queue is None:
             self._queue = Queue(actor_options={"num_cpus": 0})
         idle = deque(self._pool(min(self.slots, len(tasks))))
+        self._await_placement(list(idle))
         pending = deque(enumerate(tasks))
         running: dict = {}
         results: list[TrainOutcome | BaseException | None] = [None] * len(tasks)
@@ -114,8 +195,9 @@ class RayExecutor:
                 i, actor = running.pop(ref)
                 try:
                     results[i] = ray.get(ref)
-                except ray.exceptions.ActorError as e:   # its worker died beyond its retries: replace it
-                    results[i] = e
+                except ray.exceptions.RayActorError as e:   # its worker died beyond its retries: replace it
+                    results[i] = WorkerLost(f"its worker process died {RETRIES + 1} times "
+                                            f"({_first_line(e)})")
                     actor = self._replace(actor)
                 except ray.exceptions.RayTaskError as e:  # the task itself raised: keep its own error
                     results[i] = e.cause if isinstance(e.cause, Exception) else e
@@ -142,4 +224,5 @@ class RayExecutor:
         if self._queue is not None:
             self._queue.shutdown()
         self._actors, self._queue = [], None
+        self._placed.clear()
 

@@ -16,15 +16,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.states import JOB_STATUSES, PHASE_STATUSES, RUN_STATUSES
+
 NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
           "ck": "ck_%(table_name)s_%(constraint_name)s",
           "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
-PHASE_STATUSES = ("running", "succeeded", "failed")
 RUN_KINDS = ("dense", "ingredient", "search_trial")
-RUN_STATUSES = ("running", "succeeded", "failed", "stopped")
 MODEL_KINDS = ("dense", "pruned", "ingredient", "soup")
 EDGE_KINDS = ("pruned_from", "retrained_from", "averaged_from")
 EVENT_LEVELS = ("info", "warning", "error")
@@ -78,6 +76,7 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
     ray_submission_id: Mapped[str | None] = mapped_column(sa.String(100))
     attempts: Mapped[int] = mapped_column(default=0)                         # drivers started
+    driver_failures: Mapped[int] = mapped_column(default=0, server_default="0")  # drivers that ended unfinished
     sparsity: Mapped[float | None]            # reached by the last finished phase
     best_accuracy: Mapped[float | None]       # the best test accuracy among that phase's models
     total_epochs: Mapped[int] = mapped_column(default=0)

@@ -4,6 +4,10 @@ phase 0: the given dense checkpoint, or a dense model trained within its budget 
 phase t = 1..T: prune the previous soup to sparsity 1 - (1 - p)^t -> m ingredient retrainings (run by
 an `Executor`) -> soup (uniform or greedy) -> BatchNorm recalibration -> evaluation -> the soup is
 the parent of the next phase. Everything that happens is reported to a `Recorder`.
+
+This module is the loop only. What it runs is planned in service.plan (configs, seeds, tasks), the
+records it reports and the two protocols it works against are in service.records, the executors in
+service.executors, the recorders in service.recorders.
 """
 
 from __future__ import annotations
@@ -14,235 +18,30 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from service.artifacts import ArtifactStore
+from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_task, ingredient_settings, phase_seed,
+                          prune_seed, retrain_config, retrain_task, total_epochs)
+from service.records import (Compute, Executor, JobResult, ModelRecord, PhaseSummary, Recorder, ResumePoint,
+                             RunRecord, SearchTrial, run_metrics)
 from service.spec import JobSpec
 from workers.checkpoint import SavedModel, save_model
 from workers.data import Splits, load_splits, make_loader
 from workers.evaluate import ensemble_accuracy, evaluate, score_splits
 from workers.models import build_model, suggested_lr
 from workers.pruning import Masks, full_masks, per_phase_rate, prunable_names, prune, sparsity_after
-from workers.schedules import dense_schedule, retrain_schedule
 from workers.soup import State, bn_recalibrate, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
-from workers.tasks import Finish, TrainOutcome, TrainTask, run_train_task
+from workers.tasks import Finish, TrainOutcome, TrainTask
 from workers.train import TrainingDiverged, default_device
-
-EpochCallback = Callable[[str, dict[str, float]], None]
-ResultCallback = Callable[[TrainTask, "TrainOutcome | BaseException"], None]
 
 
 class PhaseFailed(RuntimeError):
     """Too few ingredients of a phase finished to make a soup."""
-
-
-# ---------------------------------------------------------------- executors
-
-class Executor(Protocol):
-    slots: int
-    in_process: bool        # tasks run in the driver's process (their CPU time is the driver's too)
-
-    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
-            on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
-        """Run every task; report each epoch's metrics and each task's end (its outcome or the
-        exception that ended it) as they happen; return the outcomes in task order."""
-
-    def search(self, tasks: list[TrainTask], on_epoch: EpochCallback, *, metric: str, mode: str,
-               scheduler: str, grace_period: int, reduction_factor: int) -> dict[str, str | BaseException]:
-        """Run the trials of a schedule search, stopping weak ones early (ASHA on `metric` per epoch)
-        where the executor can; report each epoch's metrics as it happens. Returns per trial name how
-        it ended: "completed", "stopped" (early) or the exception."""
-
-
-class SequentialExecutor:
-    """Runs tasks one after another in this process: for debugging and as the benchmarks' baseline."""
-
-    slots = 1
-    in_process = True
-
-    def run(self, tasks: list[TrainTask], on_epoch: EpochCallback,
-            on_result: ResultCallback | None = None) -> list[TrainOutcome | BaseException]:
-        results: list[TrainOutcome | BaseException] = []
-        for task in tasks:
-            try:
-                out: TrainOutcome | BaseException = run_train_task(task, lambda row, n=task.name: on_epoch(n, row))
-            except Exception as e:  # one failed ingredient must not end the others
-                out = e
-            results.append(out)
-            if on_result is not None:
-                on_result(task, out)
-        return results
-
-    def search(self, tasks: list[TrainTask], on_epoch: EpochCallback, **_: Any) -> dict[str, str | BaseException]:
-        """Every trial to its end, one after another (early stopping needs Ray Tune: RayExecutor)."""
-        outs = self.run(tasks, on_epoch)
-        return {t.name: (o if isinstance(o, BaseException) else "completed") for t, o in zip(tasks, outs)}
-
-
-# ---------------------------------------------------------------- records
-
-@dataclass
-class ModelRecord:
-    id: str
-    kind: str                       # dense | pruned | ingredient | soup
-    phase: int
-    name: str
-    uri: str
-    size_bytes: int
-    sha256: str
-    sparsity: float
-    nonzeros: int
-    metrics: dict[str, Any]
-    parents: list[tuple[str, str]]  # (parent model id, edge kind: pruned_from | retrained_from | averaged_from)
-
-
-@dataclass
-class RunRecord:
-    name: str                       # "dense", "phase1/ingredient0"
-    kind: str                       # dense | ingredient
-    phase: int
-    config: dict[str, Any]
-
-
-@dataclass
-class PhaseSummary:
-    phase: int
-    target_sparsity: float
-    sparsity: float
-    pruned_accuracy: float | None = None            # test accuracy right after pruning
-    ingredient_accuracies: list[float | None] = field(default_factory=list)   # after BN recalibration; None: failed
-    soup_accuracy: float | None = None
-    soup_val_accuracy: float | None = None
-    gain_over_best: float | None = None
-    gain_over_mean: float | None = None
-    norm_drop: float | None = None
-    mean_pairwise_distance: float | None = None
-    soup_ingredients: list[int] = field(default_factory=list)
-    model_id: str | None = None                     # the phase's result (dense or soup)
-    seconds: dict[str, float] = field(default_factory=dict)
-    ensemble_accuracy: float | None = None          # the ingredients' prediction ensemble (mean softmax)
-    cpu_seconds: float | None = None                # compute of the phase: its runs and the driver's share
-    gpu_seconds: float | None = None
-    epochs_trained: int | None = None               # by its runs (ingredients, search trials; phase 0: dense)
-
-
-class Recorder(Protocol):
-    def job_started(self, spec: JobSpec, total_epochs: int) -> None: ...
-    def event(self, message: str, *, level: str = "info", phase: int | None = None) -> None: ...
-    def phase_started(self, phase: int, target_sparsity: float) -> None: ...
-    def run_started(self, run: RunRecord) -> None: ...
-    def metric(self, run_name: str, row: dict[str, float]) -> None: ...
-    def run_finished(self, run_name: str, status: str, *, model_id: str | None = None,
-                     metrics: dict[str, Any] | None = None, error: str | None = None) -> None: ...
-    def model_saved(self, model: ModelRecord) -> None: ...
-    def phase_finished(self, summary: PhaseSummary) -> None: ...
-
-
-@dataclass
-class JobResult:
-    phases: list[PhaseSummary]     # phases[0] is the dense model (phase 0)
-    final_model_id: str
-
-
-@dataclass
-class ResumePoint:
-    """Where an interrupted job continues: after its last completed phase, reusing what the
-    interrupted phase had already finished (its pruned model and finished ingredients)."""
-    phases: list[PhaseSummary]                 # completed phases 0..k, in order
-    parent: ModelRecord                        # the result of phase k (dense or soup)
-    pruned: ModelRecord | None = None          # phase k+1's pruned model, if it was saved
-    ingredients: dict[str, ModelRecord] = field(default_factory=dict)   # finished ones of phase k+1, by run name
-    searched: dict[str, Any] | None = None     # the config phase k+1's finished search chose
-
-
-# ---------------------------------------------------------------- helpers
-
-def retrain_config(spec: JobSpec, eta_max: float) -> dict[str, Any]:
-    """The spec's own retraining config: what a search starts from and may replace."""
-    return {"schedule": spec.retrain.schedule, "lr": spec.retrain.lr or eta_max, "epochs": spec.retrain.epochs,
-            "weight_decay": spec.retrain.optimizer.weight_decay}
-
-
-def ingredient_settings(spec: JobSpec, phase: int, eta_max: float,
-                        base: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Per ingredient of `phase`: seed, schedule, weight_decay, epochs and initial LR.
-    `base`: the retraining config to start from (a search's choice); default: the spec's.
-
-    Only the `vary` hyperparameter differs. Derived values when `values` is null: seed -> distinct
-    seeds; weight_decay -> log-spaced from wd/2 to 2 wd; retrain_epochs -> spread from E/2 to 3E/2;
-    lr -> log-spaced from eta_max/2 to 2 eta_max (eta_max = retrain.lr or the dense peak LR).
-    """
-    m, soup = spec.soup.ingredients, spec.soup
-    base = dict(base or retrain_config(spec, eta_max), seed=phase_seed(spec, phase))
-    spread = [(i / (m - 1) if m > 1 else 0.5) for i in range(m)]     # 0..1
-    out = []
-    for i in range(m):
-        d = dict(base)
-        v = soup.values[i] if soup.values is not None else None
-        if soup.vary == "seed":
-            d["seed"] = int(v) if v is not None else base["seed"] + i
-        elif soup.vary == "weight_decay":
-            d["weight_decay"] = v if v is not None else base["weight_decay"] * 2 ** (2 * spread[i] - 1)
-        elif soup.vary == "retrain_epochs":
-            d["epochs"] = int(v) if v is not None else max(1, round(base["epochs"] * (0.5 + spread[i])))
-        elif soup.vary == "lr":
-            d["lr"] = v if v is not None else base["lr"] * 2 ** (2 * spread[i] - 1)
-        out.append(d)
-    return out
-
-
-def phase_seed(spec: JobSpec, phase: int) -> int:
-    return spec.seed * 1000 + phase * 100
-
-
-def describe(config: dict[str, Any]) -> str:
-    return (f"{config['schedule']} lr={config['lr']:.3g} epochs={config['epochs']} "
-            f"weight_decay={config['weight_decay']:.2g}")
-
-
-@dataclass
-class Compute:
-    """What a run, a phase or a job consumed: CPU-seconds (process CPU time, all threads), GPU-seconds
-    (wall time x the GPU share held, on CUDA) and epochs trained. Runs add up to their phase, together
-    with the driver's own share (pruning, soup, BatchNorm recalibration, evaluation); phases add up to
-    the job."""
-    cpu_seconds: float = 0.0
-    gpu_seconds: float = 0.0
-    epochs_trained: int = 0
-
-    def add(self, cpu_seconds: float | None = 0.0, gpu_seconds: float | None = 0.0,
-            epochs_trained: int | None = 0) -> None:
-        self.cpu_seconds += cpu_seconds or 0.0
-        self.gpu_seconds += gpu_seconds or 0.0
-        self.epochs_trained += int(epochs_trained or 0)
-
-    def add_outcome(self, out: TrainOutcome) -> None:
-        self.add(out.cpu_seconds, out.gpu_seconds, out.epochs_trained)
-
-
-def run_metrics(out: TrainOutcome) -> dict[str, Any]:
-    """A finished training run's figures, as its run and model records keep them."""
-    return dict(out.scores, train_seconds=out.train_seconds, seconds=out.seconds, cpu_seconds=out.cpu_seconds,
-                gpu_seconds=out.gpu_seconds, epochs_trained=out.epochs_trained)
-
-
-def dense_history(meta: dict[str, Any]) -> tuple[list[float], int]:
-    """The per-step dense LRs and dense epochs that a checkpoint's `dense_schedule` metadata records:
-    either the steps themselves (`lrs`, with `epochs`) or the schedule that made them (`kind`, `lr`,
-    `epochs`, `steps_per_epoch`, `warmup`). Raises KeyError/ValueError/TypeError when it is malformed."""
-    epochs = int(meta["epochs"])
-    if meta.get("lrs") is not None:
-        lrs = [float(x) for x in meta["lrs"]]
-    else:
-        lrs = dense_schedule(str(meta["kind"]), float(meta["lr"]), epochs * int(meta["steps_per_epoch"]),
-                             float(meta.get("warmup", 0.0)))
-    if not lrs or epochs < 1 or not all(math.isfinite(x) and x >= 0 for x in lrs):
-        raise ValueError("empty or invalid dense LR history")
-    return lrs, epochs
 
 
 @dataclass
@@ -323,19 +122,6 @@ class Pipeline:
             self._checkpoint = self.artifacts.load_checkpoint(self.spec.model.checkpoint)
         return self._checkpoint
 
-    def _total_epochs(self) -> int:
-        """For progress: every epoch the job will train (a search's trials counted as if none stopped early)."""
-        spec = self.spec
-        dense = 0 if spec.model.checkpoint else spec.dense.epochs
-        per_phase = sum(d["epochs"] for d in ingredient_settings(spec, 1, 1.0))
-        search = 0
-        if spec.search is not None:
-            dim = spec.search.space.epochs
-            trial_epochs = int(max(dim.values())) if dim is not None else spec.retrain.epochs
-            searched = sum(spec.search.applies(t) for t in range(1, spec.prune.phases + 1))
-            search = searched * spec.search.trials * trial_epochs
-        return dense + per_phase * spec.prune.phases + search
-
     def _driver_share(self, compute: Compute, t0: float, cpu0: float, in_process: Compute, outside: float) -> None:
         """Add the driver's own compute since (t0, cpu0) to `compute`: its CPU time less what tasks run
         in this process consumed (already counted as runs), and on CUDA its wall time outside the
@@ -361,11 +147,7 @@ class Pipeline:
                              metrics=ctx.scores(model))
         else:
             meta = self._meta(ctx, uuid.uuid4().hex, "dense", 0, "phase0/dense", [])
-            task = TrainTask(name="dense", arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
-                             data=spec.data.config(), data_seed=spec.seed, lrs=ctx.dense_lrs,
-                             epochs=spec.dense.epochs, seed=spec.seed, optimizer=spec.retrain.optimizer.config(),
-                             augment=spec.data.config().augment, finish=Finish(url=self._url("phase0/dense"), meta=meta),
-                             gpus=spec.resources.gpus_per_ingredient)
+            task = dense_task(spec, ctx.dense_lrs, Finish(url=self._url("phase0/dense"), meta=meta))
             self.recorder.run_started(RunRecord("dense", "dense", 0, {"epochs": spec.dense.epochs,
                                                                       "lr": spec.dense.lr,
                                                                       "warmup": spec.dense.warmup,
@@ -396,7 +178,7 @@ class Pipeline:
         return model, masks, rec, summary
 
     # -- the schedule search of a phase
-    def _search(self, ctx: _Context, t: int, make_task: Callable[..., TrainTask]) -> tuple[dict[str, Any], Compute]:
+    def _search(self, ctx: _Context, t: int, make_task: Callable[..., TrainTask]) -> tuple[RetrainConfig, Compute]:
         """Trial 0 is the spec's own retraining config, the others sample `search.space` (seeded by the
         job's seed and the phase). All trials start from the same pruned model with the same seed, so
         they differ only in their config. Returns the config of the best trial by `search.metric` (its
@@ -404,13 +186,14 @@ class Pipeline:
         consumed (from each trial's last epoch row)."""
         sp, rec = self.spec.search, self.recorder
         assert sp is not None
-        default = retrain_config(self.spec, max(ctx.dense_lrs))
+        default = retrain_config(self.spec, max(ctx.dense_lrs), seed=phase_seed(self.spec, t))
         rng = random.Random(phase_seed(self.spec, t))
-        configs = [default] + [dict(default, **sp.space.sample(rng)) for _ in range(sp.trials - 1)]
+        configs = [default] + [default.with_(**sp.space.sample(rng)) for _ in range(sp.trials - 1)]
         searched = [k for k in ("schedule", "lr", "epochs", "weight_decay") if getattr(sp.space, k) is not None]
-        tasks = [make_task(f"phase{t}/search/trial{i}", dict(c, seed=phase_seed(self.spec, t)),
-                      {"index": i, "search": {k: c[k] for k in searched}, "config": c, "default": i == 0})
-                 for i, c in enumerate(configs)]
+        trials = [SearchTrial(phase=t, index=i, name=f"phase{t}/search/trial{i}", status="running", config=c.as_dict(),
+                              searched={k: getattr(c, k) for k in searched}, default=i == 0)
+                  for i, c in enumerate(configs)]
+        tasks = [make_task(tr.name, c, tr.run_config()) for tr, c in zip(trials, configs)]
         for tk in tasks:
             rec.run_started(RunRecord(tk.name, "search_trial", t, tk.info))
         rec.event(f"phase {t}: searching the retraining schedule over {', '.join(searched)}: {len(tasks)} trials, "
@@ -445,7 +228,7 @@ class Pipeline:
             return default, compute
         stopped = sum(1 for e in ends.values() if e == "stopped")
         base_score = score[tasks[0].name]
-        rec.event(f"phase {t}: {describe(configs[best])} chosen, {sp.metric} {score[tasks[best].name]:.4f} vs "
+        rec.event(f"phase {t}: {configs[best].describe()} chosen, {sp.metric} {score[tasks[best].name]:.4f} vs "
                   + (f"{base_score:.4f} default" if base_score is not None else "no score for the default")
                   + f" ({stopped} of {len(tasks)} trials stopped early)", phase=t)
         return configs[best], compute
@@ -471,7 +254,7 @@ class Pipeline:
             pruned_scores = {k: v for k, v in pruned_rec.metrics.items() if k.endswith(("_accuracy", "_loss"))}
         else:
             pr = prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
-                       seed=spec.seed * 1000 + t)
+                       seed=prune_seed(spec, t))
             pruned, masks, norm_drop = pr.model, pr.masks, pr.norm_drop
             pruned_scores = ctx.scores(pruned)
             pruned_rec = self._save(ctx, pruned, masks, kind="pruned", phase=t, name=f"phase{t}/pruned",
@@ -484,24 +267,19 @@ class Pipeline:
         pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
         cpu_masks = {k: v.cpu() for k, v in masks.items()}
 
-        def make_task(name: str, s: dict[str, Any], info: dict[str, Any], ingredient: bool = False) -> TrainTask:
+        start = PhaseStart(phase=t, state=pruned_state, masks=cpu_masks, rate=rate, norm_drop=norm_drop,
+                           dense_lrs=ctx.dense_lrs, dense_epochs=ctx.dense_epochs, steps_per_epoch=ctx.steps_per_epoch)
+
+        def make_task(name: str, config: RetrainConfig, info: dict[str, Any], ingredient: bool = False) -> TrainTask:
             """A retraining task; an ingredient's worker also recalibrates, scores and saves it."""
-            steps = s["epochs"] * ctx.steps_per_epoch
-            lrs = retrain_schedule(s["schedule"], steps, ctx.dense_lrs, lr=s["lr"], norm_drop=norm_drop, rate=rate,
-                                   phase_epochs=s["epochs"], dense_epochs=ctx.dense_epochs)
-            opt = spec.retrain.optimizer.model_copy(update={"weight_decay": s["weight_decay"]}).config()
-            info = dict(info, seed=s["seed"], weight_decay=s["weight_decay"], epochs=s["epochs"], lr=s["lr"],
-                        peak_lr=max(lrs), schedule=s["schedule"])
+            if not ingredient:
+                return retrain_task(spec, start, name, config, info)
             finish = Finish(url=self._url(name), recal_fraction=spec.soup.bn_recalibration_fraction, probs=True,
                             meta=self._meta(ctx, uuid.uuid4().hex, "ingredient", t, name,
-                                            [(pruned_rec.id, "retrained_from")])) if ingredient else None
-            return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs),
-                             data=spec.data.config(), data_seed=spec.seed, lrs=lrs, epochs=s["epochs"], seed=s["seed"],
-                             init_state=pruned_state, masks=cpu_masks, optimizer=opt, params=spec.retrain.params,
-                             augment=spec.data.config().augment, threads=max(1, int(spec.resources.cpus_per_ingredient)),
-                             info=info, finish=finish, gpus=spec.resources.gpus_per_ingredient,
-                             resume_url=self.artifacts.uri(f"{self.prefix}{name}.epoch.safetensors")
-                             if ingredient and self.epoch_checkpoints else None)
+                                            [(pruned_rec.id, "retrained_from")]))
+            return retrain_task(spec, start, name, config, info, finish=finish,
+                                resume_url=self.artifacts.uri(f"{self.prefix}{name}.epoch.safetensors")
+                                if self.epoch_checkpoints else None)
 
         # search the retraining schedule (a finished search of a resumed phase is not run again)
         base = None
@@ -509,7 +287,7 @@ class Pipeline:
         if spec.search is not None and spec.search.applies(t):
             t_search = time.perf_counter()
             if resume and resume.searched:
-                base = resume.searched
+                base = RetrainConfig(**resume.searched)
             else:
                 base, trials = self._search(ctx, t, make_task)
                 compute.add(trials.cpu_seconds, trials.gpu_seconds, trials.epochs_trained)
@@ -661,7 +439,7 @@ class Pipeline:
     def run(self) -> JobResult:
         spec = self.spec
         ctx = self.context()
-        self.recorder.job_started(spec, self._total_epochs())
+        self.recorder.job_started(spec, total_epochs(spec))
         if ctx.dense_source:
             self.recorder.event(ctx.dense_source, phase=0)
         rate = per_phase_rate(spec.prune.target_sparsity, spec.prune.phases)

@@ -15,7 +15,7 @@ import uuid
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from service.pipeline import EpochCallback
+from service.records import EpochCallback
 from workers.tasks import TrainTask, run_train_task
 
 SEARCH_TIME = "training_iteration"        # Tune counts one per report, that is per epoch

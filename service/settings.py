@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     artifacts: str | None = None             # default: $LADLE_HOME/artifacts; or an fsspec URL
     ray_address: str | None = None           # unset: start a local Ray head
     max_concurrent_jobs: int = Field(2, ge=1, le=1000)
+    max_jobs_per_user: int | None = Field(None, ge=1)     # running jobs per owner; unset: no limit
+    # A job whose ingredient workers no node of the cluster can hold fails after this many seconds
+    # (an autoscaler may add such a node meanwhile); one that waits for resources other jobs hold waits
+    unschedulable_timeout: float = Field(600.0, gt=0)
     dispatch: bool = True                    # False: jobs are stored but not run (API-only replica, load tests)
     # A deployment's admin bearer token (from a Secret): `ladle serve` keeps it in the store as the
     # token named "admin", so a server bound beyond loopback has auth on from its first start

@@ -289,6 +289,9 @@ class JobSpec(_Strict):
     soup: SoupSpec = SoupSpec()
     search: SearchSpec | None = None
     resources: ResourcesSpec = ResourcesSpec()
+    # Wall-clock seconds from the job's start (the first driver's) after which it fails with that
+    # reason and its driver is stopped; what it finished is kept. None: no limit
+    timeout: float | None = Field(None, gt=0, le=30 * 24 * 3600)
 
     @model_validator(mode="after")
     def _greedy_needs_validation(self) -> JobSpec:

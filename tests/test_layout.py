@@ -36,3 +36,40 @@ def test_top_level_layout():
     head = readme[:400]
     assert "make demo" in head and "make test" in head
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+# Inside service/, from the bottom up: what each part may not import (the parts above it)
+ABOVE = {
+    ("service/states.py", "service/records.py", "service/spec.py", "service/plan.py", "service/orm.py",
+     "service/db.py", "service/store"): {"service.pipeline", "service.executors", "service.search", "service.driver",
+                                         "service.dispatcher", "service.runtime", "service.recorders"},
+    ("service/recorders.py", "service/executors.py", "service/search.py", "service/artifacts.py",
+     "service/cluster.py"): {"service.pipeline", "service.driver", "service.dispatcher", "service.runtime"},
+    ("service/pipeline.py",): {"service.executors", "service.search", "service.driver", "service.dispatcher",
+                               "service.runtime", "service.store", "service.recorders"},
+}
+
+
+@pytest.mark.parametrize("parts", list(ABOVE), ids=lambda p: p[0])
+def test_imports_inside_service_flow_up(parts):
+    """records, plan and the store know nothing of the pipeline and the executors; the pipeline works
+    against the Executor and Recorder protocols (service.records), never the store or Ray."""
+    files = [f for part in parts for f in ([ROOT / part] if part.endswith(".py") else sorted((ROOT / part).rglob("*.py")))]
+    bad = {}
+    for f in files:
+        hits = {m for m in imported_modules(f) if any(m == a or m.startswith(a + ".") for a in ABOVE[parts])}
+        if hits:
+            bad[str(f.relative_to(ROOT))] = sorted(hits)
+    assert not bad

@@ -29,6 +29,10 @@ from workers.pruning import Masks, full_masks
 from workers.soup import State, bn_recalibrate
 from workers.train import OptimizerConfig, check_learned, default_device, train
 
+# The batch-order seed of a run resumed at epoch e is seed + RESUME_SEED_STRIDE · e: a prime, so that it
+# meets no other ingredient's seed (a phase's ingredients take consecutive seeds)
+RESUME_SEED_STRIDE = 7919
+
 
 @dataclass
 class Finish:
@@ -121,22 +125,27 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
     elif task.init_state is not None:
         model.load_state_dict(task.init_state)
     # a resumed run draws fresh batch orders for the epochs left (not the ones the lost run would have)
-    loader = make_loader(splits.train, task.data.batch_size, shuffle=True, seed=task.seed + 7919 * start_epoch,
-                         augment=task.augment)
+    loader = make_loader(splits.train, task.data.batch_size, shuffle=True,
+                         seed=task.seed + RESUME_SEED_STRIDE * start_epoch, augment=task.augment)
     val_loader = make_loader(splits.val, task.data.batch_size, shuffle=False)
+
+    result_rows: list[dict[str, float]] = []
+
+    def report(row: dict[str, float]) -> None:
+        if on_epoch is not None:
+            on_epoch(row)
 
     def checkpoint(epoch: int, m: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         _save_epoch(task.resume_url, epoch, m, opt, history + result_rows)
-
-    result_rows: list[dict[str, float]] = []
+        report(result_rows[-1])        # an epoch is reported once it is durable: a retry never repeats it
 
     def record(row: dict[str, float]) -> None:
         row["cpu_seconds"] = time.process_time() - cpu_start
         if device.type == "cuda":
             row["gpu_seconds"] = (time.perf_counter() - start) * (task.gpus or 1.0)
         result_rows.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
+        if not task.resume_url:
+            report(row)
 
     result = train(model, loader, task.lrs, epochs=task.epochs, optimizer=task.optimizer, masks=task.masks,
                    params=task.params, val_loader=val_loader, on_epoch=record,

@@ -3,7 +3,6 @@
 // the lineage DAG: laid out by dagre and drawn as SVG. Both are vendored builds (api/dashboard/vendor), no CDN.
 
 const API = "/api/v1";
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
 const COLORS = ["#3b6fd8", "#2f9e62", "#d0453f", "#c28a1d", "#6b5bd2", "#3b9dd8", "#d8589f", "#5f6b7a"];
 const KIND_COLORS = { dense: "#6b5bd2", pruned: "#c28a1d", ingredient: "#3b9dd8", soup: "#2f9e62" };
@@ -282,7 +281,7 @@ async function compareView(el, idList) {
         <td class="num">${fixed(job.gpu_seconds)}</td>
         <td class="num">${fixed(job.epochs_trained, 0)}</td></tr>`;
     }).join("");
-    return !jobs.every(({ job }) => TERMINAL.has(job.status));   // running ones: keep refreshing
+    return !jobs.every(({ job }) => job.finished);   // running ones: keep refreshing
   });
 }
 
@@ -382,7 +381,7 @@ async function jobView(el, jobId) {
     stages.forEach(([, key], i) => {
       timeline.data.datasets[i].data = phases.map((p) => (p.status === "succeeded" && (key === "total") === (p.index === 0) ? p.seconds?.[key] ?? 0 : 0));
     });
-    timeline.data.datasets.at(-1).data = phases.map((p) => (p.status === "running" && !TERMINAL.has(job.status) ? since(p.started_at) : 0));
+    timeline.data.datasets.at(-1).data = phases.map((p) => (p.status === "running" && !job.finished ? since(p.started_at) : 0));
     timeline.update("none");
   }
 
@@ -408,20 +407,20 @@ async function jobView(el, jobId) {
     const card = el.querySelector("#search-card");
     card.hidden = trials.length === 0;
     if (!trials.length) return;
-    const keys = [...new Set(trials.flatMap((t) => Object.keys(t.config?.search ?? {})))];
+    const keys = [...new Set(trials.flatMap((t) => Object.keys(t.searched)))];
     el.querySelector("#search").innerHTML = `<table id="search-trials"><thead><tr><th>phase</th><th>trial</th>
       ${keys.map((k) => `<th>${esc(k)}</th>`).join("")}<th class="num">epochs run</th><th class="num">val accuracy</th><th>status</th></tr></thead><tbody>
-      ${trials.map((t) => `<tr class="${t.metrics?.chosen ? "chosen" : ""}"><td>${t.phase}</td><td>${esc(t.name.split("/").pop())}${t.metrics?.chosen ? " ★" : ""}</td>
-        ${keys.map((k) => { const v = t.config?.search?.[k]; return `<td>${typeof v === "number" ? +v.toPrecision(3) : esc(v)}</td>`; }).join("")}
-        <td class="num">${t.metrics?.epochs_run ?? "–"}</td><td class="num">${pct(t.metrics?.val_accuracy)}</td>
-        <td>${esc(t.metrics?.stopped_early ? "stopped early" : t.status)}</td></tr>`).join("")}</tbody></table>`;
+      ${trials.map((t) => `<tr class="${t.chosen ? "chosen" : ""}"><td>${t.phase}</td><td>trial${t.index}${t.chosen ? " ★" : ""}</td>
+        ${keys.map((k) => { const v = t.searched[k]; return `<td>${typeof v === "number" ? +v.toPrecision(3) : esc(v ?? "")}</td>`; }).join("")}
+        <td class="num">${t.epochs_run ?? "–"}</td><td class="num">${pct(t.val_accuracy)}</td>
+        <td>${esc(t.stopped_early ? "stopped early" : t.status)}</td></tr>`).join("")}</tbody></table>`;
   }
 
   async function refresh() {
     const job = await api(`/jobs/${jobId}`);
     el.querySelector("#job-name").textContent = job.name;
     el.querySelector("#job-status").innerHTML = badge(job.status);
-    el.querySelector("#cancel").hidden = TERMINAL.has(job.status);
+    el.querySelector("#cancel").hidden = job.finished;
     const spec = job.spec || {};
     el.querySelector("#job-facts").innerHTML = [
       ["progress", `${bar(job.progress, "big")} <span id="job-progress">${pct(job.progress, 0)}</span>`],
@@ -447,10 +446,11 @@ async function jobView(el, jobId) {
 
     const key = `${job.status}|${job.progress}|${job.current_phase}`;
     if (key !== lastKey || job.status === "running") {     // running: the timeline's current bar grows
-      const [phases, runPage] = await Promise.all([api(`/jobs/${jobId}/phases`), api(`/jobs/${jobId}/runs`)]);
+      const [phases, runPage, search] = await Promise.all([api(`/jobs/${jobId}/phases`), api(`/jobs/${jobId}/runs`),
+                                                           api(`/jobs/${jobId}/search`)]);
       runs = runPage.data.filter((r) => r.kind !== "search_trial");
       drawPhases(job, phases.data, runs.filter((r) => r.kind === "ingredient"));
-      drawSearch(runPage.data.filter((r) => r.kind === "search_trial"));
+      drawSearch(search.data);
       if (key !== lastKey) {
         metrics = (await api(`/jobs/${jobId}/metrics`)).data;
         drawCurves();
@@ -458,7 +458,7 @@ async function jobView(el, jobId) {
       }
       lastKey = key;
     }
-    if (TERMINAL.has(job.status)) {
+    if (job.finished) {
       if (ended) return false;          // one more round after the end, for the last events
       ended = true;
     }

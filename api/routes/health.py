@@ -11,12 +11,20 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthPublic, responses={503: {"description": "the database does not answer"}})
-def health(store: StoreDep) -> HealthPublic:
+def health(store: StoreDep, runtime: RuntimeDep) -> HealthPublic:
+    """200 while the database answers. `ray` says whether the dispatcher reaches Ray's Jobs API; while
+    it does not, `status` is `degraded`: jobs are accepted and wait in the queue."""
     try:
         store.ping()
     except Exception as e:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"database: {type(e).__name__}") from None
-    return HealthPublic(status="ok", database="ok")
+    dispatcher = runtime.dispatcher
+    ray_error = dispatcher.ray_error if dispatcher is not None and dispatcher.is_running() else None
+    if dispatcher is None or not dispatcher.is_running():
+        ray = "not dispatching"
+    else:
+        ray = "ok" if ray_error is None else ray_error
+    return HealthPublic(status="ok" if ray_error is None else "degraded", database="ok", ray=ray)
 
 
 @router.get("/cluster", response_model=ClusterPublic, responses={503: {"description": "Ray does not answer"}})

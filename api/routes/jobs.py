@@ -19,10 +19,13 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, RuntimeDep, StoreDep, visible
 from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricPublic,
-                         MetricsPublic, PhasePublic, PhasesPublic, RunPublic, RunsPublic)
-from service.orm import TERMINAL
+                         MetricsPublic, PhasePublic, PhasesPublic, RunPublic, RunsPublic, SearchTrialPublic,
+                         SearchTrialsPublic)
+from service.cluster import unfit
+from service.states import TERMINAL
 from service.spec import JobSpec
-from service.store import StateError
+from service.states import StateError
+from service.store.convert import search_trial
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_ID = 2**63 - 1          # the largest id a BIGINT (and SQLite's INTEGER) holds
@@ -37,9 +40,17 @@ def _job(store, caller, job_id: str):
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-async def submit_job(spec: JobSpec, store: StoreDep, caller: CallerDep,
+async def submit_job(spec: JobSpec, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobPublic:
-    """Validate and queue a job. The same `Idempotency-Key` again returns the same job."""
+    """Validate and queue a job. The same `Idempotency-Key` again returns the same job. A job whose
+    ingredients ask for more CPUs or GPUs than any node of the cluster has is refused (422)."""
+    nodes = runtime.cached_nodes()
+    if nodes is ...:                      # read the cluster off the event loop, at most every 30 s
+        nodes = await asyncio.to_thread(runtime.nodes)
+    why = unfit(spec.resources.cpus_per_ingredient, spec.resources.gpus_per_ingredient, nodes)
+    if why is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            [{"loc": ["body", "resources"], "msg": why, "type": "value_error"}])
     return JobPublic.model_validate(store.create_job(spec, owner=caller.name, idempotency_key=idempotency_key))
 
 
@@ -82,6 +93,15 @@ async def job_runs(job_id: str, store: StoreDep, caller: CallerDep, kind: str | 
     _job(store, caller, job_id)
     rows = [RunPublic.model_validate(r) for r in store.runs(job_id, kind=kind)]
     return RunsPublic(data=rows, count=len(rows))
+
+
+@router.get("/{job_id}/search", response_model=SearchTrialsPublic, responses=NOT_FOUND)
+async def job_search(job_id: str, store: StoreDep, caller: CallerDep) -> SearchTrialsPublic:
+    """The schedule-search trials of every searched phase, by phase and trial."""
+    _job(store, caller, job_id)
+    rows = [SearchTrialPublic.model_validate(search_trial(r)) for r in store.runs(job_id, kind="search_trial")]
+    rows.sort(key=lambda r: (r.phase, r.index))
+    return SearchTrialsPublic(data=rows, count=len(rows))
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=NOT_FOUND)

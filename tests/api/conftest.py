@@ -1,11 +1,37 @@
-"""A live API server: uvicorn on a free loopback port, in a thread, with the embedded runtime
-(a real store, the session's Ray cluster, the dispatcher)."""
+"""The API in-process (FastAPI's TestClient on a temp SQLite store, no Ray), and a live API server:
+uvicorn on a free loopback port, in a thread, with the embedded runtime (a real store, the session's
+Ray cluster, the dispatcher)."""
+
+import gc
 
 import pytest
+from fastapi.testclient import TestClient
 
+from api.app import API_PREFIX, create_app
 from api.server import BackgroundServer
+from service.dispatcher import Dispatcher
 from service.runtime import Runtime
 from service.settings import Settings
+from service.store import Store
+
+NO_RAY = "http://127.0.0.1:9"        # nothing listens there: the cluster's nodes are unknown
+
+
+@pytest.fixture
+def api(tmp_path):
+    """The app in-process on a fresh SQLite store, without Ray: jobs are stored and never run (its
+    dispatcher is never started; cancelling a queued job needs no Ray). `api.runtime` and `api.store`
+    are the app's own; paths are relative to /api/v1."""
+    url = f"sqlite:///{tmp_path / 'ladle.db'}"
+    settings = Settings(home=tmp_path, database_url=url, ray_address=NO_RAY, artifacts=str(tmp_path / "artifacts"))
+    runtime = Runtime(settings, dispatch=False)
+    runtime.store = Store(url)
+    runtime.dispatcher = Dispatcher(runtime.store, NO_RAY, database_url=url, artifacts=settings.artifacts)
+    with TestClient(create_app(runtime), base_url=f"http://testserver{API_PREFIX}") as client:
+        client.runtime, client.store = runtime, runtime.store
+        yield client
+    runtime.store.engine.dispose()
+    gc.unfreeze()           # the app's start-up froze the test session's objects (see api.app)
 
 
 def make_server(tmp_path, ray_head, database_url=None, dispatch=True) -> BackgroundServer:

@@ -124,3 +124,20 @@ def test_compare_needs_two_known_jobs(two_jobs):
         for bad in ("no-such-job", "a/b", ""):
             with pytest.raises(NotFound, match=f"job '?{bad}'? not found"):
                 c.compare([a, bad])
+
+
+@pytest.mark.slow
+def test_logs_follow_prints_every_event_of_an_ended_job_and_returns(two_jobs):
+    job_id = two_jobs.jobs[0]["id"]
+    with Client(two_jobs.url) as c:
+        events = c.events(job_id)
+    assert events
+    for args in ((), ("-f",)):
+        r = ladle("logs", job_id, *args, "--url", two_jobs.url, "--json")
+        assert r.returncode == 0, r.stderr
+        assert [json.loads(line) for line in r.stdout.splitlines()] == events
+    r = ladle("logs", job_id, "-f", "--url", two_jobs.url)
+    assert r.returncode == 0, r.stderr
+    assert all(" ".join(e["message"].split()) in " ".join(r.stdout.split()) for e in events)   # rich may wrap
+    r = ladle("logs", "no-such-job", "-f", "--url", two_jobs.url)
+    assert r.returncode == 1 and "job no-such-job not found" in r.stderr and "Traceback" not in r.stderr

@@ -113,8 +113,22 @@ def test_the_object_store_is_healthy_before_its_bucket_is_made(services):
     assert bucket["depends_on"] == {"minio": {"condition": "service_healthy"}}
     assert bucket["restart"] == "no"
     assert environment(bucket)["LADLE_ARTIFACTS"] == environment(services["api"])["LADLE_ARTIFACTS"]
-    endpoint = urlsplit(environment(bucket)["AWS_ENDPOINT_URL"])
-    assert endpoint.hostname == "minio" and str(endpoint.port) in " ".join(minio["command"] + ["9000"])
+    # the bucket and the API (which forwards it to the jobs) reach MinIO's S3 API, not its console
+    s3_port = minio_port(minio["command"], "--address", 9000)
+    assert s3_port != minio_port(minio["command"], "--console-address", None)
+    for name in ("bucket", "api"):
+        endpoint = urlsplit(environment(services[name])["AWS_ENDPOINT_URL"])
+        assert (endpoint.scheme, endpoint.hostname, endpoint.port) == ("http", "minio", s3_port), name
+
+
+def minio_port(command: list[str], option: str, default: int | None) -> int | None:
+    """The port of `minio server`'s `--address` (its S3 API, :9000 unless given) or `--console-address`
+    ([host]:port, as `--option value` or `--option=value`)."""
+    for i, arg in enumerate(command):
+        if arg == option or arg.startswith(f"{option}="):
+            value = command[i + 1] if arg == option else arg.split("=", 1)[1]
+            return int(value.rsplit(":", 1)[1])
+    return default
 
 
 def test_ray_head_serves_the_jobs_api_and_workers_join_it_and_scale(services):

@@ -17,6 +17,7 @@ from service.executors import RayExecutor
 from service.pipeline import Pipeline
 from service.spec import parse_spec
 from service.store import Store
+from service.recorders import DBRecorder
 from workers.data import DataConfig, load_splits, make_loader
 from workers.schedules import dense_schedule
 from workers.tasks import TrainTask
@@ -47,7 +48,7 @@ def test_ray_executor_job_stores_full_lineage_and_every_epoch(ray_head, store, t
     job = store.create_job(spec)
     executor = RayExecutor(cpus=1)
     try:
-        result = Pipeline(spec, executor, store.recorder(job.id), ArtifactStore(str(tmp_path)),
+        result = Pipeline(spec, executor, DBRecorder(store, job.id), ArtifactStore(str(tmp_path)),
                           prefix=f"jobs/{job.id}", epoch_checkpoints=True).run()
         placed = ray.get([a.where.remote() for a in executor._actors])
     finally:

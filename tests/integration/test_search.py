@@ -11,6 +11,7 @@ from service.executors import RayExecutor
 from service.pipeline import Pipeline
 from service.spec import parse_spec
 from service.store import Store
+from service.recorders import DBRecorder
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def test_search_on_ray_stops_trials_early_and_feeds_the_best_config_to_the_soup(
     job = store.create_job(spec)
     executor = RayExecutor(cpus=1)
     try:
-        result = Pipeline(spec, executor, store.recorder(job.id), ArtifactStore(str(tmp_path / "artifacts")),
+        result = Pipeline(spec, executor, DBRecorder(store, job.id), ArtifactStore(str(tmp_path / "artifacts")),
                           prefix=f"jobs/{job.id}").run()
     finally:
         executor.shutdown()

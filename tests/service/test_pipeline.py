@@ -3,8 +3,10 @@
 import pytest
 
 from service.artifacts import ArtifactStore
-from service.pipeline import Pipeline, PhaseFailed, SequentialExecutor, ingredient_settings
-from service.recorder import LocalRecorder
+from service.executors import SequentialExecutor
+from service.pipeline import PhaseFailed, Pipeline
+from service.plan import ingredient_settings
+from service.recorders import DBRecorder, LocalRecorder
 from service.spec import parse_spec
 from workers.checkpoint import load
 from workers.pruning import per_phase_rate, sparsity_after
@@ -117,9 +119,9 @@ def test_greedy_soup_not_below_best_ingredient_on_validation(tmp_path):
 def test_ingredients_differ_only_in_the_varied_hyperparameter(vary, key):
     spec = parse_spec({"soup": {"ingredients": 4, "vary": vary}})
     rows = ingredient_settings(spec, phase=1, eta_max=0.1)
-    assert len({r[key] for r in rows}) == 4
+    assert len({getattr(r, key) for r in rows}) == 4
     for other in {"seed", "weight_decay", "epochs", "lr"} - {key}:
-        assert len({r[other] for r in rows}) == 1, other
+        assert len({getattr(r, other) for r in rows}) == 1, other
 
 
 def test_start_from_a_given_checkpoint(small_run, tmp_path):
@@ -152,11 +154,11 @@ def test_a_resumed_phase_reuses_its_finished_search(store, tmp_path):
     job = store.create_job(spec)
     artifacts = ArtifactStore(str(tmp_path))
     with pytest.raises(RuntimeError, match="driver died"):
-        Pipeline(spec, DiesAfterTheSearch(), store.recorder(job.id), artifacts, prefix=f"jobs/{job.id}").run()
+        Pipeline(spec, DiesAfterTheSearch(), DBRecorder(store, job.id), artifacts, prefix=f"jobs/{job.id}").run()
     [chosen] = [r for r in store.runs(job.id, kind="search_trial") if r.metrics["chosen"]]
     resume = resume_point(store, job.id)
     assert resume.searched == chosen.config["config"]
-    Pipeline(spec, MustNotSearch(), store.recorder(job.id), artifacts, prefix=f"jobs/{job.id}", resume=resume).run()
+    Pipeline(spec, MustNotSearch(), DBRecorder(store, job.id), artifacts, prefix=f"jobs/{job.id}", resume=resume).run()
     assert {r.config["lr"] for r in store.runs(job.id, kind="ingredient")} == {chosen.config["config"]["lr"]}
     assert len(store.runs(job.id, kind="search_trial")) == 3
 
@@ -214,7 +216,7 @@ def test_ensemble_accuracy_is_the_mean_softmax_of_the_saved_ingredients(bn_run):
 def test_compute_adds_up_from_runs_to_phases_to_the_job(store, tmp_path):
     spec = parse_spec(SMALL)
     job = store.create_job(spec)
-    Pipeline(spec, SequentialExecutor(), store.recorder(job.id), ArtifactStore(str(tmp_path)),
+    Pipeline(spec, SequentialExecutor(), DBRecorder(store, job.id), ArtifactStore(str(tmp_path)),
              prefix=f"jobs/{job.id}").run()
     phases, runs, row = store.phases(job.id), store.runs(job.id), store.get_job(job.id)
     for p in phases:

@@ -13,9 +13,10 @@ from alembic.migration import MigrationContext
 
 from service import db
 from service.orm import Base, Event, Metric, Model, ModelEdge, Phase, Run
-from service.pipeline import ModelRecord, PhaseSummary, RunRecord
+from service.records import ModelRecord, PhaseSummary, RunRecord
 from service.spec import parse_spec
 from service.store import JobCancelled, JobNotFound, StateError, Store
+from service.recorders import DBRecorder
 
 SPEC = parse_spec({"name": "t", "prune": {"phases": 2}, "soup": {"ingredients": 2}})
 
@@ -137,13 +138,50 @@ def test_status_transitions_and_terminal_states(store):
     with pytest.raises(StateError):
         store.job_succeeded(job.id, "m")
     with pytest.raises(JobCancelled):
-        store.recorder(job.id).job_started(SPEC, 1)
+        DBRecorder(store, job.id).job_started(SPEC, 1)
     row = store.get_job(job.id)
     assert row.status == "cancelled" and row.finished_at and row.error is None
     failed = store.job_failed(later.id, "boom")
     assert failed.status == "failed" and store.get_job(later.id).error == "boom"
     with pytest.raises(JobNotFound):
         store.set_status("nope", "running")
+
+
+def test_requeue_and_the_fence_on_superseded_drivers(store):
+    job = store.create_job(SPEC)
+    [claimed] = store.claim_queued(1)
+    store.record_submission(job.id, job.id, 1, "submitted")
+    stale = DBRecorder(store, job.id, submission=job.id)
+    assert store.requeue(job.id, "the service stopped").status == "queued"
+    row = store.get_job(job.id)
+    assert (row.status, row.ray_submission_id, row.attempts, row.driver_failures) == ("queued", None, 1, 0)
+    assert "the service stopped; the job waits in the queue" in store.events(job.id)[-1].message
+    assert store.requeue(job.id, "again") is None                       # only a running job goes back
+    # the old driver can neither start the job again nor fail it
+    with pytest.raises(StateError):
+        stale.job_started(SPEC, 1)
+    assert store.job_failed(job.id, "zombie", submission=job.id) is None
+    store.claim_queued(1)
+    store.record_submission(job.id, f"{job.id}-r2", 2, "submitted")
+    with pytest.raises(StateError, match="running elsewhere"):
+        stale.job_started(SPEC, 1)
+    assert store.job_failed(job.id, "zombie", submission=job.id) is None
+    DBRecorder(store, job.id, submission=f"{job.id}-r2").job_started(SPEC, 1)
+    assert store.driver_lost(job.id).driver_failures == 1
+    assert store.job_failed(job.id, "real", submission=f"{job.id}-r2").status == "failed"
+    with pytest.raises(StateError, match="is failed; it cannot become queued"):
+        store.set_status(job.id, "queued")
+
+
+def test_per_owner_limit_of_running_jobs(store):
+    ann = [store.create_job(SPEC, owner="ann") for _ in range(3)]
+    bob = store.create_job(SPEC, owner="bob")
+    # ann's oldest runs; her second waits for it and bob's job, submitted later, goes first
+    assert [j.id for j in store.claim_queued(5, per_owner=1)] == [ann[0].id, bob.id]
+    assert store.claim_queued(5, per_owner=1) == []
+    store.job_failed(ann[0].id, "done")
+    assert [j.id for j in store.claim_queued(5, per_owner=1)] == [ann[1].id]
+    assert [j.id for j in store.claim_queued(5, per_owner=2)] == [ann[2].id]
 
 
 def test_update_job(store):
@@ -164,6 +202,27 @@ def test_tokens(store):
     store.ping()
 
 
+def test_token_answers_are_reused_for_at_most_max_age(store):
+    """The API asks on every request, with a max_age: a token revoked or minted by another process
+    counts from the first lookup older than that; one minted through this store counts at once."""
+    token, secret = store.create_token("ann")
+    assert store.auth_enabled(max_age=60)
+    assert store.check_token(secret, max_age=60).id == token.id          # looked up (and remembered)
+    with store.engine.begin() as c:
+        c.execute(sa.text("DELETE FROM tokens"))                          # revoked elsewhere
+    assert store.check_token(secret, max_age=60).id == token.id          # the answer of a moment ago
+    assert store.auth_enabled(max_age=60)
+    assert store.check_token(secret, max_age=0) is None                  # looked up again
+    assert not store.auth_enabled(max_age=0)
+    other = Store(store.url, migrate=False)                               # another process mints one
+    try:
+        _, bob = other.create_token("bob")
+    finally:
+        other.engine.dispose()
+    assert not store.auth_enabled(max_age=60) and store.check_token(bob, max_age=60).name == "bob"
+    assert store.auth_enabled(max_age=0)
+
+
 # ---------------------------------------------------------------- the recorder
 
 def model(kind, phase, name, parents=()):
@@ -174,7 +233,7 @@ def model(kind, phase, name, parents=()):
 
 def feed_job(store, job_id, phases=2, ingredients=2):
     """The calls the pipeline makes for a job (no training needed for the store)."""
-    rec = store.recorder(job_id)
+    rec = DBRecorder(store, job_id)
     rec.job_started(SPEC, total_epochs=2 + phases * ingredients * 2)
     rec.phase_started(0, 0.0)
     rec.run_started(RunRecord("dense", "dense", 0, {"epochs": 2}))
@@ -249,7 +308,7 @@ def test_lineage_dag_through_phases(store):
 
 def test_metrics_progress_and_reads(store):
     job = store.create_job(SPEC)
-    rec = store.recorder(job.id)
+    rec = DBRecorder(store, job.id)
     rec.job_started(SPEC, total_epochs=4)
     rec.phase_started(0, 0.0)
     rec.run_started(RunRecord("dense", "dense", 0, {}))
@@ -277,7 +336,7 @@ def test_resumed_calls_create_no_duplicate_rows(store):
     before = {t.__tablename__: count(store, t) for t in tables}
     done_before = store.get_job(job.id).done_epochs
     # a second driver: phase 2 again, ingredient 0 again from scratch, ingredient 1 from its epoch-1 checkpoint
-    rec = store.recorder(job.id)
+    rec = DBRecorder(store, job.id)
     rec.job_started(SPEC, 10)
     rec.phase_started(2, 0.75)
     rec.run_started(RunRecord("phase2/ingredient0", "ingredient", 2, {"seed": 0}))
@@ -301,7 +360,7 @@ def test_model_saved_again_replaces_an_unreferenced_model(store):
     """The driver died between saving a model and recording what it is for: its successor saves a
     new model of the same name, which replaces the old row and its edges."""
     job = store.create_job(SPEC)
-    rec = store.recorder(job.id)
+    rec = DBRecorder(store, job.id)
     rec.job_started(SPEC, 1)
     dense = model("dense", 0, "phase0/dense")
     rec.model_saved(dense)
@@ -318,7 +377,7 @@ def test_model_saved_again_replaces_an_unreferenced_model(store):
 
 def test_a_model_name_in_use_clashes_and_nothing_is_half_written(store):
     job = store.create_job(SPEC)
-    rec = store.recorder(job.id)
+    rec = DBRecorder(store, job.id)
     rec.job_started(SPEC, 1)
     dense = model("dense", 0, "phase0/dense")
     rec.model_saved(dense)
@@ -340,7 +399,7 @@ def test_a_model_name_in_use_clashes_and_nothing_is_half_written(store):
 
 def test_events_in_order_with_cursor(store):
     job = store.create_job(SPEC)
-    rec = store.recorder(job.id)
+    rec = DBRecorder(store, job.id)
     for i in range(5):
         rec.event(f"e{i}", phase=i, level="warning" if i == 3 else "info")
     first = store.events(job.id, limit=2)
@@ -355,7 +414,7 @@ def test_events_in_order_with_cursor(store):
 
 def test_nan_metrics_are_stored_as_null(store):
     job = store.create_job(SPEC)
-    rec = store.recorder(job.id)
+    rec = DBRecorder(store, job.id)
     rec.job_started(SPEC, 1)
     m = model("dense", 0, "phase0/dense")
     m.metrics = {"val_accuracy": float("nan"), "test_accuracy": 0.5, "per_layer": [float("inf"), 0.5]}

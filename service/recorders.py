@@ -1,4 +1,12 @@
-"""A recorder for in-process runs (`ladle run --local`): a progress bar, event lines, a JSON summary."""
+"""The pipeline's recorders (service.records.Recorder): `LocalRecorder` for in-process runs (`ladle
+run --local`: a progress bar, event lines, a JSON summary) and `DBRecorder`, a driver's, into the
+store.
+
+`DBRecorder` makes each call one short transaction, so a driver that dies leaves everything up to
+its last call and nothing half-written. Its calls are safe to repeat when a new driver resumes the
+job (see service.store.runs and service.store.models.save). A recorder that knows its driver's
+submission stops working for the job once the job has been given to another submission.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +19,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from service.pipeline import ModelRecord, PhaseSummary, RunRecord
+from service.records import ModelRecord, PhaseSummary, RunRecord
 from service.spec import JobSpec
+from service.store import Store, jobs, models, runs
 
 LEVEL_STYLE = {"info": "", "warning": "yellow", "error": "bold red"}
 
@@ -84,3 +93,45 @@ class LocalRecorder:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.summary(**extra), indent=2, default=str))
         return path
+
+
+class DBRecorder:
+    """The pipeline's recorder for one job, into the store; every call one transaction."""
+
+    def __init__(self, store: Store, job_id: str, *, submission: str | None = None):
+        self.store, self.job_id, self.submission = store, job_id, submission
+
+    def job_started(self, spec: JobSpec, total_epochs: int) -> None:
+        """Running (again, for a resumed driver); refuses a job that is finished, cancelled or not
+        this driver's any more (service.store.jobs.started)."""
+        with self.store.tx() as s:
+            jobs.started(s, self.job_id, total_epochs, submission=self.submission)
+
+    def event(self, message: str, *, level: str = "info", phase: int | None = None) -> None:
+        with self.store.tx() as s:
+            jobs.event(s, self.job_id, message, level=level, phase=phase)
+
+    def phase_started(self, phase: int, target_sparsity: float) -> None:
+        with self.store.tx() as s:
+            runs.phase_started(s, self.job_id, phase, target_sparsity)
+
+    def run_started(self, run: RunRecord) -> None:
+        with self.store.tx() as s:
+            runs.run_started(s, self.job_id, run)
+
+    def metric(self, run_name: str, row: dict[str, float]) -> None:
+        with self.store.tx() as s:
+            runs.metric(s, self.job_id, run_name, row)
+
+    def run_finished(self, run_name: str, status: str, *, model_id: str | None = None,
+                     metrics: dict[str, Any] | None = None, error: str | None = None) -> None:
+        with self.store.tx() as s:
+            runs.run_finished(s, self.job_id, run_name, status, model_id=model_id, metrics=metrics, error=error)
+
+    def model_saved(self, model: ModelRecord) -> None:
+        with self.store.tx() as s:
+            models.save(s, self.job_id, model)
+
+    def phase_finished(self, summary: PhaseSummary) -> None:
+        with self.store.tx() as s:
+            runs.phase_finished(s, self.job_id, summary)

@@ -1,0 +1,22 @@
+"""The `ladle` command line (console script `ladle = "api.cli:app"`), one module per role:
+
+- render: what the commands print (consoles, tables, progress, the demo's verdict)
+- remote: the client commands that talk to a server through the SDK (submit, status, logs, cancel,
+  lineage, download, compare)
+- host: the commands that host the service or run a job in this process (run, demo, serve)
+- admin: the database's administration (token create)
+
+This module only builds the Typer app from them, in the order `ladle --help` lists the commands.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from api.cli import admin, host, remote
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Ladle: prune neural networks and retrain them as Sparse Model Soups.")
+for command in (*host.COMMANDS, *remote.COMMANDS):
+    app.command()(command)
+app.add_typer(admin.token_app, name="token")

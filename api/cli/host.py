@@ -1,0 +1,272 @@
+"""The commands that host the service or run a job in this process: `ladle serve` (the API, the
+dispatcher and a Ray head), `ladle run` (a job in this process, or on the embedded service) and
+`ladle demo`. SIGTERM and SIGHUP stop them as Ctrl-C does, so the embedded Ray head goes with them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from api.cli.render import err_console, fail, out_console, phase_rows, phase_table, show_progress, verdict
+from api.client import Update, follow
+from service.artifacts import ArtifactStore
+from service.cluster import HEAD_FILE, HeadInUse, ensure_head_free
+from service.executors import SequentialExecutor
+from service.pipeline import Pipeline
+from service.recorders import LocalRecorder
+from service.settings import get_settings
+from service.spec import JobSpec, SpecError, load_spec
+from workers.checkpoint import CheckpointError
+from workers.data import DataError
+from workers.models import ModelError
+
+USER_ERRORS = (SpecError, CheckpointError, DataError, ModelError, FileNotFoundError, HeadInUse)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+STORE_POLL = 0.5            # seconds between looks at the store while `ladle run` follows its job
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, so that it unwinds as from Ctrl-C."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within: SIGTERM and SIGHUP end the command the way Ctrl-C does, so the embedded service and its
+    Ray head are stopped on the way out; a second signal while it stops is ignored."""
+    def handler(signum: int, frame: object) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)            # let the clean-up finish
+        raise Stopped(signal.Signals(signum).name)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+# ---------------------------------------------------------------- ladle run
+
+def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[str, Any]:
+    """Run a job in this process with the sequential executor; models and summary.json go to `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = ArtifactStore(str((out / "models").absolute()))
+    with LocalRecorder(err_console, progress=not json_output) as recorder:
+        result = Pipeline(spec, SequentialExecutor(), recorder, artifacts).run()
+    path = recorder.write_summary(out / "summary.json", final_model_id=result.final_model_id)
+    summary = recorder.summary(final_model_id=result.final_model_id)
+    if json_output:
+        out_console.print_json(json.dumps(summary, default=str))
+    else:
+        out_console.print(phase_table(summary["phases"], title=f"{spec.name}: per phase (test accuracy)"))
+        final = next(m for m in summary["models"] if m["id"] == result.final_model_id)
+        out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, "
+                          f"test accuracy {final['metrics'].get('test_accuracy', float('nan')):.4f}, "
+                          f"{final['size_bytes']} bytes at {final['uri']}", soft_wrap=True)
+        out_console.print(f"summary: {path}", soft_wrap=True)
+    return summary
+
+
+def follow_in_store(store, job_id: str, *, poll: float = STORE_POLL) -> Iterator[Update]:
+    """The SDK's follow over an in-process store instead of HTTP: the job and its events as the API
+    would show them (JobPublic, EventPublic), so that `ladle run` needs no server and no token."""
+    from api.schemas import EventPublic, JobPublic
+
+    def read_job() -> dict:
+        return JobPublic.model_validate(store.get_job(job_id)).model_dump(mode="json")
+
+    def read_events(after: int) -> list[dict]:
+        return [EventPublic.model_validate(e).model_dump(mode="json") for e in store.events(job_id, after_id=after)]
+    return follow(read_job, read_events, poll=poll)
+
+
+def run_on_ray(spec: JobSpec, *, json_output: bool = False) -> dict[str, Any]:
+    """Run a job through the embedded service: the DB store, a Ray cluster (a local head unless
+    LADLE_RAY_ADDRESS names one), the dispatcher and a Ray-job driver. Ctrl-C (or SIGTERM, SIGHUP)
+    stops the service and leaves the job to resume when a service starts again."""
+    from dataclasses import asdict
+
+    from service.runtime import Runtime
+    from service.store.convert import phase_summary
+    with Runtime() as rt:
+        job_id = rt.store.create_job(spec).id
+        err_console.print(f"job {job_id} submitted to Ray at {rt.jobs_api_url}", highlight=False)
+        try:
+            job = show_progress(follow_in_store(rt.store, job_id), quiet=json_output)
+        except KeyboardInterrupt:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)         # let the service stop (on leaving `with`)
+            raise fail(f"stopped; job {job_id} resumes when the service starts again (ladle serve, or "
+                       f"ladle cancel {job_id} --url ... there)", 130) from None
+        phases = [asdict(phase_summary(p)) for p in rt.store.phases(job_id)]
+        summary = {"job": {k: job[k] for k in ("id", "name", "status", "error", "final_model_id")}, "phases": phases}
+        if json_output:
+            out_console.print_json(json.dumps(summary, default=str))
+        else:
+            out_console.print(phase_table(phases, title=f"{spec.name}: per phase (test accuracy)"))
+        if job["status"] != "succeeded":
+            raise fail(f"job {job_id} {job['status']}: {job['error'] or ''}")
+        final = rt.store.get_model(job["final_model_id"])
+        if not json_output:
+            out_console.print(f"final model {final.id}: sparsity {final.sparsity:.4f}, test accuracy "
+                              f"{final.metrics.get('test_accuracy', float('nan')):.4f}, {final.size_bytes} bytes "
+                              f"at {final.uri}", soft_wrap=True)
+        return summary
+
+
+def _default_out(spec: JobSpec) -> Path:
+    return get_settings().home / "runs" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)")],
+        local: Annotated[bool, typer.Option("--local", help="run in this process, sequentially, without Ray or a DB "
+                                                             "(default: on Ray, recorded in the DB)")] = False,
+        out: Annotated[Path | None, typer.Option("--out", help="with --local: folder for the models and summary.json")] = None,
+        json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False) -> None:
+    """Run a job spec to the end and print the per-phase table."""
+    try:
+        spec = load_spec(spec_file)
+        if local:
+            run_local(spec, out or _default_out(spec), json_output=json_output)
+        else:
+            with stop_on_signals():
+                run_on_ray(spec, json_output=json_output)
+    except SpecError as e:
+        err_console.print(f"[bold red]error:[/bold red] invalid job spec {spec_file}:", highlight=False)
+        for loc, msg in e.errors:
+            err_console.print(f"  {loc}: {msg}", highlight=False)
+        raise typer.Exit(2) from None
+    except USER_ERRORS as e:
+        raise fail(str(e)) from None
+
+
+# ---------------------------------------------------------------- ladle demo
+
+def demo_spec(small: bool = False) -> JobSpec:
+    """The packaged demo job: Fashion-MNIST with LeNet-5, or (small) digits with an MLP."""
+    name = "digits-sms.yaml" if small else "fashion-sms.yaml"
+    text = resources.files("service").joinpath(f"examples/{name}").read_text()
+    import yaml
+    return JobSpec.model_validate(yaml.safe_load(text))
+
+
+def imp_spec(spec: JobSpec, dense_checkpoint: str, cpus: int) -> JobSpec:
+    """Plain IMP beside a soup job: the same phases and retraining from the same dense model, one
+    ingredient, with all `cpus` for it (the soup's ingredients share them)."""
+    return spec.model_copy(update={
+        "name": f"{spec.name}-imp",
+        "model": spec.model.model_copy(update={"checkpoint": dense_checkpoint}),
+        "soup": spec.soup.model_copy(update={"ingredients": 1, "min_ingredients": 1}),
+        "resources": spec.resources.model_copy(update={"cpus_per_ingredient": cpus})})
+
+
+def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep serving after the job (Ctrl-C stops)")] = True,
+         port: Annotated[int | None, typer.Option(help="API port (default 8000, or a free one if taken)")] = None,
+         small: Annotated[bool, typer.Option("--small", help="the quick job: an MLP on scikit-learn's digits")] = False,
+         imp: Annotated[bool, typer.Option("--imp/--no-imp", help="also run plain IMP from the same dense model, "
+                                                                  "for comparison")] = True,
+         local: Annotated[bool, typer.Option("--local", help="in this process instead, without the service")] = False,
+         out: Annotated[Path | None, typer.Option("--out", help="with --local: folder for models and summary.json")] = None) -> None:
+    """The demo: starts the embedded service (SQLite, a local Ray head, the dispatcher, the API),
+    submits the demo SMS job (LeNet-5 on Fashion-MNIST: 3 phases to 90% sparsity, 3 ingredients per
+    phase; --small: an MLP on digits) through the SDK, then plain IMP from the same dense model, shows
+    progress, prints the per-phase table and one line per phase comparing the soup with its best
+    ingredient and with IMP, and keeps serving the dashboard until Ctrl-C."""
+    import os
+    import socket
+
+    from api.client import Client
+    from api.server import BackgroundServer
+    from service.runtime import Runtime
+    spec = demo_spec(small)
+    out_console.print(f"Ladle demo: {spec.name} — {spec.model.arch} on {spec.data.name}, "
+                      f"{spec.prune.phases} phases to sparsity {spec.prune.target_sparsity}, "
+                      f"{spec.soup.ingredients} ingredients per phase ({spec.retrain.schedule})", highlight=False)
+    if local:
+        run_local(spec, out or get_settings().home / "demo")
+        return
+    if port is None:
+        with socket.socket() as s:
+            port = 8000 if s.connect_ex(("127.0.0.1", 8000)) != 0 else None
+    err_console.print("starting the service (SQLite store, local Ray head, dispatcher, API) ...")
+    try:
+        ensure_head_free(get_settings().home / HEAD_FILE)
+    except HeadInUse as e:
+        raise fail(str(e)) from None
+    with stop_on_signals(), BackgroundServer(Runtime(), port=port or None) as server:
+        err_console.print(f"dashboard on {server.url}/ (API docs: {server.url}/docs)", highlight=False)
+        with Client(server.url) as c:
+            job = c.submit(spec)
+            err_console.print(f"submitted job {job['id']}: watch it live at {server.url}/#/jobs/{job['id']}",
+                              highlight=False)
+            job = c.wait(job["id"], on_event=lambda e: err_console.print(e["message"], highlight=False))
+            phases = c.phases(job["id"])
+            out_console.print(phase_table(phase_rows(phases), title=f"{spec.name}: {job['status']} (test accuracy)"))
+            if job["status"] != "succeeded":
+                raise fail(f"job {job['id']} {job['status']}: {job['error']}")
+            imp_phases = None
+            if imp:
+                dense = server.runtime.store.get_model(phases[0]["model_id"])     # the in-process server's store
+                imp_job = c.submit(imp_spec(spec, dense.uri, os.cpu_count() or 1))
+                err_console.print(f"for comparison, plain IMP from the same dense model: job {imp_job['id']}",
+                                  highlight=False)
+                imp_job = c.wait(imp_job["id"], progress=True)
+                if imp_job["status"] == "succeeded":
+                    imp_phases = c.phases(imp_job["id"])
+                else:
+                    err_console.print(f"IMP job {imp_job['status']}: {imp_job['error']}", highlight=False)
+            out_console.print("\n[bold]What the soup bought[/bold] (test accuracy):")
+            for line in verdict(phases, imp_phases):
+                out_console.print(f"  {line}", highlight=False, soft_wrap=True)
+            final = c.model(job["final_model_id"])
+            out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, test accuracy "
+                              f"{100 * final['accuracy']:.2f}%; lineage: ladle lineage {final['id']} --url {server.url}"
+                              + (f"; both jobs side by side: ladle compare {job['id']} {imp_job['id']} --url "
+                                 f"{server.url}" if imp else ""), soft_wrap=True, highlight=False)
+        if serve_:
+            out_console.print(f"serving the dashboard at {server.url}/ (API docs at {server.url}/docs); Ctrl-C stops",
+                              highlight=False)
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                err_console.print("stopping")
+
+
+# ---------------------------------------------------------------- ladle serve
+
+def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="port")] = 8000) -> None:
+    """Start the REST API (and the dashboard) with the dispatcher and, unless LADLE_RAY_ADDRESS is set,
+    a local Ray head; all stop on exit. With LADLE_ADMIN_TOKEN set, that token is an admin token."""
+    import uvicorn
+
+    from api.app import create_app
+    from service.store import Store
+    settings = get_settings()
+    store = Store(settings.database_url)
+    if settings.admin_token is not None:
+        store.ensure_token("admin", settings.admin_token.get_secret_value(), admin=True)
+    if host not in LOOPBACK_HOSTS and not store.auth_enabled():
+        raise fail(f"refusing to serve on {host} without auth: create a token first "
+                   "(ladle token create --name NAME --admin), or bind to 127.0.0.1", 2)
+    store.engine.dispose()
+    if not settings.ray_address:
+        try:
+            ensure_head_free(settings.home / HEAD_FILE)
+        except HeadInUse as e:
+            raise fail(str(e), 2) from None
+    # uvicorn stops gracefully on SIGINT and SIGTERM (and the app stops the runtime); SIGHUP does the same
+    signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+COMMANDS = (run, demo, serve)

@@ -1,0 +1,179 @@
+"""What the `ladle` commands print: the two consoles, error lines, number formats, the per-phase,
+search and compare tables, a followed job's progress and the demo's verdict. Printing only, no
+requests and no store: the commands that talk to a server and the ones that host the service
+render the same data the same way."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from api.client import Update
+
+# piped output (a log, a file, a test) is not cut to 80 columns: the per-phase tables are wider
+out_console = Console(width=None if sys.stdout.isatty() else 150)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print `error: message` on stderr; the caller raises the returned Exit (no traceback)."""
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    """A number in `spec`, or — when there is none."""
+    return "—" if x is None else format(x, spec)
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    """A fraction as a percentage with two decimals (signed: with its sign), or —."""
+    return "—" if x is None else f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def phase_rows(phases: list[dict]) -> list[dict]:
+    """The API's phases (GET /jobs/{id}/phases) as phase_table rows: their `index` is the `phase` column."""
+    return [dict(p, phase=p["index"]) for p in phases]
+
+
+def phase_table(phases: list[dict[str, Any]], title: str = "") -> Table:
+    """The per-phase table: sparsity, test accuracy (%) after pruning, of each ingredient (after the same
+    BatchNorm recalibration as the soup), of the soup and of the ingredients' prediction ensemble;
+    wall time and compute."""
+    table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False,
+                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient; ensemble: "
+                          "argmax of the ingredients' mean softmax; CPU s and epochs: the phase's compute")
+    for col in ("phase", "sparsity", "pruned", "ingredients", "soup", "Δbest", "ensemble", "s", "CPU s", "epochs"):
+        table.add_column(col, justify="left" if col == "ingredients" else "right", no_wrap=True)
+    for p in phases:
+        accs = p.get("ingredient_accuracies") or []
+        ingredients = " ".join("fail" if a is None else f"{100 * a:.1f}" for a in accs)
+        table.add_row(str(p["phase"]), _fmt(p["sparsity"], ".3f"),
+                      _pct(p.get("pruned_accuracy")), ingredients or ("dense" if p["phase"] == 0 else ""),
+                      _pct(p.get("soup_accuracy")), _pct(p.get("gain_over_best"), signed=True),
+                      _pct(p.get("ensemble_accuracy")), _fmt((p.get("seconds") or {}).get("total"), ".1f"),
+                      _fmt(p.get("cpu_seconds"), ".1f"), _fmt(p.get("epochs_trained"), "d"))
+    return table
+
+
+def search_table(rows: list[dict]) -> Table:
+    """The schedule-search trials, the chosen one starred."""
+    searched = list(dict.fromkeys(k for r in rows for k in r["searched"]))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="schedule search")
+    for col in ("phase", "trial", *searched, "epochs", "val acc", "ended"):
+        table.add_column(col, justify="left" if col in ("trial", "schedule", "ended") else "right")
+    for r in rows:
+        values = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in (r["searched"].get(k, "") for k in searched)]
+        ended = "failed" if r["status"] == "failed" else "stopped early" if r["stopped_early"] else "completed"
+        table.add_row(str(r["phase"]), f"trial{r['index']}" + (" *" if r["chosen"] else ""), *values, str(r["epochs_run"]),
+                      "" if r["val_accuracy"] is None else f"{100 * r['val_accuracy']:.2f}%", ended)
+    return table
+
+
+def jobs_table(jobs: dict) -> Table:
+    """The job list (GET /jobs: `{data, count}`): id, name, status, progress, phase, creation time."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, caption=f"{jobs['count']} jobs")
+    for col in ("id", "name", "status", "progress", "phase", "created"):
+        table.add_column(col)
+    for j in jobs["data"]:
+        table.add_row(j["id"], j["name"], j["status"], f"{100 * j['progress']:.0f}%",
+                      "" if j["current_phase"] is None else str(j["current_phase"]), j["created_at"][:19])
+    return table
+
+
+def _last_done(phases: list[dict]) -> dict:
+    """The last phase with a soup accuracy (phase 0: the dense model), or {} when none has one yet."""
+    return next((p for p in reversed(phases) if p.get("soup_accuracy") is not None), {})
+
+
+def compare_table(items: list[dict]) -> Table:
+    """One row per job and phase: sparsity, soup accuracy, Δ vs the best ingredient, ensemble accuracy, and
+    the phase's wall time and compute; fields the server does not report show as —."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=0,   # one space between columns: fits 80
+                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient; "
+                          "wall s, CPU s, GPU s, epochs: per phase")
+    names = max((len(item["job"]["name"]) for item in items), default=3)
+    table.add_column("job", min_width=min(names, 12), overflow="fold")
+    for col in ("phase", "sparsity", "soup", "Δbest", "ensemble", "wall s", "CPU s", "GPU s", "epochs"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for item in items:
+        phases = item["phases"] or [{}]
+        for i, p in enumerate(phases):
+            table.add_row(item["job"]["name"] if i == 0 else "", _fmt(p.get("index"), "d"),
+                          _fmt(p.get("sparsity"), ".3f"), _pct(p.get("soup_accuracy")),
+                          _pct(p.get("gain_over_best"), signed=True), _pct(p.get("ensemble_accuracy")),
+                          _fmt((p.get("seconds") or {}).get("total"), ".1f"),
+                          _fmt(p.get("cpu_seconds"), ".1f"), _fmt(p.get("gpu_seconds"), ".1f"),
+                          _fmt(p.get("epochs_trained"), ".0f"), end_section=i == len(phases) - 1)
+    return table
+
+
+def compare_summary(item: dict) -> str:
+    """One line per job: its status, final sparsity and accuracies, wall time and compute."""
+    def percent(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.2f}%"
+
+    def sec(x: float | None) -> str:
+        return "—" if x is None else f"{x:.1f} s"
+    job, last = item["job"], _last_done(item["phases"])
+    best = max((a for a in last.get("ingredient_accuracies") or [] if a is not None), default=None)
+    return (f"{job['name']} {job['id'][:8]}: {job['status']}, sparsity {_fmt(job.get('sparsity'), '.3f')}, "
+            f"soup {percent(last.get('soup_accuracy'))}, best ingredient {percent(best)}, "
+            f"ensemble {percent(last.get('ensemble_accuracy'))}, wall {sec(job.get('wall_seconds'))}, "
+            f"CPU {sec(job.get('cpu_seconds'))}, GPU {sec(job.get('gpu_seconds'))}, "
+            f"epochs {_fmt(job.get('epochs_trained'), '.0f')}")
+
+
+def event_line(e: dict) -> str:
+    """An event as `ladle logs` prints it: time to the second, level, message."""
+    return f"{e['time'][:19]} {e['level']:<7} {e['message']}"
+
+
+def show_progress(updates: Iterable[Update], *, quiet: bool = False) -> dict:
+    """Render a followed job on stderr (its events as they arrive, warnings yellow and errors red, and a
+    bar with its status, phase and progress) until the updates end; quiet: nothing. Returns the last job."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                  console=err_console, disable=quiet) as progress:
+        bar = progress.add_task("queued", total=1.0)
+        for events, job in updates:
+            if not quiet:
+                for e in events:
+                    style = {"warning": "yellow", "error": "bold red"}.get(e["level"])
+                    progress.console.print(f"[{style}]{e['message']}[/{style}]" if style else e["message"],
+                                           highlight=False)
+            phase = "" if job["current_phase"] is None else f" · phase {job['current_phase']}"
+            progress.update(bar, completed=job["progress"], description=f"{job['name']} {job['status']}{phase}")
+    return job
+
+
+def _pp(d: float) -> str:
+    """A difference of accuracies in percentage points, and which way: `1.20 pp above`."""
+    return f"{100 * abs(d):.2f} pp {'above' if d > 0 else 'below' if d < 0 else 'level with'}"
+
+
+def verdict(soup_phases: list[dict], imp_phases: list[dict] | None) -> list[str]:
+    """One line per phase that a newcomer understands: the soup against its best ingredient, its
+    ingredients' prediction ensemble and, when given, plain IMP at the same sparsity."""
+    lines = []
+    imp = {p["index"]: p for p in imp_phases or []}
+    for p in soup_phases:
+        if p["index"] == 0 or p.get("soup_accuracy") is None:
+            continue
+        accs = [a for a in p.get("ingredient_accuracies") or [] if a is not None]
+        line = (f"phase {p['index']} ({100 * p['sparsity']:.1f}% of the weights pruned): the soup of {len(accs)} "
+                f"scores {100 * p['soup_accuracy']:.2f}%, {_pp(p['soup_accuracy'] - max(accs))} its best ingredient "
+                f"({100 * max(accs):.2f}%)")
+        if p.get("ensemble_accuracy") is not None:
+            line += f"; the {len(accs)} models' prediction ensemble {100 * p['ensemble_accuracy']:.2f}%"
+        if p["index"] in imp and imp[p["index"]].get("soup_accuracy") is not None:
+            a = imp[p["index"]]["soup_accuracy"]
+            line += f"; {_pp(p['soup_accuracy'] - a)} plain IMP ({100 * a:.2f}%)"
+        lines.append(line)
+    return lines

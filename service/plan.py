@@ -1,0 +1,154 @@
+"""What a job will do, worked out from its spec before anything trains: the retraining config of
+each ingredient and search trial, the seeds, the dense LR history the schedules follow, the epochs
+progress counts, and the training tasks themselves. Pure functions of their arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from service.spec import JobSpec
+from workers.pruning import Masks
+from workers.schedules import dense_schedule, retrain_schedule
+from workers.soup import State
+from workers.tasks import Finish, TrainTask
+
+# Seeds, derived from the job's seed so that a job is reproducible and its parts draw apart:
+JOB_SEED_STRIDE = 1000       # job seeds s and s + 1 share no derived seed (below 10 phases)
+PHASE_SEED_STRIDE = 100      # phase t's ingredients take seeds phase_seed + 0, 1, ... (up to 100)
+
+
+def phase_seed(spec: JobSpec, phase: int) -> int:
+    """The seed of phase `phase`'s first ingredient (the others add their index) and of its search:
+    seed · JOB_SEED_STRIDE + phase · PHASE_SEED_STRIDE."""
+    return spec.seed * JOB_SEED_STRIDE + phase * PHASE_SEED_STRIDE
+
+
+def prune_seed(spec: JobSpec, phase: int) -> int:
+    """The seed of phase `phase`'s pruning (the random criterion's draw): seed · JOB_SEED_STRIDE + phase."""
+    return spec.seed * JOB_SEED_STRIDE + phase
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """How one run retrains: its LR schedule with initial LR `lr` (ALLR, LLR...: see
+    workers.schedules), its length, weight decay and seed."""
+    schedule: str
+    lr: float
+    epochs: int
+    weight_decay: float
+    seed: int = 0
+
+    def with_(self, **changes: Any) -> RetrainConfig:
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"{self.schedule} lr={self.lr:.3g} epochs={self.epochs} weight_decay={self.weight_decay:.2g}"
+
+
+def retrain_config(spec: JobSpec, eta_max: float, seed: int = 0) -> RetrainConfig:
+    """The spec's own retraining config (what a search starts from and may replace); its LR is
+    `retrain.lr`, or `eta_max`, the dense run's peak LR."""
+    return RetrainConfig(schedule=spec.retrain.schedule, lr=spec.retrain.lr or eta_max, epochs=spec.retrain.epochs,
+                         weight_decay=spec.retrain.optimizer.weight_decay, seed=seed)
+
+
+def ingredient_settings(spec: JobSpec, phase: int, eta_max: float,
+                        base: RetrainConfig | None = None) -> list[RetrainConfig]:
+    """Per ingredient of `phase`: seed, schedule, weight_decay, epochs and initial LR.
+    `base`: the retraining config to start from (a search's choice); default: the spec's.
+
+    Only the `vary` hyperparameter differs. Derived values when `values` is null: seed -> distinct
+    seeds; weight_decay -> log-spaced from wd/2 to 2 wd; retrain_epochs -> spread from E/2 to 3E/2;
+    lr -> log-spaced from eta_max/2 to 2 eta_max (eta_max = retrain.lr or the dense peak LR).
+    """
+    m, soup = spec.soup.ingredients, spec.soup
+    base = (base or retrain_config(spec, eta_max)).with_(seed=phase_seed(spec, phase))
+    spread = [(i / (m - 1) if m > 1 else 0.5) for i in range(m)]     # 0..1
+    out = []
+    for i in range(m):
+        v = soup.values[i] if soup.values is not None else None
+        if soup.vary == "seed":
+            c = base.with_(seed=int(v) if v is not None else base.seed + i)
+        elif soup.vary == "weight_decay":
+            c = base.with_(weight_decay=v if v is not None else base.weight_decay * 2 ** (2 * spread[i] - 1))
+        elif soup.vary == "retrain_epochs":
+            c = base.with_(epochs=int(v) if v is not None else max(1, round(base.epochs * (0.5 + spread[i]))))
+        else:   # lr
+            c = base.with_(lr=v if v is not None else base.lr * 2 ** (2 * spread[i] - 1))
+        out.append(c)
+    return out
+
+
+def total_epochs(spec: JobSpec) -> int:
+    """For progress: every epoch the job will train (a search's trials counted as if none stopped early)."""
+    dense = 0 if spec.model.checkpoint else spec.dense.epochs
+    per_phase = sum(c.epochs for c in ingredient_settings(spec, 1, 1.0))
+    search = 0
+    if spec.search is not None:
+        dim = spec.search.space.epochs
+        trial_epochs = int(max(dim.values())) if dim is not None else spec.retrain.epochs
+        searched = sum(spec.search.applies(t) for t in range(1, spec.prune.phases + 1))
+        search = searched * spec.search.trials * trial_epochs
+    return dense + per_phase * spec.prune.phases + search
+
+
+def dense_history(meta: dict[str, Any]) -> tuple[list[float], int]:
+    """The per-step dense LRs and dense epochs that a checkpoint's `dense_schedule` metadata records:
+    either the steps themselves (`lrs`, with `epochs`) or the schedule that made them (`kind`, `lr`,
+    `epochs`, `steps_per_epoch`, `warmup`). Raises KeyError/ValueError/TypeError when it is malformed."""
+    epochs = int(meta["epochs"])
+    if meta.get("lrs") is not None:
+        lrs = [float(x) for x in meta["lrs"]]
+    else:
+        lrs = dense_schedule(str(meta["kind"]), float(meta["lr"]), epochs * int(meta["steps_per_epoch"]),
+                             float(meta.get("warmup", 0.0)))
+    if not lrs or epochs < 1 or not all(math.isfinite(x) and x >= 0 for x in lrs):
+        raise ValueError("empty or invalid dense LR history")
+    return lrs, epochs
+
+
+def dense_task(spec: JobSpec, lrs: list[float], finish: Finish) -> TrainTask:
+    """Phase 0's dense training, budgeted by the spec's `dense` section."""
+    data = spec.data.config()
+    return TrainTask(name="dense", arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
+                     data_seed=spec.seed, lrs=lrs, epochs=spec.dense.epochs, seed=spec.seed,
+                     optimizer=spec.retrain.optimizer.config(), augment=data.augment, finish=finish,
+                     gpus=spec.resources.gpus_per_ingredient)
+
+
+@dataclass
+class PhaseStart:
+    """What every retraining of a phase starts from and follows: the pruned model (state and masks,
+    on the CPU), the pruning (per-phase rate, norm drop) and the dense run's LR history."""
+    phase: int
+    state: State
+    masks: Masks
+    rate: float
+    norm_drop: float
+    dense_lrs: list[float]
+    dense_epochs: int
+    steps_per_epoch: int
+
+
+def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainConfig, info: dict[str, Any], *,
+                 finish: Finish | None = None, resume_url: str | None = None) -> TrainTask:
+    """One retraining (an ingredient, or a search trial) of the pruned model with `config`; its LR
+    schedule comes from `config.schedule` over the dense history (workers.schedules)."""
+    lrs = retrain_schedule(config.schedule, config.epochs * start.steps_per_epoch, start.dense_lrs, lr=config.lr,
+                           norm_drop=start.norm_drop, rate=start.rate, phase_epochs=config.epochs,
+                           dense_epochs=start.dense_epochs)
+    opt = spec.retrain.optimizer.model_copy(update={"weight_decay": config.weight_decay}).config()
+    info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
+                peak_lr=max(lrs), schedule=config.schedule)
+    data = spec.data.config()
+    return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
+                     data_seed=spec.seed, lrs=lrs, epochs=config.epochs, seed=config.seed, init_state=start.state,
+                     masks=start.masks, optimizer=opt, params=spec.retrain.params, augment=data.augment,
+                     threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,
+                     gpus=spec.resources.gpus_per_ingredient, resume_url=resume_url)
