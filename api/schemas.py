@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from service.records import Metric
+from service.spec import primary_metric
 from service.states import TERMINAL, JobStatus
 
 EdgeKind = Literal["pruned_from", "retrained_from", "averaged_from"]
@@ -14,6 +16,26 @@ EdgeKind = Literal["pruned_from", "retrained_from", "averaged_from"]
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+class MetricInfo(BaseModel):
+    name: Literal["accuracy", "perplexity"]
+    mode: Literal["max", "min"] = Field(description="max: higher is better; min: lower is better")
+    percent: bool = Field(description="shown as a percentage")
+
+    @classmethod
+    def of(cls, metric: Metric) -> MetricInfo:
+        return cls(name=metric.name, mode=metric.mode, percent=metric.percent)
+
+
+class PhaseColumnPublic(BaseModel):
+    """A phase metric (service.records.PHASE_COLUMNS): its key in a phase, how to show it."""
+    model_config = ConfigDict(from_attributes=True)
+    key: str
+    label: str
+    unit: Literal["metric", "metrics", "gain", "number", "seconds", "count"]
+    description: str
+    table: bool = Field(description="a column of the phase tables")
 
 
 class JobPublic(_Out):
@@ -28,8 +50,8 @@ class JobPublic(_Out):
     attempts: int = Field(description="drivers started for the job")
     driver_failures: int = Field(description="drivers that ended without finishing (at most 3 before it fails)")
     sparsity: float | None = Field(description="sparsity reached by the last finished phase")
-    best_accuracy: float | None = Field(description="best test accuracy among the last finished phase's models "
-                                                    "(its soup and ingredients; the dense model in phase 0)")
+    best_score: float | None = Field(description="best test score (the job's primary metric) among the last finished "
+                                                 "phase's models (its soup and ingredients; the dense model in phase 0)")
     cpu_seconds: float | None = Field(description="CPU-seconds of the finished phases: their runs and the driver")
     gpu_seconds: float | None = Field(description="GPU-seconds of the finished phases (wall time x GPU share)")
     epochs_trained: int | None = Field(description="epochs trained by the finished phases' runs")
@@ -37,6 +59,16 @@ class JobPublic(_Out):
     started_at: datetime | None
     finished_at: datetime | None
     spec: dict[str, Any]
+
+    @computed_field(description="the primary metric the job's phases are scored by, and which way is better")
+    @property
+    def metric(self) -> MetricInfo:
+        return MetricInfo.of(primary_metric(self.spec))
+
+    @computed_field(description="best_score when the job's metric is accuracy (else null)")
+    @property
+    def best_accuracy(self) -> float | None:
+        return self.best_score if self.metric.name == "accuracy" else None
 
     @computed_field(description="whether the job has ended (succeeded, failed or cancelled): it will not change")
     @property
@@ -58,34 +90,41 @@ class JobsPublic(BaseModel):
 
 
 class PhasePublic(_Out):
+    """A phase: its own fields, and its metrics flat beside them (keys: PhasesPublic.columns, such as
+    soup_accuracy or soup_perplexity after the job's metric)."""
+    model_config = ConfigDict(from_attributes=True, extra="allow")
     index: int
     status: str
     target_sparsity: float
     sparsity: float | None
     pruned_model_id: str | None
     model_id: str | None
-    pruned_accuracy: float | None
-    ingredient_accuracies: list[float | None]
-    soup_accuracy: float | None
-    soup_val_accuracy: float | None
-    gain_over_best: float | None
-    gain_over_mean: float | None
-    norm_drop: float | None
-    mean_pairwise_distance: float | None
     soup_ingredients: list[int]
     seconds: dict[str, float | None]
-    ensemble_accuracy: float | None = Field(description="test accuracy of the ingredients' prediction ensemble "
-                                                        "(argmax of their mean softmax)")
-    cpu_seconds: float | None
-    gpu_seconds: float | None
-    epochs_trained: int | None
     started_at: datetime
     finished_at: datetime | None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _flat(cls, value: Any, handler: Any) -> PhasePublic:
+        """A phase row's metrics (one JSON column) become fields of their own."""
+        if isinstance(value, dict):
+            value = dict(value)
+            metrics = value.pop("metrics", None)
+        else:
+            metrics = getattr(value, "metrics", None)
+        out = handler(value)
+        for k, v in (metrics or {}).items():
+            if k not in type(out).model_fields:
+                setattr(out, k, v)
+        return out
 
 
 class PhasesPublic(BaseModel):
     data: list[PhasePublic]
     count: int
+    metric: MetricInfo
+    columns: list[PhaseColumnPublic] = Field(description="the phase metrics, in table order")
 
 
 class RunPublic(_Out):

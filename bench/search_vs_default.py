@@ -80,10 +80,10 @@ def main() -> None:
                 last = result.phases[-1]
                 epochs = epochs_run(store, job.id)
                 chosen = [r.config["config"] for r in store.runs(job.id, kind="search_trial") if r.metrics.get("chosen")]
-                results.setdefault(arm, []).append({"acc": last.soup_accuracy, "sparsity": last.sparsity,
+                results.setdefault(arm, []).append({"acc": last.metrics["soup_accuracy"], "sparsity": last.sparsity,
                                                     "epochs": sum(epochs.values()), "search": epochs.get("search_trial", 0),
                                                     "wall": wall, "chosen": chosen})
-                console.print(f"seed {seed} {arm}: soup {100 * last.soup_accuracy:.2f}% at sparsity "
+                console.print(f"seed {seed} {arm}: soup {100 * last.metrics["soup_accuracy"]:.2f}% at sparsity "
                               f"{last.sparsity:.3f}, {sum(epochs.values())} epochs, {wall:.0f} s"
                               + ("; chosen: " + ", ".join(f"{c['schedule']} lr={c['lr']:.3g}" for c in chosen)
                                  if chosen else ""))

@@ -64,8 +64,9 @@ def alembic_config() -> Config:
     return cfg
 
 
-def migrate(url_or_engine: str | sa.URL | sa.Engine) -> None:
-    """`alembic upgrade head`, in one transaction (DDL is transactional on both backends)."""
+def migrate(url_or_engine: str | sa.URL | sa.Engine, revision: str = "head", *, down: bool = False) -> None:
+    """`alembic upgrade head` (or to `revision`; `down`: downgrade to it), in one transaction (DDL is
+    transactional on both backends)."""
     own = not isinstance(url_or_engine, sa.Engine)
     engine = make_engine(url_or_engine) if own else url_or_engine
     sqlite = engine.dialect.name == "sqlite"
@@ -79,7 +80,7 @@ def migrate(url_or_engine: str | sa.URL | sa.Engine) -> None:
                     if engine.dialect.name == "postgresql":
                         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PG_MIGRATION_LOCK)))
                     cfg.attributes["connection"] = conn
-                    command.upgrade(cfg, "head")
+                    (command.downgrade if down else command.upgrade)(cfg, revision)
                     if sqlite and (bad := conn.exec_driver_sql("PRAGMA foreign_key_check").all()):
                         raise RuntimeError(f"migration left rows with dangling foreign keys: {bad[:5]}")
             finally:

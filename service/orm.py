@@ -78,7 +78,7 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(default=0)                         # drivers started
     driver_failures: Mapped[int] = mapped_column(default=0, server_default="0")  # drivers that ended unfinished
     sparsity: Mapped[float | None]            # reached by the last finished phase
-    best_accuracy: Mapped[float | None]       # the best test accuracy among that phase's models
+    best_score: Mapped[float | None]          # the best test score (primary metric) among that phase's models
     total_epochs: Mapped[int] = mapped_column(default=0)
     done_epochs: Mapped[int] = mapped_column(default=0)
     cpu_seconds: Mapped[float | None]         # compute of the finished phases (runs + the driver's share)
@@ -109,20 +109,9 @@ class Phase(Base):
     sparsity: Mapped[float | None]
     pruned_model_id: Mapped[str | None] = mapped_column(sa.String(32))
     model_id: Mapped[str | None] = mapped_column(sa.String(32))              # the result: dense or soup
-    pruned_accuracy: Mapped[float | None]
-    soup_accuracy: Mapped[float | None]
-    soup_val_accuracy: Mapped[float | None]
-    gain_over_best: Mapped[float | None]
-    gain_over_mean: Mapped[float | None]
-    norm_drop: Mapped[float | None]
-    mean_pairwise_distance: Mapped[float | None]
-    ingredient_accuracies: Mapped[list[Any]] = mapped_column(default=list)
     soup_ingredients: Mapped[list[Any]] = mapped_column(default=list)
     seconds: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    ensemble_accuracy: Mapped[float | None]   # the ingredients' prediction ensemble (mean softmax)
-    cpu_seconds: Mapped[float | None]
-    gpu_seconds: Mapped[float | None]
-    epochs_trained: Mapped[int | None]
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)            # records.PHASE_COLUMNS
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 

@@ -25,19 +25,21 @@ import torch
 from torch import nn
 
 from service.artifacts import ArtifactStore
-from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_task, ingredient_settings, phase_seed,
-                          prune_seed, retrain_config, retrain_task, total_epochs)
-from service.records import (Compute, Executor, JobResult, ModelRecord, PhaseSummary, Recorder, ResumePoint,
-                             RunRecord, SearchTrial, run_metrics)
+from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_task, ingredient_settings, make_task,
+                          phase_seed, prune_seed, retrain_config, retrain_task, total_epochs)
+from service.records import (METRICS, Compute, Executor, JobResult, Metric, ModelRecord, PhaseSummary, Recorder,
+                             ResumePoint, RunRecord, SearchTrial, Task, run_metrics)
 from service.spec import JobSpec
 from workers.checkpoint import SavedModel, save_model
-from workers.data import Splits, load_splits, make_loader
-from workers.evaluate import ensemble_accuracy, evaluate, score_splits
-from workers.models import build_model, suggested_lr
-from workers.pruning import Masks, full_masks, per_phase_rate, prunable_names, prune, sparsity_after
-from workers.soup import State, bn_recalibrate, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
+from workers.models import suggested_lr
+from workers.pruning import Masks, full_masks, per_phase_rate, prunable_names, sparsity_after
+from workers.soup import State, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
 from workers.tasks import Finish, TrainOutcome, TrainTask
 from workers.train import TrainingDiverged, default_device
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 class PhaseFailed(RuntimeError):
@@ -46,27 +48,22 @@ class PhaseFailed(RuntimeError):
 
 @dataclass
 class _Context:
-    spec: JobSpec
-    splits: Splits
-    device: torch.device
+    task: Task                             # the job's model and data (service.records.Task)
+    metric: Metric                         # its primary metric
     dense_lrs: list[float]
     dense_epochs: int
-    steps_per_epoch: int
     meta: dict[str, Any]
     dense_source: str | None = None        # where dense_lrs came from, when it is worth an event
 
     def model(self, state: State | None = None) -> nn.Module:
-        m = build_model(self.spec.model.arch, num_classes=self.splits.num_classes, in_shape=self.splits.in_shape,
-                        **self.spec.model.kwargs)
-        if state is not None:
-            m.load_state_dict(state)
-        return m.to(self.device)
+        return self.task.build(state)
 
-    def loader(self, split: str, shuffle: bool = False):
-        return make_loader(getattr(self.splits, split), self.spec.data.batch_size, shuffle=shuffle)
+    def key(self, template: str) -> str:
+        return self.metric.key(template)
 
-    def scores(self, model: nn.Module) -> dict[str, float]:
-        return score_splits(model, self.splits, self.spec.data.batch_size, device=self.device)[0]
+    def test(self, scores: dict[str, Any]) -> float | None:
+        """The primary metric on the test split, from a run's or a model's scores."""
+        return scores.get(self.key("test_{m}"))
 
 
 def _hint(spec: JobSpec, error: BaseException, *, dense: bool) -> str:
@@ -144,7 +141,7 @@ class Pipeline:
             masks = ckpt.masks or full_masks(model)
             self.recorder.event(f"phase 0: loaded dense checkpoint {spec.model.checkpoint}", phase=0)
             rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
-                             metrics=ctx.scores(model))
+                             metrics=ctx.task.scores(model))
         else:
             meta = self._meta(ctx, uuid.uuid4().hex, "dense", 0, "phase0/dense", [])
             task = dense_task(spec, ctx.dense_lrs, Finish(url=self._url("phase0/dense"), meta=meta))
@@ -169,11 +166,11 @@ class Pipeline:
             if self.executor.in_process:
                 in_process.add_outcome(out)
         self._driver_share(compute, t0, cpu0, in_process, waited)
-        summary = PhaseSummary(phase=0, target_sparsity=0.0, sparsity=rec.sparsity,
-                               soup_accuracy=rec.metrics.get("test_accuracy"),
-                               soup_val_accuracy=rec.metrics.get("val_accuracy"), model_id=rec.id,
-                               seconds={"total": time.perf_counter() - t0}, cpu_seconds=compute.cpu_seconds,
-                               gpu_seconds=compute.gpu_seconds, epochs_trained=compute.epochs_trained)
+        summary = PhaseSummary(phase=0, target_sparsity=0.0, sparsity=rec.sparsity, model_id=rec.id,
+                               seconds={"total": time.perf_counter() - t0},
+                               metrics={ctx.key("soup_{m}"): ctx.test(rec.metrics),
+                                        ctx.key("soup_val_{m}"): rec.metrics.get(ctx.key("val_{m}")),
+                                        **compute.as_metrics()})
         self.recorder.phase_finished(summary)
         return model, masks, rec, summary
 
@@ -251,24 +248,25 @@ class Pipeline:
             ckpt = self.artifacts.load_checkpoint(pruned_rec.uri)
             pruned, masks = ctx.model(ckpt.state), ckpt.masks
             norm_drop = pruned_rec.metrics["norm_drop"]
-            pruned_scores = {k: v for k, v in pruned_rec.metrics.items() if k.endswith(("_accuracy", "_loss"))}
+            pruned_scores = {k: v for k, v in pruned_rec.metrics.items() if k.startswith(("val_", "test_"))}
         else:
-            pr = prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
-                       seed=prune_seed(spec, t))
+            pr = ctx.task.prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
+                                seed=prune_seed(spec, t))
             pruned, masks, norm_drop = pr.model, pr.masks, pr.norm_drop
-            pruned_scores = ctx.scores(pruned)
+            pruned_scores = ctx.task.scores(pruned)
             pruned_rec = self._save(ctx, pruned, masks, kind="pruned", phase=t, name=f"phase{t}/pruned",
                                     parents=[(parent_rec.id, "pruned_from")],
                                     metrics=dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed))
             rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
-                      f"accuracy after pruning {pruned_scores.get('test_accuracy', float('nan')):.4f}", phase=t)
+                      f"{ctx.metric.name} after pruning {_num(ctx.test(pruned_scores))}", phase=t)
         timing["prune"] = time.perf_counter() - t0
 
         pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
         cpu_masks = {k: v.cpu() for k, v in masks.items()}
 
         start = PhaseStart(phase=t, state=pruned_state, masks=cpu_masks, rate=rate, norm_drop=norm_drop,
-                           dense_lrs=ctx.dense_lrs, dense_epochs=ctx.dense_epochs, steps_per_epoch=ctx.steps_per_epoch)
+                           dense_lrs=ctx.dense_lrs, dense_epochs=ctx.dense_epochs,
+                           steps_per_epoch=ctx.task.steps_per_epoch)
 
         def make_task(name: str, config: RetrainConfig, info: dict[str, Any], ingredient: bool = False) -> TrainTask:
             """A retraining task; an ingredient's worker also recalibrates, scores and saves it."""
@@ -329,7 +327,7 @@ class Pipeline:
 
         for name, irec in reused.items():
             model = ctx.model(self.artifacts.load_checkpoint(irec.uri).state)
-            probs = evaluate(model, ctx.loader("test"), device=ctx.device, probs=True).get("probs")
+            probs = ctx.task.test_probs(model)
             done[name] = ({k: v.detach().cpu() for k, v in model.state_dict().items()}, irec, probs)
             m = irec.metrics                       # spent by the driver that trained it
             compute.add(m.get("cpu_seconds"), m.get("gpu_seconds"), m.get("epochs_trained"))
@@ -337,7 +335,7 @@ class Pipeline:
         timing["retrain"] = time.perf_counter() - t1
         waited += timing["retrain"]
         survivors = [(i, d[0], d[1], d[2]) for i, task in enumerate(tasks) if (d := done[task.name]) is not None]
-        accs = [None if done[task.name] is None else done[task.name][1].metrics.get("test_accuracy") for task in tasks]
+        accs = [None if done[task.name] is None else ctx.test(done[task.name][1].metrics) for task in tasks]
         if len(survivors) < spec.soup.min_ingredients:
             msg = (f"phase {t}: only {len(survivors)} of {len(tasks)} ingredients finished, "
                    f"fewer than min_ingredients={spec.soup.min_ingredients}; the phase fails")
@@ -352,54 +350,51 @@ class Pipeline:
         states = [state for _, state, _, _ in survivors]
         check_shared_mask(states, cpu_masks)
         recal = self.spec.soup.bn_recalibration_fraction
-        train_fixed = ctx.loader("train")
+        metric = ctx.metric
+        sign = 1.0 if metric.mode == "max" else -1.0      # greedy_soup keeps what scores higher
 
         def val_score(state: State) -> float:
-            m = bn_recalibrate(ctx.model(state), train_fixed, recal, device=ctx.device)
-            return evaluate(m, ctx.loader("val"), device=ctx.device)["accuracy"]
+            return sign * ctx.task.val_score(ctx.task.recalibrate(ctx.model(state), recal))
 
         if spec.soup.method == "greedy":
-            g = greedy_soup(states, cpu_masks, val_score,
-                            scores=[r.metrics.get("val_accuracy") for _, _, r, _ in survivors])
+            known = [r.metrics.get(ctx.key("val_{m}")) for _, _, r, _ in survivors]
+            g = greedy_soup(states, cpu_masks, val_score, scores=[None if v is None else sign * v for v in known])
             soup_state, chosen = g.state, [survivors[j][0] for j in g.chosen]
             chosen_recs = [survivors[j][2] for j in g.chosen]
-            rec.event(f"phase {t}: greedy soup of ingredients {chosen} (val accuracy {g.score:.4f}, "
-                      f"best ingredient {max(g.ingredient_scores):.4f})", phase=t)
+            rec.event(f"phase {t}: greedy soup of ingredients {chosen} (val {metric.name} {sign * g.score:.4f}, "
+                      f"best ingredient {sign * max(g.ingredient_scores):.4f})", phase=t)
         else:
             soup_state = uniform_soup(states, cpu_masks)
             chosen, chosen_recs = [i for i, *_ in survivors], [r for _, _, r, _ in survivors]
-        soup = bn_recalibrate(ctx.model(soup_state), train_fixed, recal, device=ctx.device)
+        soup = ctx.task.recalibrate(ctx.model(soup_state), recal)
         timing["soup"] = time.perf_counter() - t2
         t3 = time.perf_counter()
-        soup_scores = ctx.scores(soup)
+        soup_scores = ctx.task.scores(soup)
         probs = [p for *_, p in survivors]
-        ensemble = (ensemble_accuracy(probs, ctx.splits.test.y)
-                    if len(ctx.splits.test) and all(p is not None for p in probs) else None)
+        ensemble = ctx.task.ensemble(probs)
         timing["eval"] = time.perf_counter() - t3
         ok = [a for a in accs if a is not None]
-        soup_acc = soup_scores.get("test_accuracy")
+        soup_score = ctx.test(soup_scores)
         distances = pairwise_distances(states, prunable_names(soup)) if len(states) > 1 else []
-        extra = {"gain_over_best": soup_acc - max(ok), "gain_over_mean": soup_acc - statistics.fmean(ok),
-                 "ensemble_accuracy": ensemble,
-                 "mean_pairwise_distance": statistics.fmean(distances) if distances else 0.0,
-                 "ingredients": chosen}
+        mean = statistics.fmean(ok)
+        extra = {"gain_over_best": metric.gain(soup_score, metric.best(ok)), "gain_over_mean": metric.gain(soup_score, mean),
+                 ctx.key("ensemble_{m}"): ensemble,
+                 "mean_pairwise_distance": statistics.fmean(distances) if distances else 0.0}
         soup_rec = self._save(ctx, soup, masks, kind="soup", phase=t, name=f"phase{t}/soup",
                               parents=[(r.id, "averaged_from") for r in chosen_recs],
-                              metrics=dict(soup_scores, **extra))
+                              metrics=dict(soup_scores, **extra, ingredients=chosen))
         timing["total"] = time.perf_counter() - t0
         self._driver_share(compute, t0, cpu0, in_process, waited)
-        summary = PhaseSummary(phase=t, target_sparsity=target, sparsity=soup_rec.sparsity,
-                               pruned_accuracy=pruned_scores.get("test_accuracy"), ingredient_accuracies=accs,
-                               soup_accuracy=soup_acc, soup_val_accuracy=soup_scores.get("val_accuracy"),
-                               gain_over_best=extra["gain_over_best"], gain_over_mean=extra["gain_over_mean"],
-                               norm_drop=norm_drop, mean_pairwise_distance=extra["mean_pairwise_distance"],
-                               soup_ingredients=chosen, model_id=soup_rec.id, seconds=timing,
-                               ensemble_accuracy=ensemble, cpu_seconds=compute.cpu_seconds,
-                               gpu_seconds=compute.gpu_seconds, epochs_trained=compute.epochs_trained)
+        summary = PhaseSummary(phase=t, target_sparsity=target, sparsity=soup_rec.sparsity, model_id=soup_rec.id,
+                               soup_ingredients=chosen, seconds=timing,
+                               metrics={ctx.key("pruned_{m}"): ctx.test(pruned_scores), ctx.key("ingredient_{ms}"): accs,
+                                        ctx.key("soup_{m}"): soup_score,
+                                        ctx.key("soup_val_{m}"): soup_scores.get(ctx.key("val_{m}")),
+                                        **extra, "norm_drop": norm_drop, **compute.as_metrics()})
         kept = ""
-        if ensemble is not None and ensemble > statistics.fmean(ok):
-            kept = f", keeping {100 * (soup_acc - statistics.fmean(ok)) / (ensemble - statistics.fmean(ok)):.0f}% of its gain"
-        rec.event(f"phase {t}: soup accuracy {soup_acc:.4f} ({extra['gain_over_best']:+.4f} over the best "
+        if ensemble is not None and metric.gain(ensemble, mean) > 0:
+            kept = f", keeping {100 * metric.gain(soup_score, mean) / metric.gain(ensemble, mean):.0f}% of its gain"
+        rec.event(f"phase {t}: soup {metric.name} {soup_score:.4f} ({extra['gain_over_best']:+.4f} over the best "
                   f"ingredient, {extra['gain_over_mean']:+.4f} over the mean), sparsity {soup_rec.sparsity:.4f}"
                   + (f"; prediction ensemble of {len(probs)}: {ensemble:.4f}{kept}" if ensemble is not None else ""),
                   phase=t)
@@ -408,8 +403,8 @@ class Pipeline:
 
     def context(self) -> _Context:
         spec = self.spec
-        splits = load_splits(spec.data.config(), spec.seed)
-        spe = len(make_loader(splits.train, spec.data.batch_size, shuffle=True))
+        task = make_task(spec, self.device)
+        spe = task.steps_per_epoch
         history = {"kind": spec.dense.schedule, "lr": spec.dense.lr, "epochs": spec.dense.epochs,
                    "steps_per_epoch": spe, "warmup": spec.dense.warmup}
         dense_lrs, dense_epochs = dense_history(history)
@@ -430,11 +425,9 @@ class Pipeline:
                 except (KeyError, TypeError, ValueError) as e:
                     source = (f"model.checkpoint's dense LR history is unreadable ({e!r}); the retraining "
                               f"schedules use {own}")
-        meta = {"arch": spec.model.arch, "model_kwargs": dict(spec.model.kwargs),
-                "num_classes": splits.num_classes, "in_shape": list(splits.in_shape),
-                "job": spec.name, "spec": spec.model_dump(mode="json"), "dense_schedule": history}
-        return _Context(spec=spec, splits=splits, device=self.device, dense_lrs=dense_lrs,
-                        dense_epochs=dense_epochs, steps_per_epoch=spe, meta=meta, dense_source=source)
+        meta = dict(task.meta, job=spec.name, spec=spec.model_dump(mode="json"), dense_schedule=history)
+        return _Context(task=task, metric=METRICS[task.metric], dense_lrs=dense_lrs, dense_epochs=dense_epochs,
+                        meta=meta, dense_source=source)
 
     def run(self) -> JobResult:
         spec = self.spec

@@ -9,7 +9,11 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from service.spec import JobSpec
+import torch
+
+from service.records import Task
+from service.spec import JobSpec, task_kind
+from workers.classification import Classification
 from workers.pruning import Masks
 from workers.schedules import dense_schedule, retrain_schedule
 from workers.soup import State
@@ -111,6 +115,15 @@ def dense_history(meta: dict[str, Any]) -> tuple[list[float], int]:
     if not lrs or epochs < 1 or not all(math.isfinite(x) and x >= 0 for x in lrs):
         raise ValueError("empty or invalid dense LR history")
     return lrs, epochs
+
+
+def make_task(spec: JobSpec, device: torch.device) -> Task:
+    """The job's task (service.spec.task_kind): its model and data, loaded for the pipeline on `device`."""
+    kind = task_kind(spec)
+    if kind != "classification":
+        raise ValueError(f"task {kind} is not supported by this pipeline yet")
+    return Classification(arch=spec.model.arch, data=spec.data.config(), seed=spec.seed, device=device,
+                          model_kwargs=dict(spec.model.kwargs))
 
 
 def dense_task(spec: JobSpec, lrs: list[float], finish: Finish) -> TrainTask:

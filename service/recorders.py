@@ -82,7 +82,7 @@ class LocalRecorder:
         self.models.append(asdict(model))
 
     def phase_finished(self, summary: PhaseSummary) -> None:
-        self.phases.append(asdict(summary))
+        self.phases.append(summary.flat())
 
     def summary(self, **extra: Any) -> dict[str, Any]:
         return {"spec": self.spec, "seconds": time.time() - self.started, "phases": self.phases,

@@ -10,7 +10,11 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from service.spec import JobSpec
+    from workers.pruning import Masks, PruneResult
     from workers.tasks import TrainOutcome, TrainTask
 
 # A job's progress (epochs trained / epochs planned) stays below 1 until its end is recorded
@@ -36,6 +40,30 @@ class Executor(Protocol):
         it ended: "completed", "stopped" (early) or the exception."""
 
 
+class Task(Protocol):
+    """What the pipeline needs to know about a job's model and data (design section 6b): built by
+    service.plan.make_task; implemented by workers.classification.Classification."""
+    metric: str                         # the primary metric's name: a key of METRICS
+    steps_per_epoch: int
+    meta: dict[str, Any]                # what a checkpoint needs to rebuild the model
+
+    def build(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module: ...
+
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        """`{val,test}_{metric}` and `{val,test}_loss` (and more) over the splits that have data."""
+
+    def val_score(self, model: nn.Module) -> float: ...
+
+    def recalibrate(self, model: nn.Module, fraction: float) -> nn.Module: ...
+
+    def test_probs(self, model: nn.Module) -> torch.Tensor | None: ...
+
+    def ensemble(self, probs: list[torch.Tensor | None]) -> float | None: ...
+
+    def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,
+              seed: int) -> PruneResult: ...
+
+
 @dataclass
 class ModelRecord:
     id: str
@@ -59,26 +87,87 @@ class RunRecord:
     config: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A task's primary metric and which way is better (accuracy up, perplexity down). Phase metrics
+    are named after it (`soup_accuracy`, `soup_perplexity`); gains are signed so that > 0 is better."""
+    name: str                       # accuracy | perplexity
+    mode: str                       # max | min
+    plural: str
+    percent: bool                   # shown as a percentage (accuracy) or as it is (perplexity)
+
+    def key(self, template: str) -> str:
+        """`soup_{m}` -> `soup_accuracy`; `ingredient_{ms}` -> `ingredient_accuracies`."""
+        return template.format(m=self.name, ms=self.plural)
+
+    def best(self, values: list[float]) -> float:
+        return max(values) if self.mode == "max" else min(values)
+
+    def gain(self, value: float, over: float) -> float:
+        """How much better `value` is than `over` (negative: worse)."""
+        return value - over if self.mode == "max" else over - value
+
+
+ACCURACY = Metric("accuracy", "max", "accuracies", percent=True)
+PERPLEXITY = Metric("perplexity", "min", "perplexities", percent=False)
+METRICS = {m.name: m for m in (ACCURACY, PERPLEXITY)}
+
+
+@dataclass(frozen=True)
+class PhaseColumn:
+    """One metric of a phase: its key in `PhaseSummary.metrics` (a template over the job's primary
+    metric, see Metric.key), how to show it, and whether the phase tables show it. The store keeps
+    phase metrics as JSON, the API serves them flat beside the phase's own fields and lists these
+    columns, the CLI and the dashboard draw their tables from that list: a new phase metric is computed
+    in service/pipeline.py and declared here."""
+    key: str
+    label: str
+    unit: str                       # metric | metrics (a list, one per ingredient) | gain | number | seconds | count
+    description: str
+    table: bool = True              # a column of the phase tables (CLI, dashboard)
+
+
+PHASE_COLUMNS: tuple[PhaseColumn, ...] = (
+    PhaseColumn("pruned_{m}", "pruned", "metric", "test {m} right after pruning, before retraining"),
+    PhaseColumn("ingredient_{ms}", "ingredients", "metrics",
+                "test {m} of each ingredient after the soup's BatchNorm recalibration (null: it failed)"),
+    PhaseColumn("soup_{m}", "soup", "metric", "test {m} of the phase's result (soup; phase 0: the dense model)"),
+    PhaseColumn("soup_val_{m}", "soup val", "metric", "validation {m} of the phase's result", table=False),
+    PhaseColumn("gain_over_best", "Δbest", "gain", "soup minus the best ingredient (> 0: the soup is better)"),
+    PhaseColumn("gain_over_mean", "Δmean", "gain", "soup minus the ingredients' mean (> 0: the soup is better)",
+                table=False),
+    PhaseColumn("ensemble_{m}", "ensemble", "metric",
+                "test {m} of the ingredients' prediction ensemble (argmax of their mean softmax)"),
+    PhaseColumn("norm_drop", "norm drop", "number", "‖θ − θ_pruned‖ / ‖θ‖ of the pruning step", table=False),
+    PhaseColumn("mean_pairwise_distance", "distance", "number", "mean L2 distance between ingredients",
+                table=False),
+    PhaseColumn("cpu_seconds", "CPU s", "seconds", "CPU-seconds of the phase: its runs and the driver's share"),
+    PhaseColumn("gpu_seconds", "GPU s", "seconds", "GPU-seconds of the phase (wall time x GPU share)", table=False),
+    PhaseColumn("epochs_trained", "epochs", "count", "epochs trained by its runs (ingredients, search trials)"),
+)
+
+
+def phase_columns(metric: Metric) -> list[PhaseColumn]:
+    """The phase columns of a job whose primary metric is `metric`, keys and descriptions resolved."""
+    return [PhaseColumn(metric.key(c.key), c.label, c.unit, metric.key(c.description), c.table)
+            for c in PHASE_COLUMNS]
+
+
 @dataclass
 class PhaseSummary:
+    """A finished phase: its own fields and its metrics (keys: PHASE_COLUMNS for the job's metric)."""
     phase: int
     target_sparsity: float
     sparsity: float
-    pruned_accuracy: float | None = None            # test accuracy right after pruning
-    ingredient_accuracies: list[float | None] = field(default_factory=list)   # after BN recalibration; None: failed
-    soup_accuracy: float | None = None
-    soup_val_accuracy: float | None = None
-    gain_over_best: float | None = None
-    gain_over_mean: float | None = None
-    norm_drop: float | None = None
-    mean_pairwise_distance: float | None = None
-    soup_ingredients: list[int] = field(default_factory=list)
     model_id: str | None = None                     # the phase's result (dense or soup)
+    soup_ingredients: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    ensemble_accuracy: float | None = None          # the ingredients' prediction ensemble (mean softmax)
-    cpu_seconds: float | None = None                # compute of the phase: its runs and the driver's share
-    gpu_seconds: float | None = None
-    epochs_trained: int | None = None               # by its runs (ingredients, search trials; phase 0: dense)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, Any]:
+        """As the API serves a phase: `index`, its fields and its metrics side by side."""
+        return {"index": self.phase, **{f.name: getattr(self, f.name) for f in fields(self)
+                                        if f.name not in ("phase", "metrics")}, **self.metrics}
 
 
 class Recorder(Protocol):
@@ -133,8 +222,8 @@ class SearchTrial:
         return {"index": self.index, "search": self.searched, "config": self.config, "default": self.default}
 
 
-# Every field of a phase's summary, as the phases table keeps them (but its index)
-PHASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PhaseSummary) if f.name != "phase")
+# The fields of a phase's summary that are columns of the phases table (its index and metrics aside)
+PHASE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(PhaseSummary) if f.name not in ("phase", "metrics"))
 
 
 @dataclass
@@ -155,6 +244,10 @@ class Compute:
 
     def add_outcome(self, out: TrainOutcome) -> None:
         self.add(out.cpu_seconds, out.gpu_seconds, out.epochs_trained)
+
+    def as_metrics(self) -> dict[str, Any]:
+        """As a phase's metrics keep it (PHASE_COLUMNS)."""
+        return {"cpu_seconds": self.cpu_seconds, "gpu_seconds": self.gpu_seconds, "epochs_trained": self.epochs_trained}
 
 
 def run_metrics(out: TrainOutcome) -> dict[str, Any]:

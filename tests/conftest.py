@@ -1,6 +1,7 @@
 """One fixture per real resource: a temp SQLite per test, a PostgreSQL database per session, one
 Ray cluster per session (started with `ray start`, on loopback, 2 CPUs)."""
 
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -18,9 +19,9 @@ SCREENSHOTS = Path(os.environ.get("LADLE_SCREENSHOTS", Path(__file__).resolve().
 TABLES = ("metrics", "events", "model_edges", "models", "runs", "phases", "jobs", "tokens")
 
 
-@pytest.fixture(scope="session")
-def pg_url():
-    """A fresh PostgreSQL database for the test session, dropped at the end."""
+@contextlib.contextmanager
+def fresh_pg_database():
+    """A new, empty PostgreSQL database (its URL), dropped on leaving."""
     if os.environ.get("LADLE_SKIP_POSTGRES") == "1":
         pytest.skip("LADLE_SKIP_POSTGRES=1")
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -30,11 +31,19 @@ def pg_url():
             c.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as e:
         pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is not reachable ({e}); set LADLE_SKIP_POSTGRES=1 to skip")
-    url = sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    try:
+        yield sa.engine.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A fresh PostgreSQL database for the test session, dropped at the end."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

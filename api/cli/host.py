@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from api.cli.render import err_console, fail, out_console, phase_rows, phase_table, show_progress, verdict
+from api.cli.render import err_console, fail, final_model_line, metric_of, out_console, phase_table, show_progress, verdict
 from api.client import Update, follow
 from service.artifacts import ArtifactStore
 from service.cluster import HEAD_FILE, HeadInUse, ensure_head_free
@@ -23,7 +23,7 @@ from service.executors import SequentialExecutor
 from service.pipeline import Pipeline
 from service.recorders import LocalRecorder
 from service.settings import get_settings
-from service.spec import JobSpec, SpecError, load_spec
+from service.spec import JobSpec, SpecError, load_spec, primary_metric
 from workers.checkpoint import CheckpointError
 from workers.data import DataError
 from workers.models import ModelError
@@ -66,11 +66,9 @@ def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[st
     if json_output:
         out_console.print_json(json.dumps(summary, default=str))
     else:
-        out_console.print(phase_table(summary["phases"], title=f"{spec.name}: per phase (test accuracy)"))
+        out_console.print(phase_table(summary["phases"], primary_metric(spec), title=f"{spec.name}: per phase"))
         final = next(m for m in summary["models"] if m["id"] == result.final_model_id)
-        out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, "
-                          f"test accuracy {final['metrics'].get('test_accuracy', float('nan')):.4f}, "
-                          f"{final['size_bytes']} bytes at {final['uri']}", soft_wrap=True)
+        out_console.print(final_model_line(final, primary_metric(spec)), soft_wrap=True)
         out_console.print(f"summary: {path}", soft_wrap=True)
     return summary
 
@@ -92,8 +90,6 @@ def run_on_ray(spec: JobSpec, *, json_output: bool = False) -> dict[str, Any]:
     """Run a job through the embedded service: the DB store, a Ray cluster (a local head unless
     LADLE_RAY_ADDRESS names one), the dispatcher and a Ray-job driver. Ctrl-C (or SIGTERM, SIGHUP)
     stops the service and leaves the job to resume when a service starts again."""
-    from dataclasses import asdict
-
     from service.runtime import Runtime
     from service.store.convert import phase_summary
     with Runtime() as rt:
@@ -106,19 +102,17 @@ def run_on_ray(spec: JobSpec, *, json_output: bool = False) -> dict[str, Any]:
                 signal.signal(sig, signal.SIG_IGN)         # let the service stop (on leaving `with`)
             raise fail(f"stopped; job {job_id} resumes when the service starts again (ladle serve, or "
                        f"ladle cancel {job_id} --url ... there)", 130) from None
-        phases = [asdict(phase_summary(p)) for p in rt.store.phases(job_id)]
+        phases = [phase_summary(p).flat() for p in rt.store.phases(job_id)]
         summary = {"job": {k: job[k] for k in ("id", "name", "status", "error", "final_model_id")}, "phases": phases}
         if json_output:
             out_console.print_json(json.dumps(summary, default=str))
         else:
-            out_console.print(phase_table(phases, title=f"{spec.name}: per phase (test accuracy)"))
+            out_console.print(phase_table(phases, primary_metric(spec), title=f"{spec.name}: per phase"))
         if job["status"] != "succeeded":
             raise fail(f"job {job_id} {job['status']}: {job['error'] or ''}")
         final = rt.store.get_model(job["final_model_id"])
         if not json_output:
-            out_console.print(f"final model {final.id}: sparsity {final.sparsity:.4f}, test accuracy "
-                              f"{final.metrics.get('test_accuracy', float('nan')):.4f}, {final.size_bytes} bytes "
-                              f"at {final.uri}", soft_wrap=True)
+            out_console.print(final_model_line(vars(final), primary_metric(spec)), soft_wrap=True)
         return summary
 
 
@@ -209,7 +203,7 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
                               highlight=False)
             job = c.wait(job["id"], on_event=lambda e: err_console.print(e["message"], highlight=False))
             phases = c.phases(job["id"])
-            out_console.print(phase_table(phase_rows(phases), title=f"{spec.name}: {job['status']} (test accuracy)"))
+            out_console.print(phase_table(phases, metric_of(job), title=f"{spec.name}: {job['status']}"))
             if job["status"] != "succeeded":
                 raise fail(f"job {job['id']} {job['status']}: {job['error']}")
             imp_phases = None

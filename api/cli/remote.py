@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from api.cli.render import (compare_summary, compare_table, err_console, event_line, fail, jobs_table, out_console,
-                            phase_rows, phase_table, search_table)
+                            metric_of, phase_table, search_table)
 
 URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="LADLE_URL", help="the Ladle server")
 TOKEN = typer.Option(None, "--token", envvar="LADLE_TOKEN", help="bearer token (when auth is on)")
@@ -56,7 +56,7 @@ def submit(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSO
         if wait:
             job = c.wait(job["id"], progress=not json_output)
             if not json_output:
-                out_console.print(phase_table(phase_rows(c.phases(job["id"])), title=f"{job['name']}: {job['status']}"))
+                out_console.print(phase_table(c.phases(job["id"]), metric_of(job), title=f"{job['name']}: {job['status']}"))
         if json_output:
             out_console.print_json(json.dumps(job))
         else:
@@ -83,7 +83,7 @@ def status(job_id: Annotated[str | None, typer.Argument(help="a job id; none: li
             return
         out_console.print(f"{job['id']} {job['name']}: {job['status']} {100 * job['progress']:.0f}%"
                           + (f", error: {job['error']}" if job["error"] else ""), highlight=False)
-        out_console.print(phase_table(phase_rows(phases)))
+        out_console.print(phase_table(phases, metric_of(job)))
         if search:
             out_console.print(search_table(search))
 

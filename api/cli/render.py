@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from api.client import Update
+from service.records import METRICS, Metric, phase_columns
 
 # piped output (a log, a file, a test) is not cut to 80 columns: the per-phase tables are wider
 out_console = Console(width=None if sys.stdout.isatty() else 150)
@@ -37,29 +38,49 @@ def _pct(x: float | None, signed: bool = False) -> str:
     return "—" if x is None else f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
-def phase_rows(phases: list[dict]) -> list[dict]:
-    """The API's phases (GET /jobs/{id}/phases) as phase_table rows: their `index` is the `phase` column."""
-    return [dict(p, phase=p["index"]) for p in phases]
+def metric_of(job: dict | None) -> Metric:
+    """A job's primary metric (JobPublic.metric), accuracy for a server that does not say."""
+    return METRICS[((job or {}).get("metric") or {}).get("name", "accuracy")]
 
 
-def phase_table(phases: list[dict[str, Any]], title: str = "") -> Table:
-    """The per-phase table: sparsity, test accuracy (%) after pruning, of each ingredient (after the same
-    BatchNorm recalibration as the soup), of the soup and of the ingredients' prediction ensemble;
-    wall time and compute."""
-    table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False,
-                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient; ensemble: "
-                          "argmax of the ingredients' mean softmax; CPU s and epochs: the phase's compute")
-    for col in ("phase", "sparsity", "pruned", "ingredients", "soup", "Δbest", "ensemble", "s", "CPU s", "epochs"):
+def _value(x: float | None, unit: str, metric: Metric) -> str:
+    """A phase metric as its column shows it: the primary metric in % (accuracy) or as it is
+    (perplexity), gains signed, seconds to a tenth, counts whole."""
+    if unit == "metrics":
+        return " ".join("fail" if a is None else f"{100 * a:.1f}" if metric.percent else f"{a:.2f}" for a in x or [])
+    if unit in ("metric", "gain"):
+        signed = unit == "gain"
+        return _pct(x, signed) if metric.percent else _fmt(x, "+.2f" if signed else ".2f")
+    return _fmt(x, {"seconds": ".1f", "count": "d"}.get(unit, ".4f"))
+
+
+def phase_table(phases: list[dict[str, Any]], metric: Metric | None = None, title: str = "") -> Table:
+    """The per-phase table (phases as the API serves them, flat): sparsity, then the phase columns of
+    service.records.PHASE_COLUMNS that tables show (the primary metric after pruning, of each
+    ingredient after the same BatchNorm recalibration as the soup, of the soup and of the ingredients'
+    prediction ensemble; compute), and wall time."""
+    metric = metric or METRICS["accuracy"]
+    columns = [c for c in phase_columns(metric) if c.table]
+    caption = (f"test {metric.plural}" + (" in %" if metric.percent else "") + (", lower is better" if metric.mode == "min"
+               else "") + "; Δbest: soup against its best ingredient (> 0: better); ensemble: the ingredients' mean "
+               "prediction; CPU s and epochs: the phase's compute")
+    table = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, caption=caption)
+    for col in ("phase", "sparsity", *(c.label for c in columns), "s"):
         table.add_column(col, justify="left" if col == "ingredients" else "right", no_wrap=True)
     for p in phases:
-        accs = p.get("ingredient_accuracies") or []
-        ingredients = " ".join("fail" if a is None else f"{100 * a:.1f}" for a in accs)
-        table.add_row(str(p["phase"]), _fmt(p["sparsity"], ".3f"),
-                      _pct(p.get("pruned_accuracy")), ingredients or ("dense" if p["phase"] == 0 else ""),
-                      _pct(p.get("soup_accuracy")), _pct(p.get("gain_over_best"), signed=True),
-                      _pct(p.get("ensemble_accuracy")), _fmt((p.get("seconds") or {}).get("total"), ".1f"),
-                      _fmt(p.get("cpu_seconds"), ".1f"), _fmt(p.get("epochs_trained"), "d"))
+        cells = [_value(p.get(c.key), c.unit, metric) for c in columns]
+        if p["index"] == 0:
+            cells[[c.unit for c in columns].index("metrics")] = "dense"
+        table.add_row(str(p["index"]), _fmt(p["sparsity"], ".3f"), *cells,
+                      _fmt((p.get("seconds") or {}).get("total"), ".1f"))
     return table
+
+
+def final_model_line(model: dict[str, Any], metric: Metric) -> str:
+    """The job's final model: id, sparsity, test score, size and where it is."""
+    score = (model.get("metrics") or {}).get(f"test_{metric.name}")
+    return (f"final model {model['id']}: sparsity {model['sparsity']:.4f}, test {metric.name} {_fmt(score)}, "
+            f"{model['size_bytes']} bytes at {model['uri']}")
 
 
 def search_table(rows: list[dict]) -> Table:
@@ -87,27 +108,29 @@ def jobs_table(jobs: dict) -> Table:
     return table
 
 
-def _last_done(phases: list[dict]) -> dict:
-    """The last phase with a soup accuracy (phase 0: the dense model), or {} when none has one yet."""
-    return next((p for p in reversed(phases) if p.get("soup_accuracy") is not None), {})
+def _last_done(phases: list[dict], metric: Metric) -> dict:
+    """The last phase with a soup score (phase 0: the dense model), or {} when none has one yet."""
+    return next((p for p in reversed(phases) if p.get(metric.key("soup_{m}")) is not None), {})
 
 
 def compare_table(items: list[dict]) -> Table:
-    """One row per job and phase: sparsity, soup accuracy, Δ vs the best ingredient, ensemble accuracy, and
-    the phase's wall time and compute; fields the server does not report show as —."""
+    """One row per job and phase: sparsity, the soup's score, Δ vs the best ingredient, the ensemble's
+    score, and the phase's wall time and compute; fields the server does not report show as —."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=0,   # one space between columns: fits 80
-                  caption="accuracies in % on the test split; Δbest: soup minus best ingredient; "
-                          "wall s, CPU s, GPU s, epochs: per phase")
+                  caption="accuracies in % on the test split (perplexities as they are); Δbest: soup against "
+                          "its best ingredient (> 0: better); wall s, CPU s, GPU s, epochs: per phase")
     names = max((len(item["job"]["name"]) for item in items), default=3)
     table.add_column("job", min_width=min(names, 12), overflow="fold")
     for col in ("phase", "sparsity", "soup", "Δbest", "ensemble", "wall s", "CPU s", "GPU s", "epochs"):
         table.add_column(col, justify="right", no_wrap=True)
     for item in items:
+        metric = metric_of(item["job"])
         phases = item["phases"] or [{}]
         for i, p in enumerate(phases):
             table.add_row(item["job"]["name"] if i == 0 else "", _fmt(p.get("index"), "d"),
-                          _fmt(p.get("sparsity"), ".3f"), _pct(p.get("soup_accuracy")),
-                          _pct(p.get("gain_over_best"), signed=True), _pct(p.get("ensemble_accuracy")),
+                          _fmt(p.get("sparsity"), ".3f"), _value(p.get(metric.key("soup_{m}")), "metric", metric),
+                          _value(p.get("gain_over_best"), "gain", metric),
+                          _value(p.get(metric.key("ensemble_{m}")), "metric", metric),
                           _fmt((p.get("seconds") or {}).get("total"), ".1f"),
                           _fmt(p.get("cpu_seconds"), ".1f"), _fmt(p.get("gpu_seconds"), ".1f"),
                           _fmt(p.get("epochs_trained"), ".0f"), end_section=i == len(phases) - 1)
@@ -115,17 +138,19 @@ def compare_table(items: list[dict]) -> Table:
 
 
 def compare_summary(item: dict) -> str:
-    """One line per job: its status, final sparsity and accuracies, wall time and compute."""
-    def percent(x: float | None) -> str:
-        return "—" if x is None else f"{100 * x:.2f}%"
+    """One line per job: its status, final sparsity and scores, wall time and compute."""
+    def score(x: float | None) -> str:
+        return "—" if x is None else f"{100 * x:.2f}%" if metric.percent else f"{x:.2f}"
 
     def sec(x: float | None) -> str:
         return "—" if x is None else f"{x:.1f} s"
-    job, last = item["job"], _last_done(item["phases"])
-    best = max((a for a in last.get("ingredient_accuracies") or [] if a is not None), default=None)
+    job, metric = item["job"], metric_of(item["job"])
+    last = _last_done(item["phases"], metric)
+    scores = [a for a in last.get(metric.key("ingredient_{ms}")) or [] if a is not None]
     return (f"{job['name']} {job['id'][:8]}: {job['status']}, sparsity {_fmt(job.get('sparsity'), '.3f')}, "
-            f"soup {percent(last.get('soup_accuracy'))}, best ingredient {percent(best)}, "
-            f"ensemble {percent(last.get('ensemble_accuracy'))}, wall {sec(job.get('wall_seconds'))}, "
+            f"soup {score(last.get(metric.key('soup_{m}')))}, "
+            f"best ingredient {score(metric.best(scores) if scores else None)}, "
+            f"ensemble {score(last.get(metric.key('ensemble_{m}')))}, wall {sec(job.get('wall_seconds'))}, "
             f"CPU {sec(job.get('cpu_seconds'))}, GPU {sec(job.get('gpu_seconds'))}, "
             f"epochs {_fmt(job.get('epochs_trained'), '.0f')}")
 

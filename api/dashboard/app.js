@@ -79,6 +79,22 @@ function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 const pct = (x, digits = 1) => (x == null ? "–" : `${(100 * x).toFixed(digits)}%`);
+// A job's primary metric (JobPublic.metric: accuracy in %, higher is better; perplexity as it is, lower is
+// better) and its values as tables, plots and axes show them
+const metricOf = (job) => job?.metric ?? { name: "accuracy", mode: "max", percent: true };
+const score = (m, x, digits = 2) => (x == null ? "–" : m.percent ? pct(x, digits) : Number(x).toFixed(digits));
+const plotted = (m, x) => (m.percent ? 100 * x : x);
+const axisTitle = (m, what) => `${what} ${m.name}${m.percent ? " (%)" : ""}`;
+const metricScale = (m) => (m.percent ? { min: 0, max: 100 } : {});
+// A phase metric in its column (PhasesPublic.columns: unit metric | metrics | gain | number | seconds | count)
+function phaseCell(m, unit, x) {
+  if (unit === "metrics") return (x ?? []).map((a) => (a == null ? "fail" : score(m, a, 1))).join(" ");
+  if (unit === "metric") return score(m, x);
+  if (unit === "gain") return x == null ? "–" : m.percent ? `${x >= 0 ? "+" : ""}${(100 * x).toFixed(2)} pp` : `${x >= 0 ? "+" : ""}${x.toFixed(2)}`;
+  if (unit === "seconds") return x == null ? "–" : seconds(x);
+  if (unit === "count") return x ?? "–";
+  return x == null ? "–" : Number(x).toFixed(4);
+}
 const badge = (status) => `<span class="badge ${esc(status)}">${esc(status)}</span>`;
 const bar = (p, cls = "") => `<span class="bar ${cls}"><span style="width:${(100 * (p || 0)).toFixed(1)}%"></span></span>`;
 
@@ -161,7 +177,7 @@ async function jobsView(el) {
       </select><span class="muted" id="jobs-count"></span>
       <button id="compare-jobs" hidden></button></div>
     <table id="jobs"><thead><tr><th class="pick" title="tick two or more to compare them"></th><th>name</th><th>status</th>
-      <th>progress</th><th class="num">phase</th><th class="num">sparsity</th><th class="num">best accuracy</th><th class="num">age</th>
+      <th>progress</th><th class="num">phase</th><th class="num">sparsity</th><th class="num">best score</th><th class="num">age</th>
       <th class="num">duration</th></tr></thead><tbody></tbody></table>`;
   const select = el.querySelector("#status-filter");
   const tbody = el.querySelector("#jobs tbody");
@@ -205,7 +221,7 @@ async function jobsView(el) {
         <td class="progress" data-progress="${j.progress}">${bar(j.progress)} ${pct(j.progress, 0)}</td>
         <td class="num">${j.current_phase ?? "–"} / ${j.spec?.prune?.phases ?? "?"}</td>
         <td class="num">${pct(j.sparsity)}</td>
-        <td class="num">${pct(j.best_accuracy)}</td>
+        <td class="num">${score(metricOf(j), j.best_score, 1)}</td>
         <td class="num">${ago(j.created_at)}</td>
         <td class="num">${duration(j.started_at, j.finished_at)}</td>`);
       return tr;
@@ -235,17 +251,18 @@ async function compareView(el, idList) {
   const ids = [...new Set(idList.split(",").filter(Boolean))];
   el.innerHTML = `
     <div class="toolbar"><h1>Compare ${ids.length} jobs</h1><a href="#/">change the selection</a></div>
-    <div class="card"><h2>Soup accuracy vs sparsity</h2><div class="chart tall"><canvas id="compare-chart"></canvas></div></div>
+    <div class="card"><h2>Soup score vs sparsity</h2><div class="chart tall"><canvas id="compare-chart"></canvas></div></div>
     <div class="card"><table id="compare-table"><thead><tr><th>job</th><th>status</th><th class="num">final sparsity</th>
-      <th class="num">final accuracy</th><th class="num">best ingredient</th><th class="num">ensemble</th>
+      <th class="num">final score</th><th class="num">best ingredient</th><th class="num">ensemble</th>
       <th class="num">wall time</th><th class="num">CPU s</th><th class="num">GPU s</th><th class="num">epochs</th>
     </tr></thead><tbody></tbody></table>
-    <p class="muted">Test accuracy of the last finished phase: its soup (final accuracy), its best ingredient and the
-      ensemble of its ingredients. Phase 0 is the dense model, at sparsity 0.</p></div>`;
+    <p class="muted">Test score (the job's metric: accuracy, or perplexity where lower is better) of the last finished
+      phase: its soup (final score), its best ingredient and the ensemble of its ingredients. Phase 0 is the dense
+      model, at sparsity 0.</p></div>`;
   if (ids.length < 2) throw new Error("Comparing needs two or more jobs: tick them on the jobs page.");
-  const options = lineOptions("sparsity (%)", "soup test accuracy (%)", { min: 0, max: 100 });
+  const options = lineOptions("sparsity (%)", "soup test score (accuracy %, or perplexity)");
   options.plugins.tooltip = { callbacks: {
-    label: (c) => `${c.raw.job}, phase ${c.raw.phase}: ${c.parsed.y.toFixed(2)}% at sparsity ${c.parsed.x.toFixed(1)}%` } };
+    label: (c) => `${c.raw.job}, phase ${c.raw.phase}: ${c.raw.shown} at sparsity ${c.parsed.x.toFixed(1)}%` } };
   const accChart = chart(el.querySelector("#compare-chart"), {
     type: "scatter",
     data: { datasets: ids.map((id, i) => ({ label: id.slice(0, 8), data: [], showLine: true, clip: false, borderWidth: 2, pointRadius: 4,
@@ -256,26 +273,29 @@ async function compareView(el, idList) {
   await every(2000, async () => {
     const jobs = await Promise.all(ids.map(async (id) => {
       const [job, phases] = await Promise.all([api(`/jobs/${id}`), api(`/jobs/${id}/phases`)]);
-      return { job, phases: phases.data.filter((p) => p.soup_accuracy != null).sort((a, b) => a.index - b.index) };
+      const m = metricOf(job);
+      return { job, m, phases: phases.data.filter((p) => p[`soup_${m.name}`] != null).sort((a, b) => a.index - b.index) };
     }));
-    jobs.forEach(({ job, phases }, i) => {           // in place: a dataset hidden from the legend stays hidden
+    jobs.forEach(({ job, m, phases }, i) => {           // in place: a dataset hidden from the legend stays hidden
       const set = accChart.data.datasets[i];
       const wall = wallSeconds(job);
       set.label = [job.name, ...(wall == null ? [] : [`${seconds(wall)} wall`]), ...compute(job)].join(" · ");
-      set.data = phases.map((p) => ({ x: 100 * (p.sparsity ?? 0), y: 100 * p.soup_accuracy, phase: p.index, job: job.name }));
+      set.data = phases.map((p) => ({ x: 100 * (p.sparsity ?? 0), y: plotted(m, p[`soup_${m.name}`]), phase: p.index,
+                                      job: job.name, shown: score(m, p[`soup_${m.name}`]) }));
     });
     accChart.update("none");
-    tbody.innerHTML = jobs.map(({ job, phases }, i) => {
+    tbody.innerHTML = jobs.map(({ job, m, phases }, i) => {
       const last = phases.at(-1) ?? {};
-      const ingredients = (last.ingredient_accuracies ?? []).filter((a) => a != null);
+      const ingredients = (last[`ingredient_${m.name === "accuracy" ? "accuracies" : "perplexities"}`] ?? []).filter((a) => a != null);
+      const best = ingredients.length ? (m.mode === "max" ? Math.max(...ingredients) : Math.min(...ingredients)) : null;
       return `<tr data-job="${job.id}">
         <td><i class="swatch" style="background:${COLORS[i % COLORS.length]}"></i><a href="#/jobs/${job.id}">${esc(job.name)}</a>
           <span class="muted">${job.id.slice(0, 8)}</span></td>
         <td>${badge(job.status)}</td>
         <td class="num">${pct(job.sparsity)}</td>
-        <td class="num">${pct(last.soup_accuracy, 2)}</td>
-        <td class="num">${pct(ingredients.length ? Math.max(...ingredients) : null, 2)}</td>
-        <td class="num">${pct(last.ensemble_accuracy, 2)}</td>
+        <td class="num">${score(m, last[`soup_${m.name}`])}</td>
+        <td class="num">${score(m, best)}</td>
+        <td class="num">${score(m, last[`ensemble_${m.name}`])}</td>
         <td class="num">${seconds(wallSeconds(job))}</td>
         <td class="num">${fixed(job.cpu_seconds)}</td>
         <td class="num">${fixed(job.gpu_seconds)}</td>
@@ -292,9 +312,10 @@ async function jobView(el, jobId) {
       <button id="cancel" class="danger" hidden>Cancel job</button></div>
     <div class="card facts" id="job-facts"></div>
     <div class="grid">
-      <div class="card"><h2>Accuracy vs sparsity</h2><div class="chart"><canvas id="acc-sparsity"></canvas></div></div>
+      <div class="card"><h2 id="acc-title">Accuracy vs sparsity</h2><div class="chart"><canvas id="acc-sparsity"></canvas></div></div>
       <div class="card"><h2>Phase timeline</h2><div class="chart"><canvas id="timeline"></canvas></div></div>
     </div>
+    <div class="card"><h2>Phases</h2><div id="phase-table"></div></div>
     <div class="card"><div class="toolbar"><h2>Training curves</h2>
       <select id="curve-phase" aria-label="phase"></select></div>
       <div class="curves">
@@ -337,7 +358,7 @@ async function jobView(el, jobId) {
     lr: chart(el.querySelector("#curve-lr"), { type: "line", data: { datasets: [] }, options: lineOptions("epoch", "learning rate") }),
   };
   const phaseSelect = el.querySelector("#curve-phase");
-  let runs = [], metrics = [], lastKey = null, lastEvent = 0, ended = false, chosenPhase = null;
+  let runs = [], metrics = [], lastKey = null, lastEvent = 0, ended = false, chosenPhase = null, jobNow = null;
 
   phaseSelect.onchange = () => { chosenPhase = Number(phaseSelect.value); drawCurves(); };
   el.querySelector("#cancel").onclick = async (e) => {
@@ -358,24 +379,41 @@ async function jobView(el, jobId) {
       data: metrics.filter((m) => m.run === r.name && m.name === name).map((m) => ({ x: m.epoch, y: m.value * scale })),
     }));
     curves.loss.data.datasets = series("train_loss");
-    curves.accuracy.data.datasets = series("val_accuracy", 100);
+    const m = metricOf(jobNow);
+    curves.accuracy.data.datasets = series(`val_${m.name}`, m.percent ? 100 : 1);
+    curves.accuracy.options.scales.y.title.text = axisTitle(m, "val");
     curves.lr.data.datasets = series("lr");
     Object.values(curves).forEach((c) => c.update("none"));
   }
 
-  function drawPhases(job, phases, ingredientRuns) {
+  function drawPhases(job, phasePage, ingredientRuns) {
+    const phases = phasePage.data, m = metricOf(job);
     const done = phases.filter((p) => p.status === "succeeded");
     const dense = done.find((p) => p.index === 0);
     const later = done.filter((p) => p.index > 0);
     const [soup, ingredients, pruned, denseSet, ensemble] = accChart.data.datasets;
-    ensemble.data = later.filter((p) => p.ensemble_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.ensemble_accuracy }));
-    soup.data = later.filter((p) => p.soup_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.soup_accuracy }));
-    pruned.data = later.filter((p) => p.pruned_accuracy != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.pruned_accuracy }));
-    ingredients.data = ingredientRuns.filter((r) => r.metrics?.test_accuracy != null).map((r) => ({
-      x: 100 * (phases.find((p) => p.index === r.phase)?.sparsity ?? r.config?.sparsity ?? 0), y: 100 * r.metrics.test_accuracy,
+    const points = (key) => later.filter((p) => p[key] != null).map((p) => ({ x: 100 * p.sparsity, y: plotted(m, p[key]) }));
+    ensemble.data = points(`ensemble_${m.name}`);
+    soup.data = points(`soup_${m.name}`);
+    pruned.data = points(`pruned_${m.name}`);
+    ingredients.data = ingredientRuns.filter((r) => r.metrics?.[`test_${m.name}`] != null).map((r) => ({
+      x: 100 * (phases.find((p) => p.index === r.phase)?.sparsity ?? r.config?.sparsity ?? 0), y: plotted(m, r.metrics[`test_${m.name}`]),
     })).filter((pt) => done.some((p) => Math.abs(100 * p.sparsity - pt.x) < 1e-9));
-    denseSet.data = dense && dense.soup_accuracy != null ? [{ x: 100 * (dense.sparsity ?? 0), y: 100 * dense.soup_accuracy }] : [];
+    const d = dense?.[`soup_${m.name}`];
+    denseSet.data = d != null ? [{ x: 100 * (dense.sparsity ?? 0), y: plotted(m, d) }] : [];
+    accChart.options.scales.y.title.text = axisTitle(m, "test");
+    Object.assign(accChart.options.scales.y, metricScale(m));
+    el.querySelector("#acc-title").textContent = `${m.name[0].toUpperCase()}${m.name.slice(1)} vs sparsity`;
     accChart.update("none");
+
+    // the phase table: every column the API lists for tables (service.records.PHASE_COLUMNS)
+    const columns = (phasePage.columns ?? []).filter((c) => c.table);
+    el.querySelector("#phase-table").innerHTML = `<table id="phases"><thead><tr><th class="num">phase</th>
+      <th class="num">sparsity</th>${columns.map((c) => `<th class="num" title="${esc(c.description)}">${esc(c.label)}</th>`).join("")}
+      <th class="num">wall</th></tr></thead><tbody>${phases.map((p) => `<tr data-phase="${p.index}">
+      <td class="num">${p.index}</td><td class="num">${pct(p.sparsity)}</td>
+      ${columns.map((c) => `<td class="num" data-key="${esc(c.key)}">${phaseCell(m, c.unit, p[c.key])}</td>`).join("")}
+      <td class="num">${p.seconds?.total == null ? "–" : seconds(p.seconds.total)}</td></tr>`).join("")}</tbody></table>`;
 
     timeline.data.labels = phases.map((p) => (p.index === 0 ? "phase 0 (dense)" : `phase ${p.index}`));
     stages.forEach(([, key], i) => {
@@ -418,6 +456,7 @@ async function jobView(el, jobId) {
 
   async function refresh() {
     const job = await api(`/jobs/${jobId}`);
+    jobNow = job;
     el.querySelector("#job-name").textContent = job.name;
     el.querySelector("#job-status").innerHTML = badge(job.status);
     el.querySelector("#cancel").hidden = job.finished;
@@ -426,7 +465,7 @@ async function jobView(el, jobId) {
       ["progress", `${bar(job.progress, "big")} <span id="job-progress">${pct(job.progress, 0)}</span>`],
       ["phase", `${job.current_phase ?? "–"} / ${spec.prune?.phases ?? "?"}`],
       ["sparsity", `${pct(job.sparsity)} of ${pct(spec.prune?.target_sparsity)}`],
-      ["best accuracy", pct(job.best_accuracy)],
+      [`best ${metricOf(job).name}`, score(metricOf(job), job.best_score, 1)],
       ["model", `${esc(spec.model?.arch)} on ${esc(spec.data?.name)}`],
       ["soup", `${spec.soup?.ingredients} × ${esc(spec.soup?.vary)}, ${esc(spec.soup?.method)}`],
       ["retraining", `${spec.retrain?.epochs} epochs, ${esc(spec.retrain?.schedule)}`],
@@ -449,7 +488,7 @@ async function jobView(el, jobId) {
       const [phases, runPage, search] = await Promise.all([api(`/jobs/${jobId}/phases`), api(`/jobs/${jobId}/runs`),
                                                            api(`/jobs/${jobId}/search`)]);
       runs = runPage.data.filter((r) => r.kind !== "search_trial");
-      drawPhases(job, phases.data, runs.filter((r) => r.kind === "ingredient"));
+      drawPhases(job, phases, runs.filter((r) => r.kind === "ingredient"));
       drawSearch(search.data);
       if (key !== lastKey) {
         metrics = (await api(`/jobs/${jobId}/metrics`)).data;

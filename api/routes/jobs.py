@@ -18,13 +18,13 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, RuntimeDep, StoreDep, visible
-from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricPublic,
-                         MetricsPublic, PhasePublic, PhasesPublic, RunPublic, RunsPublic, SearchTrialPublic,
-                         SearchTrialsPublic)
+from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricInfo,
+                         MetricPublic, MetricsPublic, PhaseColumnPublic, PhasePublic, PhasesPublic, RunPublic,
+                         RunsPublic, SearchTrialPublic, SearchTrialsPublic)
 from service.cluster import unfit
-from service.states import TERMINAL
-from service.spec import JobSpec
-from service.states import StateError
+from service.records import phase_columns
+from service.spec import JobSpec, primary_metric
+from service.states import TERMINAL, StateError
 from service.store.convert import search_trial
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -83,9 +83,11 @@ def cancel_job(job_id: str, store: StoreDep, runtime: RuntimeDep, caller: Caller
 
 @router.get("/{job_id}/phases", response_model=PhasesPublic, responses=NOT_FOUND)
 async def job_phases(job_id: str, store: StoreDep, caller: CallerDep) -> PhasesPublic:
-    _job(store, caller, job_id)
+    """The job's phases, with their metrics named after the job's primary metric (listed in `columns`)."""
+    metric = primary_metric(_job(store, caller, job_id).spec)
     rows = [PhasePublic.model_validate(p) for p in store.phases(job_id)]
-    return PhasesPublic(data=rows, count=len(rows))
+    return PhasesPublic(data=rows, count=len(rows), metric=MetricInfo.of(metric),
+                        columns=[PhaseColumnPublic.model_validate(c) for c in phase_columns(metric)])
 
 
 @router.get("/{job_id}/runs", response_model=RunsPublic, responses=NOT_FOUND)

@@ -1,5 +1,5 @@
 """Rows to records and back: the one place that knows both shapes (service.orm and service.records).
-Phase columns are the fields of PhaseSummary (records.PHASE_FIELDS)."""
+Phase columns are the fields of PhaseSummary (records.PHASE_FIELDS); its metrics are one JSON column."""
 
 from __future__ import annotations
 
@@ -38,10 +38,9 @@ def model_rows(job_id: str, record: ModelRecord) -> tuple[Model, list[ModelEdge]
 
 def phase_summary(row: Phase) -> PhaseSummary:
     values = {f: getattr(row, f) for f in PHASE_FIELDS}
-    for f in ("ingredient_accuracies", "soup_ingredients"):
-        values[f] = list(values[f] or [])
+    values["soup_ingredients"] = list(values["soup_ingredients"] or [])
     values["seconds"] = dict(values["seconds"] or {})
-    return PhaseSummary(phase=row.index, **values)
+    return PhaseSummary(phase=row.index, metrics=dict(row.metrics or {}), **values)
 
 
 def search_trial(run: Run) -> SearchTrial:
@@ -57,5 +56,5 @@ def search_trial(run: Run) -> SearchTrial:
 def fill_phase(row: Phase, summary: PhaseSummary) -> None:
     """Copy a phase's summary onto its row."""
     data = finite(asdict(summary))
-    for f in PHASE_FIELDS:
+    for f in (*PHASE_FIELDS, "metrics"):
         setattr(row, f, data[f])

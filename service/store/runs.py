@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from service.orm import Event, Job, Metric, Model, Phase, Run, utcnow
 from service.records import PROGRESS_BEFORE_END, PhaseSummary, RunRecord
 from service.store import jobs
+from service.spec import primary_metric
 from service.store.convert import fill_phase, finite
 
 COMPUTE_FIELDS = ("cpu_seconds", "gpu_seconds", "epochs_trained")
@@ -124,16 +125,19 @@ def run_finished(s: Session, job_id: str, run_name: str, status: str, *, model_i
 
 
 def phase_finished(s: Session, job_id: str, summary: PhaseSummary) -> None:
-    """The phase's summary on its row; the job's sparsity, best accuracy and compute (the sum over
-    its finished phases) follow."""
+    """The phase's summary on its row; the job's sparsity, best score (by its primary metric, among
+    the phase's soup and ingredients) and compute (the sum over its finished phases) follow."""
     row = s.scalars(sa.select(Phase).where(Phase.job_id == job_id, Phase.index == summary.phase)).one()
     fill_phase(row, summary)
     row.status, row.finished_at = "succeeded", utcnow()
     job: Job = jobs.get(s, job_id)
-    accs = [a for a in (summary.soup_accuracy, *summary.ingredient_accuracies) if a is not None and math.isfinite(a)]
-    job.sparsity, job.best_accuracy = row.sparsity, max(accs, default=None)
+    metric = primary_metric(job.spec)
+    m = row.metrics
+    scores = [a for a in (m.get(metric.key("soup_{m}")), *(m.get(metric.key("ingredient_{ms}")) or []))
+              if a is not None and math.isfinite(a)]
+    job.sparsity, job.best_score = row.sparsity, metric.best(scores) if scores else None
     s.flush()
-    totals = s.execute(sa.select(*(sa.func.sum(getattr(Phase, f)) for f in COMPUTE_FIELDS))
-                       .where(Phase.job_id == job_id, Phase.status == "succeeded")).one()
-    for f, v in zip(COMPUTE_FIELDS, totals):
-        setattr(job, f, v)
+    done = s.scalars(sa.select(Phase.metrics).where(Phase.job_id == job_id, Phase.status == "succeeded")).all()
+    for f in COMPUTE_FIELDS:
+        values = [p[f] for p in done if p.get(f) is not None]
+        setattr(job, f, sum(values) if values else None)

@@ -44,7 +44,7 @@ def test_json_output(tmp_path):
     r = ladle("run", str(spec), "--local", "--json", "--out", str(tmp_path / "o"))
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert [p["phase"] for p in data["phases"]] == [0, 1]
+    assert [p["index"] for p in data["phases"]] == [0, 1]
 
 
 def test_bad_spec_names_the_fields_without_a_traceback(tmp_path):

@@ -23,7 +23,7 @@ def test_run_on_ray_with_the_embedded_service(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout)
     assert out["job"]["status"] == "succeeded"
-    assert [p["phase"] for p in out["phases"]] == [0, 1, 2]
+    assert [p["index"] for p in out["phases"]] == [0, 1, 2]
     assert out["phases"][2]["sparsity"] == pytest.approx(0.75, abs=1e-3)
     # the store under ./.ladle holds the job, its lineage and its metrics
     engine = sa.create_engine(f"sqlite:///{tmp_path / '.ladle' / 'ladle.db'}")

@@ -53,7 +53,7 @@ def test_an_ingredient_whose_worker_always_dies_leaves_a_soup_of_the_survivors(r
     rec, result = run_with_victim(SPEC, tmp_path)
     phase = result.phases[1]
     assert phase.soup_ingredients == [0, 2]
-    assert phase.ingredient_accuracies[1] is None and all(a > 0.5 for a in phase.ingredient_accuracies[::2])
+    assert phase.metrics["ingredient_accuracies"][1] is None and all(a > 0.5 for a in phase.metrics["ingredient_accuracies"][::2])
     assert rec.runs[VICTIM]["status"] == "failed"
     assert f"WorkerLost('its worker process died {RETRIES + 1} times" in rec.runs[VICTIM]["error"]
     messages = [e["message"] for e in rec.events]

@@ -33,10 +33,10 @@ def small_run(tmp_path_factory):
 def test_accuracy_well_above_chance_before_and_after_pruning(small_run):
     spec, rec, result = small_run
     dense, *phases = result.phases
-    assert dense.soup_accuracy > 0.8
+    assert dense.metrics["soup_accuracy"] > 0.8
     for p in phases:
-        assert p.soup_accuracy > 5 * CHANCE
-        assert all(a > 5 * CHANCE for a in p.ingredient_accuracies)
+        assert p.metrics["soup_accuracy"] > 5 * CHANCE
+        assert all(a > 5 * CHANCE for a in p.metrics["ingredient_accuracies"])
     assert [p.phase for p in result.phases] == [0, 1, 2]
 
 
@@ -95,7 +95,7 @@ def test_soup_from_survivors_above_min_ingredients(tmp_path):
     spec = dict(SMALL, prune={"target_sparsity": 0.5, "phases": 1}, soup={"ingredients": 3, "min_ingredients": 2})
     _, rec, result = run(spec, tmp_path, FailingExecutor({"phase1/ingredient1"}))
     assert result.phases[1].soup_ingredients == [0, 2]
-    assert result.phases[1].ingredient_accuracies[1] is None
+    assert result.phases[1].metrics["ingredient_accuracies"][1] is None
     assert any("surviving ingredients [0, 2]" in e["message"] for e in rec.events)
 
 
@@ -111,7 +111,7 @@ def test_greedy_soup_not_below_best_ingredient_on_validation(tmp_path):
     _, rec, result = run(spec, tmp_path)
     val_of = {m["name"]: m["metrics"]["val_accuracy"] for m in rec.models}
     best = max(v for k, v in val_of.items() if "ingredient" in k)
-    assert result.phases[1].soup_val_accuracy >= best
+    assert result.phases[1].metrics["soup_val_accuracy"] >= best
 
 
 @pytest.mark.parametrize("vary,key", [("seed", "seed"), ("weight_decay", "weight_decay"),
@@ -130,7 +130,7 @@ def test_start_from_a_given_checkpoint(small_run, tmp_path):
     spec = dict(SMALL, model={"arch": "mlp", "checkpoint": dense_uri}, prune={"target_sparsity": 0.5, "phases": 1})
     _, rec2, result2 = run(spec, tmp_path)
     assert not [r for r in rec2.runs.values() if r["kind"] == "dense"]
-    assert result2.phases[0].soup_accuracy == pytest.approx(result.phases[0].soup_accuracy)
+    assert result2.phases[0].metrics["soup_accuracy"] == pytest.approx(result.phases[0].metrics["soup_accuracy"])
 
 
 class DiesAfterTheSearch(SequentialExecutor):
@@ -189,9 +189,9 @@ def test_gains_use_ingredient_scores_after_the_same_bn_recalibration_as_the_soup
     raw = [m["metrics"]["test_accuracy_raw"] for m in ingredients]
     recal = [m["metrics"]["test_accuracy"] for m in ingredients]
     assert raw != recal                                   # recalibration matters for this model
-    assert phase.ingredient_accuracies == recal
-    assert phase.gain_over_best == pytest.approx(phase.soup_accuracy - max(recal))
-    assert phase.gain_over_mean == pytest.approx(phase.soup_accuracy - sum(recal) / len(recal))
+    assert phase.metrics["ingredient_accuracies"] == recal
+    assert phase.metrics["gain_over_best"] == pytest.approx(phase.metrics["soup_accuracy"] - max(recal))
+    assert phase.metrics["gain_over_mean"] == pytest.approx(phase.metrics["soup_accuracy"] - sum(recal) / len(recal))
     # the saved ingredient is the recalibrated one: loading it gives the recorded score
     from workers.data import load_splits, make_loader
     from workers.evaluate import evaluate
@@ -209,7 +209,7 @@ def test_ensemble_accuracy_is_the_mean_softmax_of_the_saved_ingredients(bn_run):
     probs = [evaluate(_model(m, spec), make_loader(splits.test, 64, shuffle=False), probs=True)["probs"]
              for m in rec.models if m["kind"] == "ingredient"]
     expected = float((torch.stack(probs).mean(0).argmax(1) == splits.test.y).float().mean())
-    assert result.phases[1].ensemble_accuracy == pytest.approx(expected)
+    assert result.phases[1].metrics["ensemble_accuracy"] == pytest.approx(expected)
     assert any("prediction ensemble of 3" in e["message"] for e in rec.events)
 
 
@@ -222,12 +222,12 @@ def test_compute_adds_up_from_runs_to_phases_to_the_job(store, tmp_path):
     for p in phases:
         mine = [r for r in runs if r.phase == p.index]
         assert all(r.metrics["cpu_seconds"] > 0 and r.metrics["gpu_seconds"] == 0 for r in mine)
-        assert p.cpu_seconds >= sum(r.metrics["cpu_seconds"] for r in mine) > 0
-        assert p.epochs_trained == sum(r.metrics["epochs_trained"] for r in mine)
-    assert phases[0].epochs_trained == spec.dense.epochs
-    assert phases[1].epochs_trained == spec.soup.ingredients * spec.retrain.epochs
-    assert row.cpu_seconds == pytest.approx(sum(p.cpu_seconds for p in phases))
-    assert row.epochs_trained == sum(p.epochs_trained for p in phases)
+        assert p.metrics["cpu_seconds"] >= sum(r.metrics["cpu_seconds"] for r in mine) > 0
+        assert p.metrics["epochs_trained"] == sum(r.metrics["epochs_trained"] for r in mine)
+    assert phases[0].metrics["epochs_trained"] == spec.dense.epochs
+    assert phases[1].metrics["epochs_trained"] == spec.soup.ingredients * spec.retrain.epochs
+    assert row.cpu_seconds == pytest.approx(sum(p.metrics["cpu_seconds"] for p in phases))
+    assert row.epochs_trained == sum(p.metrics["epochs_trained"] for p in phases)
     assert row.gpu_seconds == 0
 
 
@@ -284,6 +284,6 @@ def test_a_one_epoch_cnn_job_on_fashion_mnist_is_well_above_chance(tmp_path):
     finally:
         torch.set_num_threads(threads)
     dense, phase = result.phases
-    assert dense.soup_accuracy > 0.75 and phase.soup_accuracy > 0.75
-    assert all(a > 0.75 for a in phase.ingredient_accuracies) and phase.ensemble_accuracy > 0.75
+    assert dense.metrics["soup_accuracy"] > 0.75 and phase.metrics["soup_accuracy"] > 0.75
+    assert all(a > 0.75 for a in phase.metrics["ingredient_accuracies"]) and phase.metrics["ensemble_accuracy"] > 0.75
     assert {m["metrics"]["parameters"] for m in rec.models} == {61706}    # LeNet-5 on 1x28x28, 10 classes

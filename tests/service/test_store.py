@@ -1,6 +1,7 @@
 """The store on SQLite and on PostgreSQL (the `store` fixture of tests/conftest.py runs every test
 on both): jobs, status rules, lineage, resume without duplicates, transactions, the migration."""
 
+import contextlib
 import threading
 import uuid
 from datetime import timezone
@@ -17,6 +18,7 @@ from service.records import ModelRecord, PhaseSummary, RunRecord
 from service.spec import parse_spec
 from service.store import JobCancelled, JobNotFound, StateError, Store
 from service.recorders import DBRecorder
+from tests.conftest import fresh_pg_database
 
 SPEC = parse_spec({"name": "t", "prune": {"phases": 2}, "soup": {"ingredients": 2}})
 
@@ -57,6 +59,48 @@ def test_migrate_is_idempotent_and_downgrades(tmp_path):
         command.downgrade(cfg, "base")
     assert sa.inspect(engine).get_table_names() == ["alembic_version"]
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_phase_metrics_move_into_one_json_column_and_back(backend, tmp_path):
+    """Migration 0006 on a database with a finished phase: its metric columns become keys of
+    phases.metrics (nulls left out), jobs.best_accuracy becomes best_score; downgrading restores both."""
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite"
+               else stack.enter_context(fresh_pg_database()))
+        engine = db.make_engine(url)
+        stack.callback(engine.dispose)
+
+        def migrate(to: str, down: bool = False) -> sa.MetaData:
+            db.migrate(engine, to, down=down)
+            meta = sa.MetaData()
+            meta.reflect(engine)
+            return meta
+
+        t = migrate("0005").tables
+        now = sa.func.now()
+        with engine.begin() as c:
+            c.execute(t["jobs"].insert().values(id="j", name="old", status="succeeded", spec={}, progress=1.0,
+                                                attempts=1, total_epochs=3, done_epochs=3, best_accuracy=0.91,
+                                                created_at=now, updated_at=now))
+            c.execute(t["phases"].insert().values(job_id="j", index=1, status="succeeded", target_sparsity=0.5,
+                                                  sparsity=0.5, soup_accuracy=0.91, pruned_accuracy=0.7,
+                                                  ingredient_accuracies=[0.9, None], soup_ingredients=[0, 1],
+                                                  seconds={"total": 2.0}, epochs_trained=4, started_at=now))
+        t = migrate("head").tables
+        with engine.connect() as c:
+            phase = c.execute(sa.select(t["phases"])).mappings().one()
+            job = c.execute(sa.select(t["jobs"])).mappings().one()
+        assert phase["metrics"] == {"soup_accuracy": 0.91, "pruned_accuracy": 0.7, "ingredient_accuracies": [0.9, None],
+                                    "epochs_trained": 4}
+        assert "soup_accuracy" not in phase and job["best_score"] == 0.91 and "best_accuracy" not in job
+        t = migrate("0005", down=True).tables
+        with engine.connect() as c:
+            phase = c.execute(sa.select(t["phases"])).mappings().one()
+            job = c.execute(sa.select(t["jobs"])).mappings().one()
+        assert (phase["soup_accuracy"], phase["pruned_accuracy"], phase["ingredient_accuracies"],
+                phase["epochs_trained"], phase["ensemble_accuracy"]) == (0.91, 0.7, [0.9, None], 4, None)
+        assert job["best_accuracy"] == 0.91 and "metrics" not in phase
 
 
 def test_sqlite_pragmas(tmp_path):
@@ -261,9 +305,9 @@ def feed_job(store, job_id, phases=2, ingredients=2):
             ings.append(ing)
         soup = model("soup", t, f"phase{t}/soup", [(i.id, "averaged_from") for i in ings])
         rec.model_saved(soup)
-        rec.phase_finished(PhaseSummary(phase=t, target_sparsity=0.5 * t, sparsity=0.5 * t, soup_accuracy=0.9,
-                                        ingredient_accuracies=[0.9] * ingredients, model_id=soup.id,
-                                        seconds={"total": 1.5}))
+        rec.phase_finished(PhaseSummary(phase=t, target_sparsity=0.5 * t, sparsity=0.5 * t, model_id=soup.id,
+                                        seconds={"total": 1.5}, metrics={"soup_accuracy": 0.9,
+                                                                         "ingredient_accuracies": [0.9] * ingredients}))
         all_models += [pruned, *ings, soup]
         parent = soup
     return all_models
@@ -300,7 +344,7 @@ def test_lineage_dag_through_phases(store):
     phases = store.phases(job.id)
     assert [(p.index, p.status) for p in phases] == [(0, "succeeded"), (1, "succeeded"), (2, "succeeded")]
     assert phases[1].pruned_model_id == by_name["phase1/pruned"] and phases[1].model_id == by_name["phase1/soup"]
-    assert phases[2].seconds == {"total": 1.5} and phases[2].ingredient_accuracies == [0.9, 0.9]
+    assert phases[2].seconds == {"total": 1.5} and phases[2].metrics["ingredient_accuracies"] == [0.9, 0.9]
     assert store.get_job(job.id).current_phase == 2
     assert [r.name for r in store.runs(job.id, kind="dense")] == ["dense"]
     assert len(store.runs(job.id, kind="ingredient")) == 4

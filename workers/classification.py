@@ -1,0 +1,84 @@
+"""Image classification as a pipeline task (design section 6b): what the phase loop needs to know
+about the model and the data, behind one interface (service.records.Task) that causal language
+modelling implements too.
+
+primary metric   test accuracy, higher is better (`{split}_accuracy`, with `{split}_loss`, `{split}_ece`)
+recalibration    BatchNorm running statistics re-estimated on the first `fraction` of the unshuffled
+                 train split (a model without BatchNorm is left as it is)
+ensemble         argmax of the ingredients' mean test softmax
+pruning          magnitude (or random) over every conv and linear weight, global or per layer
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from workers.data import DataConfig, Splits, load_splits, make_loader
+from workers.evaluate import ensemble_accuracy, evaluate, score_splits
+from workers.models import build_model
+from workers.pruning import Masks, PruneResult, prune
+from workers.soup import bn_recalibrate
+
+
+@dataclass
+class Classification:
+    """An image classifier `arch` on the dataset `data`, split by `seed`, on `device`."""
+    arch: str
+    data: DataConfig
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    metric: str = "accuracy"
+    splits: Splits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.splits = load_splits(self.data, self.seed)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader("train", shuffle=True))
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild the model."""
+        return {"arch": self.arch, "model_kwargs": dict(self.model_kwargs), "num_classes": self.splits.num_classes,
+                "in_shape": list(self.splits.in_shape)}
+
+    def build(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        m = build_model(self.arch, num_classes=self.splits.num_classes, in_shape=self.splits.in_shape,
+                        **self.model_kwargs)
+        if state is not None:
+            m.load_state_dict(state)
+        return m.to(self.device)
+
+    def loader(self, split: str, shuffle: bool = False):
+        return make_loader(getattr(self.splits, split), self.data.batch_size, shuffle=shuffle)
+
+    def scores(self, model: nn.Module) -> dict[str, float]:
+        """{val,test}_{accuracy,loss,ece} over the splits that have examples."""
+        return score_splits(model, self.splits, self.data.batch_size, device=self.device)[0]
+
+    def val_score(self, model: nn.Module) -> float:
+        """Validation accuracy (greedy soups rank by it)."""
+        return evaluate(model, self.loader("val"), device=self.device)["accuracy"]
+
+    def recalibrate(self, model: nn.Module, fraction: float) -> nn.Module:
+        return bn_recalibrate(model, self.loader("train"), fraction, device=self.device)
+
+    def test_probs(self, model: nn.Module) -> torch.Tensor | None:
+        """The test split's softmax (for the prediction ensemble)."""
+        return evaluate(model, self.loader("test"), device=self.device, probs=True).get("probs")
+
+    def ensemble(self, probs: list[torch.Tensor | None]) -> float | None:
+        """Test accuracy of the ingredients' prediction ensemble; None without a test split or probs."""
+        if not len(self.splits.test) or not probs or any(p is None for p in probs):
+            return None
+        return ensemble_accuracy(probs, self.splits.test.y)
+
+    def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,
+              seed: int) -> PruneResult:
+        return prune(model, masks, target, scope=scope, criterion=criterion, seed=seed)
