@@ -31,7 +31,7 @@ from ray.util.queue import Empty, Queue
 
 from service.cluster import unfit
 from service.records import EpochCallback, ResultCallback
-from workers.tasks import TrainOutcome, TrainTask, run_train_task
+from workers.tasks import TrainOutcome, TrainTask
 
 RETRIES = 2
 
@@ -47,7 +47,7 @@ class SequentialExecutor:
         results: list[TrainOutcome | BaseException] = []
         for task in tasks:
             try:
-                out: TrainOutcome | BaseException = run_train_task(task, lambda row, n=task.name: on_epoch(n, row))
+                out: TrainOutcome | BaseException = task.run(lambda row, n=task.name: on_epoch(n, row))
             except Exception as e:  # one failed ingredient must not end the others
                 out = e
             results.append(out)
@@ -91,7 +91,7 @@ class IngredientWorker:
             if metrics is not None:
                 metrics.put_nowait((task.name, row))
         task.threads = self.threads
-        return run_train_task(task, on_epoch)
+        return task.run(on_epoch)
 
 
 

@@ -32,7 +32,7 @@ from service.records import (METRICS, Compute, Executor, JobResult, Metric, Mode
 from service.spec import JobSpec
 from workers.checkpoint import SavedModel, save_model
 from workers.models import suggested_lr
-from workers.pruning import Masks, full_masks, per_phase_rate, prunable_names, sparsity_after
+from workers.pruning import Masks, per_phase_rate, prunable_names, sparsity_after
 from workers.soup import State, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
 from workers.tasks import Finish, TrainOutcome, TrainTask
 from workers.train import TrainingDiverged, default_device
@@ -132,13 +132,19 @@ class Pipeline:
         self.recorder.phase_started(0, 0.0)
         t0, cpu0 = time.perf_counter(), time.process_time()
         compute, in_process, waited = Compute(), Compute(), 0.0
-        if spec.model.checkpoint:
+        if ctx.task.pretrained:
+            model = ctx.model()
+            masks = ctx.task.full_masks(model)
+            self.recorder.event(f"phase 0: the pretrained model {spec.model.arch}", phase=0)
+            rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
+                             metrics=ctx.task.scores(model))
+        elif spec.model.checkpoint:
             ckpt = self._load_checkpoint()
             arch = ckpt.meta.get("arch")
             if arch and arch != spec.model.arch:
                 raise ValueError(f"model.checkpoint was made for arch {arch!r}, the spec says {spec.model.arch!r}")
             model = ctx.model(ckpt.state)
-            masks = ckpt.masks or full_masks(model)
+            masks = ckpt.masks or ctx.task.full_masks(model)
             self.recorder.event(f"phase 0: loaded dense checkpoint {spec.model.checkpoint}", phase=0)
             rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
                              metrics=ctx.task.scores(model))
@@ -159,7 +165,7 @@ class Pipeline:
                 self.recorder.event(f"phase 0: {msg}", level="error", phase=0)
                 raise RuntimeError(msg) from out
             model = ctx.model(out.state)
-            masks = full_masks(model)
+            masks = ctx.task.full_masks(model)
             rec = self._record(out.saved, meta, out.scores)
             self.recorder.run_finished("dense", "succeeded", model_id=rec.id, metrics=run_metrics(out))
             compute.add_outcome(out)
@@ -251,7 +257,7 @@ class Pipeline:
             pruned_scores = {k: v for k, v in pruned_rec.metrics.items() if k.startswith(("val_", "test_"))}
         else:
             pr = ctx.task.prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
-                                seed=prune_seed(spec, t))
+                                seed=prune_seed(spec, t), pattern=spec.prune.pattern)
             pruned, masks, norm_drop = pr.model, pr.masks, pr.norm_drop
             pruned_scores = ctx.task.scores(pruned)
             pruned_rec = self._save(ctx, pruned, masks, kind="pruned", phase=t, name=f"phase{t}/pruned",

@@ -13,7 +13,9 @@ import torch
 
 from service.records import Task
 from service.spec import JobSpec, task_kind
+from workers.causal_lm import CausalLM, LMTask
 from workers.classification import Classification
+from workers.perp import PerpConfig
 from workers.pruning import Masks
 from workers.schedules import dense_schedule, retrain_schedule
 from workers.soup import State
@@ -55,10 +57,15 @@ class RetrainConfig:
         return f"{self.schedule} lr={self.lr:.3g} epochs={self.epochs} weight_decay={self.weight_decay:.2g}"
 
 
+# A language model's retraining LR when the spec gives none (AdamW, PERP's order of magnitude)
+LM_RETRAIN_LR = 1e-4
+
+
 def retrain_config(spec: JobSpec, eta_max: float, seed: int = 0) -> RetrainConfig:
     """The spec's own retraining config (what a search starts from and may replace); its LR is
-    `retrain.lr`, or `eta_max`, the dense run's peak LR."""
-    return RetrainConfig(schedule=spec.retrain.schedule, lr=spec.retrain.lr or eta_max, epochs=spec.retrain.epochs,
+    `retrain.lr`, or `eta_max`, the dense run's peak LR (a language model: LM_RETRAIN_LR)."""
+    default_lr = LM_RETRAIN_LR if task_kind(spec) == "causal_lm" else eta_max
+    return RetrainConfig(schedule=spec.retrain.schedule, lr=spec.retrain.lr or default_lr, epochs=spec.retrain.epochs,
                          weight_decay=spec.retrain.optimizer.weight_decay, seed=seed)
 
 
@@ -91,7 +98,7 @@ def ingredient_settings(spec: JobSpec, phase: int, eta_max: float,
 
 def total_epochs(spec: JobSpec) -> int:
     """For progress: every epoch the job will train (a search's trials counted as if none stopped early)."""
-    dense = 0 if spec.model.checkpoint else spec.dense.epochs
+    dense = 0 if spec.model.checkpoint or task_kind(spec) == "causal_lm" else spec.dense.epochs
     per_phase = sum(c.epochs for c in ingredient_settings(spec, 1, 1.0))
     search = 0
     if spec.search is not None:
@@ -119,9 +126,9 @@ def dense_history(meta: dict[str, Any]) -> tuple[list[float], int]:
 
 def make_task(spec: JobSpec, device: torch.device) -> Task:
     """The job's task (service.spec.task_kind): its model and data, loaded for the pipeline on `device`."""
-    kind = task_kind(spec)
-    if kind != "classification":
-        raise ValueError(f"task {kind} is not supported by this pipeline yet")
+    if task_kind(spec) == "causal_lm":
+        return CausalLM(arch=spec.model.arch, data=spec.data.text_config(), seed=spec.seed, device=device,
+                        model_kwargs=dict(spec.model.kwargs))
     return Classification(arch=spec.model.arch, data=spec.data.config(), seed=spec.seed, device=device,
                           model_kwargs=dict(spec.model.kwargs))
 
@@ -150,9 +157,20 @@ class PhaseStart:
 
 
 def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainConfig, info: dict[str, Any], *,
-                 finish: Finish | None = None, resume_url: str | None = None) -> TrainTask:
+                 finish: Finish | None = None, resume_url: str | None = None) -> TrainTask | LMTask:
     """One retraining (an ingredient, or a search trial) of the pruned model with `config`; its LR
-    schedule comes from `config.schedule` over the dense history (workers.schedules)."""
+    schedule comes from `config.schedule` over the dense history (workers.schedules). A language model
+    is retrained the PERP way (`retrain.params`) with AdamW at `config.lr` after a linear warm-up."""
+    if task_kind(spec) == "causal_lm":
+        r = spec.retrain
+        perp = PerpConfig(mode=r.params, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
+                          warmup_fraction=r.warmup, rank=r.rank, alpha=r.alpha, seed=config.seed)
+        info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
+                    peak_lr=config.lr, schedule="linear warm-up", params=r.params)
+        return LMTask(name=name, arch=spec.model.arch, data=spec.data.text_config(), data_seed=spec.seed, perp=perp,
+                      init_state=start.state, masks=start.masks, seed=config.seed, model_kwargs=dict(spec.model.kwargs),
+                      threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,
+                      gpus=spec.resources.gpus_per_ingredient)
     lrs = retrain_schedule(config.schedule, config.epochs * start.steps_per_epoch, start.dense_lrs, lr=config.lr,
                            norm_drop=start.norm_drop, rate=start.rate, phase_epochs=config.epochs,
                            dense_epochs=start.dense_epochs)

@@ -44,10 +44,14 @@ class Task(Protocol):
     """What the pipeline needs to know about a job's model and data (design section 6b): built by
     service.plan.make_task; implemented by workers.classification.Classification."""
     metric: str                         # the primary metric's name: a key of METRICS
+    pretrained: bool                    # phase 0 scores the given model instead of training one
     steps_per_epoch: int
     meta: dict[str, Any]                # what a checkpoint needs to rebuild the model
 
     def build(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module: ...
+
+    def full_masks(self, model: nn.Module) -> Masks:
+        """All-True masks over the weights this task prunes."""
 
     def scores(self, model: nn.Module) -> dict[str, float]:
         """`{val,test}_{metric}` and `{val,test}_loss` (and more) over the splits that have data."""
@@ -61,7 +65,7 @@ class Task(Protocol):
     def ensemble(self, probs: list[torch.Tensor | None]) -> float | None: ...
 
     def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,
-              seed: int) -> PruneResult: ...
+              seed: int, pattern: str = "unstructured") -> PruneResult: ...
 
 
 @dataclass

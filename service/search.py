@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from service.records import EpochCallback
-from workers.tasks import TrainTask, run_train_task
+from workers.tasks import TrainTask
 
 SEARCH_TIME = "training_iteration"        # Tune counts one per report, that is per epoch
 
@@ -46,7 +46,7 @@ class _Report(tune.Callback):
 
 def _trial(config: dict, tasks: list[TrainTask]) -> None:
     """A Tune trial: train its task, reporting every epoch (ASHA may stop it after any report)."""
-    run_train_task(tasks[config["trial"]], tune.report)
+    tasks[config["trial"]].run(tune.report)
 
 
 def tune_search(tasks: list[TrainTask], on_epoch: EpochCallback, *, cpus: float, gpus: float, slots: int,

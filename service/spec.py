@@ -15,6 +15,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from service.records import ACCURACY, PERPLEXITY, Metric
+from workers.llm_prune import parse_pattern
+from workers.lm import check_causal_lm, is_causal_lm
+from workers.text import TextConfig, TextError, text_files
 from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
 from workers.models import ModelError, check_arch
 from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
@@ -45,11 +48,26 @@ class ModelSpec(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
+        if is_causal_lm(v):
+            return v                       # checked with its kwargs below
         try:
             check_arch(v)
         except ModelError as e:
             raise ValueError(str(e)) from None
         return v
+
+    @model_validator(mode="after")
+    def _causal_lm_exists(self) -> ModelSpec:
+        """`hf:<dir>`: a local Hugging Face folder (or a GGUF file in it, `kwargs.gguf_file`); the only
+        kwargs are gguf_file and dtype, and trust_remote_code is refused."""
+        if is_causal_lm(self.arch):
+            if self.checkpoint is not None:
+                raise ValueError("model.checkpoint is for image models; a language model starts from its hf: folder")
+            try:
+                check_causal_lm(self.arch, **self.kwargs)
+            except ModelError as e:
+                raise ValueError(str(e)) from None
+        return self
 
     @field_validator("checkpoint")
     @classmethod
@@ -82,18 +100,31 @@ class DataSpec(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, le=0.5)
     batch_size: int = Field(128, ge=1, le=65536)
     augment: bool | None = None
+    # text (language-model jobs): `path` is a file, a folder (every *.txt under it) or a glob; the text is
+    # tokenized with the model's tokenizer into blocks of seq_len tokens (workers.text); batch_size
+    # counts blocks (8 when not given)
+    seq_len: int = Field(128, ge=2, le=32768)
+    calibration_samples: int = Field(32, ge=1, le=4096)
+    test_fraction: float = Field(0.05, ge=0.0, le=0.5)
+    max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}")
+        if v not in (*DATASETS, "text"):
+            raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}, text")
         return v
 
     @model_validator(mode="after")
     def _path_exists(self) -> DataSpec:
-        if self.name in NEEDS_PATH and not self.path:
+        if (self.name in NEEDS_PATH or self.name == "text") and not self.path:
             raise ValueError(f"dataset {self.name!r} needs data.path")
+        if self.name == "text":
+            try:
+                text_files(self.path)
+            except TextError as e:
+                raise ValueError(str(e)) from None
+            return self
         if self.path and not Path(self.path).expanduser().exists():
             raise ValueError(f"data.path {self.path!r} does not exist")
         try:
@@ -101,6 +132,12 @@ class DataSpec(_Strict):
         except DataError as e:
             raise ValueError(str(e)) from None
         return self
+
+    def text_config(self) -> TextConfig:
+        """The workers' TextConfig of a text dataset."""
+        return TextConfig(path=self.path or "", seq_len=self.seq_len, calibration_samples=self.calibration_samples,
+                          val_fraction=self.val_fraction, test_fraction=self.test_fraction, max_tokens=self.max_tokens,
+                          batch_size=self.batch_size if "batch_size" in self.model_fields_set else 8)
 
     def config(self) -> DataConfig:
         """The workers' DataConfig, with `augment` resolved to a bool (null: the dataset's default)."""
@@ -118,10 +155,27 @@ class DenseSpec(_Strict):
 
 
 class PruneSpec(_Strict):
+    """criterion: magnitude | random (image models), magnitude | wanda | sparsegpt (language models,
+    calibrated on `data.calibration_samples` blocks); pattern: unstructured, or N:M for language models
+    (at most N nonzeros in every M consecutive inputs; target_sparsity must then be 1 - N/M)."""
     target_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     phases: int = Field(3, ge=1, le=MAX_PHASES)
     scope: Literal["global", "layerwise"] = "global"
-    criterion: Literal["magnitude", "random"] = "magnitude"
+    criterion: Literal["magnitude", "random", "wanda", "sparsegpt"] = "magnitude"
+    pattern: str = "unstructured"
+
+    @model_validator(mode="after")
+    def _pattern(self) -> PruneSpec:
+        try:
+            nm = parse_pattern(self.pattern)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        if nm is not None and self.phases != 1:
+            raise ValueError(f"pattern {self.pattern} is reached in one phase: phases must be 1")
+        if nm is not None and abs(self.target_sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(f"pattern {self.pattern} prunes exactly {1 - nm[0] / nm[1]:g} of the weights: "
+                             f"target_sparsity must be that")
+        return self
 
 
 class OptimizerSpec(_Strict):
@@ -139,7 +193,11 @@ class RetrainSpec(_Strict):
     schedule: Literal[RETRAIN_SCHEDULES] = "llr"  # type: ignore[valid-type]
     lr: float | None = Field(None, gt=0.0, le=10.0)
     optimizer: OptimizerSpec = OptimizerSpec()
-    params: Literal["all", "bias_norm"] = "all"
+    # all | bias_norm; for language models (PERP) also bias_norm_head, lora, mask_lora, scale_lora
+    params: Literal["all", "bias_norm", "bias_norm_head", "lora", "mask_lora", "scale_lora"] = "all"
+    rank: int = Field(8, ge=1, le=1024)            # lora / mask_lora / scale_lora adapters
+    alpha: float = Field(16.0, gt=0.0, le=4096)
+    warmup: float = Field(0.1, ge=0.0, lt=1.0)     # language models: AdamW's linear warm-up share
 
 
 class SoupSpec(_Strict):
@@ -259,14 +317,14 @@ class SearchSpec(_Strict):
     space: SearchSpace
     trials: int = Field(8, ge=1, le=MAX_TRIALS)
     scheduler: Literal["asha", "fifo"] = "asha"
-    metric: Literal["val_accuracy", "val_loss", "train_accuracy", "train_loss"] = "val_accuracy"
+    metric: Literal["val_accuracy", "val_loss", "train_accuracy", "train_loss", "val_perplexity"] = "val_accuracy"
     phases: Literal["first", "all"] | list[int] = "first"
     grace_period: int = Field(1, ge=1, le=MAX_EPOCHS)          # ASHA: epochs before a trial may be stopped
     reduction_factor: int = Field(2, ge=2, le=16)              # ASHA: keep the best 1/reduction_factor per rung
 
     @property
     def mode(self) -> Literal["max", "min"]:
-        return "max" if self.metric.endswith("accuracy") else "min"
+        return "max" if self.metric.endswith("accuracy") else "min"     # loss, perplexity: lower is better
 
     def applies(self, phase: int) -> bool:
         if self.phases == "all":
@@ -293,6 +351,33 @@ class JobSpec(_Strict):
     # Wall-clock seconds from the job's start (the first driver's) after which it fails with that
     # reason and its driver is stopped; what it finished is kept. None: no limit
     timeout: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _one_task(self) -> JobSpec:
+        """A language-model job has an hf: model and text data, and uses only what PERP retraining and
+        calibrated pruning mean for it; an image job uses none of those."""
+        lm, text = is_causal_lm(self.model.arch), self.data.name == "text"
+        if lm != text:
+            raise ValueError("a language-model job needs both model.arch hf:<dir> and data.name text"
+                             if lm else "data.name text needs a language model (model.arch hf:<dir>)")
+        if lm:
+            if self.prune.criterion == "random":
+                raise ValueError("prune.criterion random is for image models; use magnitude, wanda or sparsegpt")
+            if self.search is not None and "accuracy" in self.search.metric:
+                raise ValueError(f"search.metric {self.search.metric} is for image models; use val_perplexity or "
+                                 f"val_loss")
+        else:
+            if self.prune.criterion in ("wanda", "sparsegpt"):
+                raise ValueError(f"prune.criterion {self.prune.criterion} is for language models (model.arch hf:<dir>)")
+            if self.prune.pattern != "unstructured":
+                raise ValueError(f"prune.pattern {self.prune.pattern} is for language models; image models are "
+                                 f"pruned unstructured")
+            if self.retrain.params not in ("all", "bias_norm"):
+                raise ValueError(f"retrain.params {self.retrain.params} is for language models; image models "
+                                 f"take all or bias_norm")
+            if self.search is not None and self.search.metric == "val_perplexity":
+                raise ValueError("search.metric val_perplexity is for language models")
+        return self
 
     @model_validator(mode="after")
     def _greedy_needs_validation(self) -> JobSpec:

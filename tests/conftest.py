@@ -90,3 +90,14 @@ def pytest_terminal_summary(terminalreporter):
     shots = sorted(SCREENSHOTS.glob("*.png")) if SCREENSHOTS.is_dir() else []
     if shots:
         terminalreporter.write_line(f"dashboard screenshots ({len(shots)}): {SCREENSHOTS}")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """A tiny LLaMA trained briefly on a small corpus, saved as an `hf:` folder with its tokenizer, and a
+    text file of that corpus: (arch, text path)."""
+    from tests.tiny_lm import CORPUS, pretrained_folder
+    root = tmp_path_factory.mktemp("tiny_lm")
+    text = root / "corpus.txt"
+    text.write_text(CORPUS * 2)
+    return pretrained_folder(root / "llama"), str(text)

@@ -20,7 +20,7 @@ from torch import nn
 from workers.data import DataConfig, Splits, load_splits, make_loader
 from workers.evaluate import ensemble_accuracy, evaluate, score_splits
 from workers.models import build_model
-from workers.pruning import Masks, PruneResult, prune
+from workers.pruning import Masks, PruneResult, full_masks, prune
 from workers.soup import bn_recalibrate
 
 
@@ -33,6 +33,7 @@ class Classification:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     metric: str = "accuracy"
+    pretrained: bool = False               # phase 0 trains the dense model (unless the spec gives a checkpoint)
     splits: Splits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +80,12 @@ class Classification:
             return None
         return ensemble_accuracy(probs, self.splits.test.y)
 
+    def full_masks(self, model: nn.Module) -> Masks:
+        """All-True masks over every conv and linear weight."""
+        return full_masks(model)
+
     def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,
-              seed: int) -> PruneResult:
+              seed: int, pattern: str = "unstructured") -> PruneResult:
+        if pattern != "unstructured":
+            raise ValueError(f"prune.pattern {pattern!r} is for language models; image models are pruned unstructured")
         return prune(model, masks, target, scope=scope, criterion=criterion, seed=seed)

@@ -67,6 +67,9 @@ class TrainTask:
     finish: Finish | None = None           # recalibrate, score and save in the worker
     gpus: float = 0.0                      # the GPU share the executor gives the task (for accounting)
 
+    def run(self, on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainOutcome:
+        return run_train_task(self, on_epoch)
+
 
 @dataclass
 class TrainOutcome:

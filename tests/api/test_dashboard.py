@@ -117,6 +117,14 @@ def test_job_page_plots_and_lineage(browser, server):
                                                   "dense": 1, "prediction ensemble": T}
     assert chart_points(page, "timeline") == {"dense training": T + 1, "prune": T + 1, "schedule search": T + 1,
                                               "retrain": T + 1, "soup + BN": T + 1, "evaluate": T + 1, "running": T + 1}
+    # the phase table: one row per phase, a column per metric the API lists for tables, the values its own
+    page_of_phases = httpx.get(f"{server.url}/api/v1/jobs/{done['id']}/phases").json()
+    shown = [col["key"] for col in page_of_phases["columns"] if col["table"]]
+    assert page.locator("#phases tbody tr").count() == T + 1
+    last = page.locator(f'#phases tr[data-phase="{T}"]')
+    assert [last.locator("td[data-key]").nth(i).get_attribute("data-key") for i in range(len(shown))] == shown
+    soup_acc = page_of_phases["data"][T]["soup_accuracy"]
+    assert last.locator('td[data-key="soup_accuracy"]').inner_text() == f"{100 * soup_acc:.2f}%"
     # the last phase's ingredients, one curve each, one point per retraining epoch
     assert chart_points(page, "curve-loss") == {f"ingredient{i}": FINISHED["retrain"]["epochs"] for i in range(m)}
     assert page.locator("svg#lineage .node").count() == len(lineage["nodes"]) == 1 + T * (2 + m)

@@ -254,3 +254,31 @@ def test_event_stream_of_a_finished_job_ends(api):
     last = int(blocks[-3].split("\n")[0].removeprefix("id: "))
     with api.stream("GET", f"/jobs/{job_id}/events/stream", params={"after": last}) as r:
         assert [b.split("\n")[0] for b in r.read().decode().split("\n\n") if b] == ["event: job", "event: end"]
+
+
+@pytest.mark.parametrize("spec,metric", [({}, "accuracy"), ({"model": {"arch": "hf:/nowhere"}}, "perplexity")])
+def test_phases_serve_their_metrics_flat_with_the_columns_named_after_the_jobs_metric(api, spec, metric):
+    """What a phase recorded in its metrics comes back flat beside its fields, whatever its key (a new
+    metric needs no schema change), and `columns` lists the table's metrics for the job's primary metric."""
+    from service.recorders import DBRecorder
+    from service.records import PhaseSummary
+    from service.spec import parse_spec
+    job = api.store.create_job(parse_spec(dict(JOB, model={"arch": "mlp"})))
+    if spec:     # an LLM job's spec as stored (hf: folders are checked at submission, not here)
+        from service.orm import Job
+        with api.store.tx() as s:
+            s.get(Job, job.id).spec = dict(job.spec, **spec)
+    rec = DBRecorder(api.store, job.id)
+    rec.phase_started(0, 0.0)
+    rec.phase_finished(PhaseSummary(phase=0, target_sparsity=0.0, sparsity=0.0, seconds={"total": 1.0},
+                                    metrics={f"soup_{metric}": 0.5, "brand_new_metric": 7}))
+    page = api.get(f"/jobs/{job.id}/phases").json()
+    [phase] = page["data"]
+    assert phase["index"] == 0 and phase[f"soup_{metric}"] == 0.5 and phase["brand_new_metric"] == 7
+    assert "metrics" not in phase
+    assert page["metric"]["name"] == metric and page["metric"]["mode"] == ("max" if metric == "accuracy" else "min")
+    keys = [c["key"] for c in page["columns"]]
+    assert {f"pruned_{metric}", f"soup_{metric}", f"ensemble_{metric}", "gain_over_best"} <= set(keys)
+    other = "perplexit" if metric == "accuracy" else "accura"
+    assert not any(other in k for k in keys)
+    assert api.get(f"/jobs/{job.id}").json()["best_score"] == 0.5

@@ -9,9 +9,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from workers.lm import (
     HF_PREFIX,
@@ -23,50 +22,15 @@ from workers.lm import (
     perplexity,
     transformer_blocks,
 )
+from tests.tiny_lm import MODELS, VOCAB, make_tokenizer, save, tiny_llama, tiny_opt
 from workers.models import ModelError
 
-CORPUS = ("the quick brown fox jumps over the lazy dog. " * 20 + "a cat sat on the mat and the dog ran away. " * 20
-          + "Ladle prunes and retrains small models on the CPU. " * 10)
 REPETITIVE = "the cat sat on the mat. " * 60
-VOCAB = 300
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A byte-level BPE of VOCAB tokens trained on CORPUS (id 0 is <eos>), as a transformers fast tokenizer."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    assert tok.get_vocab_size() == VOCAB
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False,
-                         bos_token_id=None, eos_token_id=0, pad_token_id=None)
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_opt(seed: int = 0) -> OPTForCausalLM:
-    torch.manual_seed(seed)
-    config = OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
-                       vocab_size=VOCAB, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    return OPTForCausalLM(config).eval()
-
-
-MODELS = {"llama": tiny_llama, "opt": tiny_opt}
-
-
-def save(folder, model, tokenizer=None):
-    model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    return HF_PREFIX + str(folder)
+    return make_tokenizer()
 
 
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
