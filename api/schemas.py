@@ -213,7 +213,8 @@ class ModelPublic(_Out):
     nonzeros: int
     size_bytes: int
     sha256: str
-    accuracy: float | None = None
+    accuracy: float | None = Field(None, description="test accuracy (image models)")
+    perplexity: float | None = Field(None, description="test perplexity (language models)")
     metrics: dict[str, Any]
     created_at: datetime
 

@@ -164,7 +164,8 @@ def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainCon
     if task_kind(spec) == "causal_lm":
         r = spec.retrain
         perp = PerpConfig(mode=r.params, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
-                          warmup_fraction=r.warmup, rank=r.rank, alpha=r.alpha, seed=config.seed)
+                          warmup_fraction=r.warmup, rank=r.rank, alpha=r.alpha, grad_accumulation=r.grad_accumulation,
+                          gradient_checkpointing=r.gradient_checkpointing, seed=config.seed)
         info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
                     peak_lr=config.lr, schedule="linear warm-up", params=r.params)
         return LMTask(name=name, arch=spec.model.arch, data=spec.data.text_config(), data_seed=spec.seed, perp=perp,

@@ -198,6 +198,8 @@ class RetrainSpec(_Strict):
     rank: int = Field(8, ge=1, le=1024)            # lora / mask_lora / scale_lora adapters
     alpha: float = Field(16.0, gt=0.0, le=4096)
     warmup: float = Field(0.1, ge=0.0, lt=1.0)     # language models: AdamW's linear warm-up share
+    grad_accumulation: int = Field(1, ge=1, le=1024)   # language models: micro-batches per step
+    gradient_checkpointing: bool = False            # language models: recompute activations (less memory)
 
 
 class SoupSpec(_Strict):

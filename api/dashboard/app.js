@@ -86,6 +86,8 @@ const score = (m, x, digits = 2) => (x == null ? "–" : m.percent ? pct(x, digi
 const plotted = (m, x) => (m.percent ? 100 * x : x);
 const axisTitle = (m, what) => `${what} ${m.name}${m.percent ? " (%)" : ""}`;
 const metricScale = (m) => (m.percent ? { min: 0, max: 100 } : {});
+// a model's test score as the lineage graph and the model panel show it
+const modelScore = (n, digits = 1) => (n.perplexity != null ? `ppl ${Number(n.perplexity).toFixed(digits)}` : pct(n.accuracy, digits));
 // A phase metric in its column (PhasesPublic.columns: unit metric | metrics | gain | number | seconds | count)
 function phaseCell(m, unit, x) {
   if (unit === "metrics") return (x ?? []).map((a) => (a == null ? "fail" : score(m, a, 1))).join(" ");
@@ -516,7 +518,7 @@ function drawLineage(svg, graph, onSelect) {
   g.setDefaultEdgeLabel(() => ({}));
   const byId = Object.fromEntries(graph.nodes.map((n) => [n.id, n]));
   const label = (n) => (n.kind === "dense" ? "dense" : `p${n.phase} ${n.kind === "ingredient" ? n.name.split("/").pop() : n.kind}`);
-  graph.nodes.forEach((n) => g.setNode(n.id, { width: 24 + 6.5 * `${label(n)} · ${pct(n.accuracy)}`.length, height: 30 }));
+  graph.nodes.forEach((n) => g.setNode(n.id, { width: 24 + 6.5 * `${label(n)} · ${modelScore(n)}`.length, height: 30 }));
   graph.edges.forEach((e) => g.setEdge(e.parent, e.child, { kind: e.kind }));
   dagre.layout(g);
   const { width, height } = g.graph();
@@ -532,9 +534,9 @@ function drawLineage(svg, graph, onSelect) {
     const { x, y, width: w, height: h } = g.node(id);
     const n = byId[id];
     return `<g class="node ${n.kind}" data-id="${id}" tabindex="0">
-      <title>${esc(n.name)}: sparsity ${pct(n.sparsity)}, accuracy ${pct(n.accuracy)}</title>
+      <title>${esc(n.name)}: sparsity ${pct(n.sparsity)}, ${n.perplexity != null ? "perplexity" : "accuracy"} ${modelScore(n, 2)}</title>
       <rect x="${x - w / 2}" y="${y - h / 2}" width="${w}" height="${h}"></rect>
-      <text x="${x}" y="${y + 4}" text-anchor="middle">${esc(label(n))} · ${pct(n.accuracy, 1)}</text></g>`;
+      <text x="${x}" y="${y + 4}" text-anchor="middle">${esc(label(n))} · ${modelScore(n)}</text></g>`;
   });
   svg.innerHTML = `<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="6" markerHeight="6" orient="auto-start-reverse">
     <path d="M0,0 L10,5 L0,10 z" fill="#9aa2b5"/></marker></defs>${edges.join("")}${nodes.join("")}`;
@@ -554,7 +556,7 @@ function modelPanel(panel, m) {
   panel.innerHTML = `<h2>${esc(m.name)}</h2><dl>
     <dt>kind</dt><dd>${esc(m.kind)}</dd><dt>phase</dt><dd>${m.phase}</dd>
     <dt>sparsity</dt><dd>${pct(m.sparsity, 2)}</dd><dt>nonzeros</dt><dd>${m.nonzeros.toLocaleString()}</dd>
-    <dt>test accuracy</dt><dd>${pct(m.accuracy, 2)}</dd><dt>size</dt><dd>${bytes(m.size_bytes)}</dd>
+    <dt>${m.perplexity != null ? "test perplexity" : "test accuracy"}</dt><dd>${modelScore(m, 2)}</dd><dt>size</dt><dd>${bytes(m.size_bytes)}</dd>
     <dt>sha256</dt><dd><code>${esc(m.sha256.slice(0, 16))}…</code></dd></dl>
     <button id="download">Download checkpoint</button> <a href="#/models/${m.id}">model page</a>`;
   panel.querySelector("#download").onclick = () => download(m).catch(showError);

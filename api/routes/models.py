@@ -16,6 +16,7 @@ NOT_FOUND = {404: {"model": Message, "description": "no such model (or not yours
 def public(model) -> ModelPublic:
     out = ModelPublic.model_validate(model)
     out.accuracy = (model.metrics or {}).get("test_accuracy")
+    out.perplexity = (model.metrics or {}).get("test_perplexity")
     return out
 
 

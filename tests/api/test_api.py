@@ -118,3 +118,28 @@ def test_cluster_shows_the_ray_head_and_the_jobs_waiting_and_running(ray_head, t
     assert cluster["resources_total"]["CPU"] == 2 and not any(k.startswith("node:") for k in cluster["resources_total"])
     assert set(cluster["resources_available"]) == set(cluster["resources_total"])
     assert 0 <= cluster["resources_available"]["CPU"] <= 2
+
+
+def test_a_language_model_job_runs_through_the_api_on_ray_and_reports_perplexity(live, tiny_lm):
+    """A tiny LLaMA (an hf: folder) on a text file: Wanda to 2:4, two mask_lora ingredients on Ray, a
+    greedy soup on validation perplexity; phases, the job and the CLI speak perplexity."""
+    if live.runtime.store.engine.dialect.name != "sqlite":
+        pytest.skip("one backend is enough here: tests/service/test_lm_pipeline.py runs LM jobs on both stores")
+    arch, text = tiny_lm
+    spec = {"name": "lm", "model": {"arch": arch}, "soup": {"ingredients": 2, "method": "greedy"},
+            "data": {"name": "text", "path": text, "seq_len": 16, "calibration_samples": 8},
+            "prune": {"target_sparsity": 0.5, "phases": 1, "criterion": "wanda", "pattern": "2:4"},
+            "retrain": {"epochs": 2, "params": "mask_lora", "lr": 3e-3}}
+    with Client(live.url) as c:
+        job = c.wait(c.submit(spec)["id"], progress=False, poll=0.5, timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        phases = c.phases(job["id"])
+        model = c.model(job["final_model_id"])
+    assert job["metric"] == {"name": "perplexity", "mode": "min", "percent": False}
+    dense, phase = phases
+    assert phase["pruned_perplexity"] > dense["soup_perplexity"] > 1
+    assert phase["soup_perplexity"] < phase["pruned_perplexity"] and len(phase["ingredient_perplexities"]) == 2
+    assert job["best_score"] == min(phase["soup_perplexity"], *phase["ingredient_perplexities"])
+    assert job["best_accuracy"] is None and model["sparsity"] == pytest.approx(0.5, abs=0.01)
+    r = ladle("status", job["id"], live=live)
+    assert r.returncode == 0 and "lower is better" in r.stdout and "perplexities" in r.stdout
