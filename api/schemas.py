@@ -167,6 +167,7 @@ class SearchTrialPublic(BaseModel):
     epochs_run: int | None
     val_accuracy: float | None
     val_loss: float | None
+    val_perplexity: float | None = Field(None, description="language models")
     stopped_early: bool = Field(description="stopped by ASHA at one of its rungs")
     chosen: bool = Field(description="the best by the search's metric: the phase's ingredients use its config")
 

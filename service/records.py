@@ -218,6 +218,7 @@ class SearchTrial:
     epochs_run: int | None = None
     val_accuracy: float | None = None
     val_loss: float | None = None
+    val_perplexity: float | None = None  # language models
     stopped_early: bool = False         # by ASHA, at one of its rungs
     chosen: bool = False                # the best by the search's metric: the phase's ingredients use its config
 

@@ -50,6 +50,7 @@ def search_trial(run: Run) -> SearchTrial:
                        config=dict(c.get("config") or {}), searched=dict(c.get("search") or {}),
                        default=bool(c.get("default")), epochs_run=m.get("epochs_run"),
                        val_accuracy=m.get("val_accuracy"), val_loss=m.get("val_loss"),
+                       val_perplexity=m.get("val_perplexity"),
                        stopped_early=bool(m.get("stopped_early")), chosen=bool(m.get("chosen")))
 
 

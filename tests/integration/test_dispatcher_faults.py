@@ -143,7 +143,18 @@ def test_transient_errors_never_give_a_job_a_second_driver(ray_head, double, sql
     assert (final.attempts, final.driver_failures, final.ray_submission_id) == (1, 0, job.id)
     assert double.submits(job.id) == 1 and double.stops() == 0
     assert ray_submissions(ray_head, job.id) == [job.id]
-    assert dispatcher.ray_error is None
+
+
+def test_the_ray_error_clears_when_the_jobs_api_answers_again(ray_head, double, sqlite_store, tmp_path):
+    store, url = sqlite_store
+    dispatcher = dispatcher_for(store, url, double.url, tmp_path).start()
+    try:
+        double.mode = "503"
+        wait_for(lambda: dispatcher.ray_error, 10, "the dispatcher to notice")
+        double.mode = "pass"
+        wait_for(lambda: dispatcher.ray_error is None, 10, "the error to clear")
+    finally:
+        dispatcher.stop()
 
 
 def test_a_crash_between_claim_and_submit_recovers(ray_head, double, sqlite_store, tmp_path):
@@ -197,8 +208,8 @@ def test_while_ray_is_down_jobs_stay_queued_and_run_once_it_is_back(ray_head, do
 def test_a_job_past_its_timeout_fails_with_the_reason_and_keeps_what_finished(ray_head, sqlite_store, tmp_path):
     store, url = sqlite_store
     spec = parse_spec({"name": "slow", "dense": {"epochs": 2}, "prune": {"target_sparsity": 0.5, "phases": 1},
-                       "model": {"arch": "resnet20"}, "retrain": {"epochs": 30}, "soup": {"ingredients": 2},
-                       "timeout": 45})
+                       "model": {"arch": "resnet20"}, "retrain": {"epochs": 500}, "soup": {"ingredients": 2},
+                       "timeout": 45})                 # the retraining cannot end within the timeout
     job = store.create_job(spec)
     dispatcher = dispatcher_for(store, url, ray_head.dashboard_url, tmp_path).start()
     try:

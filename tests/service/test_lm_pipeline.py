@@ -52,6 +52,22 @@ def test_an_lm_job_prunes_retrains_keeping_the_mask_and_reports_perplexity(tiny_
     assert 0 < share < {"mask_lora": 0.5, "bias_norm": 0.05}[params]
 
 
+def test_an_lm_job_searches_its_retraining_lr_on_validation_perplexity(tiny_lm, store, tmp_path):
+    arch, text = tiny_lm
+    spec = lm_spec(arch, text, search={"space": {"lr": {"loguniform": [1e-4, 1e-2]}}, "trials": 3,
+                                       "metric": "val_perplexity", "scheduler": "fifo"})
+    job = store.create_job(spec)
+    Pipeline(spec, SequentialExecutor(), DBRecorder(store, job.id), ArtifactStore(str(tmp_path)),
+             prefix=f"jobs/{job.id}").run()
+    from service.store.convert import search_trial
+    trials = [search_trial(r) for r in store.runs(job.id, kind="search_trial")]
+    assert len(trials) == 3 and all(t.val_perplexity is not None for t in trials)
+    [chosen] = [t for t in trials if t.chosen]
+    assert chosen.val_perplexity == min(t.val_perplexity for t in trials)
+    lrs = {r.config["lr"] for r in store.runs(job.id, kind="ingredient")}
+    assert lrs == {chosen.config["lr"]}                       # the ingredients retrain with the chosen LR
+
+
 @pytest.mark.parametrize("over,field", [
     ({"prune": {"target_sparsity": 0.5, "phases": 1, "criterion": "random"}}, "criterion random"),
     ({"prune": {"target_sparsity": 0.3, "phases": 1, "pattern": "2:4"}}, "target_sparsity"),
