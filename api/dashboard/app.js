@@ -87,10 +87,10 @@ const plotted = (m, x) => (m.percent ? 100 * x : x);
 const axisTitle = (m, what) => `${what} ${m.name}${m.percent ? " (%)" : ""}`;
 const metricScale = (m) => (m.percent ? { min: 0, max: 100 } : {});
 // a model's test score as the lineage graph and the model panel show it
-const modelScore = (n, digits = 1) => (n.perplexity != null ? `ppl ${Number(n.perplexity).toFixed(digits)}` : pct(n.accuracy, digits));
+const modelScore = (n, digits = 1) => (n.perplexity != null ? `ppl ${Number(n.perplexity).toFixed(digits + 1)}` : pct(n.accuracy, digits));
 // A phase metric in its column (PhasesPublic.columns: unit metric | metrics | gain | number | seconds | count)
 function phaseCell(m, unit, x) {
-  if (unit === "metrics") return (x ?? []).map((a) => (a == null ? "fail" : score(m, a, 1))).join(" ");
+  if (unit === "metrics") return (x ?? []).map((a) => (a == null ? "fail" : score(m, a, m.percent ? 1 : 2))).join(" ");
   if (unit === "metric") return score(m, x);
   if (unit === "gain") return x == null ? "–" : m.percent ? `${x >= 0 ? "+" : ""}${(100 * x).toFixed(2)} pp` : `${x >= 0 ? "+" : ""}${x.toFixed(2)}`;
   if (unit === "seconds") return x == null ? "–" : seconds(x);
@@ -470,7 +470,8 @@ async function jobView(el, jobId) {
       [`best ${metricOf(job).name}`, score(metricOf(job), job.best_score, 1)],
       ["model", `${esc(spec.model?.arch)} on ${esc(spec.data?.name)}`],
       ["soup", `${spec.soup?.ingredients} × ${esc(spec.soup?.vary)}, ${esc(spec.soup?.method)}`],
-      ["retraining", `${spec.retrain?.epochs} epochs, ${esc(spec.retrain?.schedule)}`],
+      ["retraining", metricOf(job).name === "perplexity"
+        ? `${spec.retrain?.epochs} epochs, ${esc(spec.retrain?.params)}, AdamW` : `${spec.retrain?.epochs} epochs, ${esc(spec.retrain?.schedule)}`],
       ["created", ago(job.created_at)], ["duration", duration(job.started_at, job.finished_at)],
       ["compute", job.cpu_seconds == null ? "–" : `${seconds(job.cpu_seconds)} CPU${job.gpu_seconds ? `, ${seconds(job.gpu_seconds)} GPU` : ""}, ${job.epochs_trained} epochs`],
       ...(job.error ? [["error", `<span class="error">${esc(job.error)}</span>`]] : []),

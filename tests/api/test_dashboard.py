@@ -251,6 +251,37 @@ def test_compare_two_finished_jobs(browser, server):
     assert p.errors == []
 
 
+def test_a_language_model_job_page_speaks_perplexity(browser, server, tiny_lm):
+    """After the long job is cancelled: an LM job's page plots and tabulates perplexity (lower is better),
+    its lineage labels show it, and the job list gives its best perplexity."""
+    arch, text = tiny_lm
+    spec = {"name": "dash-lm", "model": {"arch": arch}, "soup": {"ingredients": 2},
+            "data": {"name": "text", "path": text, "seq_len": 16, "calibration_samples": 8},
+            "prune": {"target_sparsity": 0.5, "phases": 1, "criterion": "wanda"},
+            "retrain": {"epochs": 2, "params": "mask_lora", "lr": 3e-3}}
+    with Client(server.url) as c:
+        job = c.wait(c.submit(spec)["id"], progress=False, poll=0.5, timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        phases = c.phases(job["id"])
+    p = Page(browser, server.url)
+    page = p.go(f"#/jobs/{job['id']}")
+    page.locator("svg#lineage .node").first.wait_for()
+    assert page.locator("#acc-title").inner_text() == "Perplexity vs sparsity"
+    assert page.evaluate("Chart.getChart(document.getElementById('acc-sparsity')).options.scales.y.title.text") == \
+        "test perplexity"
+    assert chart_points(page, "acc-sparsity")["soup"] == 1
+    cell = page.locator('#phases tr[data-phase="1"] td[data-key="soup_perplexity"]')
+    assert cell.inner_text() == f"{phases[1]['soup_perplexity']:.2f}"
+    assert page.locator('#phases td[data-key*="accuracy"]').count() == 0
+    assert "ppl " in page.locator(f'svg#lineage .node[data-id="{job["final_model_id"]}"]').text_content()
+    p.shot("job-lm")
+    page = p.go()
+    row = page.locator(f'tr[data-job="{job["id"]}"]')
+    row.wait_for()
+    assert row.locator("td").nth(6).inner_text() == f"{job['best_score']:.1f}"
+    assert p.errors == []
+
+
 def test_with_auth_the_page_asks_for_a_token_and_shows_only_its_jobs(browser, ray_head, tmp_path):
     with make_server(tmp_path, ray_head, dispatch=False) as server:
         store = server.runtime.store
