@@ -396,7 +396,7 @@ class Pipeline:
                                metrics={ctx.key("pruned_{m}"): ctx.test(pruned_scores), ctx.key("ingredient_{ms}"): accs,
                                         ctx.key("soup_{m}"): soup_score,
                                         ctx.key("soup_val_{m}"): soup_scores.get(ctx.key("val_{m}")),
-                                        **extra, "norm_drop": norm_drop, **compute.as_metrics()})
+                                        "soup_loss": soup_scores.get("test_loss"), **extra, "norm_drop": norm_drop, **compute.as_metrics()})
         kept = ""
         if ensemble is not None and metric.gain(ensemble, mean) > 0:
             kept = f", keeping {100 * metric.gain(soup_score, mean) / metric.gain(ensemble, mean):.0f}% of its gain"

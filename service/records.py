@@ -137,6 +137,7 @@ PHASE_COLUMNS: tuple[PhaseColumn, ...] = (
                 "test {m} of each ingredient after the soup's BatchNorm recalibration (null: it failed)"),
     PhaseColumn("soup_{m}", "soup", "metric", "test {m} of the phase's result (soup; phase 0: the dense model)"),
     PhaseColumn("soup_val_{m}", "soup val", "metric", "validation {m} of the phase's result", table=False),
+    PhaseColumn("soup_loss", "soup loss", "number", "test loss (cross-entropy) of the phase's result", table=False),
     PhaseColumn("gain_over_best", "Δbest", "gain", "soup minus the best ingredient (> 0: the soup is better)"),
     PhaseColumn("gain_over_mean", "Δmean", "gain", "soup minus the ingredients' mean (> 0: the soup is better)",
                 table=False),

@@ -2,6 +2,8 @@
 here: phase 0 scores the pretrained model, pruning is calibrated, PERP retraining keeps the mask, the
 soup is scored by perplexity, and the store keeps it all under perplexity's names."""
 
+import math
+
 import pytest
 
 from service.artifacts import ArtifactStore
@@ -37,6 +39,7 @@ def test_an_lm_job_prunes_retrains_keeping_the_mask_and_reports_perplexity(tiny_
     assert m["pruned_perplexity"] > dense.metrics["soup_perplexity"]          # pruning hurts
     assert all(p < m["pruned_perplexity"] for p in m["ingredient_perplexities"])   # retraining recovers
     assert m["soup_perplexity"] < m["pruned_perplexity"]
+    assert m["soup_loss"] == pytest.approx(math.log(m["soup_perplexity"]))     # perplexity = exp(loss)
     assert m["gain_over_best"] == pytest.approx(min(m["ingredient_perplexities"]) - m["soup_perplexity"])
     assert not any("accuracy" in k for k in m) and m.get("ensemble_perplexity") is None
     soup = load(store.get_model(result.final_model_id).uri)
