@@ -81,8 +81,8 @@ class Access:
                       admin: bool = False) -> Access:
         """The checks for a spec from `owner` (admin: may use every model), with the operator's settings."""
         denied: list[Path] = []
-        if settings.artifacts and "://" not in settings.artifacts:
-            denied.append(_resolve(settings.artifacts))
+        if settings.artifacts and ("://" not in settings.artifacts or settings.artifacts.startswith("file://")):
+            denied.append(_resolve(settings.artifacts.removeprefix("file://")))
         url = make_url(settings.database_url)
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             denied.extend(_resolve(url.database + suffix) for suffix in SQLITE_SIDECARS)
@@ -186,6 +186,8 @@ class Access:
         """model.checkpoint: the caller's model (``model:<id>`` becomes its artifact URL, or that URL itself),
         else a file under the data roots (resolved, a regular file, at most `max_checkpoint_bytes`)."""
         field = "model.checkpoint"
+        if "\x00" in value:
+            raise AccessError(self.outside(field))
         if value.startswith(MODEL_PREFIX):
             model_id = value.removeprefix(MODEL_PREFIX).strip()
             model = self._own_model(model_id=model_id) if model_id else None
