@@ -96,6 +96,7 @@ def pipeline_phases(args, console: Console) -> Table:
     """Part 2: the wall time of one pipeline phase with 1 and with 2 ingredients, through the driver's code."""
     from service.artifacts import ArtifactStore
     from service.pipeline import Pipeline
+    from service.access import Access
     from service.spec import parse_spec
     from service.store import Store
     from workers.checkpoint import Checkpoint, save
@@ -126,7 +127,8 @@ def pipeline_phases(args, console: Console) -> Table:
             ceiling[m].append(plain_processes(ceiling_task, m))
             spec = parse_spec({"name": f"fanout m={m}", "model": {"arch": "mlp", "checkpoint": ckpt}, "data": data,
                                "prune": {"target_sparsity": 0.5, "phases": 1}, "retrain": {"epochs": epochs},
-                               "soup": {"ingredients": m, "min_ingredients": 1}})
+                               "soup": {"ingredients": m, "min_ingredients": 1}},
+                              access=Access.trusting())          # the bench's own files, not a user's
             job = store.create_job(spec)
             executor = RayExecutor(cpus=1)
             executor.warm_up(m)                     # the driver warms its pool while phase 0 runs

@@ -10,15 +10,19 @@ from workers.checkpoint import Checkpoint, load
 
 
 class ArtifactStore:
-    def __init__(self, root: str):
+    """`max_checkpoint_bytes`: the most a spec's own model.checkpoint may hold (None: no cap); the pipeline's
+    own models are read whole."""
+
+    def __init__(self, root: str, *, max_checkpoint_bytes: int | None = None):
         self.root = root.rstrip("/")
+        self.max_checkpoint_bytes = max_checkpoint_bytes
 
     def uri(self, key: str) -> str:
         return f"{self.root}/{key}"
 
     @staticmethod
-    def load_checkpoint(uri: str) -> Checkpoint:
-        return load(uri)
+    def load_checkpoint(uri: str, *, max_bytes: int | None = None) -> Checkpoint:
+        return load(uri, max_bytes=max_bytes)
 
     @staticmethod
     def delete(uri: str) -> None:

@@ -45,7 +45,7 @@ MAX_BACKOFF = 30.0     # seconds between rounds while Ray does not answer, at mo
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 # Settings the driver reads itself
-FORWARDED_SETTINGS = ("LADLE_UNSCHEDULABLE_TIMEOUT",)
+FORWARDED_SETTINGS = ("LADLE_UNSCHEDULABLE_TIMEOUT", "LADLE_MAX_CHECKPOINT_BYTES")
 
 
 def driver_env(database_url: str, artifacts: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from service.access import Access
 from service.artifacts import ArtifactStore
 from service.pipeline import Pipeline
 from service.records import ResumePoint
@@ -39,6 +40,13 @@ def resume_point(store: Store, job_id: str) -> ResumePoint | None:
                                       if tr.phase == nxt and tr.status == "succeeded" and tr.chosen), None))
 
 
+def stored_spec(data: dict, store: Store | None = None) -> JobSpec:
+    """A job's stored spec, validated again: what it names (data roots, import allow-list, the caller's
+    models; service.access) was checked when it was submitted, and is not again here, where the API's
+    settings need not be known."""
+    return JobSpec.model_validate(data, context={"access": Access.trusting(store=store)})
+
+
 def run_job(job_id: str, submission: str | None = None) -> int:
     import ray
 
@@ -53,7 +61,7 @@ def run_job(job_id: str, submission: str | None = None) -> int:
     if job.status in TERMINAL:
         print(f"job {job_id} is already {job.status}", file=sys.stderr)
         return 0
-    spec = JobSpec.model_validate(job.spec)
+    spec = stored_spec(job.spec, store)
     ray.init(log_to_driver=False)          # inside a Ray job: the cluster that runs it
     recorder = DBRecorder(store, job_id, submission=submission)
     executor = RayExecutor(cpus=spec.resources.cpus_per_ingredient, gpus=spec.resources.gpus_per_ingredient,
@@ -62,7 +70,8 @@ def run_job(job_id: str, submission: str | None = None) -> int:
     if not (spec.search and spec.search.applies(1)):      # a search frees the pool first: no use warming it
         executor.warm_up(min(executor.slots, spec.soup.ingredients), wait=False)   # workers start while phase 0 runs
     resume = resume_point(store, job_id)
-    pipeline = Pipeline(spec, executor, recorder, ArtifactStore(settings.artifacts),
+    artifacts = ArtifactStore(settings.artifacts, max_checkpoint_bytes=settings.max_checkpoint_bytes)
+    pipeline = Pipeline(spec, executor, recorder, artifacts,
                         prefix=f"jobs/{job_id}", resume=resume, epoch_checkpoints=True)
     try:
         result = pipeline.run()

@@ -116,7 +116,8 @@ class Pipeline:
 
     def _load_checkpoint(self):
         if self._checkpoint is None:
-            self._checkpoint = self.artifacts.load_checkpoint(self.spec.model.checkpoint)
+            self._checkpoint = self.artifacts.load_checkpoint(
+                self.spec.model.checkpoint, max_bytes=getattr(self.artifacts, "max_checkpoint_bytes", None))
         return self._checkpoint
 
     def _driver_share(self, compute: Compute, t0: float, cpu0: float, in_process: Compute, outside: float) -> None:

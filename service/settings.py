@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -33,6 +37,46 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{(self.home / 'ladle.db').absolute()}"
         if self.artifacts is None:
             self.artifacts = str((self.home / "artifacts").absolute())
+        return self
+
+    # what a spec may name (issue 15): see service/access.py and design section 8
+    # Folders a spec's paths (data.path, model.checkpoint, hf:<dir>) must lie under, symlinks and `..` resolved.
+    # LADLE_DATA_ROOTS: a JSON list or paths separated by ':'. Unset: $LADLE_HOME/data, $LADLE_DATA (else
+    # ~/.ladle/data) and Debian's dataset folder /usr/share/datasets. Not LADLE_HOME itself: it holds the
+    # database and every user's artifacts (those are never readable through a root, whatever the roots are)
+    data_roots: Annotated[list[Path] | None, NoDecode] = None
+    # Modules (and their submodules) an `import:<module>:<callable>` arch may name; none by default.
+    # LADLE_ALLOWED_IMPORT_PREFIXES (or LADLE_ALLOW_IMPORT): a JSON list or names separated by ','
+    allowed_import_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("allowed_import_prefixes", "LADLE_ALLOWED_IMPORT_PREFIXES", "LADLE_ALLOW_IMPORT"))
+    max_checkpoint_bytes: int = Field(2 << 30, ge=1)    # the most a given model.checkpoint may hold (read capped)
+
+    @field_validator("data_roots", "allowed_import_prefixes", mode="before")
+    @classmethod
+    def _split(cls, v: object, info: ValidationInfo) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            sep = os.pathsep if info.field_name == "data_roots" else ","
+            return [part.strip() for part in text.split(sep) if part.strip()]
+        return v
+
+    @field_validator("allowed_import_prefixes")
+    @classmethod
+    def _module_names(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", p)]
+        if bad:
+            raise ValueError(f"not module names (dotted identifiers): {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _data_roots(self) -> Settings:
+        if self.data_roots is None:
+            ladle_data = os.environ.get("LADLE_DATA") or Path.home() / ".ladle" / "data"
+            self.data_roots = [self.home / "data", Path(ladle_data), Path("/usr/share/datasets")]
+        self.data_roots = list(dict.fromkeys(Path(os.path.realpath(p.expanduser())) for p in self.data_roots))
         return self
 
 

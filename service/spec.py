@@ -1,6 +1,10 @@
 """The job spec: what a user submits (JSON or YAML). Every field has a sensible default.
 
 Validation errors name the field (pydantic's `loc`), e.g. ``prune.target_sparsity: must be < 1``.
+
+What a spec may name (code, files, models) depends on the operator's settings and on who submits it: the
+validation context carries a `service.access.Access` (``parse_spec(data, access=...)``, or
+``JobSpec.model_validate(data, context={"access": ...})``); see service/access.py.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from service.access import Access, access_of
 from service.records import ACCURACY, PERPLEXITY, Metric
 from workers.llm_prune import parse_pattern
 from workers.lm import check_causal_lm, is_causal_lm
 from workers.text import TextConfig, TextError, text_files
 from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
-from workers.models import ModelError, check_arch
+from workers.models import IMPORT_PREFIX, ModelError, check_arch
 from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
 from workers.train import OptimizerConfig
 
@@ -47,11 +52,14 @@ class ModelSpec(_Strict):
 
     @field_validator("arch")
     @classmethod
-    def _known_arch(cls, v: str) -> str:
-        if is_causal_lm(v):
-            return v                       # checked with its kwargs below
+    def _known_arch(cls, v: str, info: ValidationInfo) -> str:
+        if is_causal_lm(v):                # its folder under the data roots; checked with its kwargs below
+            folder = v.removeprefix("hf:")
+            return "hf:" + access_of(info.context).path("model.arch", folder) if folder.strip() else v
         try:
             check_arch(v)
+            if v.startswith(IMPORT_PREFIX):
+                access_of(info.context).check_import(v)     # the allow-list; nothing is imported here
         except ModelError as e:
             raise ValueError(str(e)) from None
         return v
@@ -71,8 +79,14 @@ class ModelSpec(_Strict):
 
     @field_validator("checkpoint")
     @classmethod
-    def _checkpoint_exists(cls, v: str | None) -> str | None:
-        if v is not None and "://" not in v and not Path(v).expanduser().is_file():
+    def _checkpoint_readable(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """The caller's own model (model:<id>, which becomes its artifact URL, or that URL) or a file under
+        the data roots (see service.access); a local file must exist."""
+        if v is None:
+            return v
+        access = access_of(info.context)
+        v = access.checkpoint(v)
+        if access.trusted and "://" not in v and not Path(v).expanduser().is_file():
             raise ValueError(f"checkpoint file {v!r} does not exist")
         return v
 
@@ -114,6 +128,17 @@ class DataSpec(_Strict):
         if v not in (*DATASETS, "text"):
             raise ValueError(f"unknown dataset {v!r}; known: {', '.join(DATASETS)}, text")
         return v
+
+    @field_validator("path")
+    @classmethod
+    def _path_readable(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """Under the data roots (service.access), resolved; a text glob's files too."""
+        if v is None:
+            return v
+        access = access_of(info.context)
+        if info.data.get("name") == "text":
+            return access.text_path("data.path", v)
+        return access.path("data.path", v)
 
     @model_validator(mode="after")
     def _path_exists(self) -> DataSpec:
@@ -414,10 +439,12 @@ def primary_metric(spec: JobSpec | dict[str, Any]) -> Metric:
 
 
 class SpecError(ValueError):
-    """A job spec that does not validate; `errors` lists (field, message) pairs."""
+    """A job spec that does not validate; `errors` lists (field, message) pairs, `details` pydantic's own
+    errors (loc as a tuple, msg, type, input, ctx) when there are any."""
 
-    def __init__(self, errors: list[tuple[str, str]]):
+    def __init__(self, errors: list[tuple[str, str]], details: list[dict[str, Any]] | None = None):
         self.errors = errors
+        self.details = details or []
         super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
 
 
@@ -430,16 +457,17 @@ def _errors(e: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def parse_spec(data: dict[str, Any] | None) -> JobSpec:
-    """Validate a spec given as a dict; raise SpecError naming each bad field."""
+def parse_spec(data: dict[str, Any] | None, *, access: Access | None = None) -> JobSpec:
+    """Validate a spec given as a dict; raise SpecError naming each bad field. `access`: what the spec may name
+    (the API's caller and settings); None: the settings' checks (`get_settings()`) with no caller."""
     try:
-        return JobSpec.model_validate(data or {})
+        return JobSpec.model_validate(data or {}, context={"access": access} if access is not None else None)
     except ValidationError as e:
-        raise SpecError(_errors(e)) from None
+        raise SpecError(_errors(e), e.errors(include_url=False)) from None
 
 
-def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML or JSON job spec file."""
+def load_spec(path: str | Path, *, access: Access | None = None) -> JobSpec:
+    """Read a YAML or JSON job spec file (`access`: as for `parse_spec`)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -449,4 +477,4 @@ def load_spec(path: str | Path) -> JobSpec:
         raise SpecError([("file", f"{path} is not valid YAML/JSON: {e}")]) from None
     if data is not None and not isinstance(data, dict):
         raise SpecError([("file", f"{path} must hold a mapping of spec fields, not {type(data).__name__}")])
-    return parse_spec(data)
+    return parse_spec(data, access=access)

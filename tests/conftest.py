@@ -86,6 +86,22 @@ def ray_head():
     head.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_roots(tmp_path_factory):
+    """The data roots of every test's settings (service.access): the session's pytest temp folder, where the
+    tests make their datasets, checkpoints and hf: folders. Through LADLE_DATA_ROOTS, so that parse_spec
+    without a context (get_settings()) and every Settings() see it; the API fixtures also pass it explicitly."""
+    import json
+
+    from service.settings import get_settings
+    roots = [tmp_path_factory.getbasetemp()]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LADLE_DATA_ROOTS", json.dumps([str(r) for r in roots]))
+        get_settings.cache_clear()
+        yield roots
+    get_settings.cache_clear()
+
+
 def pytest_terminal_summary(terminalreporter):
     shots = sorted(SCREENSHOTS.glob("*.png")) if SCREENSHOTS.is_dir() else []
     if shots:

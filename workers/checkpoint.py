@@ -127,9 +127,14 @@ def write_url(url: str | os.PathLike, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def read_url(url: str | os.PathLike) -> bytes:
+def read_url(url: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes at `url`; with `max_bytes`, a `CheckpointError` when it holds more (at most max_bytes + 1
+    are read)."""
     with fsspec.open(str(url), "rb") as f:
-        return f.read()
+        data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise CheckpointError(f"checkpoint {url} holds more than {max_bytes} bytes, the most this service reads")
+    return data
 
 
 def save(url: str | os.PathLike, ckpt: Checkpoint) -> tuple[int, str]:
@@ -139,9 +144,9 @@ def save(url: str | os.PathLike, ckpt: Checkpoint) -> tuple[int, str]:
     return len(data), sha256_bytes(data)
 
 
-def load(url: str | os.PathLike) -> Checkpoint:
+def load(url: str | os.PathLike, *, max_bytes: int | None = None) -> Checkpoint:
     try:
-        data = read_url(url)
+        data = read_url(url, max_bytes)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {url}: {e.strerror or e}") from e
     return from_bytes(data, source=f"checkpoint {url}")

@@ -8,7 +8,8 @@
 - ``import:<module>:<callable>``: the user's own model, called with the keyword arguments it accepts
   among ``num_classes``, ``in_shape`` and the spec's model kwargs.
 
-`check_arch` validates a name without building anything (job-spec validation); both raise `ModelError`.
+`check_arch` validates a name without building or importing anything (job-spec validation); both raise
+`ModelError`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import difflib
 import functools
 import importlib
 import inspect
+import re
+import types
 from collections.abc import Callable, Sequence
 from math import ceil, prod
 
@@ -179,25 +182,53 @@ def torchvision_names() -> tuple[str, ...]:
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
-def _import_callable(arch: str) -> Callable[..., object]:
-    """The callable named by ``import:<module>:<callable>`` (the callable may be a dotted attribute path)."""
+IMPORT_PREFIX = "import:"
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def parse_import(arch: str) -> tuple[str, str]:
+    """(module, callable) of ``import:<module>:<callable>``, checked for form only (nothing is imported):
+    both dotted Python names, and no part of the callable's path a dunder (``__globals__`` and the like)."""
     parts = arch.split(":")
-    if len(parts) != 3 or not parts[1] or not parts[2]:
+    if len(parts) != 3 or parts[0] != IMPORT_PREFIX[:-1] or not parts[1] or not parts[2]:
         raise ModelError(f"arch {arch!r} must look like import:<module>:<callable>")
     _, module_name, attr = parts
+    if not _DOTTED.fullmatch(module_name):
+        raise ModelError(f"arch {arch!r}: {module_name!r} is not a Python module name (dotted identifiers)")
+    if not _DOTTED.fullmatch(attr) or any(name.startswith("__") for name in attr.split(".")):
+        raise ModelError(f"arch {arch!r}: {attr!r} is not a callable's name (dotted identifiers, no dunders)")
+    return module_name, attr
+
+
+def _import_callable(arch: str) -> Callable[..., object]:
+    """The callable named by ``import:<module>:<callable>`` (the callable may be a dotted attribute path).
+
+    Only a worker calls this (spec validation checks the name's form and the operator's allow-list, and never
+    imports). The path may not step through another module (``mymodels:os.system``) and the callable must be
+    defined in the named module's package, not merely imported into it (``from os import system``)."""
+    module_name, attr = parse_import(arch)
     try:
         obj: object = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any failure while importing user code is a bad arch
         raise ModelError(f"arch {arch!r}: cannot import module {module_name!r} ({type(e).__name__}: {e})") from e
     for name in attr.split("."):
         obj = getattr(obj, name, None)
+        if isinstance(obj, types.ModuleType):
+            raise ModelError(f"arch {arch!r}: {attr!r} passes through the module {obj.__name__!r}; name a callable "
+                             f"of {module_name!r} itself")
     if not callable(obj):
         raise ModelError(f"arch {arch!r}: module {module_name!r} has no callable {attr!r}")
+    origin = getattr(obj, "__module__", None) or ""
+    package = module_name.split(".")[0]
+    if origin != package and not origin.startswith(package + "."):
+        raise ModelError(f"arch {arch!r}: {attr!r} is defined in {origin or 'an unknown module'!r}, not in the package "
+                         f"{package!r}; name a callable defined there")
     return obj
 
 
 def check_arch(arch: str) -> None:
-    """Raise `ModelError` unless `arch` names a model that can be built (nothing is built)."""
+    """Raise `ModelError` unless `arch` names a model that can be built (nothing is built, and nothing named
+    by ``import:`` is imported: whether the module exists shows when a worker builds the model)."""
     if not isinstance(arch, str) or not arch:
         raise ModelError(f"arch must be a non-empty string; {KNOWN}")
     if arch in ZOO:
@@ -209,8 +240,8 @@ def check_arch(arch: str) -> None:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ModelError(f"unknown torchvision model {name!r} (see torchvision.models.list_models()){hint}")
         return
-    if arch.startswith("import:"):
-        _import_callable(arch)
+    if arch.startswith(IMPORT_PREFIX):
+        parse_import(arch)         # the form only: importing is for the workers, which build the model
         return
     hint = f" (did you mean 'torchvision:{arch}'?)" if arch in torchvision_names() else ""
     raise ModelError(f"unknown arch {arch!r}{hint}; {KNOWN}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import PlainValidator
 
 from api.deps import CallerDep, RuntimeDep, StoreDep, visible
 from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricInfo,
@@ -23,7 +25,8 @@ from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobSt
                          RunsPublic, SearchTrialPublic, SearchTrialsPublic)
 from service.cluster import unfit
 from service.records import phase_columns
-from service.spec import JobSpec, primary_metric
+from service.access import Access
+from service.spec import JobSpec, SpecError, parse_spec, primary_metric
 from service.states import TERMINAL, StateError
 from service.store.convert import search_trial
 
@@ -39,11 +42,29 @@ def _job(store, caller, job_id: str):
     return job
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError("a job spec is a JSON object")
+    return value
+
+
+# The body as sent (a JSON object), documented as a JobSpec: the spec is validated in the route, with the
+# caller and the settings as pydantic's validation context (what it may name: service.access)
+SpecBody = Annotated[dict[str, Any], PlainValidator(_mapping, json_schema_input_type=JobSpec), Body()]
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-async def submit_job(spec: JobSpec, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
+async def submit_job(body: SpecBody, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobPublic:
     """Validate and queue a job. The same `Idempotency-Key` again returns the same job. A job whose
-    ingredients ask for more CPUs or GPUs than any node of the cluster has is refused (422)."""
+    ingredients ask for more CPUs or GPUs than any node of the cluster has is refused (422), and so is a
+    spec that names code, files or models it may not: `import:` modules the operator has not allowed,
+    paths outside the data roots, URLs, other users' models (`model.checkpoint: model:<id>` names your own)."""
+    access = Access.from_settings(runtime.settings, store=store, owner=caller.name, admin=caller.admin)
+    try:
+        spec = parse_spec(body, access=access)
+    except SpecError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.details]) from None
     nodes = runtime.cached_nodes()
     if nodes is ...:                      # read the cluster off the event loop, at most every 30 s
         nodes = await asyncio.to_thread(runtime.nodes)

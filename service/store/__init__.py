@@ -139,6 +139,11 @@ class Store:
         with self.reads() as s:
             return models.get(s, model_id)
 
+    def model_by_uri(self, uri: str, *, job_id: str | None = None) -> Model | None:
+        """The model whose checkpoint is at `uri` (the artifact store's URL of it; of the job `job_id`), if any."""
+        with self.reads() as s:
+            return models.by_uri(s, uri, job_id)
+
     def get_model_by_name(self, job_id: str, name: str) -> Model | None:
         with self.sessions() as s:
             return models.by_name(s, job_id, name)

@@ -22,6 +22,14 @@ def by_name(s: Session, job_id: str, name: str) -> Model | None:
     return s.scalars(sa.select(Model).where(Model.job_id == job_id, Model.name == name)).one_or_none()
 
 
+def by_uri(s: Session, uri: str, job_id: str | None = None) -> Model | None:
+    """The model stored at `uri` (of the job `job_id`, when known: that narrows the search)."""
+    q = sa.select(Model).where(Model.uri == uri)
+    if job_id is not None:
+        q = q.where(Model.job_id == job_id)
+    return s.scalars(q.limit(1)).first()
+
+
 def save(s: Session, job_id: str, record: ModelRecord) -> None:
     """The model and its lineage edges, together. A model of the same name that nothing refers to
     yet (no child, no run or phase result: its driver died right after saving it) is replaced; a

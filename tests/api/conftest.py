@@ -18,12 +18,13 @@ NO_RAY = "http://127.0.0.1:9"        # nothing listens there: the cluster's node
 
 
 @pytest.fixture
-def api(tmp_path):
+def api(tmp_path, data_roots):
     """The app in-process on a fresh SQLite store, without Ray: jobs are stored and never run (its
     dispatcher is never started; cancelling a queued job needs no Ray). `api.runtime` and `api.store`
-    are the app's own; paths are relative to /api/v1."""
+    are the app's own; paths are relative to /api/v1. Specs may read under the session's temp folder."""
     url = f"sqlite:///{tmp_path / 'ladle.db'}"
-    settings = Settings(home=tmp_path, database_url=url, ray_address=NO_RAY, artifacts=str(tmp_path / "artifacts"))
+    settings = Settings(home=tmp_path, database_url=url, ray_address=NO_RAY, artifacts=str(tmp_path / "artifacts"),
+                        data_roots=data_roots)
     runtime = Runtime(settings, dispatch=False)
     runtime.store = Store(url)
     runtime.dispatcher = Dispatcher(runtime.store, NO_RAY, database_url=url, artifacts=settings.artifacts)
@@ -35,6 +36,8 @@ def api(tmp_path):
 
 
 def make_server(tmp_path, ray_head, database_url=None, dispatch=True) -> BackgroundServer:
+    """Specs may read under the session's pytest temp folder (LADLE_DATA_ROOTS, set by tests/conftest.py's
+    `data_roots` fixture, which every test session uses)."""
     settings = Settings(home=tmp_path, database_url=database_url, ray_address=ray_head.dashboard_url,
                         artifacts=str(tmp_path / "artifacts"))
     return BackgroundServer(Runtime(settings, dispatch=dispatch))

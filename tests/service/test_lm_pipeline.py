@@ -76,7 +76,7 @@ def test_an_lm_job_searches_its_retraining_lr_on_validation_perplexity(tiny_lm, 
     ({"prune": {"target_sparsity": 0.3, "phases": 1, "pattern": "2:4"}}, "target_sparsity"),
     ({"prune": {"target_sparsity": 0.5, "phases": 2, "pattern": "2:4"}}, "phases must be 1"),
     ({"data": {"name": "digits"}}, "data.name text"),
-    ({"model": {"arch": "hf:/no/such/folder"}}, "/no/such/folder"),
+    ({"model": {"arch": "hf:/no/such/folder"}}, "model.arch: not readable"),            # outside the data roots
     ({"search": {"space": {"lr": {"loguniform": [1e-4, 1e-2]}}}}, "val_perplexity"),
 ])
 def test_bad_lm_specs_are_refused_naming_the_problem(tiny_lm, over, field):

@@ -24,9 +24,9 @@ def test_defaults_are_the_design_defaults():
     ({"prune": {"phases": 0}}, "prune.phases", "greater than or equal to 1"),
     ({"model": {"arch": "resnet9000"}}, "model.arch", "unknown arch"),
     ({"data": {"name": "imagenet-from-the-web"}}, "data.name", "unknown dataset"),
-    ({"data": {"name": "npz", "path": "/no/such/file.npz"}}, "data", "does not exist"),
+    ({"data": {"name": "npz", "path": "/no/such/file.npz"}}, "data.path", "not readable"),     # outside the roots
     ({"data": {"name": "npz"}}, "data", "needs data.path"),
-    ({"model": {"checkpoint": "/no/such/model.safetensors"}}, "model.checkpoint", "does not exist"),
+    ({"model": {"checkpoint": "/no/such/model.safetensors"}}, "model.checkpoint", "not readable"),
     ({"soup": {"ingredients": 0}}, "soup.ingredients", "greater than or equal to 1"),
     ({"soup": {"ingredients": 1000}}, "soup.ingredients", "less than or equal to 64"),
     ({"retrain": {"epochs": 100000}}, "retrain.epochs", "less than or equal to 1000"),

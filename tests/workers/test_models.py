@@ -138,10 +138,13 @@ def test_import_models_get_the_arguments_they_accept(user_module):
 def test_import_errors_name_the_problem(user_module):
     with pytest.raises(ModelError, match="returned int, not a torch.nn.Module"):
         build_model(f"import:{user_module}:not_a_model", num_classes=3, in_shape=(1, 8, 8))
+    # check_arch checks the name's form only (spec validation never imports); building imports
+    check_arch(f"import:{user_module}:missing")
+    check_arch("import:no_such_module_xyz:f")
     with pytest.raises(ModelError, match="no callable 'missing'"):
-        check_arch(f"import:{user_module}:missing")
+        build_model(f"import:{user_module}:missing", num_classes=3, in_shape=(1, 8, 8))
     with pytest.raises(ModelError, match="cannot import module 'no_such_module_xyz'"):
-        check_arch("import:no_such_module_xyz:f")
+        build_model("import:no_such_module_xyz:f", num_classes=3, in_shape=(1, 8, 8))
     with pytest.raises(ModelError, match="must look like import:<module>:<callable>"):
         check_arch(f"import:{user_module}")
     with pytest.raises(ModelError, match="bad model kwargs"):
