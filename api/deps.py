@@ -74,7 +74,8 @@ async def get_caller(auth: AuthDep, store: Annotated[Store, Depends(get_store)],
 
 async def get_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
     if not caller.admin:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"this needs an admin token; the token {caller.name!r} is not one")
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"this needs an admin token; the token {caller.name!r} is not one")
     return caller
 
 

@@ -29,10 +29,11 @@ def _when(t: datetime | None, none: str = "") -> str:
 
 
 @token_app.command("create")
-def token_create(name: Annotated[str, typer.Option("--name", help="who the token is for (the owner of its jobs)")],
-                 admin: Annotated[bool, typer.Option("--admin", help="sees and cancels every job, manages tokens")] = False,
-                 expires_in: Annotated[str | None, typer.Option("--expires-in", help="lifetime, such as 30d, 12h, 90m "
-                                                                                     "(default: until revoked)")] = None) -> None:
+def token_create(
+        name: Annotated[str, typer.Option("--name", help="who the token is for (the owner of its jobs)")],
+        admin: Annotated[bool, typer.Option("--admin", help="sees and cancels every job, manages tokens")] = False,
+        expires_in: Annotated[str | None, typer.Option(
+            "--expires-in", help="lifetime, such as 30d, 12h, 90m (default: until revoked)")] = None) -> None:
     """Mint a token in the database the server uses (shown once; stored hashed)."""
     from service.orm import utcnow
     from service.store.tokens import parse_duration
@@ -76,7 +77,8 @@ def token_list(json_output: Annotated[bool, typer.Option("--json", help="print J
 
 
 @token_app.command("revoke")
-def token_revoke(token: Annotated[str, typer.Argument(help="the token's id, or the name of a token not revoked")]) -> None:
+def token_revoke(
+        token: Annotated[str, typer.Argument(help="the token's id, or the name of a token not revoked")]) -> None:
     """Revoke a token: it stops working at once (within a second on a running server)."""
     store = _store()
     try:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -30,6 +30,10 @@ JOB = {"name": "auth", "dense": {"epochs": 1}, "prune": {"target_sparsity": 0.5,
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
+
+
+def _ts(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def refused(r, why: str) -> None:
@@ -139,12 +143,15 @@ def test_the_token_api_is_for_admins_and_shows_a_secret_only_when_made(api_auth)
     r = api.post("/tokens", json={"name": "bob", "expires_in": "30d"}, headers=bearer(root))
     assert r.status_code == 201, r.text
     bob = r.json()
-    assert bob["name"] == "bob" and not bob["admin"] and bob["state"] == "active" and bob["last4"] == bob["secret"][-4:]
+    assert bob["name"] == "bob" and not bob["admin"] and bob["state"] == "active"
+    assert bob["last4"] == bob["secret"][-4:]
     assert abs((utcnow() + timedelta(days=30)).timestamp() - _ts(bob["expires_at"])) < 60
     assert api.get("/me", headers=bearer(bob["secret"])).json()["name"] == "bob"
     assert api.post("/tokens", json={"name": "bob"}, headers=bearer(root)).status_code == 409
-    for body, field in (({"name": "x", "expires_in": "30"}, "expires_in"), ({"name": "x", "expires_in": 0}, "expires_in"),
-                        ({"name": ""}, "name"), ({"name": "x", "expires_at": "2030-01-01"}, "expires_at")):
+    for body, field in (({"name": "x", "expires_in": "30"}, "expires_in"),
+                        ({"name": "x", "expires_in": 0}, "expires_in"),
+                        ({"name": ""}, "name"), ({"name": "a\nb"}, "name"),
+                        ({"name": "x", "expires_at": "2030-01-01"}, "expires_at")):
         r = api.post("/tokens", json=body, headers=bearer(root))
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field], r.text
     r = api.get("/tokens", headers=bearer(root))
@@ -154,11 +161,6 @@ def test_the_token_api_is_for_admins_and_shows_a_secret_only_when_made(api_auth)
     for secret in (root, alice, bob["secret"]):
         assert secret not in r.text
     assert all("secret" not in t and "token_hash" not in t for t in r.json()["data"])
-
-
-def _ts(iso: str) -> float:
-    from datetime import datetime
-    return datetime.fromisoformat(iso).timestamp()
 
 
 def test_cluster_details_are_for_admins(api_auth):
