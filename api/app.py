@@ -1,13 +1,16 @@
-"""The FastAPI app: /api/v1 (jobs, models, health, cluster), OpenAPI at /docs.
+"""The FastAPI app: /api/v1 (jobs, models, health, cluster, me, tokens), OpenAPI at /docs.
 
 `create_app()` starts the embedded runtime (store, Ray, dispatcher) with the server and stops it
-on exit; tests and embedders may pass a runtime they manage themselves.
+on exit; tests and embedders may pass a runtime they manage themselves. `auth` is fixed when the app is
+made (LADLE_AUTH and the bind address, see Settings.auth_for; unknown bind address: on). With auth off
+only loopback Host names are served, so that a web page cannot reach a laptop's server by DNS rebinding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import re
 from contextlib import asynccontextmanager
 
 from pathlib import Path
@@ -17,8 +20,9 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.routes import health, jobs, me, models
+from api.routes import health, jobs, me, models, tokens
 from service.runtime import Runtime
+from service.settings import get_settings
 
 API_PREFIX = "/api/v1"
 DASHBOARD = Path(__file__).parent / "dashboard"      # static: index.html, app.js, vendored libraries
@@ -39,7 +43,36 @@ class RefuseNul:
         return await self.app(scope, receive, send)
 
 
-def create_app(runtime: Runtime | None = None) -> FastAPI:
+class LoopbackHostOnly:
+    """With auth off: a request whose Host is not localhost, 127.0.0.1 or [::1] (any port) gets 400. A page
+    on evil.example whose name an attacker re-points at 127.0.0.1 (DNS rebinding) sends its own name as Host.
+    A plain ASGI middleware, like RefuseNul."""
+
+    HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if self.HOST.fullmatch(host) is None:
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 1008})
+                shown = host if len(host) <= 100 else host[:100] + "..."
+                response = JSONResponse({"detail": f"Host {shown!r} is not served: with auth off this server answers "
+                                                   "only to localhost, 127.0.0.1 and [::1] (turn auth on with "
+                                                   "LADLE_AUTH=on to serve other names)"}, status_code=400)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> FastAPI:
+    """`auth`: whether bearer tokens are asked for; None: from the settings (runtime's, else LADLE_*) with
+    the bind address unknown, so LADLE_AUTH=auto means on."""
+    if auth is None:
+        auth = (runtime.settings if runtime is not None else get_settings()).auth_for(None)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         rt = runtime or Runtime()
@@ -57,9 +90,12 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
 
     app = FastAPI(title="Ladle", version="0.1.0", lifespan=lifespan, openapi_url=f"{API_PREFIX}/openapi.json",
                   docs_url="/docs", description="Prune neural networks and retrain them as Sparse Model Soups.")
+    app.state.auth = auth
     app.add_middleware(RefuseNul)
+    if not auth:
+        app.add_middleware(LoopbackHostOnly)        # added last: the outermost, before anything else runs
     api = APIRouter(prefix=API_PREFIX)
-    for module in (jobs, models, health, me):
+    for module in (jobs, models, health, me, tokens):
         api.include_router(module.router)
     app.include_router(api)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD), name="dashboard")

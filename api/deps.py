@@ -1,4 +1,10 @@
-"""Dependencies shared by the routers: the store, the runtime and the caller's identity."""
+"""Dependencies shared by the routers: the store, the runtime and the caller's identity.
+
+Whether auth is on is the app's setting (`create_app(auth=...)`, from LADLE_AUTH and the bind address),
+fixed for the server's life: it never depends on which tokens are stored. With auth off every caller is
+an anonymous admin (and api.app serves loopback Host names only); with auth on every route but /health
+and /me needs a good bearer token (401 otherwise, saying whether it is missing, unknown, revoked or
+expired), and the admin routes need an admin token (403)."""
 
 from __future__ import annotations
 
@@ -9,18 +15,22 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.runtime import Runtime
-from service.store import Store
+from service.store import Store, TokenRefused
 
 bearer = HTTPBearer(auto_error=False)
-# Auth answers (is auth on? whose token is this?) may be this old: the check runs on every request, and
-# a token minted by another process (`ladle token create`) turns auth on within this many seconds.
+# A good token's answer may be this old (seconds): the check runs on every request, so a token deleted or
+# revoked by another process (`ladle token revoke`, another API replica) still passes for at most this
+# long. One revoked through this server's API fails at once; an expired one fails at once.
 AUTH_MAX_AGE = 1.0
 
 
 @dataclass(frozen=True)
 class Caller:
-    name: str | None          # None: auth is off (embedded, loopback only)
+    name: str | None          # None: auth is off (loopback only)
     admin: bool
+
+
+ANONYMOUS = Caller(name=None, admin=True)
 
 
 # The dependencies are `async def` so that they run on the event loop: a sync dependency would cost a
@@ -33,31 +43,46 @@ async def get_store(request: Request) -> Store:
     return request.app.state.runtime.store
 
 
+async def auth_on(request: Request) -> bool:
+    return request.app.state.auth
+
+
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+AuthDep = Annotated[bool, Depends(auth_on)]
 
 
-def identify(store: Store, credentials: HTTPAuthorizationCredentials | None) -> tuple[bool, Caller | None]:
-    """(is auth on, who is calling): the caller is None when auth is on and the token is missing or bad."""
-    if not store.auth_enabled(max_age=AUTH_MAX_AGE):
-        return False, Caller(name=None, admin=True)
-    token = store.check_token(credentials.credentials, max_age=AUTH_MAX_AGE) if credentials else None
-    return True, (Caller(name=token.name, admin=token.admin) if token else None)
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-async def get_caller(store: Annotated[Store, Depends(get_store)], credentials: BearerDep) -> Caller:
-    _, caller = identify(store, credentials)
-    if caller is not None:
-        return caller
+def authenticate(auth: bool, store: Store, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+    """Who is calling, or HTTPException 401 (the reason in its detail)."""
+    if not auth:
+        return ANONYMOUS
     if credentials is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
-                            headers={"WWW-Authenticate": "Bearer"})
-    raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or revoked token",
-                        headers={"WWW-Authenticate": "Bearer"})
+        raise _unauthorized("a bearer token is required")
+    try:
+        token = store.authenticate(credentials.credentials, max_age=AUTH_MAX_AGE)
+    except TokenRefused as e:
+        raise _unauthorized(e.message) from None
+    return Caller(name=token.name, admin=token.admin)
+
+
+async def get_caller(auth: AuthDep, store: Annotated[Store, Depends(get_store)], credentials: BearerDep) -> Caller:
+    return authenticate(auth, store, credentials)
+
+
+async def get_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    if not caller.admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"this needs an admin token; the token {caller.name!r} is not one")
+    return caller
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 StoreDep = Annotated[Store, Depends(get_store)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
+AdminDep = Annotated[Caller, Depends(get_admin)]
 
 
 def visible(caller: Caller, owner: str | None) -> bool:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from service.records import Metric
 from service.spec import primary_metric
 from service.states import TERMINAL, JobStatus
+from service.store.tokens import parse_duration
 
 EdgeKind = Literal["pruned_from", "retrained_from", "averaged_from"]
 
@@ -234,7 +235,7 @@ class LineagePublic(BaseModel):
 class HealthPublic(BaseModel):
     status: Literal["ok", "degraded"]
     database: Literal["ok"]
-    ray: str          # "ok", "not dispatching" (an API-only replica), or why Ray's Jobs API does not answer
+    ray: str          # "ok", "not dispatching" (an API-only replica), or that Ray's Jobs API does not answer
 
 
 class ClusterPublic(BaseModel):
@@ -254,3 +255,48 @@ class MePublic(BaseModel):
 
 class Message(BaseModel):
     detail: str
+
+
+class TokenPublic(_Out):
+    """An API token as lists show it: never its secret, only the secret's last four characters."""
+    id: str
+    name: str = Field(description="whom it is for: the owner of the jobs it submits")
+    admin: bool
+    created_at: datetime
+    expires_at: datetime | None = Field(description="null: never")
+    revoked_at: datetime | None
+    last4: str | None = Field(description="the secret's last four characters (null for tokens older than them)")
+
+    @computed_field
+    @property
+    def state(self) -> Literal["active", "revoked", "expired"]:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= datetime.now(timezone.utc):
+            return "expired"
+        return "active"
+
+
+class TokensPublic(BaseModel):
+    data: list[TokenPublic]
+    count: int
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                      description="whom it is for (one token not revoked per name)")
+    admin: bool = Field(False, description="sees and cancels every job, and manages tokens")
+    expires_in: float | str | None = Field(None, description='lifetime: seconds, or a number and a unit (s, m, h, '
+                                           'd, w) such as "30d"; null: until revoked')
+
+    @field_validator("expires_in")
+    @classmethod
+    def _lifetime(cls, v: float | str | None) -> float | str | None:
+        if v is not None:
+            parse_duration(v)                       # ValueError: a 422 that names the field
+        return v
+
+
+class TokenCreatedPublic(TokenPublic):
+    secret: str = Field(description="the bearer token: shown only in this answer (stored hashed)")

@@ -15,11 +15,14 @@ from service.runtime import Runtime
 
 
 class BackgroundServer:
-    def __init__(self, runtime: Runtime, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, runtime: Runtime, host: str = "127.0.0.1", port: int | None = None, *, auth: bool | None = None):
+        """`auth`: whether the API asks for tokens; None: the runtime's LADLE_AUTH for this bind address
+        (auto: off on loopback)."""
         self.runtime, self.host = runtime, host
+        self.auth = runtime.settings.auth_for(host) if auth is None else auth
         self.port = port or free_ports(1)[0]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(runtime), host=host, port=self.port,
+        self.server = uvicorn.Server(uvicorn.Config(create_app(runtime, auth=self.auth), host=host, port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="ladle-api", daemon=True)
 

@@ -197,11 +197,23 @@ class Event(Base):
                       sa.CheckConstraint(_in("level", EVENT_LEVELS), name="level"))
 
 
+ACTIVE_TOKEN = sa.text("revoked_at IS NULL")
+
+
 class Token(Base):
-    """An API bearer token, stored as its SHA-256 (the secret itself is shown once, at creation)."""
+    """An API bearer token, stored as its SHA-256 (the secret itself is shown once, at creation; its last
+    four characters are kept to tell tokens apart). Its name is the owner of the jobs it submits; at most
+    one token that is not revoked has a given name, so that a user's token is replaced by revoking it and
+    creating one of the same name. A revoked token stays, so that its secret is never taken again."""
     __tablename__ = "tokens"
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(200), unique=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
     token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
     admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]                  # None: never
+    revoked_at: Mapped[datetime | None]
+    last4: Mapped[str | None] = mapped_column(sa.String(4))   # None for tokens made before 0007
+
+    __table_args__ = (sa.Index("ix_tokens_active_name", "name", unique=True, sqlite_where=ACTIVE_TOKEN,
+                               postgresql_where=ACTIVE_TOKEN),)

@@ -7,7 +7,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     unschedulable_timeout: float = Field(600.0, gt=0)
     dispatch: bool = True                    # False: jobs are stored but not run (API-only replica, load tests)
     # A deployment's admin bearer token (from a Secret): `ladle serve` keeps it in the store as the
-    # token named "admin", so a server bound beyond loopback has auth on from its first start
+    # token named "admin", so that a server with auth on has an admin from its first start
     admin_token: SecretStr | None = Field(None, min_length=16)
 
     @model_validator(mode="after")
@@ -78,6 +78,26 @@ class Settings(BaseSettings):
             self.data_roots = [self.home / "data", Path(ladle_data), Path("/usr/share/datasets")]
         self.data_roots = list(dict.fromkeys(Path(os.path.realpath(p.expanduser())) for p in self.data_roots))
         return self
+
+    # auth (issue 15)
+    # Bearer-token auth, decided by this setting alone (never by which tokens exist): on, off, or auto =
+    # on unless the server binds to loopback (127.0.0.1, localhost, ::1). With auth off the API serves
+    # only requests whose Host is loopback (against DNS rebinding); `ladle serve` with auth on refuses to
+    # start without a usable admin token (a stored one, or LADLE_ADMIN_TOKEN).
+    auth: Literal["on", "off", "auto"] = "auto"
+    LOOPBACK_HOSTS: ClassVar[tuple[str, ...]] = ("127.0.0.1", "localhost", "::1")
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_word(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    def auth_for(self, host: str | None) -> bool:
+        """Whether a server bound to `host` asks for tokens; None (the bind address is unknown) counts as
+        beyond loopback, so that auth fails closed."""
+        if self.auth != "auto":
+            return self.auth == "on"
+        return host not in self.LOOPBACK_HOSTS
 
 
 @lru_cache

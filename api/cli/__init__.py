@@ -4,7 +4,7 @@
 - remote: the client commands that talk to a server through the SDK (submit, status, logs, cancel,
   lineage, download, compare)
 - host: the commands that host the service or run a job in this process (run, demo, serve)
-- admin: the database's administration (token create)
+- admin: the database's administration (token create, list, revoke)
 
 This module only builds the Typer app from them, in the order `ladle --help` lists the commands.
 """

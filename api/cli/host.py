@@ -30,7 +30,6 @@ from workers.data import DataError
 from workers.models import ModelError
 
 USER_ERRORS = (SpecError, CheckpointError, DataError, ModelError, FileNotFoundError, HeadInUse)
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 STORE_POLL = 0.5            # seconds between looks at the store while `ladle run` follows its job
 
 
@@ -194,14 +193,26 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
     if port is None:
         with socket.socket() as s:
             port = 8000 if s.connect_ex(("127.0.0.1", 8000)) != 0 else None
+    settings = get_settings()
+    token = None
+    if settings.auth_for("127.0.0.1"):       # LADLE_AUTH=on: the demo's client uses the deployment's admin token
+        if settings.admin_token is None:
+            raise fail("LADLE_AUTH=on: the demo needs LADLE_ADMIN_TOKEN (or run it with auth off, the default on "
+                       "loopback)", 2)
+        token = settings.admin_token.get_secret_value()
     err_console.print("starting the service (SQLite store, local Ray head, dispatcher, API) ...")
     try:
-        ensure_head_free(get_settings().home / HEAD_FILE)
+        ensure_head_free(settings.home / HEAD_FILE)
     except HeadInUse as e:
         raise fail(str(e)) from None
     with stop_on_signals(), BackgroundServer(Runtime(), port=port or None) as server:
+        if token is not None:
+            try:
+                server.runtime.store.ensure_token("admin", token, admin=True)
+            except ValueError as e:
+                raise fail(f"LADLE_ADMIN_TOKEN: {e}", 2) from None
         err_console.print(f"dashboard on {server.url}/ (API docs: {server.url}/docs)", highlight=False)
-        with Client(server.url) as c:
+        with Client(server.url, token) as c:
             job = c.submit(spec)
             err_console.print(f"submitted job {job['id']}: watch it live at {server.url}/#/jobs/{job['id']}",
                               highlight=False)
@@ -244,27 +255,41 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
 def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="port")] = 8000) -> None:
     """Start the REST API (and the dashboard) with the dispatcher and, unless LADLE_RAY_ADDRESS is set,
-    a local Ray head; all stop on exit. With LADLE_ADMIN_TOKEN set, that token is an admin token."""
+    a local Ray head; all stop on exit. Auth (LADLE_AUTH): on, off, or auto (the default: on unless bound
+    to 127.0.0.1, localhost or ::1). With auth on it needs an admin token: a stored one (ladle token
+    create --admin) or LADLE_ADMIN_TOKEN, which it keeps in the store as the admin token named "admin"."""
     import uvicorn
 
-    from api.app import create_app
     from service.store import Store
     settings = get_settings()
+    auth = settings.auth_for(host)
+    # every refusal comes before anything is bound or started (Ray above all)
     store = Store(settings.database_url)
-    if settings.admin_token is not None:
-        store.ensure_token("admin", settings.admin_token.get_secret_value(), admin=True)
-    if host not in LOOPBACK_HOSTS and not store.auth_enabled():
-        raise fail(f"refusing to serve on {host} without auth: create a token first "
-                   "(ladle token create --name NAME --admin), or bind to 127.0.0.1", 2)
-    store.engine.dispose()
+    try:
+        if settings.admin_token is not None:
+            try:
+                store.ensure_token("admin", settings.admin_token.get_secret_value(), admin=True)
+            except ValueError as e:
+                raise fail(f"LADLE_ADMIN_TOKEN: {e}", 2) from None
+        if auth and not store.has_admin_token():
+            why = "LADLE_AUTH=on" if settings.auth == "on" else f"LADLE_AUTH=auto and {host} is beyond loopback"
+            raise fail(f"refusing to serve: auth is on ({why}) and there is no admin token that is neither revoked "
+                       "nor expired; create one (ladle token create --name NAME --admin) or set LADLE_ADMIN_TOKEN"
+                       + ("" if settings.auth == "on" else ", or bind to 127.0.0.1"), 2)
+    finally:
+        store.engine.dispose()
+    if not auth and host not in settings.LOOPBACK_HOSTS:
+        err_console.print(f"warning: auth is off (LADLE_AUTH=off) on {host}: only requests to localhost, "
+                          "127.0.0.1 or [::1] are served", highlight=False)
     if not settings.ray_address:
         try:
             ensure_head_free(settings.home / HEAD_FILE)
         except HeadInUse as e:
             raise fail(str(e), 2) from None
+    from api.app import create_app
     # uvicorn stops gracefully on SIGINT and SIGTERM (and the app stops the runtime); SIGHUP does the same
     signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(auth=auth), host=host, port=port, log_level="info")
 
 
 COMMANDS = (run, demo, serve)

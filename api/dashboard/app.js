@@ -124,7 +124,8 @@ function showError(e) {
   el.textContent = e.message;
 }
 
-// Call fn now and then every `ms` until the view changes, fn returns false or what it reads is gone (404).
+// Call fn now and then every `ms` until the view changes, fn returns false, what it reads is gone (404) or
+// is not for this token (403: the cluster page for a token that is not an admin's).
 function every(ms, fn) {
   let stopped = false;
   let timer;
@@ -135,7 +136,7 @@ function every(ms, fn) {
       document.getElementById("view-error")?.remove();
     } catch (e) {
       showError(e);
-      again = !(e instanceof HttpError && e.status === 404);
+      again = !(e instanceof HttpError && (e.status === 404 || e.status === 403));
     }
     if (!stopped && again) timer = setTimeout(tick, ms);
   };

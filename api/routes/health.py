@@ -1,11 +1,12 @@
-"""/api/v1/health (liveness and a DB check) and /api/v1/cluster (Ray nodes and resources)."""
+"""/api/v1/health (liveness and a DB check; public, so it names no address and no raw error) and
+/api/v1/cluster (Ray nodes, their addresses and resources, the Jobs API's address: admins only)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from api.deps import CallerDep, RuntimeDep, StoreDep
-from api.schemas import ClusterPublic, HealthPublic
+from api.deps import AdminDep, RuntimeDep, StoreDep
+from api.schemas import ClusterPublic, HealthPublic, Message
 
 router = APIRouter(tags=["health"])
 
@@ -13,7 +14,8 @@ router = APIRouter(tags=["health"])
 @router.get("/health", response_model=HealthPublic, responses={503: {"description": "the database does not answer"}})
 def health(store: StoreDep, runtime: RuntimeDep) -> HealthPublic:
     """200 while the database answers. `ray` says whether the dispatcher reaches Ray's Jobs API; while
-    it does not, `status` is `degraded`: jobs are accepted and wait in the queue."""
+    it does not, `status` is `degraded`: jobs are accepted and wait in the queue. Public: why Ray does
+    not answer, and where it is, is for admins (GET /cluster)."""
     try:
         store.ping()
     except Exception as e:
@@ -23,12 +25,15 @@ def health(store: StoreDep, runtime: RuntimeDep) -> HealthPublic:
     if dispatcher is None or not dispatcher.is_running():
         ray = "not dispatching"
     else:
-        ray = "ok" if ray_error is None else ray_error
+        ray = "ok" if ray_error is None else "Ray's Jobs API does not answer (details: GET /api/v1/cluster, admins)"
     return HealthPublic(status="ok" if ray_error is None else "degraded", database="ok", ray=ray)
 
 
-@router.get("/cluster", response_model=ClusterPublic, responses={503: {"description": "Ray does not answer"}})
-def cluster(runtime: RuntimeDep, store: StoreDep, caller: CallerDep) -> ClusterPublic:
+@router.get("/cluster", response_model=ClusterPublic,
+            responses={403: {"model": Message, "description": "not an admin token"},
+                       503: {"description": "Ray does not answer"}})
+def cluster(runtime: RuntimeDep, store: StoreDep, _: AdminDep) -> ClusterPublic:
+    """Ray's nodes (with their addresses), resources in use, and the running and queued jobs: admins only."""
     from ray.util.state import list_actors, list_nodes
     try:
         nodes = list_nodes(address=runtime.jobs_api_url, timeout=10)

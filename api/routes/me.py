@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, HTTPException
 
-from api.deps import BearerDep, StoreDep, identify
+from api.deps import AuthDep, BearerDep, StoreDep, authenticate
 from api.schemas import MePublic
 
 router = APIRouter(tags=["auth"])
 
 
 @router.get("/me", response_model=MePublic)
-async def me(store: StoreDep, credentials: BearerDep) -> MePublic:
+async def me(auth: AuthDep, store: StoreDep, credentials: BearerDep) -> MePublic:
     """Whether auth is on and, if so, whether the bearer token is good and whose it is."""
-    auth, caller = identify(store, credentials)
+    try:
+        caller = authenticate(auth, store, credentials)
+    except HTTPException:
+        caller = None
     return MePublic(auth=auth, authenticated=caller is not None, name=caller.name if caller else None,
                     admin=bool(caller and caller.admin))

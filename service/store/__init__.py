@@ -15,10 +15,10 @@ models have no relationships to lazy-load. Change them only through the store. T
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -31,8 +31,9 @@ from service.states import StateError
 from service.store import jobs, models, runs, tokens
 from service.store.jobs import JobCancelled, JobNotFound
 from service.store.runs import COMPUTE_FIELDS
+from service.store.tokens import TokenRefused
 
-__all__ = ["COMPUTE_FIELDS", "JobCancelled", "JobNotFound", "StateError", "Store"]
+__all__ = ["COMPUTE_FIELDS", "JobCancelled", "JobNotFound", "StateError", "Store", "TokenRefused"]
 
 
 class Store:
@@ -48,7 +49,6 @@ class Store:
         # PostgreSQL autocommit saves the BEGIN and ROLLBACK round trips (0.45 -> 0.30 ms for a job)
         self.reads = (db.make_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"))
                       if self.engine.dialect.name == "postgresql" else self.sessions)
-        self._auth_on: tuple[float, bool] = (-math.inf, False)     # (when checked, answer)
         self._tokens: dict[str, tuple[float, Token]] = {}          # hash -> (when checked, token)
 
     @contextmanager
@@ -163,19 +163,20 @@ class Store:
         with self.engine.connect() as c:
             c.execute(sa.text("SELECT 1"))
 
-    def create_token(self, name: str, *, admin: bool = False) -> tuple[Token, str]:
-        """Mint a bearer token for `name`; returns the row and the secret (stored only as its hash)."""
+    def create_token(self, name: str, *, admin: bool = False,
+                     expires_at: datetime | None = None) -> tuple[Token, str]:
+        """Mint a bearer token for `name`, valid until `expires_at` (None: until revoked); returns the row
+        and the secret (stored only as its hash). ValueError if a token of that name is not revoked."""
         try:
             with self.tx() as s:
-                token, secret = tokens.mint(s, name, admin=admin)
+                return tokens.mint(s, name, admin=admin, expires_at=expires_at)
         except sa.exc.IntegrityError:
-            raise ValueError(f"a token named {name!r} exists already") from None
-        self._auth_on = (time.monotonic(), True)
-        return token, secret
+            raise ValueError(f"a token named {name!r} exists already (revoke it first to replace it)") from None
 
     def ensure_token(self, name: str, secret: str, *, admin: bool = False) -> Token:
         """Keep the token `name` equal to `secret` (created, or its secret and role replaced): for a
-        token that comes from the deployment's configuration. Safe to run from several replicas."""
+        token that comes from the deployment's configuration. Safe to run from several replicas.
+        ValueError if that secret was revoked (it is not brought back)."""
         for _ in range(2):
             try:
                 with self.tx() as s:
@@ -186,29 +187,54 @@ class Store:
         else:
             raise ValueError(f"cannot store the token {name!r}: another token has the same secret")
         self._tokens.clear()
-        self._auth_on = (time.monotonic(), True)
         return token
 
-    def check_token(self, secret: str, *, max_age: float = 0.0) -> Token | None:
-        """The token whose secret this is, or None. `max_age`: a valid token seen at most that many
-        seconds ago is not looked up again (the API asks on every request)."""
+    def list_tokens(self) -> list[Token]:
+        """Every token, revoked and expired ones included, oldest first."""
+        with self.reads() as s:
+            return tokens.listing(s)
+
+    def revoke_token(self, ref: str) -> Token | None:
+        """Revoke a token by id (or by the name of a token not revoked); None if there is no such token.
+        It stops working at once through this store, and within the readers' `max_age` elsewhere."""
+        with self.tx() as s:
+            token = tokens.revoke(s, ref)
+        if token is not None:
+            self._tokens.pop(token.token_hash, None)
+        return token
+
+    def has_admin_token(self) -> bool:
+        """Whether an admin token that is neither revoked nor expired is stored."""
+        with self.reads() as s:
+            return tokens.admin_exists(s)
+
+    def authenticate(self, secret: str, *, max_age: float = 0.0) -> Token:
+        """The token whose secret this is, if it is good; else TokenRefused, saying why (unknown, revoked,
+        expired). `max_age`: a good token seen at most that many seconds ago is not looked up again (the
+        API asks on every request), so a token deleted or revoked by another process (or another API
+        replica) still passes for at most `max_age` seconds; expiry is checked on every call, and a
+        token revoked through this store fails at once."""
         key, now = tokens.digest(secret), time.monotonic()
         hit = self._tokens.get(key)
-        if hit is not None and now - hit[0] <= max_age:
-            return hit[1]
-        with self.reads() as s:
-            token = tokens.by_digest(s, key)
-        if token is not None:
+        fresh = hit is not None and now - hit[0] <= max_age
+        if fresh:
+            token = hit[1]
+        else:
+            with self.reads() as s:
+                token = tokens.by_digest(s, key)
+        refused = tokens.refusal(token)
+        if refused is not None:
+            self._tokens.pop(key, None)
+            raise refused
+        if not fresh:
             if len(self._tokens) > 10_000:
                 self._tokens.clear()
             self._tokens[key] = (now, token)
         return token
 
-    def auth_enabled(self, *, max_age: float = 0.0) -> bool:
-        """Auth is on as soon as one token exists. `max_age`: an answer at most that many seconds old
-        will do; a token minted through this store turns auth on at once."""
-        now = time.monotonic()
-        if now - self._auth_on[0] > max_age:
-            with self.reads() as s:
-                self._auth_on = (now, tokens.any_exist(s))
-        return self._auth_on[1]
+    def check_token(self, secret: str, *, max_age: float = 0.0) -> Token | None:
+        """The good token whose secret this is, or None (see authenticate)."""
+        try:
+            return self.authenticate(secret, max_age=max_age)
+        except tokens.TokenRefused:
+            return None

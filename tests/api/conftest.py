@@ -17,29 +17,37 @@ from service.store import Store
 NO_RAY = "http://127.0.0.1:9"        # nothing listens there: the cluster's nodes are unknown
 
 
-@pytest.fixture
-def api(tmp_path, data_roots):
-    """The app in-process on a fresh SQLite store, without Ray: jobs are stored and never run (its
-    dispatcher is never started; cancelling a queued job needs no Ray). `api.runtime` and `api.store`
-    are the app's own; paths are relative to /api/v1. Specs may read under the session's temp folder."""
+def in_process(tmp_path, auth: str, data_roots):
+    """The app in-process on a fresh SQLite store, without Ray, with LADLE_AUTH=`auth` (see `api`); specs may
+    read under `data_roots` (the session's temp folder)."""
     url = f"sqlite:///{tmp_path / 'ladle.db'}"
     settings = Settings(home=tmp_path, database_url=url, ray_address=NO_RAY, artifacts=str(tmp_path / "artifacts"),
-                        data_roots=data_roots)
+                        auth=auth, data_roots=data_roots)
     runtime = Runtime(settings, dispatch=False)
     runtime.store = Store(url)
     runtime.dispatcher = Dispatcher(runtime.store, NO_RAY, database_url=url, artifacts=settings.artifacts)
-    with TestClient(create_app(runtime), base_url=f"http://testserver{API_PREFIX}") as client:
+    # Host localhost: with auth off the app serves loopback names only
+    with TestClient(create_app(runtime), base_url=f"http://localhost{API_PREFIX}") as client:
         client.runtime, client.store = runtime, runtime.store
         yield client
     runtime.store.engine.dispose()
     gc.unfreeze()           # the app's start-up froze the test session's objects (see api.app)
 
 
-def make_server(tmp_path, ray_head, database_url=None, dispatch=True) -> BackgroundServer:
-    """Specs may read under the session's pytest temp folder (LADLE_DATA_ROOTS, set by tests/conftest.py's
-    `data_roots` fixture, which every test session uses)."""
+@pytest.fixture
+def api(tmp_path, data_roots):
+    """The app in-process on a fresh SQLite store, without Ray, with auth off (as `ladle demo` on a laptop):
+    jobs are stored and never run (its dispatcher is never started; cancelling a queued job needs no Ray).
+    `api.runtime` and `api.store` are the app's own; paths are relative to /api/v1. `api_auth`: the same
+    with auth on."""
+    yield from in_process(tmp_path, "off", data_roots)
+
+
+def make_server(tmp_path, ray_head, database_url=None, dispatch=True, auth="auto") -> BackgroundServer:
+    """A live server on loopback (so LADLE_AUTH=auto is off; auth="on" turns it on). Specs may read under the
+    session's pytest temp folder (LADLE_DATA_ROOTS, set by tests/conftest.py's autouse `data_roots`)."""
     settings = Settings(home=tmp_path, database_url=database_url, ray_address=ray_head.dashboard_url,
-                        artifacts=str(tmp_path / "artifacts"))
+                        artifacts=str(tmp_path / "artifacts"), auth=auth)
     return BackgroundServer(Runtime(settings, dispatch=dispatch))
 
 
@@ -54,3 +62,9 @@ def live(request, ray_head, tmp_path_factory):
         url = request.getfixturevalue("pg_url")
     with make_server(tmp, ray_head, url) as server:
         yield server
+
+
+@pytest.fixture
+def api_auth(tmp_path, data_roots):
+    """`api` with auth on (LADLE_AUTH=on): every route but /health and /me needs a bearer token."""
+    yield from in_process(tmp_path, "on", data_roots)

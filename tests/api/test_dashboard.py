@@ -283,7 +283,7 @@ def test_a_language_model_job_page_speaks_perplexity(browser, server, tiny_lm):
 
 
 def test_with_auth_the_page_asks_for_a_token_and_shows_only_its_jobs(browser, ray_head, tmp_path):
-    with make_server(tmp_path, ray_head, dispatch=False) as server:
+    with make_server(tmp_path, ray_head, dispatch=False, auth="on") as server:
         store = server.runtime.store
         _, alice = store.create_token("alice")
         _, bob = store.create_token("bob")

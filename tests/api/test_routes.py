@@ -17,7 +17,7 @@ JOB = {"name": "api", "dense": {"epochs": 3}, "prune": {"target_sparsity": 0.75,
 
 def sdk(api: TestClient, token: str | None = None) -> Client:
     """The Python SDK, talking to the in-process app."""
-    c = Client("http://testserver", token)
+    c = Client("http://localhost", token)
     http, c.http = c.http, TestClient(api.app, base_url=str(c.http.base_url), headers=c.http.headers)
     http.close()
     return c
@@ -129,7 +129,8 @@ def test_cancel_stops_a_queued_job_and_a_finished_job_is_409(api):
             c.cancel(queued)
 
 
-def test_idempotency_key_creates_one_job_per_owner(api):
+def test_idempotency_key_creates_one_job_per_owner(api_auth):
+    api = api_auth
     _, alice = api.store.create_token("alice")
     _, bob = api.store.create_token("bob")
     a = submit(api, "idem", alice, **{"Idempotency-Key": "same-key"})
@@ -141,7 +142,8 @@ def test_idempotency_key_creates_one_job_per_owner(api):
     assert count(api, Authorization=f"Bearer {alice}") == 2
 
 
-def test_list_filters_by_status_and_owner_and_pages_newest_first(api):
+def test_list_filters_by_status_and_owner_and_pages_newest_first(api_auth):
+    api = api_auth
     store = api.store
     _, alice = store.create_token("alice")
     _, bob = store.create_token("bob")
@@ -184,8 +186,9 @@ def test_list_filters_by_status_and_owner_and_pages_newest_first(api):
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", field], r.text
 
 
-def test_auth_tokens_owners_and_admins(api):
-    assert api.get("/me").json() == {"auth": False, "authenticated": True, "name": None, "admin": True}
+def test_auth_tokens_owners_and_admins(api_auth):
+    api = api_auth
+    assert api.get("/me").json() == {"auth": True, "authenticated": False, "name": None, "admin": False}
     _, alice = api.store.create_token("alice")
     _, bob = api.store.create_token("bob")
     _, admin = api.store.create_token("root", admin=True)

@@ -104,7 +104,7 @@ def test_admin_token_setting_is_kept_as_the_admin_token(store):
     store.ensure_token("admin", "rotated-secret-0123456789", admin=True)                      # rotation
     assert store.check_token("first-secret-0123456789") is None
     assert store.check_token("rotated-secret-0123456789").name == "admin"
-    assert store.auth_enabled()
+    assert store.has_admin_token()
 
 
 def test_admin_token_must_be_long(monkeypatch):
@@ -118,7 +118,7 @@ def test_ladle_serve_stores_the_admin_token_from_the_environment(tmp_path):
     secret = f"deploy-{uuid.uuid4().hex}"
     # no Ray: jobs are stored, not run (LADLE_DISPATCH=false), and no local head starts (an address is set)
     env = clean_env(LADLE_HOME=str(tmp_path), LADLE_ADMIN_TOKEN=secret, LADLE_DISPATCH="false",
-                    LADLE_RAY_ADDRESS=f"http://{LOOPBACK}:1")
+                    LADLE_RAY_ADDRESS=f"http://{LOOPBACK}:1", LADLE_AUTH="on")
     server = subprocess.Popen([str(BIN / "ladle"), "serve", "--host", LOOPBACK, "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://{LOOPBACK}:{port}/api/v1"
@@ -134,7 +134,7 @@ def test_ladle_serve_stores_the_admin_token_from_the_environment(tmp_path):
             time.sleep(0.3)
         me = httpx.get(f"{url}/me", headers={"Authorization": f"Bearer {secret}"}).json()
         assert me == {"auth": True, "authenticated": True, "name": "admin", "admin": True}
-        assert httpx.get(f"{url}/jobs").status_code == 401                   # auth is on from the first start
+        assert httpx.get(f"{url}/jobs").status_code == 401                   # with its admin from the first start
     finally:
         server.terminate()
         server.wait(15)

@@ -3,8 +3,9 @@ on both): jobs, status rules, lineage, resume without duplicates, transactions, 
 
 import contextlib
 import threading
+import time
 import uuid
-from datetime import timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -16,7 +17,7 @@ from service import db
 from service.orm import Base, Event, Metric, Model, ModelEdge, Phase, Run
 from service.records import ModelRecord, PhaseSummary, RunRecord
 from service.spec import parse_spec
-from service.store import JobCancelled, JobNotFound, StateError, Store
+from service.store import JobCancelled, JobNotFound, StateError, Store, TokenRefused
 from service.recorders import DBRecorder
 from tests.conftest import fresh_pg_database
 
@@ -238,33 +239,40 @@ def test_update_job(store):
 
 
 def test_tokens(store):
-    assert not store.auth_enabled()
+    assert not store.has_admin_token()
     token, secret = store.create_token("ann", admin=True)
-    assert store.auth_enabled() and store.check_token(secret).id == token.id and store.check_token("x") is None
+    assert store.has_admin_token() and store.check_token(secret).id == token.id and store.check_token("x") is None
+    assert token.last4 == secret[-4:] and token.expires_at is None and token.revoked_at is None
     with pytest.raises(ValueError, match="exists already"):
         store.create_token("ann")
     store.ping()
 
 
 def test_token_answers_are_reused_for_at_most_max_age(store):
-    """The API asks on every request, with a max_age: a token revoked or minted by another process
-    counts from the first lookup older than that; one minted through this store counts at once."""
+    """The API asks on every request, with a max_age: a token deleted or revoked by another process
+    fails from the first lookup older than that; one revoked through this store fails at once."""
     token, secret = store.create_token("ann")
-    assert store.auth_enabled(max_age=60)
     assert store.check_token(secret, max_age=60).id == token.id          # looked up (and remembered)
     with store.engine.begin() as c:
-        c.execute(sa.text("DELETE FROM tokens"))                          # revoked elsewhere
+        c.execute(sa.text("DELETE FROM tokens"))                          # deleted elsewhere
     assert store.check_token(secret, max_age=60).id == token.id          # the answer of a moment ago
-    assert store.auth_enabled(max_age=60)
     assert store.check_token(secret, max_age=0) is None                  # looked up again
-    assert not store.auth_enabled(max_age=0)
-    other = Store(store.url, migrate=False)                               # another process mints one
+    assert store.check_token(secret, max_age=60) is None                 # and not remembered any more
+    _, bob = store.create_token("bob")
+    assert store.check_token(bob, max_age=60).name == "bob"
+    other = Store(store.url, migrate=False)                               # another process revokes it
     try:
-        _, bob = other.create_token("bob")
+        assert other.revoke_token("bob").name == "bob"
     finally:
         other.engine.dispose()
-    assert not store.auth_enabled(max_age=60) and store.check_token(bob, max_age=60).name == "bob"
-    assert store.auth_enabled(max_age=0)
+    assert store.check_token(bob, max_age=60).name == "bob"
+    with pytest.raises(TokenRefused, match="'bob' was revoked on") as refused:
+        store.authenticate(bob, max_age=0)
+    assert refused.value.reason == "revoked"
+    _, cy = store.create_token("cy")
+    assert store.check_token(cy, max_age=60).name == "cy"
+    store.revoke_token("cy")                                              # through this store: at once
+    assert store.check_token(cy, max_age=60) is None
 
 
 # ---------------------------------------------------------------- the recorder
@@ -472,3 +480,90 @@ def test_deleting_a_job_cascades(store):
     with store.tx() as s:
         s.execute(sa.delete(Base.metadata.tables["jobs"]).where(sa.column("id") == job.id))
     assert all(count(store, t) == 0 for t in (Phase, Run, Model, ModelEdge, Metric, Event))
+
+
+# ---------------------------------------------------------------- tokens: expiry and revocation (issue 15)
+
+def test_tokens_expire_are_revoked_and_listed(store):
+    from service.orm import utcnow
+    _, old = store.create_token("old", admin=True, expires_at=utcnow() - timedelta(seconds=1))
+    with pytest.raises(TokenRefused, match="'old' expired on") as refused:
+        store.authenticate(old)
+    assert refused.value.reason == "expired" and not store.has_admin_token()      # an expired admin is no admin
+    _, brief = store.create_token("brief", expires_at=utcnow() + timedelta(seconds=0.5))
+    assert store.check_token(brief, max_age=60).name == "brief"                   # remembered for a minute ...
+    time.sleep(0.6)
+    with pytest.raises(TokenRefused, match="expired"):
+        store.authenticate(brief, max_age=60)                                     # ... but never past its expiry
+    root, root_secret = store.create_token("root", admin=True)
+    assert store.has_admin_token()
+    ann, _ = store.create_token("ann")
+    revoked = store.revoke_token(ann.id)                                          # by id
+    assert revoked.revoked_at is not None and store.revoke_token(ann.id).revoked_at == revoked.revoked_at
+    assert store.revoke_token("no-such-token") is None
+    ann2, ann2_secret = store.create_token("ann")                 # a revoked token's name can be given again
+    assert store.revoke_token("ann").id == ann2.id                # by name: the one not revoked
+    assert store.revoke_token("root").id == root.id and not store.has_admin_token()
+    with pytest.raises(TokenRefused, match="revoked"):
+        store.authenticate(root_secret)
+    listed = store.list_tokens()
+    assert [t.name for t in listed] == ["old", "brief", "root", "ann", "ann"]     # oldest first, all of them
+    assert [t.revoked_at is not None for t in listed] == [False, False, True, True, True]
+    assert listed[1].expires_at is not None and all(len(t.last4) == 4 for t in listed)
+
+
+def test_an_active_name_is_unique_and_a_revoked_admin_secret_stays_revoked(store):
+    store.create_token("ann")
+    with store.engine.begin() as c:                # the partial unique index, not only the store's check
+        with pytest.raises(sa.exc.IntegrityError):
+            c.execute(sa.text("INSERT INTO tokens (id, name, token_hash, admin, created_at) "
+                              "VALUES ('x', 'ann', 'h', false, CURRENT_TIMESTAMP)"))
+    store.ensure_token("admin", "deploy-secret-0123456789", admin=True)
+    store.revoke_token("admin")
+    with pytest.raises(ValueError, match="revoked"):
+        store.ensure_token("admin", "deploy-secret-0123456789", admin=True)          # not brought back
+    assert store.check_token("deploy-secret-0123456789") is None and not store.has_admin_token()
+    store.ensure_token("admin", "new-deploy-secret-0123456789", admin=True)           # a new secret is fine
+    assert store.check_token("new-deploy-secret-0123456789").admin
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_token_expiry_and_revocation_columns_come_and_go(backend, tmp_path):
+    """Migration 0007 on a database with a token: it gains expires_at, revoked_at and last4 (null), and
+    a name is unique among tokens not revoked only; downgrading deletes the revoked and expired tokens
+    (before 0007 every stored token is good) and makes names unique again."""
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite"
+               else stack.enter_context(fresh_pg_database()))
+        engine = db.make_engine(url)
+        stack.callback(engine.dispose)
+
+        def migrate(to: str, down: bool = False) -> sa.MetaData:
+            db.migrate(engine, to, down=down)
+            meta = sa.MetaData()
+            meta.reflect(engine)
+            return meta
+
+        t = migrate("0006").tables["tokens"]
+        now = datetime.now(timezone.utc)
+        with engine.begin() as c:
+            c.execute(t.insert().values(id="a", name="ann", token_hash="ha", admin=True, created_at=now))
+        t = migrate("head").tables["tokens"]
+        with engine.begin() as c:
+            assert c.execute(sa.select(t.c.expires_at, t.c.revoked_at, t.c.last4)).one() == (None, None, None)
+            c.execute(t.update().values(revoked_at=now))                          # ann's token revoked ...
+            c.execute(t.insert().values(id="b", name="ann", token_hash="hb", admin=False, created_at=now))
+            c.execute(t.insert().values(id="c", name="cy", token_hash="hc", admin=False, created_at=now,
+                                        expires_at=now - timedelta(hours=1)))
+            c.execute(t.insert().values(id="d", name="dee", token_hash="hd", admin=False, created_at=now,
+                                        expires_at=now + timedelta(hours=1), last4="wxyz"))
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as c:          # ... and the new one holds the name
+            c.execute(t.insert().values(id="e", name="ann", token_hash="he", admin=False, created_at=now))
+        t = migrate("0006", down=True).tables["tokens"]
+        assert {"expires_at", "revoked_at", "last4"}.isdisjoint(t.c.keys())
+        with engine.begin() as c:
+            assert sorted(c.execute(sa.select(t.c.id, t.c.name)).all()) == [("b", "ann"), ("d", "dee")]
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as c:
+            c.execute(t.insert().values(id="e", name="dee", token_hash="he", admin=False, created_at=now))
+        t = migrate("head").tables["tokens"]                                      # and up again
+        assert {"expires_at", "revoked_at", "last4"} <= set(t.c.keys())
