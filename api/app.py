@@ -1,4 +1,4 @@
-"""The FastAPI app: /api/v1 (jobs, models, health, cluster), OpenAPI at /docs.
+"""The FastAPI app: /api/v1 (jobs, models, health, cluster), OpenAPI at /docs (Swagger UI, vendored).
 
 `create_app()` starts the embedded runtime (store, Ray, dispatcher) with the server and stops it
 on exit; tests and embedders may pass a runtime they manage themselves.
@@ -17,8 +17,10 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs
 from api.routes import health, jobs, me, models
 from service.runtime import Runtime
+from service.settings import get_settings
 
 API_PREFIX = "/api/v1"
 DASHBOARD = Path(__file__).parent / "dashboard"      # static: index.html, app.js, vendored libraries
@@ -56,8 +58,13 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
                 await asyncio.to_thread(rt.stop)
 
     app = FastAPI(title="Ladle", version="0.1.0", lifespan=lifespan, openapi_url=f"{API_PREFIX}/openapi.json",
-                  docs_url="/docs", description="Prune neural networks and retrain them as Sparse Model Soups.")
+                  docs_url=None, redoc_url=None, description="Prune neural networks and retrain them as Sparse Model Soups.")
     app.add_middleware(RefuseNul)
+    # the last added runs first: headers go on every response, the 413 and RefuseNul's 422 included
+    app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings())
+    app.add_middleware(SecurityHeaders)
+    app.state.streams = StreamSlots()
+    add_docs(app, app.openapi_url)
     api = APIRouter(prefix=API_PREFIX)
     for module in (jobs, models, health, me):
         api.include_router(module.router)
