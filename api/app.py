@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs
+from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, server_error
 from api.routes import health, jobs, me, models
 from service.runtime import Runtime
 from service.settings import get_settings
@@ -63,6 +63,7 @@ def create_app(runtime: Runtime | None = None) -> FastAPI:
     # the last added runs first: headers go on every response, the 413 and RefuseNul's 422 included
     app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings())
     app.add_middleware(SecurityHeaders)
+    app.add_exception_handler(Exception, server_error)      # a 500 has them too
     app.state.streams = StreamSlots()
     add_docs(app, app.openapi_url)
     api = APIRouter(prefix=API_PREFIX)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, status
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.datastructures import Headers, MutableHeaders
 
 from service.settings import Settings
@@ -50,6 +50,13 @@ class SecurityHeaders:
                         headers.raw.append((name, value))
             await send(message)
         return await self.app(scope, receive, send_with_headers)
+
+
+async def server_error(request, exc: Exception) -> PlainTextResponse:
+    """The 500 for an unhandled exception, with the same headers: Starlette sends it from outside the
+    middlewares (and then re-raises the exception, which the server logs)."""
+    return PlainTextResponse("Internal Server Error", status_code=500,
+                             headers={name.decode(): value.decode() for name, value in HEADERS})
 
 
 def size_text(n: int) -> str:

@@ -74,6 +74,15 @@ def test_security_headers_on_api_json_errors_the_dashboard_and_docs(api, root):
     assert "script-src 'self';" in CSP and "style-src 'self';" in CSP
 
 
+def test_an_unhandled_error_has_the_headers_too(api):
+    def boom():
+        raise RuntimeError("boom")
+    api.app.add_api_route("/boom", boom)
+    r = TestClient(api.app, raise_server_exceptions=False).get("/boom")
+    assert r.status_code == 500 and r.text == "Internal Server Error"
+    assert_secured(r)
+
+
 def test_the_dashboard_needs_no_inline_script_or_style(root):
     """The policy allows no inline script or style: the page and its script carry none (the browser test
     below loads them under the policy)."""
@@ -202,8 +211,8 @@ def test_the_server_breaks_off_a_download_whose_file_was_tampered_with(api, stor
     assert any(r.levelno == logging.ERROR and stored_model.id in r.getMessage() and "broken off" in r.getMessage()
                for r in caplog.records)
     # what a client gets: fewer bytes than the Content-Length, never the last chunk
-    with TestClient(api.app, base_url=str(api.base_url), raise_server_exceptions=False) as quiet:
-        r = quiet.get(f"/models/{stored_model.id}/download")
+    r = TestClient(api.app, base_url=str(api.base_url), raise_server_exceptions=False).get(
+        f"/models/{stored_model.id}/download")
     assert int(r.headers["content-length"]) == len(stored_model.data) and len(r.content) == 2 << 20
     # a file longer than recorded: cut off before the excess
     stored_model.path.write_bytes(stored_model.data + b"more")
