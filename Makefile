@@ -38,14 +38,19 @@ bench: $(STAMP) datasets
 	$(PY) bench/api_load.py
 	$(PY) bench/search_vs_default.py
 
-# Re-fetch the dashboard's vendored front-end builds (versions in api/dashboard/vendor/VERSIONS)
+# Re-fetch the dashboard's vendored front-end builds and Swagger UI for /docs (versions in api/dashboard/vendor/VERSIONS)
 vendor:
-	tmp=$$(mktemp -d) && cd $$tmp && npm pack -q chart.js@4.6.1 @dagrejs/dagre@3.1.3 >/dev/null \
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack -q chart.js@4.6.1 @dagrejs/dagre@3.1.3 swagger-ui-dist@5.35.0 >/dev/null \
 	  && for t in *.tgz; do mkdir -p $${t%.tgz} && tar xzf $$t -C $${t%.tgz}; done \
 	  && cp chart.js-4.6.1/package/dist/chart.umd.min.js chart.js-4.6.1/package/LICENSE.md $(CURDIR)/api/dashboard/vendor/ \
 	  && mv $(CURDIR)/api/dashboard/vendor/LICENSE.md $(CURDIR)/api/dashboard/vendor/chart.js.LICENSE.md \
 	  && cp dagrejs-dagre-3.1.3/package/dist/dagre.min.js $(CURDIR)/api/dashboard/vendor/ \
-	  && cp dagrejs-dagre-3.1.3/package/LICENSE $(CURDIR)/api/dashboard/vendor/dagre.LICENSE && rm -rf $$tmp
+	  && cp dagrejs-dagre-3.1.3/package/LICENSE $(CURDIR)/api/dashboard/vendor/dagre.LICENSE \
+	  && cp swagger-ui-dist-5.35.0/package/swagger-ui-bundle.js swagger-ui-dist-5.35.0/package/swagger-ui.css \
+	        $(CURDIR)/api/dashboard/vendor/ \
+	  && cp swagger-ui-dist-5.35.0/package/swagger-ui-bundle.js.LICENSE.txt $(CURDIR)/api/dashboard/vendor/ \
+	  && cp swagger-ui-dist-5.35.0/package/LICENSE $(CURDIR)/api/dashboard/vendor/swagger-ui.LICENSE \
+	  && cp swagger-ui-dist-5.35.0/package/NOTICE $(CURDIR)/api/dashboard/vendor/swagger-ui.NOTICE && rm -rf $$tmp
 
 clean:
 	rm -rf $(VENV) .ladle .pytest_cache

@@ -1,4 +1,4 @@
-"""The FastAPI app: /api/v1 (jobs, models, health, cluster, me, tokens), OpenAPI at /docs.
+"""The FastAPI app: /api/v1 (jobs, models, health, cluster, me, tokens), OpenAPI at /docs (Swagger UI, vendored).
 
 `create_app()` starts the embedded runtime (store, Ray, dispatcher) with the server and stops it
 on exit; tests and embedders may pass a runtime they manage themselves. `auth` is fixed when the app is
@@ -20,6 +20,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, server_error
 from api.routes import health, jobs, me, models, tokens
 from service.runtime import Runtime
 from service.settings import get_settings
@@ -89,11 +90,17 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
                 await asyncio.to_thread(rt.stop)
 
     app = FastAPI(title="Ladle", version="0.1.0", lifespan=lifespan, openapi_url=f"{API_PREFIX}/openapi.json",
-                  docs_url="/docs", description="Prune neural networks and retrain them as Sparse Model Soups.")
+                  docs_url=None, redoc_url=None, description="Prune neural networks and retrain them as Sparse Model Soups.")
     app.state.auth = auth
     app.add_middleware(RefuseNul)
+    app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings())
     if not auth:
-        app.add_middleware(LoopbackHostOnly)        # added last: the outermost, before anything else runs
+        app.add_middleware(LoopbackHostOnly)        # before the body is read
+    # the last added runs first: headers go on every response, the 400, 413 and RefuseNul's 422 included
+    app.add_middleware(SecurityHeaders)
+    app.add_exception_handler(Exception, server_error)      # a 500 has them too
+    app.state.streams = StreamSlots()
+    add_docs(app, app.openapi_url)
     api = APIRouter(prefix=API_PREFIX)
     for module in (jobs, models, health, me, tokens):
         api.include_router(module.router)

@@ -8,11 +8,13 @@
     c.phases(job["id"]); c.lineage(job["final_model_id"]); c.download(job["final_model_id"], "soup.safetensors")
     c.compare([job["id"], other_id])      # [{job, phases}, ...]: several jobs side by side
 
-Errors from the server surface as typed exceptions carrying its message.
+Errors from the server surface as typed exceptions carrying its message; a download that breaks off
+or does not match the server's checksum raises DownloadError.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +47,14 @@ class InvalidSpec(LadleError): ...
 
 
 ERRORS = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict, 422: InvalidSpec}
+
+
+class DownloadError(Exception):
+    """A download that did not arrive whole and intact; nothing was written to its path."""
+
+
+class ChecksumMismatch(DownloadError):
+    """The bytes received do not have the sha256 the server announced (X-Checksum-Sha256)."""
 
 
 class Update(NamedTuple):
@@ -116,8 +126,9 @@ class Client:
     def job(self, job_id: str) -> dict:
         return self._get(f"/jobs/{job_id}")
 
-    def jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0) -> dict:
-        return self._get("/jobs", status=status, limit=limit, offset=offset)
+    def jobs(self, *, status: str | None = None, limit: int = 50, offset: int = 0, include_spec: bool = False) -> dict:
+        """A page of jobs `{data, count}`, newest first; each job's `spec` is null unless include_spec."""
+        return self._get("/jobs", status=status, limit=limit, offset=offset, include_spec=include_spec or None)
 
     def cancel(self, job_id: str) -> dict:
         return self._request("POST", f"/jobs/{job_id}/cancel").json()
@@ -191,16 +202,41 @@ class Client:
         return self._get(f"/models/{model_id}/lineage")
 
     def download(self, model_id: str, path: str | Path) -> Path:
-        """Save the model's checkpoint (safetensors) to `path`, atomically."""
+        """Save the model's checkpoint (safetensors) to `path`, atomically, once its bytes match the sha256
+        the server sends (X-Checksum-Sha256). ChecksumMismatch when they do not, DownloadError when the
+        transfer breaks off (the server breaks it off when its stored file does not match); either way
+        nothing is left at `path` or beside it."""
         path = Path(path)
         tmp = path.with_name(f".{path.name}.part")
-        with self.http.stream("GET", f"/models/{model_id}/download") as r:
-            if r.status_code >= 400:
-                r.read()
-                raise ERRORS.get(r.status_code, LadleError)(r.status_code, r.json().get("detail", r.text))
-            with open(tmp, "wb") as f:
-                for chunk in r.iter_bytes():
-                    f.write(chunk)
+        digest, size, started = hashlib.sha256(), 0, False
+        try:
+            with self.http.stream("GET", f"/models/{model_id}/download") as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise ERRORS.get(r.status_code, LadleError)(r.status_code, r.json().get("detail", r.text))
+                started, expected = True, r.headers.get("X-Checksum-Sha256")
+                length = r.headers.get("Content-Length")
+                with open(tmp, "wb") as f:
+                    for chunk in r.iter_bytes():
+                        digest.update(chunk)
+                        size += len(chunk)
+                        f.write(chunk)
+        except httpx.TransportError as e:
+            tmp.unlink(missing_ok=True)
+            if not started:
+                raise
+            raise DownloadError(f"the download of model {model_id} broke off after {size} of {length or '?'} bytes "
+                                f"({e}); the server may have found its stored file damaged") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if expected is None or digest.hexdigest() != expected.lower():
+            tmp.unlink(missing_ok=True)
+            if expected is None:
+                raise DownloadError(f"the server sent model {model_id} without its checksum (X-Checksum-Sha256)")
+            raise ChecksumMismatch(f"the download of model {model_id} is damaged: {size} bytes with sha256 "
+                                   f"{digest.hexdigest()}, but the server's checksum is {expected}; nothing was "
+                                   f"written to {path}")
         tmp.replace(path)
         return path
 

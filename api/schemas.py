@@ -59,12 +59,27 @@ class JobPublic(_Out):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    spec: dict[str, Any]
+    spec: dict[str, Any] | None = Field(description="the job's spec; in lists (GET /jobs) only with include_spec=true")
+    metric: MetricInfo = Field(description="the primary metric the job's phases are scored by, and which way is better")
+    phases_total: int | None = Field(description="the prune–retrain phases the job runs (spec.prune.phases; "
+                                                  "phase 0, the dense model, comes before them)")
 
-    @computed_field(description="the primary metric the job's phases are scored by, and which way is better")
-    @property
-    def metric(self) -> MetricInfo:
-        return MetricInfo.of(primary_metric(self.spec))
+    @model_validator(mode="before")
+    @classmethod
+    def _from_spec(cls, value: Any) -> Any:
+        """metric and phases_total come from the spec (the store keeps no columns for them), so that a
+        job shown without its spec still has them."""
+        value = dict(value) if isinstance(value, dict) else {
+            k: getattr(value, k) for k in cls.model_fields if hasattr(value, k)}
+        spec = value.get("spec")
+        if spec is not None:
+            value.setdefault("metric", MetricInfo.of(primary_metric(spec)))
+            value.setdefault("phases_total", (spec.get("prune") or {}).get("phases"))
+        return value
+
+    def without_spec(self) -> JobPublic:
+        self.spec = None
+        return self
 
     @computed_field(description="best_score when the job's metric is accuracy (else null)")
     @property

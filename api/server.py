@@ -1,10 +1,13 @@
-"""The API server in a background thread (uvicorn), with the embedded runtime: for `ladle demo`
-and for tests that need a live server."""
+"""uvicorn as Ladle runs it (`uvicorn_config`: time and size limits from the settings), and the API
+server in a background thread with the embedded runtime: for `ladle demo` and for tests that need a
+live server."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from typing import Any
 
 import httpx
 import uvicorn
@@ -12,6 +15,80 @@ import uvicorn
 from api.app import create_app
 from service.cluster import free_ports
 from service.runtime import Runtime
+from service.settings import Settings
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:                   # no httptools: uvicorn's h11 parser, without a header timeout
+    HttpToolsProtocol = None
+
+
+if HttpToolsProtocol is not None:
+    class HeaderLimitedProtocol(HttpToolsProtocol):
+        """uvicorn's httptools protocol with what it lacks: a client must send each request's headers
+        within `header_seconds` of connecting (or of the request's first byte, on a kept-alive
+        connection) and in at most `max_header_bytes`; else the connection is answered 408 or 431 and
+        closed. (uvicorn's timeout_keep_alive only covers the idle time between requests.)"""
+        header_seconds = 10.0
+        max_header_bytes = 64 * 1024
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.header_timer: asyncio.TimerHandle | None = None
+            self.header_bytes = 0
+
+        def _wait_for_headers(self) -> None:
+            if self.header_timer is None:
+                self.header_bytes = 0
+                self.header_timer = self.loop.call_later(self.header_seconds, self._refuse, 408, b"Request Timeout")
+
+        def _headers_done(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _refuse(self, code: int, reason: bytes) -> None:
+            self._headers_done()
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 %d %s\r\nconnection: close\r\ncontent-length: 0\r\n\r\n" % (code, reason))
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._wait_for_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._headers_done()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.header_timer is not None:              # still in a request's headers
+                self.header_bytes += len(data)
+                if self.header_bytes > self.max_header_bytes:
+                    self._refuse(431, b"Request Header Fields Too Large")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._wait_for_headers()
+
+        def on_headers_complete(self) -> None:
+            self._headers_done()
+            super().on_headers_complete()
+
+
+def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's Config with Ladle's limits (LADLE_HTTP_*): idle keep-alive, header time and size,
+    connections at once, and how long open requests (event streams) may take to end on shutdown."""
+    if HttpToolsProtocol is not None:
+        http: Any = type("LadleHttpProtocol", (HeaderLimitedProtocol,), {
+            "header_seconds": settings.http_header_seconds, "max_header_bytes": settings.http_max_header_bytes})
+    else:
+        http = "h11"
+    return uvicorn.Config(app, http=http, timeout_keep_alive=settings.http_keep_alive_seconds,
+                          h11_max_incomplete_event_size=settings.http_max_header_bytes,
+                          limit_concurrency=settings.http_max_concurrency,
+                          timeout_graceful_shutdown=settings.http_shutdown_seconds, **kwargs)
 
 
 class BackgroundServer:
@@ -22,7 +99,7 @@ class BackgroundServer:
         self.auth = runtime.settings.auth_for(host) if auth is None else auth
         self.port = port or free_ports(1)[0]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(runtime, auth=self.auth), host=host, port=self.port,
+        self.server = uvicorn.Server(uvicorn_config(create_app(runtime, auth=self.auth), runtime.settings, host=host, port=self.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="ladle-api", daemon=True)
 

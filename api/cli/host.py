@@ -260,6 +260,7 @@ def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.
     create --admin) or LADLE_ADMIN_TOKEN, which it keeps in the store as the admin token named "admin"."""
     import uvicorn
 
+    from api.server import uvicorn_config
     from service.store import Store
     settings = get_settings()
     auth = settings.auth_for(host)
@@ -289,7 +290,13 @@ def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.
     from api.app import create_app
     # uvicorn stops gracefully on SIGINT and SIGTERM (and the app stops the runtime); SIGHUP does the same
     signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
-    uvicorn.run(create_app(auth=auth), host=host, port=port, log_level="info")
+    server = uvicorn.Server(uvicorn_config(create_app(auth=auth), settings, host=host, port=port, log_level="info"))
+    try:
+        server.run()
+    except KeyboardInterrupt:          # as uvicorn.run: the signal uvicorn re-raises after a clean stop
+        pass
+    if not server.started:
+        raise typer.Exit(3)            # uvicorn has said why (as uvicorn.run)
 
 
 COMMANDS = (run, demo, serve)

@@ -1,6 +1,7 @@
 """The client commands: `ladle submit, status, logs, cancel, lineage, download, compare` talk to a
 Ladle server through the SDK (api.client) and print what it answers; nothing here touches the store
-or Ray. The SDK's typed errors and an unreachable server end a command with one line and exit code 1."""
+or Ray. The SDK's typed errors, a damaged download and an unreachable server end a command with one line
+and exit code 1."""
 
 from __future__ import annotations
 
@@ -31,11 +32,13 @@ def _api_errors(fn):
     def wrapper(*args, **kwargs):
         import httpx
 
-        from api.client import LadleError
+        from api.client import DownloadError, LadleError
         try:
             return fn(*args, **kwargs)
         except LadleError as e:
             raise fail(e.message) from None
+        except DownloadError as e:
+            raise fail(str(e)) from None
         except httpx.TransportError as e:
             raise fail(f"cannot reach the Ladle server: {e}") from None
     return wrapper
@@ -140,7 +143,7 @@ def lineage(model_id: str, url: str = URL, token: str | None = TOKEN, json_outpu
 @_api_errors
 def download(model_id: str, output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
              url: str = URL, token: str | None = TOKEN) -> None:
-    """Download a model's checkpoint (safetensors)."""
+    """Download a model's checkpoint (safetensors), checked against the server's sha256."""
     with _client(url, token) as c:
         path = c.download(model_id, output)
     out_console.print(f"wrote {path} ({path.stat().st_size} bytes)")

@@ -98,7 +98,25 @@ function phaseCell(m, unit, x) {
   return x == null ? "–" : Number(x).toFixed(4);
 }
 const badge = (status) => `<span class="badge ${esc(status)}">${esc(status)}</span>`;
-const bar = (p, cls = "") => `<span class="bar ${cls}"><span style="width:${(100 * (p || 0)).toFixed(1)}%"></span></span>`;
+const bar = (p, cls = "") => `<span class="bar ${cls}"><span data-width="${(100 * (p || 0)).toFixed(1)}%"></span></span>`;
+
+// The page's Content-Security-Policy allows no inline style, so markup carries no style attribute: an
+// element names its dynamic width or colour in data-width / data-color, and this sets it through the DOM
+// for every element that reaches the page (before it is painted).
+const STYLED = "[data-width], [data-color]";
+function applyStyle(el) {
+  if (el.dataset.width) el.style.width = el.dataset.width;
+  if (el.dataset.color) el.style.background = el.dataset.color;
+}
+new MutationObserver((records) => {
+  for (const r of records) {
+    for (const node of r.addedNodes) {
+      if (node.nodeType !== Node.ELEMENT_NODE) continue;
+      if (node.matches(STYLED)) applyStyle(node);
+      node.querySelectorAll(STYLED).forEach(applyStyle);
+    }
+  }
+}).observe(document.body, { childList: true, subtree: true });
 
 function seconds(s) {
   if (s == null || !isFinite(s)) return "–";
@@ -164,8 +182,16 @@ async function download(model) {
   const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
   const r = await fetch(`${API}/models/${model.id}/download`, { headers });
   if (!r.ok) throw new Error(`download failed: ${r.status}`);
+  const blob = await r.blob();        // rejects when the server breaks the transfer off (a damaged file)
+  // the server's sha256 of the file, checked where the browser can hash (crypto.subtle: https or localhost)
+  const expected = r.headers.get("X-Checksum-Sha256");
+  if (expected && globalThis.crypto?.subtle) {
+    const got = [...new Uint8Array(await crypto.subtle.digest("SHA-256", await blob.arrayBuffer()))]
+      .map((b) => b.toString(16).padStart(2, "0")).join("");
+    if (got !== expected) throw new Error(`download damaged: sha256 ${got.slice(0, 12)}… is not the server's ${expected.slice(0, 12)}…`);
+  }
   const a = document.createElement("a");
-  a.href = URL.createObjectURL(await r.blob());
+  a.href = URL.createObjectURL(blob);
   a.download = `${model.name.replaceAll("/", "-")}-${model.id.slice(0, 8)}.safetensors`;
   a.click();
   setTimeout(() => URL.revokeObjectURL(a.href), 10000);
@@ -222,7 +248,7 @@ async function jobsView(el) {
         <td><a href="#/jobs/${j.id}">${esc(j.name)}</a> <span class="muted">${j.id.slice(0, 8)}</span></td>
         <td>${badge(j.status)}</td>
         <td class="progress" data-progress="${j.progress}">${bar(j.progress)} ${pct(j.progress, 0)}</td>
-        <td class="num">${j.current_phase ?? "–"} / ${j.spec?.prune?.phases ?? "?"}</td>
+        <td class="num">${j.current_phase ?? "–"} / ${j.phases_total ?? "?"}</td>
         <td class="num">${pct(j.sparsity)}</td>
         <td class="num">${score(metricOf(j), j.best_score, 1)}</td>
         <td class="num">${ago(j.created_at)}</td>
@@ -292,7 +318,7 @@ async function compareView(el, idList) {
       const ingredients = (last[`ingredient_${m.name === "accuracy" ? "accuracies" : "perplexities"}`] ?? []).filter((a) => a != null);
       const best = ingredients.length ? (m.mode === "max" ? Math.max(...ingredients) : Math.min(...ingredients)) : null;
       return `<tr data-job="${job.id}">
-        <td><i class="swatch" style="background:${COLORS[i % COLORS.length]}"></i><a href="#/jobs/${job.id}">${esc(job.name)}</a>
+        <td><i class="swatch" data-color="${COLORS[i % COLORS.length]}"></i><a href="#/jobs/${job.id}">${esc(job.name)}</a>
           <span class="muted">${job.id.slice(0, 8)}</span></td>
         <td>${badge(job.status)}</td>
         <td class="num">${pct(job.sparsity)}</td>
@@ -510,7 +536,7 @@ async function jobView(el, jobId) {
 }
 
 function legend() {
-  return `<div class="legend">${Object.entries(KIND_COLORS).map(([k, c]) => `<span><i style="background:${c}"></i>${k}</span>`).join("")}
+  return `<div class="legend">${Object.entries(KIND_COLORS).map(([k, c]) => `<span><i data-color="${c}"></i>${k}</span>`).join("")}
     <span>— pruned_from / retrained_from</span><span>- - averaged_from</span></div>`;
 }
 
@@ -567,7 +593,7 @@ function modelPanel(panel, m) {
 // ------------------------------------------------------------------ model page
 async function modelView(el, modelId) {
   el.innerHTML = `<div class="toolbar"><h1 id="model-name">Model</h1></div>
-    <div class="lineage-wrap"><div class="card" style="flex:1"><h2>Lineage</h2>${legend()}<div class="graph"><svg id="lineage" role="img" aria-label="lineage graph"></svg></div></div>
+    <div class="lineage-wrap"><div class="card lineage-card"><h2>Lineage</h2>${legend()}<div class="graph"><svg id="lineage" role="img" aria-label="lineage graph"></svg></div></div>
     <div id="model-panel" class="card" hidden></div></div>`;
   const [model, graph] = await Promise.all([api(`/models/${modelId}`), api(`/models/${modelId}/lineage`)]);
   el.querySelector("#model-name").innerHTML = `${esc(model.name)} <span class="muted">of job <a href="#/jobs/${model.job_id}">${model.job_id.slice(0, 8)}</a></span>`;

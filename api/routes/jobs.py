@@ -33,6 +33,8 @@ from service.store.convert import search_trial
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_ID = 2**63 - 1          # the largest id a BIGINT (and SQLite's INTEGER) holds
 NOT_FOUND = {404: {"model": Message, "description": "no such job (or not yours)"}}
+SSE_POLL = 0.5              # seconds between an event stream's looks at the store
+SSE_KEEPALIVE = 15.0        # an event stream with nothing to say sends a comment this often
 
 
 def _job(store, caller, job_id: str):
@@ -78,10 +80,14 @@ async def submit_job(body: SpecBody, store: StoreDep, runtime: RuntimeDep, calle
 @router.get("", response_model=JobsPublic)
 async def list_jobs(store: StoreDep, caller: CallerDep, status_: Annotated[JobStatus | None, Query(alias="status")] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50,
-              offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> JobsPublic:
+              offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+              include_spec: Annotated[bool, Query(description="each job's spec too (else null)")] = False) -> JobsPublic:
+    """A page of jobs, newest first. Their specs only with include_spec=true (GET /jobs/{id} has it);
+    each job's `metric` and `phases_total` come either way."""
     owner = None if caller.admin else caller.name
     rows, count = store.list_jobs(status=status_, owner=owner, limit=limit, offset=offset)
-    return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
+    jobs = [JobPublic.model_validate(r) for r in rows]
+    return JobsPublic(data=jobs if include_spec else [j.without_spec() for j in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
@@ -144,15 +150,25 @@ def job_events(job_id: str, store: StoreDep, caller: CallerDep, after: Annotated
     return EventsPublic(data=rows, count=len(rows))
 
 
-@router.get("/{job_id}/events/stream", responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}}}})
-async def job_event_stream(job_id: str, request: Request, store: StoreDep, caller: CallerDep,
-                           after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0) -> StreamingResponse:
-    """Server-sent events: `event: event` for each new event, `event: job` when the job changes
-    (status, progress, phase); the stream ends after the job ends."""
+@router.get("/{job_id}/events/stream", responses={
+    **NOT_FOUND, 200: {"content": {"text/event-stream": {}}},
+    429: {"model": Message, "description": "the caller has as many event streams open as it may"}})
+async def job_event_stream(job_id: str, request: Request, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
+                           after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+                           last_event_id: Annotated[int | None, Header(ge=0, le=MAX_ID)] = None) -> StreamingResponse:
+    """Server-sent events: `event: event` (with its id) for each new event after `after` (or the
+    `Last-Event-ID` a reconnecting client sends), `event: job` when the job changes (status, progress,
+    phase), `event: end` after the job ends, and then the stream ends. A stream also ends after
+    LADLE_SSE_MAX_SECONDS without `event: end` (the client reconnects, with Last-Event-ID); a user may
+    hold LADLE_SSE_STREAMS_PER_USER streams at once (429 beyond)."""
     _job(store, caller, job_id)
+    settings = runtime.settings
+    start = max(after, last_event_id or 0)
+    deadline = asyncio.get_running_loop().time() + settings.sse_max_seconds
 
     async def stream():
-        last, seen = after, None
+        loop = asyncio.get_running_loop()
+        last, seen, said = start, None, loop.time()
         while not await request.is_disconnected():
             events = await asyncio.to_thread(store.events, job_id, after_id=last)
             for e in events:
@@ -160,12 +176,28 @@ async def job_event_stream(job_id: str, request: Request, store: StoreDep, calle
                 yield f"id: {e.id}\nevent: event\ndata: {EventPublic.model_validate(e).model_dump_json()}\n\n"
             job = await asyncio.to_thread(store.get_job, job_id)
             state = (job.status, round(job.progress, 4), job.current_phase)
-            if state != seen:
+            changed = state != seen
+            if changed:
                 seen = state
                 yield f"event: job\ndata: {JobPublic.model_validate(job).model_dump_json()}\n\n"
             if job.status in TERMINAL and not events:
                 yield f"event: end\ndata: {json.dumps({'status': job.status})}\n\n"
                 return
-            await asyncio.sleep(0.5)
+            now = loop.time()
+            if now >= deadline:
+                yield ": this stream's time is up: reconnect, with Last-Event-ID, for more\n\n"
+                return
+            if events or changed:
+                said = now
+            elif now - said >= SSE_KEEPALIVE:      # idle proxies keep the connection; a gone client shows
+                yield ": keep-alive\n\n"
+                said = now
+            await asyncio.sleep(min(SSE_POLL, deadline - now))
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    response = request.app.state.streams.open(caller.name, settings.sse_streams_per_user, stream(),
+                                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    if response is None:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                            f"too many open event streams: at most {settings.sse_streams_per_user} per user; "
+                            "close one, or poll GET /jobs/{id}/events", headers={"Retry-After": "10"})
+    return response

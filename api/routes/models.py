@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from collections.abc import Iterator
+
 import fsspec
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import StreamingResponse
@@ -10,6 +14,7 @@ from api.deps import CallerDep, StoreDep, visible
 from api.schemas import EdgePublic, LineagePublic, Message, ModelPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
+log = logging.getLogger("ladle.api")
 NOT_FOUND = {404: {"model": Message, "description": "no such model (or not yours)"}}
 
 
@@ -44,17 +49,44 @@ def get_lineage(model_id: str, store: StoreDep, caller: CallerDep) -> LineagePub
     return LineagePublic(nodes=[public(n) for n in graph["nodes"]], edges=[EdgePublic(**e) for e in graph["edges"]])
 
 
+class CorruptArtifact(RuntimeError):
+    """A model's stored file does not match the size or sha256 the store recorded for it."""
+
+
+def verified_chunks(model, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The model's file, chunk by chunk, checked against the store's size and sha256 as it is read. The
+    last chunk is held back until the whole file has matched: on a mismatch CorruptArtifact is logged and
+    raised instead, so the response breaks off short of its Content-Length and no client takes a file
+    that differs from the store's record for a whole one."""
+    digest, size, held = hashlib.sha256(), 0, b""
+    with fsspec.open(model.uri, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+            size += len(chunk)
+            if size > model.size_bytes:
+                break
+            if held:
+                yield held
+            held = chunk
+    why = (f"longer than the {model.size_bytes} bytes recorded" if size > model.size_bytes else
+           f"{size} bytes, not the {model.size_bytes} recorded" if size < model.size_bytes else
+           f"sha256 {digest.hexdigest()}, not the {model.sha256} recorded" if digest.hexdigest() != model.sha256
+           else None)
+    if why is not None:
+        log.error("model %s: its file %s does not match the store (%s); the download was broken off",
+                  model.id, model.uri, why)
+        raise CorruptArtifact(f"model {model.id}: its file does not match the store ({why})")
+    if held:
+        yield held
+
+
 @router.get("/{model_id}/download", responses={**NOT_FOUND, 200: {"content": {"application/octet-stream": {}}}})
 def download(model_id: str, store: StoreDep, caller: CallerDep) -> StreamingResponse:
-    """The checkpoint (safetensors: state, mask and metadata)."""
+    """The checkpoint (safetensors: state, mask and metadata). `X-Checksum-Sha256` is the sha256 the
+    store recorded: the bytes are checked against it as they are sent, and a file that does not match
+    is not sent whole (the transfer breaks off); clients check it too (api.client.Client.download)."""
     model = _model(store, caller, model_id)
-
-    def chunks():
-        with fsspec.open(model.uri, "rb") as f:
-            while chunk := f.read(1 << 20):
-                yield chunk
-
     filename = f"{model.name.replace('/', '-')}-{model.id[:8]}.safetensors"
-    return StreamingResponse(chunks(), media_type="application/octet-stream",
+    return StreamingResponse(verified_chunks(model), media_type="application/octet-stream",
                              headers={"Content-Disposition": f'attachment; filename="{filename}"',
                                       "Content-Length": str(model.size_bytes), "X-Checksum-Sha256": model.sha256})

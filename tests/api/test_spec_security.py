@@ -156,7 +156,8 @@ def own_model(api, owner: str) -> ModelRecord:
     return model
 
 
-def test_a_checkpoint_is_the_callers_own_model_by_id_or_artifact_url_never_another_users(api, site):
+def test_a_checkpoint_is_the_callers_own_model_by_id_or_artifact_url_never_another_users(api_auth):
+    api = api_auth                                   # auth on: callers are users
     _, alice = api.store.create_token("alice")
     _, bob = api.store.create_token("bob")
     _, root = api.store.create_token("root", admin=True)

@@ -1,0 +1,167 @@
+"""Web hardening (issue 15): browser security headers on every response, a request body limit, /docs
+served from vendored Swagger UI (no CDN), and a per-user count of open event streams.
+
+The two middlewares are plain ASGI, like api.app.RefuseNul, so that they cost next to nothing per request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import weakref
+from collections import Counter
+from collections.abc import Callable
+
+from fastapi import FastAPI, HTTPException, status
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.datastructures import Headers, MutableHeaders
+
+from service.settings import Settings
+
+VENDOR = "/dashboard/vendor"           # api/dashboard/vendor, served by the app's /dashboard mount
+
+# The dashboard and /docs load scripts, styles and data from this server only: no inline script (/docs'
+# one inline script is allowed by its hash, on /docs only), no style attribute or <style> element (the
+# dashboard sets its dynamic styles through the DOM), images from here or data: URLs (icons in CSS).
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; "
+       "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+           (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer")]
+
+
+class SecurityHeaders:
+    """CSP, nosniff, no framing and no referrer on every response; a response that sets its own
+    Content-Security-Policy (/docs) keeps it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in HEADERS:
+                    if name.decode() not in headers:
+                        headers.raw.append((name, value))
+            await send(message)
+        return await self.app(scope, receive, send_with_headers)
+
+
+async def server_error(request, exc: Exception) -> PlainTextResponse:
+    """The 500 for an unhandled exception, with the same headers: Starlette sends it from outside the
+    middlewares (and then re-raises the exception, which the server logs)."""
+    return PlainTextResponse("Internal Server Error", status_code=500,
+                             headers={name.decode(): value.decode() for name, value in HEADERS})
+
+
+def size_text(n: int) -> str:
+    """1048576 -> "1 MiB (1048576 bytes)", 400 -> "400 bytes"."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int):
+        super().__init__(status.HTTP_413_CONTENT_TOO_LARGE,
+                         f"the request body is larger than the limit of {size_text(limit)}",
+                         headers={"Connection": "close"})
+
+
+class BodyLimit:
+    """A request body above `settings.max_body_bytes` gets 413 and is not read: refused from its
+    Content-Length before the app runs, or (chunked, or a Content-Length that lies) as soon as the bytes
+    received pass the limit. The app sees the error as an HTTPException while it reads the body (so
+    nothing is stored); should it escape a route before the response started, it is answered here."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.settings.max_body_bytes
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._refuse(BodyTooLarge(limit), scope, receive, send)
+        received, started = 0, False
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except BodyTooLarge as e:
+            if started:
+                raise
+            await self._refuse(e, scope, receive, send)
+
+    @staticmethod
+    async def _refuse(e: BodyTooLarge, scope, receive, send):
+        await JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=e.headers)(scope, receive, send)
+
+
+def add_docs(app: FastAPI, openapi_url: str) -> None:
+    """/docs: Swagger UI from api/dashboard/vendor (the FastAPI app is made with docs_url and redoc_url
+    None). Its page has one inline script, which its CSP allows by hash."""
+    page = get_swagger_ui_html(openapi_url=openapi_url, title=f"{app.title} API",
+                               swagger_js_url=f"{VENDOR}/swagger-ui-bundle.js",
+                               swagger_css_url=f"{VENDOR}/swagger-ui.css", swagger_favicon_url="data:,",
+                               oauth2_redirect_url=None, swagger_ui_parameters={"validatorUrl": None})
+    html = page.body.decode()
+    scripts = re.findall(r"<script>(.*?)</script>", html, flags=re.S)
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in scripts)
+    csp = CSP.replace("script-src 'self'", f"script-src 'self' {hashes}")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(html, headers={"Content-Security-Policy": csp})
+
+
+class StreamSlots:
+    """Open event streams per user in this API process: `open()` gives a streaming response that holds
+    one of the user's slots until it ends, however it ends (the job ended, its lifetime ran out, the
+    client went away, the server stops), or None when the user already holds `limit`."""
+
+    def __init__(self):
+        self.held: Counter[str | None] = Counter()
+
+    def open(self, user: str | None, limit: int, body, **kwargs) -> StreamingResponse | None:
+        if self.held[user] >= limit:
+            return None
+        self.held[user] += 1          # on the event loop, with no await since the check: no race
+        return _Held(body, release=lambda: self._release(user), **kwargs)
+
+    def _release(self, user: str | None) -> None:
+        self.held[user] -= 1
+        if self.held[user] <= 0:
+            del self.held[user]
+
+
+class _Held(StreamingResponse):
+    def __init__(self, body, *, release: Callable[[], None], **kwargs):
+        super().__init__(body, **kwargs)
+        self.release = weakref.finalize(self, release)     # once: when sent, or if never sent, when collected
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
