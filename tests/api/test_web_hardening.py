@@ -35,7 +35,7 @@ SECURITY = {"x-content-type-options": "nosniff", "x-frame-options": "DENY", "ref
 
 def sdk(api: TestClient, token: str | None = None, **kw) -> Client:
     """The Python SDK, talking to the in-process app."""
-    c = Client("http://testserver", token)
+    c = Client("http://localhost", token)
     http, c.http = c.http, TestClient(api.app, base_url=str(c.http.base_url), headers=c.http.headers, **kw)
     http.close()
     return c
@@ -59,7 +59,7 @@ def assert_secured(r: httpx.Response) -> None:
 @pytest.fixture
 def root(api):
     """The same app, at its root (the dashboard, /docs) rather than /api/v1."""
-    return TestClient(api.app)
+    return TestClient(api.app, base_url="http://localhost")
 
 
 # ---------------------------------------------------------------- headers and /docs
@@ -78,7 +78,7 @@ def test_an_unhandled_error_has_the_headers_too(api):
     def boom():
         raise RuntimeError("boom")
     api.app.add_api_route("/boom", boom)
-    r = TestClient(api.app, raise_server_exceptions=False).get("/boom")
+    r = TestClient(api.app, raise_server_exceptions=False, base_url="http://localhost").get("/boom")
     assert r.status_code == 500 and r.text == "Internal Server Error"
     assert_secured(r)
 
@@ -161,8 +161,8 @@ def test_a_streamed_body_is_refused_once_past_the_limit_not_read_whole(api):
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/api/v1/jobs", "raw_path": b"/api/v1/jobs",
-             "root_path": "", "query_string": b"", "server": ("testserver", 80), "client": ("127.0.0.1", 1),
-             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+             "root_path": "", "query_string": b"", "server": ("localhost", 80), "client": ("127.0.0.1", 1),
+             "headers": [(b"host", b"localhost"), (b"content-type", b"application/json"),
                          (b"transfer-encoding", b"chunked")], "state": {}}
     api.portal.call(api.app, scope, receive, send)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
@@ -301,7 +301,8 @@ def test_a_stream_of_a_job_that_never_ends_ends_after_its_lifetime_and_resumes_f
 
 
 @pytest.mark.timeout(60)
-def test_open_streams_are_capped_per_user_and_every_way_a_stream_ends_frees_its_slot(api):
+def test_open_streams_are_capped_per_user_and_every_way_a_stream_ends_frees_its_slot(api_auth):
+    api = api_auth                                   # auth on: streams are counted per user
     settings = api.runtime.settings
     settings.sse_streams_per_user, settings.sse_max_seconds = 2, 2.0
     _, alice = api.store.create_token("alice")
@@ -358,7 +359,7 @@ def live(api):
     settings = api.runtime.settings
     settings.http_header_seconds, settings.http_max_header_bytes = 1.0, 4096
     port = free_ports(1)[0]
-    server = uvicorn.Server(uvicorn_config(create_app(api.runtime), settings, host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn_config(create_app(api.runtime, auth=False), settings, host="127.0.0.1", port=port,
                                            log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -395,16 +396,16 @@ def raw(url: str, data: bytes, wait: float = 5.0) -> tuple[bytes, float]:
 
 @pytest.mark.timeout(60)
 def test_a_client_slow_with_its_headers_or_sending_too_many_is_cut_off(live):
-    out, took = raw(live.url, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")      # the headers never end
+    out, took = raw(live.url, b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n")      # the headers never end
     assert out.startswith(b"HTTP/1.1 408 ") and 0.9 <= took < 4
-    out, _ = raw(live.url, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 8000)
+    out, _ = raw(live.url, b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"p" * 8000)
     assert out.startswith(b"HTTP/1.1 431 ")
-    out, _ = raw(live.url, b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out, _ = raw(live.url, b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200 ") and b"nosniff" in out
     # the timer starts again for each request of a kept-alive connection
     host, port = live.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
-        s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         first = b""
         while not first.endswith(b"}"):          # the whole first response (a JSON object)
             first += s.recv(65536)
