@@ -62,6 +62,7 @@ class LocalRay:
     dashboard_url: str = ""                   # Jobs API (heads only)
     temp_dir: str = ""
     state_file: Path | None = None           # heads: where their identity is kept while they run
+    env: dict[str, str] = field(default_factory=dict, repr=False)   # added to the node's environment (secrets)
     process: subprocess.Popen | None = field(default=None, repr=False)
     _own_temp: bool = field(default=False, repr=False)
 
@@ -91,7 +92,7 @@ class LocalRay:
             cmd.append(f"--address={self.head_address}")
             self.address = self.head_address
         log = open(Path(self.temp_dir) / f"ray-start-{os.getpid()}-{time.time_ns()}.log", "wb")
-        self.process = subprocess.Popen(cmd, env=loopback_env(), stdout=log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(cmd, env=dict(loopback_env(), **self.env), stdout=log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self._wait(timeout, log.name)
         if self.state_file is not None and self.head_address is None:

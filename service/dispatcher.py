@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+import sqlalchemy as sa
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from service.store import Store
@@ -38,20 +39,27 @@ log = logging.getLogger("ladle.dispatcher")
 
 MAX_BACKOFF = 30.0     # seconds between rounds while Ray does not answer, at most
 
-# The object store's endpoint and credentials in the standard variables botocore (s3fs) reads: the
-# ones set where the dispatcher runs go to every driver, and through the Ray job's runtime_env to its
-# actors on every node, so drivers and workers reach the same s3:// artifacts as the API. Unset ones
-# are not sent: nodes with their own credentials (an instance or pod role) need none of these.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+# Where the object store is, in the standard variables botocore (s3fs) reads: the ones set where the
+# dispatcher runs go to every driver, and through the Ray job's runtime_env to its actors on every node.
+# Credentials never travel that way (anyone who can list Ray jobs reads a runtime_env): the object
+# store's keys (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) and the database's password
+# (PGPASSWORD, read by libpq) come from the Ray nodes' own environment — compose and KubeRay give it
+# to them from their secrets, the embedded head inherits the service's (service.runtime).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 # Settings the driver reads itself
 FORWARDED_SETTINGS = ("LADLE_UNSCHEDULABLE_TIMEOUT", "LADLE_MAX_CHECKPOINT_BYTES")
 
 
+def without_password(database_url: str) -> str:
+    """The database URL a driver is given: the password left out (the node's PGPASSWORD supplies it)."""
+    url = sa.engine.make_url(database_url)
+    return url._replace(password=None).render_as_string(hide_password=False) if url.password is not None else database_url
+
+
 def driver_env(database_url: str, artifacts: str) -> dict[str, str]:
-    """What a driver and its workers need to reach the store and the artifacts."""
+    """What a driver and its workers need to reach the store and the artifacts, secrets excepted."""
     env = {k: os.environ[k] for k in FORWARDED_ENV + FORWARDED_SETTINGS if os.environ.get(k)}
-    env.update({"LADLE_DATABASE_URL": database_url, "LADLE_ARTIFACTS": artifacts,
+    env.update({"LADLE_DATABASE_URL": without_password(database_url), "LADLE_ARTIFACTS": artifacts,
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
     return env
 

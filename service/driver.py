@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sys
 
+import sqlalchemy as sa
+
 from service.access import Access
 from service.artifacts import ArtifactStore
 from service.pipeline import Pipeline
@@ -56,7 +58,7 @@ def run_job(job_id: str, submission: str | None = None) -> int:
     store = Store(settings.database_url, migrate=False)
     job = store.get_job(job_id)
     if job is None:
-        print(f"no job {job_id} in {settings.database_url}", file=sys.stderr)
+        print(f"no job {job_id} in {sa.engine.make_url(settings.database_url)!r}", file=sys.stderr)   # password hidden
         return 2
     if job.status in TERMINAL:
         print(f"job {job_id} is already {job.status}", file=sys.stderr)

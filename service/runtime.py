@@ -17,6 +17,8 @@ import os
 import threading
 import time
 
+import sqlalchemy as sa
+
 from service.cluster import HEAD_FILE, LocalRay, stop_orphan
 from service.dispatcher import Dispatcher
 from service.settings import Settings, get_settings
@@ -25,6 +27,13 @@ from service.store import Store
 log = logging.getLogger("ladle.runtime")
 
 NODES_TTL = 30.0     # seconds a reading of the cluster's nodes is reused (the submission check)
+
+
+def node_secrets(settings: Settings) -> dict[str, str]:
+    """What the embedded Ray head's environment holds beyond the service's own: the database password
+    (drivers get the URL without it; service.dispatcher.driver_env)."""
+    password = sa.engine.make_url(settings.database_url).password
+    return {"PGPASSWORD": str(password)} if password else {}
 
 
 class Runtime:
@@ -51,7 +60,7 @@ class Runtime:
         return [j.id for j in jobs if self.store.requeue(j.id, reason) is not None]
 
     def _start_head(self) -> None:
-        self.head = LocalRay(num_cpus=self.num_cpus, state_file=self.head_file).start()
+        self.head = LocalRay(num_cpus=self.num_cpus, state_file=self.head_file, env=node_secrets(self.settings)).start()
 
     def start(self) -> Runtime:
         s = self.settings

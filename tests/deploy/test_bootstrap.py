@@ -148,13 +148,15 @@ def test_serve_beyond_127_0_0_1_is_refused_without_any_token(tmp_path):
     assert out.returncode == 2 and "refusing to serve" in out.stderr        # before binding anything
 
 
-def test_dispatcher_hands_drivers_the_object_store_variables_that_are_set(monkeypatch):
-    for k in FORWARDED_ENV:
+def test_dispatcher_hands_drivers_where_the_stores_are_but_never_a_secret(monkeypatch):
+    """A Ray job's runtime_env is readable by anyone who can list Ray jobs: the object store's endpoint
+    goes there, its keys and the database's password do not (the Ray nodes have them)."""
+    for k in FORWARDED_ENV + ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "")                            # empty: not sent
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ladle")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")                         # empty: not sent
-    env = driver_env("postgresql+psycopg://db/ladle", "s3://ladle/artifacts")
-    assert env == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_ACCESS_KEY_ID": "ladle",
-                   "LADLE_DATABASE_URL": "postgresql+psycopg://db/ladle", "LADLE_ARTIFACTS": "s3://ladle/artifacts",
-                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "minio-s3cret")
+    env = driver_env("postgresql+psycopg://ladle:pg-s3cret@db/ladle", "s3://ladle/artifacts")
+    assert env == {"AWS_ENDPOINT_URL": "http://minio:9000", "LADLE_DATABASE_URL": "postgresql+psycopg://ladle@db/ladle",
+                   "LADLE_ARTIFACTS": "s3://ladle/artifacts", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

@@ -204,3 +204,14 @@ def test_dockerfile_installs_the_project_with_the_pinned_ray_and_the_deploy_scri
     assert os.access(DEPLOY / "prestart.sh", os.X_OK)
     assert "wget" in text                                             # KubeRay's default probes call it
     assert re.search(r"^USER ladle$", text, re.M)                     # not root
+
+
+def test_ray_nodes_hold_the_credentials_that_drivers_are_not_sent(services):
+    """Drivers get the database URL without its password and no object-store keys (service.dispatcher):
+    every Ray node has the password (PGPASSWORD, read by libpq) and the keys the API uses."""
+    api = environment(services["api"])
+    for name in ("ray-head", "ray-worker"):
+        env = environment(services[name])
+        assert env["PGPASSWORD"] == make_url(api["LADLE_DATABASE_URL"]).password, name
+        assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (api["AWS_ACCESS_KEY_ID"],
+                                                                            api["AWS_SECRET_ACCESS_KEY"]), name

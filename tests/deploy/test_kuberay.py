@@ -162,3 +162,17 @@ def test_ladle_variables_are_settings_and_the_cluster_settings_are_all_given(man
     s = Settings()
     assert (s.ray_address, s.artifacts) == (config["LADLE_RAY_ADDRESS"], config["LADLE_ARTIFACTS"])
     assert s.database_url.startswith("postgresql+psycopg://")
+
+
+def test_every_ray_pod_has_the_credentials_drivers_are_not_sent(manifests, secret_keys):
+    """Drivers get the database URL without its password and no object-store keys (a Ray job's
+    runtime_env is readable by anyone who lists jobs): every Ray container takes them from the Secret."""
+    cluster = next(obj for (kind, _), obj in manifests.items() if kind == "RayCluster")
+    assert "PGPASSWORD" in secret_keys
+    for group, pod in ray_pod_specs(cluster).items():
+        for c in containers(pod):
+            refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c.get("env", []) if "valueFrom" in e}
+            assert {k: r["key"] for k, r in refs.items()} == {
+                "PGPASSWORD": "PGPASSWORD", "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}, group
+            assert all(r["name"] == "ladle-secrets" for r in refs.values()), group

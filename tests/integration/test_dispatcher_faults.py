@@ -243,3 +243,32 @@ def test_a_dead_embedded_head_is_started_again_and_its_jobs_resume(tmp_path):
     assert final.status == "succeeded", (final.error, events)
     assert final.driver_failures == 0 and final.attempts == 2
     assert any("the embedded Ray head died and was started again" in m for m in events), events
+
+
+@pytest.mark.postgres
+def test_ray_job_listings_show_no_secret_and_the_driver_still_reaches_the_store(ray_head, pg_url, monkeypatch,
+                                                                                tmp_path):
+    """Anyone who can list Ray jobs reads their runtime_env: the database password and the object
+    store's keys stay out of it (the Ray nodes hold them); the job runs all the same (this PostgreSQL
+    trusts loopback, so the URL's password is not needed by the driver that never got it)."""
+    import sqlalchemy as sa
+    from tests.conftest import _truncate
+    url = sa.engine.make_url(pg_url).set(password="pg-s3cret").render_as_string(hide_password=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id-s3cret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "key-s3cret")
+    store = Store(url)
+    _truncate(store)
+    job = store.create_job(parse_spec(QUICK))
+    dispatcher = dispatcher_for(store, url, ray_head.dashboard_url, tmp_path).start()
+    try:
+        final = finished(store, job.id)
+    finally:
+        dispatcher.stop()
+        store.engine.dispose()
+    assert final.status == "succeeded", final.error
+    [info] = [j for j in JobSubmissionClient(ray_head.dashboard_url).list_jobs()
+              if (j.metadata or {}).get("ladle_job") == job.id]
+    shown = repr(info)
+    assert not any(secret in shown for secret in ("pg-s3cret", "key-id-s3cret", "key-s3cret")), shown
+    assert info.runtime_env["env_vars"]["LADLE_DATABASE_URL"] == sa.engine.make_url(pg_url).render_as_string(
+        hide_password=False)

@@ -3,10 +3,12 @@
 on loopback) for the artifacts, reached through s3fs as a cluster reaches S3 or MinIO.
 
 Only the three cluster settings change against the laptop defaults (the Ray address, the artifact
-URL and the database URL). The Ray nodes start without any AWS_* variable: the endpoint and the
-keys are set only where the API and its dispatcher run, so a finished job shows that they reach
-the driver and, through the Ray job's runtime_env, its actors on both nodes (which write their
-epoch checkpoints to S3: a failed write fails the ingredient, and the phase needs both).
+URL and the database URL). The Ray nodes start with the object store's keys in their environment,
+as compose and KubeRay give them from their secrets, and without its endpoint: the endpoint is set
+only where the API and its dispatcher run, so a finished job shows that it reaches the driver and,
+through the Ray job's runtime_env, its actors on both nodes (which write their epoch checkpoints to
+S3: a failed write fails the ingredient, and the phase needs both), while the keys never travel
+in a runtime_env (anyone who lists Ray jobs reads it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 JOB = {"name": "two-nodes", "model": {"arch": "mlp"}, "data": {"name": "digits"}, "dense": {"epochs": 2},
        "prune": {"target_sparsity": 0.75, "phases": 2}, "retrain": {"epochs": 2},
        "soup": {"ingredients": 2}, "resources": {"cpus_per_ingredient": 1}}
+NODE_KEYS = {"AWS_ACCESS_KEY_ID": "ladle-test", "AWS_SECRET_ACCESS_KEY": "ladle-secret"}
 AWS_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 
@@ -52,15 +55,15 @@ def listening_addresses(process_group: int) -> set[str]:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head (1 CPU) and a second node (1 CPU) joining it, each its own `ray start`, started
-    without AWS_* variables; yields (head, node)."""
+    """A head (1 CPU) and a second node (1 CPU) joining it, each its own `ray start`, started with the
+    object store's keys (NODE_KEYS) and no other AWS_* variable; yields (head, node)."""
     from ray.util.state import list_nodes
     with pytest.MonkeyPatch.context() as mp:
         for k in AWS_VARS:
             mp.delenv(k, raising=False)
-        head = LocalRay(num_cpus=1).start()
+        head = LocalRay(num_cpus=1, env=NODE_KEYS).start()
         try:
-            node = LocalRay(num_cpus=1, head_address=head.address, resources='{"second_node": 1}').start()
+            node = LocalRay(num_cpus=1, head_address=head.address, resources='{"second_node": 1}', env=NODE_KEYS).start()
         except BaseException:
             head.stop()
             raise
@@ -86,9 +89,8 @@ def test_one_job_on_two_ray_nodes_with_s3_artifacts_and_postgres(two_nodes, s3_s
     endpoint, access_log = s3_server
     _truncate(pg_store)
     assert "AWS_ENDPOINT_URL" not in Path(f"/proc/{node.process.pid}/environ").read_text()
-    # the S3 endpoint and keys, in the standard variables, only in this (the API's) process
-    for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "ladle-test", "AWS_SECRET_ACCESS_KEY": "ladle-secret",
-                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    # the S3 endpoint only in this (the API's) process; the keys here too, and on the nodes
+    for k, v in {"AWS_ENDPOINT_URL": endpoint, **NODE_KEYS, "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
     bucket = f"ladle-{uuid.uuid4().hex[:8]}"
     s3 = s3fs.S3FileSystem(skip_instance_cache=True)
@@ -105,7 +107,9 @@ def test_one_job_on_two_ray_nodes_with_s3_artifacts_and_postgres(two_nodes, s3_s
     nodes = {n.node_id: n for n in list_nodes(address=head.dashboard_url)}
     [head_id] = [i for i, n in nodes.items() if n.is_head_node]
     assert len(nodes) == 2
-    assert JobSubmissionClient(head.dashboard_url).get_job_info(job["id"]).driver_node_id == head_id
+    info = JobSubmissionClient(head.dashboard_url).get_job_info(job["id"])
+    assert info.driver_node_id == head_id
+    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == endpoint and "ladle-secret" not in repr(info)
     actors = list_actors(address=head.dashboard_url, filters=[("class_name", "=", "IngredientWorker")], detail=True)
     assert {a.node_id for a in actors} == set(nodes)
     runs = list_tasks(address=head.dashboard_url, filters=[("name", "=", "IngredientWorker.run")], detail=True)
