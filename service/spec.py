@@ -9,6 +9,7 @@ validation context carries a `service.access.Access` (``parse_spec(data, access=
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -32,6 +33,10 @@ MAX_INGREDIENTS = 64
 MAX_EPOCHS = 1000
 MAX_PHASES = 50
 MAX_TRIALS = 200
+# Bounds on what a spec may hold (it is stored with the job and shown in every job page)
+MAX_STRING = 4096            # characters of any string field (paths, names, archs)
+MAX_LIST = 256               # items of any list field
+MAX_KWARGS_BYTES = 4096      # model.kwargs as JSON
 
 
 class _Strict(BaseModel):
@@ -39,9 +44,14 @@ class _Strict(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _no_nul(cls, v: Any) -> Any:
-        if isinstance(v, str) and "\x00" in v:
-            raise ValueError("must not contain NUL characters")
+    def _bounded(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            if "\x00" in v:
+                raise ValueError("must not contain NUL characters")
+            if len(v) > MAX_STRING:
+                raise ValueError(f"is {len(v)} characters long; at most {MAX_STRING}")
+        if isinstance(v, list) and len(v) > MAX_LIST:
+            raise ValueError(f"has {len(v)} items; at most {MAX_LIST}")
         return v
 
 
@@ -49,6 +59,14 @@ class ModelSpec(_Strict):
     arch: str = "mlp"
     checkpoint: str | None = None          # a Ladle checkpoint (.safetensors) to start from instead of dense training
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _small_kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(v, default=str))
+        if size > MAX_KWARGS_BYTES:
+            raise ValueError(f"is {size} bytes as JSON; at most {MAX_KWARGS_BYTES}")
+        return v
 
     @field_validator("arch")
     @classmethod

@@ -196,3 +196,16 @@ def test_the_openapi_schema_still_documents_the_job_spec(api):
     r = api.post("/jobs", json=["not", "a", "spec"])
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"]
     assert os.environ.get("LADLE_DATA_ROOTS")                     # tests/conftest.py's roots are in force
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"name": "x" * 201}, ["body", "name"]),
+    ({"data": {"name": "text", "path": "p" * 5000}}, ["body", "data", "path"]),
+    ({"model": {"kwargs": {"k": "v" * 5000}}}, ["body", "model", "kwargs"]),
+    ({"search": {"space": {"schedule": {"choice": ["llr"] * 300}}}}, ["body", "search", "space", "schedule", "choice"]),
+])
+def test_over_long_spec_strings_and_lists_are_422_and_nothing_is_stored(api, body, field):
+    r = api.post("/jobs", json=body)
+    assert r.status_code == 422, r.text
+    assert [e["loc"][:len(field)] for e in r.json()["detail"]][0] == field, r.json()
+    assert api.get("/jobs").json()["count"] == 0
