@@ -103,3 +103,34 @@ def test_lm_masks_cover_the_blocks_linear_layers_only(tiny_lm):
     model, _ = load_causal_lm(tiny_lm[0])
     names = prunable_lm_names(model)
     assert len(names) == 2 * 7 and not any("embed" in n or "lm_head" in n for n in names)
+
+
+class DiesMidPhaseTwo(SequentialExecutor):
+    """A driver that dies in phase 2 after its first ingredient finished (and was recorded)."""
+
+    def run(self, tasks, on_epoch, on_result=None):
+        if tasks and tasks[0].name.startswith("phase2/ingredient"):
+            super().run(tasks[:1], on_epoch, on_result)
+            raise RuntimeError("driver died")
+        return super().run(tasks, on_epoch, on_result)
+
+
+def test_an_interrupted_lm_job_resumes_reusing_its_pruned_model_and_finished_ingredient(tiny_lm, store, tmp_path):
+    from service.driver import resume_point
+    arch, text = tiny_lm
+    spec = lm_spec(arch, text, prune={"target_sparsity": 0.5, "phases": 2, "criterion": "sparsegpt"})
+    job = store.create_job(spec)
+    artifacts = ArtifactStore(str(tmp_path))
+    with pytest.raises(RuntimeError, match="driver died"):
+        Pipeline(spec, DiesMidPhaseTwo(), DBRecorder(store, job.id), artifacts, prefix=f"jobs/{job.id}").run()
+    resume = resume_point(store, job.id)
+    assert len(resume.phases) == 2 and resume.pruned is not None and list(resume.ingredients) == ["phase2/ingredient0"]
+    kept = resume.ingredients["phase2/ingredient0"].id
+    result = Pipeline(spec, SequentialExecutor(), DBRecorder(store, job.id), artifacts, prefix=f"jobs/{job.id}",
+                      resume=resume).run()
+    assert [p.phase for p in result.phases] == [0, 1, 2] and result.phases[2].sparsity == pytest.approx(0.5, abs=0.01)
+    ingredients = {r.name: r for r in store.runs(job.id, kind="ingredient") if r.phase == 2}
+    assert ingredients["phase2/ingredient0"].model_id == kept            # reused, not retrained
+    soup = load(store.get_model(result.final_model_id).uri)
+    pruned = load(resume.pruned.uri)
+    assert all(bool((soup.masks[n] == m).all()) for n, m in pruned.masks.items())
