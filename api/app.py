@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
+import threading
 from contextlib import asynccontextmanager
 
 from pathlib import Path
@@ -24,6 +25,7 @@ from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, ser
 from api.routes import health, jobs, me, models, tokens
 from service.runtime import Runtime
 from service.settings import get_settings
+from workers.models import torchvision_names
 
 API_PREFIX = "/api/v1"
 DASHBOARD = Path(__file__).parent / "dashboard"      # static: index.html, app.js, vendored libraries
@@ -79,6 +81,9 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
         rt = runtime or Runtime()
         if runtime is None:
             await asyncio.to_thread(rt.start)
+            # a spec naming a torchvision model lists torchvision's models; importing torchvision takes
+            # seconds: do it now, off the event loop, rather than inside the first such request
+            threading.Thread(target=torchvision_names, name="warm-torchvision", daemon=True).start()
         app.state.runtime = rt
         # What start-up made (torch, Ray, the app) lives as long as the server: keep it out of the
         # garbage collector's full passes, which otherwise stall requests (seen: 170 ms pauses)
