@@ -453,7 +453,11 @@ def verdict(results: dict) -> list[str]:
             why.append(f"it recovers {100 * r['recovered']:.1f} %, not most" if r["recovered"] > 0
                        else f"it recovers nothing ({100 * r['recovered']:.1f} %: worse than the pruned model)")
         if r["sparsity_lost"] > 0:
-            why.append(f"its merge lost {100 * r['sparsity_lost']:.2f} points of sparsity")
+            why.append(f"its merge lost {100 * r['sparsity_lost']:.2f} points of sparsity (sparsity "
+                       f"{r['sparsity_after_merge']:.3f} after merging): the perplexity is that of a dense model, "
+                       f"the pruning is undone")
+            if small and most:
+                holds = "does not hold for a sparse model"
         lines.append(f"- {r['mode']}: {100 * r['trainable_share']:.3f} % trainable, {100 * r['recovered']:.1f} % "
                      f"recovered in {r['steps']} steps ({r['train_tokens']} tokens, lr {r['lr']:g}): {holds}"
                      + (f" ({'; '.join(why)})" if why else ""))
