@@ -62,12 +62,12 @@ def test_migrate_is_idempotent_and_downgrades(tmp_path):
     engine.dispose()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_phase_metrics_move_into_one_json_column_and_back(backend, tmp_path):
-    """Migration 0006 on a database with a finished phase: its metric columns become keys of
-    phases.metrics (nulls left out), jobs.best_accuracy becomes best_score; downgrading restores both."""
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def fresh_db(request, tmp_path):
+    """An empty database on each backend: (its engine, `migrate(revision, down=False)`, which migrates it
+    there through db.migrate and returns its reflected tables)."""
     with contextlib.ExitStack() as stack:
-        url = (f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite"
+        url = (f"sqlite:///{tmp_path / 'm.db'}" if request.param == "sqlite"
                else stack.enter_context(fresh_pg_database()))
         engine = db.make_engine(url)
         stack.callback(engine.dispose)
@@ -78,30 +78,37 @@ def test_phase_metrics_move_into_one_json_column_and_back(backend, tmp_path):
             meta.reflect(engine)
             return meta
 
-        t = migrate("0005").tables
-        now = sa.func.now()
-        with engine.begin() as c:
-            c.execute(t["jobs"].insert().values(id="j", name="old", status="succeeded", spec={}, progress=1.0,
-                                                attempts=1, total_epochs=3, done_epochs=3, best_accuracy=0.91,
-                                                created_at=now, updated_at=now))
-            c.execute(t["phases"].insert().values(job_id="j", index=1, status="succeeded", target_sparsity=0.5,
-                                                  sparsity=0.5, soup_accuracy=0.91, pruned_accuracy=0.7,
-                                                  ingredient_accuracies=[0.9, None], soup_ingredients=[0, 1],
-                                                  seconds={"total": 2.0}, epochs_trained=4, started_at=now))
-        t = migrate("head").tables
-        with engine.connect() as c:
-            phase = c.execute(sa.select(t["phases"])).mappings().one()
-            job = c.execute(sa.select(t["jobs"])).mappings().one()
-        assert phase["metrics"] == {"soup_accuracy": 0.91, "pruned_accuracy": 0.7, "ingredient_accuracies": [0.9, None],
-                                    "epochs_trained": 4}
-        assert "soup_accuracy" not in phase and job["best_score"] == 0.91 and "best_accuracy" not in job
-        t = migrate("0005", down=True).tables
-        with engine.connect() as c:
-            phase = c.execute(sa.select(t["phases"])).mappings().one()
-            job = c.execute(sa.select(t["jobs"])).mappings().one()
-        assert (phase["soup_accuracy"], phase["pruned_accuracy"], phase["ingredient_accuracies"],
-                phase["epochs_trained"], phase["ensemble_accuracy"]) == (0.91, 0.7, [0.9, None], 4, None)
-        assert job["best_accuracy"] == 0.91 and "metrics" not in phase
+        yield engine, migrate
+
+
+def test_phase_metrics_move_into_one_json_column_and_back(fresh_db):
+    """Migration 0006 on a database with a finished phase: its metric columns become keys of
+    phases.metrics (nulls left out), jobs.best_accuracy becomes best_score; downgrading restores both."""
+    engine, migrate = fresh_db
+    t = migrate("0005").tables
+    now = sa.func.now()
+    with engine.begin() as c:
+        c.execute(t["jobs"].insert().values(id="j", name="old", status="succeeded", spec={}, progress=1.0,
+                                            attempts=1, total_epochs=3, done_epochs=3, best_accuracy=0.91,
+                                            created_at=now, updated_at=now))
+        c.execute(t["phases"].insert().values(job_id="j", index=1, status="succeeded", target_sparsity=0.5,
+                                              sparsity=0.5, soup_accuracy=0.91, pruned_accuracy=0.7,
+                                              ingredient_accuracies=[0.9, None], soup_ingredients=[0, 1],
+                                              seconds={"total": 2.0}, epochs_trained=4, started_at=now))
+    t = migrate("head").tables
+    with engine.connect() as c:
+        phase = c.execute(sa.select(t["phases"])).mappings().one()
+        job = c.execute(sa.select(t["jobs"])).mappings().one()
+    assert phase["metrics"] == {"soup_accuracy": 0.91, "pruned_accuracy": 0.7, "ingredient_accuracies": [0.9, None],
+                                "epochs_trained": 4}
+    assert "soup_accuracy" not in phase and job["best_score"] == 0.91 and "best_accuracy" not in job
+    t = migrate("0005", down=True).tables
+    with engine.connect() as c:
+        phase = c.execute(sa.select(t["phases"])).mappings().one()
+        job = c.execute(sa.select(t["jobs"])).mappings().one()
+    assert (phase["soup_accuracy"], phase["pruned_accuracy"], phase["ingredient_accuracies"],
+            phase["epochs_trained"], phase["ensemble_accuracy"]) == (0.91, 0.7, [0.9, None], 4, None)
+    assert job["best_accuracy"] == 0.91 and "metrics" not in phase
 
 
 def test_sqlite_pragmas(tmp_path):
@@ -527,43 +534,31 @@ def test_an_active_name_is_unique_and_a_revoked_admin_secret_stays_revoked(store
     assert store.check_token("new-deploy-secret-0123456789").admin
 
 
-@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_token_expiry_and_revocation_columns_come_and_go(backend, tmp_path):
+def test_token_expiry_and_revocation_columns_come_and_go(fresh_db):
     """Migration 0007 on a database with a token: it gains expires_at, revoked_at and last4 (null), and
     a name is unique among tokens not revoked only; downgrading deletes the revoked and expired tokens
     (before 0007 every stored token is good) and makes names unique again."""
-    with contextlib.ExitStack() as stack:
-        url = (f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite"
-               else stack.enter_context(fresh_pg_database()))
-        engine = db.make_engine(url)
-        stack.callback(engine.dispose)
-
-        def migrate(to: str, down: bool = False) -> sa.MetaData:
-            db.migrate(engine, to, down=down)
-            meta = sa.MetaData()
-            meta.reflect(engine)
-            return meta
-
-        t = migrate("0006").tables["tokens"]
-        now = datetime.now(timezone.utc)
-        with engine.begin() as c:
-            c.execute(t.insert().values(id="a", name="ann", token_hash="ha", admin=True, created_at=now))
-        t = migrate("head").tables["tokens"]
-        with engine.begin() as c:
-            assert c.execute(sa.select(t.c.expires_at, t.c.revoked_at, t.c.last4)).one() == (None, None, None)
-            c.execute(t.update().values(revoked_at=now))                          # ann's token revoked ...
-            c.execute(t.insert().values(id="b", name="ann", token_hash="hb", admin=False, created_at=now))
-            c.execute(t.insert().values(id="c", name="cy", token_hash="hc", admin=False, created_at=now,
-                                        expires_at=now - timedelta(hours=1)))
-            c.execute(t.insert().values(id="d", name="dee", token_hash="hd", admin=False, created_at=now,
-                                        expires_at=now + timedelta(hours=1), last4="wxyz"))
-        with pytest.raises(sa.exc.IntegrityError), engine.begin() as c:          # ... and the new one holds the name
-            c.execute(t.insert().values(id="e", name="ann", token_hash="he", admin=False, created_at=now))
-        t = migrate("0006", down=True).tables["tokens"]
-        assert {"expires_at", "revoked_at", "last4"}.isdisjoint(t.c.keys())
-        with engine.begin() as c:
-            assert sorted(c.execute(sa.select(t.c.id, t.c.name)).all()) == [("b", "ann"), ("d", "dee")]
-        with pytest.raises(sa.exc.IntegrityError), engine.begin() as c:
-            c.execute(t.insert().values(id="e", name="dee", token_hash="he", admin=False, created_at=now))
-        t = migrate("head").tables["tokens"]                                      # and up again
-        assert {"expires_at", "revoked_at", "last4"} <= set(t.c.keys())
+    engine, migrate = fresh_db
+    t = migrate("0006").tables["tokens"]
+    now = datetime.now(timezone.utc)
+    with engine.begin() as c:
+        c.execute(t.insert().values(id="a", name="ann", token_hash="ha", admin=True, created_at=now))
+    t = migrate("head").tables["tokens"]
+    with engine.begin() as c:
+        assert c.execute(sa.select(t.c.expires_at, t.c.revoked_at, t.c.last4)).one() == (None, None, None)
+        c.execute(t.update().values(revoked_at=now))                          # ann's token revoked ...
+        c.execute(t.insert().values(id="b", name="ann", token_hash="hb", admin=False, created_at=now))
+        c.execute(t.insert().values(id="c", name="cy", token_hash="hc", admin=False, created_at=now,
+                                    expires_at=now - timedelta(hours=1)))
+        c.execute(t.insert().values(id="d", name="dee", token_hash="hd", admin=False, created_at=now,
+                                    expires_at=now + timedelta(hours=1), last4="wxyz"))
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as c:          # ... and the new one holds the name
+        c.execute(t.insert().values(id="e", name="ann", token_hash="he", admin=False, created_at=now))
+    t = migrate("0006", down=True).tables["tokens"]
+    assert {"expires_at", "revoked_at", "last4"}.isdisjoint(t.c.keys())
+    with engine.begin() as c:
+        assert sorted(c.execute(sa.select(t.c.id, t.c.name)).all()) == [("b", "ann"), ("d", "dee")]
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as c:
+        c.execute(t.insert().values(id="e", name="dee", token_hash="he", admin=False, created_at=now))
+    t = migrate("head").tables["tokens"]                                      # and up again
+    assert {"expires_at", "revoked_at", "last4"} <= set(t.c.keys())
