@@ -2,7 +2,9 @@
 Ray cluster per session (started with `ray start`, on loopback, 2 CPUs)."""
 
 import contextlib
+import ctypes
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -13,6 +15,14 @@ import sqlalchemy as sa
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
+def dies_with_the_tests() -> None:
+    """`preexec_fn` of every long-lived process a test starts (ladle serve/run/demo, moto): the kernel
+    sends it SIGTERM when the test process dies, even by SIGKILL, so a killed test run leaves no service
+    behind (SIGTERM stops a service with its Ray head, as a user's would)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+PR_SET_PDEATHSIG = 1          # prctl(2)
 PG_ADMIN_URL = os.environ.get("LADLE_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 # The dashboard tests' screenshots (a folder that outlives the run; printed at its end)
 SCREENSHOTS = Path(os.environ.get("LADLE_SCREENSHOTS", Path(__file__).resolve().parents[1] / ".ladle" / "screenshots"))

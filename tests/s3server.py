@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from service.cluster import LOOPBACK, free_ports
+from tests.conftest import dies_with_the_tests
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,8 @@ def s3_server(tmp_path_factory):
     log = tmp_path_factory.mktemp("moto") / "moto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", LOOPBACK, "-p", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=dies_with_the_tests)
     endpoint = f"http://{LOOPBACK}:{port}"
     try:
         deadline = time.monotonic() + 30

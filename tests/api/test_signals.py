@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.cluster import free_ports
+from tests.conftest import dies_with_the_tests
 from tests.integration.test_ray import wait_for
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,8 @@ JOB = {"name": "long", "model": {"arch": "resnet20"}, "dense": {"epochs": 2},
 def start(args: list[str], home: Path) -> subprocess.Popen:
     env = dict(os.environ, LADLE_HOME=str(home))
     log = open(home / f"{args[0]}-{time.time_ns()}.log", "wb")
-    return subprocess.Popen([LADLE, *args], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([LADLE, *args], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=dies_with_the_tests)
 
 
 def serve(home: Path) -> tuple[subprocess.Popen, str]:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from service.cluster import LOOPBACK, free_ports
 from service.dispatcher import FORWARDED_ENV, driver_env
 from service.settings import Settings
+from tests.conftest import dies_with_the_tests
 from tests.deploy.conftest import DEPLOY, ROOT
 from tests.s3server import s3_server  # noqa: F401  (a fixture: moto's S3 server)
 
@@ -120,7 +121,8 @@ def test_ladle_serve_stores_the_admin_token_from_the_environment(tmp_path):
     env = clean_env(LADLE_HOME=str(tmp_path), LADLE_ADMIN_TOKEN=secret, LADLE_DISPATCH="false",
                     LADLE_RAY_ADDRESS=f"http://{LOOPBACK}:1", LADLE_AUTH="on")
     server = subprocess.Popen([str(BIN / "ladle"), "serve", "--host", LOOPBACK, "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              preexec_fn=dies_with_the_tests)
     url = f"http://{LOOPBACK}:{port}/api/v1"
     try:
         deadline = time.monotonic() + 60
