@@ -127,3 +127,22 @@ def tiny_lm(tmp_path_factory):
     text = root / "corpus.txt"
     text.write_text(CORPUS * 2)
     return pretrained_folder(root / "llama"), str(text)
+
+
+@pytest.fixture
+def marker_modules(tmp_path, monkeypatch):
+    """Two importable modules, ladle_marker_allowed and ladle_marker_denied, that leave a marker file when
+    imported (a test proves that validating a spec naming them imports neither): {module: marker path}."""
+    import sys
+    folder = tmp_path / "site-packages"
+    folder.mkdir()
+    markers = {}
+    for name in ("ladle_marker_allowed", "ladle_marker_denied"):
+        markers[name] = tmp_path / f"{name}.imported"
+        (folder / f"{name}.py").write_text(
+            f"import pathlib, torch\npathlib.Path({str(markers[name])!r}).write_text('imported')\n"
+            "def build(num_classes):\n    return torch.nn.Linear(64, num_classes)\n")
+    monkeypatch.syspath_prepend(str(folder))
+    yield markers
+    for name in markers:
+        sys.modules.pop(name, None)

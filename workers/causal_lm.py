@@ -111,12 +111,11 @@ class CausalLM:
               seed: int, pattern: str = "unstructured") -> PruneResult:
         """`criterion` (magnitude | wanda | sparsegpt) to `target` with `pattern`, on a copy of `model`;
         the calibration blocks are drawn from train with `seed`."""
-        pruned = copy.deepcopy(model)
-        before = {k: v.detach().clone() for k, v in pruned.state_dict().items()}
+        pruned = copy.deepcopy(model)                 # `model`, untouched, is the "before" of the norm drop
         calibration = calibration_blocks(self.splits, self.data.calibration_samples, seed)
         r = prune_causal_lm(pruned, calibration, target, criterion=criterion, pattern=pattern, masks=masks,
                             device=self.device)
-        after = pruned.state_dict()
+        before, after = model.state_dict(), pruned.state_dict()
         diff_sq = sum(float((after[k].double() - before[k].double()).pow(2).sum()) for k in before
                       if k.endswith(("weight", "bias")))
         norm_sq = weight_and_bias_norm_sq(model)

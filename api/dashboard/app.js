@@ -303,7 +303,8 @@ async function compareView(el, idList) {
     const jobs = await Promise.all(ids.map(async (id) => {
       const [job, phases] = await Promise.all([api(`/jobs/${id}`), api(`/jobs/${id}/phases`)]);
       const m = metricOf(job);
-      return { job, m, phases: phases.data.filter((p) => p[`soup_${m.name}`] != null).sort((a, b) => a.index - b.index) };
+      const ingredientsKey = phases.columns?.find((c) => c.unit === "metrics")?.key;
+      return { job, m, ingredientsKey, phases: phases.data.filter((p) => p[`soup_${m.name}`] != null).sort((a, b) => a.index - b.index) };
     }));
     jobs.forEach(({ job, m, phases }, i) => {           // in place: a dataset hidden from the legend stays hidden
       const set = accChart.data.datasets[i];
@@ -313,9 +314,9 @@ async function compareView(el, idList) {
                                       job: job.name, shown: score(m, p[`soup_${m.name}`]) }));
     });
     accChart.update("none");
-    tbody.innerHTML = jobs.map(({ job, m, phases }, i) => {
+    tbody.innerHTML = jobs.map(({ job, m, ingredientsKey, phases }, i) => {
       const last = phases.at(-1) ?? {};
-      const ingredients = (last[`ingredient_${m.name === "accuracy" ? "accuracies" : "perplexities"}`] ?? []).filter((a) => a != null);
+      const ingredients = (last[ingredientsKey] ?? []).filter((a) => a != null);
       const best = ingredients.length ? (m.mode === "max" ? Math.max(...ingredients) : Math.min(...ingredients)) : null;
       return `<tr data-job="${job.id}">
         <td><i class="swatch" data-color="${COLORS[i % COLORS.length]}"></i><a href="#/jobs/${job.id}">${esc(job.name)}</a>

@@ -115,34 +115,18 @@ def test_specs_inside_the_roots_are_queued_with_their_paths_resolved(api, site):
     assert jobs(api) == 2
 
 
-@pytest.fixture
-def marker_modules(tmp_path, monkeypatch):
-    """Two importable modules that leave a marker file when imported."""
-    folder = tmp_path / "user-code"
-    folder.mkdir()
-    markers = {}
-    for name in ("ladle_api_allowed", "ladle_api_denied"):
-        markers[name] = tmp_path / f"{name}.imported"
-        (folder / f"{name}.py").write_text(f"import pathlib\npathlib.Path({str(markers[name])!r}).write_text('x')\n"
-                                           "def build(num_classes):\n    raise SystemExit('never called here')\n")
-    monkeypatch.syspath_prepend(str(folder))
-    yield markers
-    for name in markers:
-        sys.modules.pop(name, None)
-
-
 def test_an_allowed_import_prefix_is_queued_and_others_refused_and_neither_is_imported(api, site, marker_modules):
-    api.runtime.settings = api.runtime.settings.model_copy(update={"allowed_import_prefixes": ["ladle_api_allowed"]})
-    r = api.post("/jobs", json={"model": {"arch": "import:ladle_api_allowed:build"}})
+    api.runtime.settings = api.runtime.settings.model_copy(update={"allowed_import_prefixes": ["ladle_marker_allowed"]})
+    r = api.post("/jobs", json={"model": {"arch": "import:ladle_marker_allowed:build"}})
     assert r.status_code == 201, r.text
-    [err] = refused(api, {"model": {"arch": "import:ladle_api_denied:build"}})
-    assert err["loc"] == ["body", "model", "arch"] and "does not run the module 'ladle_api_denied'" in err["msg"]
-    [err] = refused(api, {"model": {"arch": "import:ladle_api_allowed_too:build"}})    # not a submodule
+    [err] = refused(api, {"model": {"arch": "import:ladle_marker_denied:build"}})
+    assert err["loc"] == ["body", "model", "arch"] and "does not run the module 'ladle_marker_denied'" in err["msg"]
+    [err] = refused(api, {"model": {"arch": "import:ladle_marker_allowed_too:build"}})    # not a submodule
     assert "does not run the module" in err["msg"]
     assert not any(m.exists() for m in marker_modules.values())
-    assert not {"ladle_api_allowed", "ladle_api_denied"} & set(sys.modules)
-    __import__("ladle_api_allowed")                                  # the marker works: importing leaves it
-    assert marker_modules["ladle_api_allowed"].exists()
+    assert not {"ladle_marker_allowed", "ladle_marker_denied"} & set(sys.modules)
+    __import__("ladle_marker_allowed")                                  # the marker works: importing leaves it
+    assert marker_modules["ladle_marker_allowed"].exists()
     assert jobs(api) == 1
 
 

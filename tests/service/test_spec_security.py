@@ -203,41 +203,24 @@ def test_model_ids_need_the_store_and_the_caller(site):
 
 # ---------------------------------------------------------------- code
 
-@pytest.fixture
-def marker_modules(tmp_path, monkeypatch):
-    """Two modules that leave a marker file when imported: one the operator allows, one not."""
-    folder = tmp_path / "site-packages"
-    folder.mkdir()
-    markers = {}
-    for name in ("ladle_sec_allowed", "ladle_sec_denied"):
-        markers[name] = tmp_path / f"{name}.imported"
-        (folder / f"{name}.py").write_text(
-            f"import pathlib, torch\npathlib.Path({str(markers[name])!r}).write_text('imported')\n"
-            "def build(num_classes):\n    return torch.nn.Linear(64, num_classes)\n")
-    monkeypatch.syspath_prepend(str(folder))
-    yield markers
-    for name in markers:
-        sys.modules.pop(name, None)
-
-
 def test_import_archs_need_the_operators_allow_list_and_are_never_imported_to_validate(site, marker_modules):
     allowing = Access.from_settings(site["settings"].model_copy(update={"allowed_import_prefixes":
-                                                                            ["ladle_sec_allowed"]}))
-    spec = parse_spec({"model": {"arch": "import:ladle_sec_allowed:build"}}, access=allowing)
-    assert spec.model.arch == "import:ladle_sec_allowed:build"
-    for arch in ("import:ladle_sec_denied:build", "import:subprocess:getoutput", "import:os:system",
-                 "import:ladle_sec_allowed_not:build", "import:ladle_sec:build"):      # prefixes are whole names
+                                                                            ["ladle_marker_allowed"]}))
+    spec = parse_spec({"model": {"arch": "import:ladle_marker_allowed:build"}}, access=allowing)
+    assert spec.model.arch == "import:ladle_marker_allowed:build"
+    for arch in ("import:ladle_marker_denied:build", "import:subprocess:getoutput", "import:os:system",
+                 "import:ladle_marker_allowed_not:build", "import:ladle_sec:build"):      # prefixes are whole names
         [(loc, msg)] = refusal({"model": {"arch": arch, "kwargs": {"cmd": "id; env"}}}, allowing)
-        assert loc == "model.arch" and "does not run the module" in msg and "ladle_sec_allowed" in msg, msg
-    [(_, msg)] = refusal({"model": {"arch": "import:ladle_sec_allowed:build"}}, site["access"])   # none allowed
+        assert loc == "model.arch" and "does not run the module" in msg and "ladle_marker_allowed" in msg, msg
+    [(_, msg)] = refusal({"model": {"arch": "import:ladle_marker_allowed:build"}}, site["access"])   # none allowed
     assert "only: none" in msg
-    [(_, msg)] = refusal({"model": {"arch": "import:ladle_sec_allowed:build.__globals__"}}, allowing)
+    [(_, msg)] = refusal({"model": {"arch": "import:ladle_marker_allowed:build.__globals__"}}, allowing)
     assert "no dunders" in msg
     assert not any(m.exists() for m in marker_modules.values())
-    assert "ladle_sec_allowed" not in sys.modules and "ladle_sec_denied" not in sys.modules
+    assert "ladle_marker_allowed" not in sys.modules and "ladle_marker_denied" not in sys.modules
     # a worker building the model does import it (so the markers above would have shown an import)
-    assert isinstance(build_model("import:ladle_sec_allowed:build", num_classes=3, in_shape=(1, 8, 8)), torch.nn.Linear)
-    assert marker_modules["ladle_sec_allowed"].exists() and not marker_modules["ladle_sec_denied"].exists()
+    assert isinstance(build_model("import:ladle_marker_allowed:build", num_classes=3, in_shape=(1, 8, 8)), torch.nn.Linear)
+    assert marker_modules["ladle_marker_allowed"].exists() and not marker_modules["ladle_marker_denied"].exists()
 
 
 def test_a_worker_builds_only_callables_defined_in_the_named_package(tmp_path, monkeypatch):
