@@ -148,6 +148,11 @@ class Store:
         with self.sessions() as s:
             return models.by_name(s, job_id, name)
 
+    def add_model_metrics(self, model_id: str, **values: Any) -> Model | None:
+        """Merge measurements into a model's metrics (see models.add_metrics)."""
+        with self.tx() as s:
+            return models.add_metrics(s, model_id, values)
+
     def lineage(self, model_id: str) -> dict[str, Any]:
         """The DAG of the model's ancestors, the model included."""
         with self.sessions() as s:

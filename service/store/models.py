@@ -50,6 +50,17 @@ def save(s: Session, job_id: str, record: ModelRecord) -> None:
                   .values(pruned_model_id=record.id))
 
 
+def add_metrics(s: Session, model_id: str, values: dict[str, Any]) -> Model | None:
+    """Merge `values` into the model's metrics (measurements taken after the model was saved: export
+    sizes, inference latency, a robustness curve). Keys present are replaced, others kept. None for
+    an unknown id."""
+    row = s.get(Model, model_id, with_for_update=True)
+    if row is None:
+        return None
+    row.metrics = {**(row.metrics or {}), **values}      # a new dict: the JSON column sees the change
+    return row
+
+
 def graph(s: Session, model_id: str, *, up: bool) -> dict[str, Any]:
     """The model and all its ancestors (up) or descendants, with the edges among them. An unknown
     id gives no nodes."""

@@ -562,3 +562,19 @@ def test_token_expiry_and_revocation_columns_come_and_go(fresh_db):
         c.execute(t.insert().values(id="e", name="dee", token_hash="he", admin=False, created_at=now))
     t = migrate("head").tables["tokens"]                                      # and up again
     assert {"expires_at", "revoked_at", "last4"} <= set(t.c.keys())
+
+
+def test_measurements_merge_into_a_models_metrics(store):
+    """Measurements taken after a model was saved (export sizes, latency, a robustness curve) merge
+    into its metrics: new keys are added, a key measured again is replaced, the rest is kept."""
+    job = store.create_job(SPEC)
+    rec = DBRecorder(store, job.id)
+    rec.job_started(SPEC, 1)
+    dense = model("dense", 0, "phase0/dense")
+    rec.model_saved(dense)
+    before = dict(store.get_model(dense.id).metrics)
+    store.add_model_metrics(dense.id, sizes={"dense": 100})
+    store.add_model_metrics(dense.id, sizes={"dense": 100, "sparse": 14}, robustness=[[0.5, 0.9]])
+    assert store.get_model(dense.id).metrics == {**before, "sizes": {"dense": 100, "sparse": 14},
+                                                 "robustness": [[0.5, 0.9]]}
+    assert store.add_model_metrics("no-such-model", sizes={}) is None
