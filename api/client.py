@@ -6,6 +6,7 @@
     job = c.wait(job["id"])               # with a progress bar
     for events, job in c.follow(job["id"]): ...   # or its new events and latest state, until it ends
     c.phases(job["id"]); c.lineage(job["final_model_id"]); c.download(job["final_model_id"], "soup.safetensors")
+    c.export(job["final_model_id"], "sparse", "soup.sparse.safetensors")   # or "hf" (a folder), "onnx"
     c.compare([job["id"], other_id])      # [{job, phases}, ...]: several jobs side by side
 
 Errors from the server surface as typed exceptions carrying its message; a download that breaks off
@@ -55,6 +56,36 @@ class DownloadError(Exception):
 
 class ChecksumMismatch(DownloadError):
     """The bytes received do not have the sha256 the server announced (X-Checksum-Sha256)."""
+
+
+EXPORT_FORMATS = ("dense", "sparse", "hf", "onnx")
+EXPORT_SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx"}
+
+
+def unpack_zip(archive: str | Path, folder: str | Path) -> Path:
+    """Unpack a zip archive (the hf export) into `folder`, atomically (a temporary folder beside it, renamed);
+    an archive with a member outside the folder (absolute, or through ..) raises DownloadError and leaves
+    nothing."""
+    import shutil
+    import tempfile
+    import zipfile
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for name in z.namelist():
+                target = (tmp / name).resolve()
+                if name.startswith("/") or not target.is_relative_to(tmp.resolve()):
+                    raise DownloadError(f"the archive {archive} has a member outside its folder: {name!r}")
+            z.extractall(tmp)
+        if folder.exists():
+            folder.rmdir()                        # empty (checked by the caller)
+        tmp.replace(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
 
 
 class Update(NamedTuple):
@@ -206,14 +237,50 @@ class Client:
         the server sends (X-Checksum-Sha256). ChecksumMismatch when they do not, DownloadError when the
         transfer breaks off (the server breaks it off when its stored file does not match); either way
         nothing is left at `path` or beside it."""
+        return self._fetch(model_id, "dense", Path(path))
+
+    def export(self, model_id: str, format: str = "sparse", path: str | Path | None = None) -> Path:
+        """Save the model in an export format (GET /models/{id}/download?format=...), checked like `download`:
+
+        - ``dense``: the checkpoint as stored (safetensors: state, mask, metadata);
+        - ``sparse``: safetensors with a bitmask or CSR per pruned tensor; ``workers.export.from_sparse_bytes``
+          loads it back into the same state and masks;
+        - ``hf``: a Hugging Face folder (causal LMs), sent as a zip and unpacked into the folder `path` (which
+          must not exist or be empty); ``AutoModelForCausalLM.from_pretrained(path)`` loads it;
+        - ``onnx``: an ONNX file (image models; input ``input`` (batch, C, H, W), output ``logits``).
+
+        `path` defaults to the file name the server gives (its Content-Disposition) in the current folder.
+        A format that does not fit the model raises InvalidSpec (422) with the server's reason."""
+        if path is None:
+            path = Path(f"{model_id}{EXPORT_SUFFIX.get(format, '')}".removesuffix(".zip"))
         path = Path(path)
+        if format != "hf":
+            return self._fetch(model_id, format, path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} exists and is not an empty folder; the hf export unpacks into a new folder")
+        archive = path.with_name(f".{path.name}.zip")
+        self._fetch(model_id, format, archive)
+        try:
+            unpack_zip(archive, path)
+        finally:
+            archive.unlink(missing_ok=True)
+        return path
+
+    def _fetch(self, model_id: str, format: str, path: Path) -> Path:
+        """GET the model's download in `format` into `path`, atomically, once it matches X-Checksum-Sha256."""
         tmp = path.with_name(f".{path.name}.part")
         digest, size, started = hashlib.sha256(), 0, False
+        params = {} if format == "dense" else {"format": format}
+        what = f"model {model_id}" if format == "dense" else f"the {format} export of model {model_id}"
         try:
-            with self.http.stream("GET", f"/models/{model_id}/download") as r:
+            with self.http.stream("GET", f"/models/{model_id}/download", params=params) as r:
                 if r.status_code >= 400:
                     r.read()
-                    raise ERRORS.get(r.status_code, LadleError)(r.status_code, r.json().get("detail", r.text))
+                    try:
+                        detail = r.json().get("detail", r.text)
+                    except ValueError:
+                        detail = r.text
+                    raise ERRORS.get(r.status_code, LadleError)(r.status_code, detail)
                 started, expected = True, r.headers.get("X-Checksum-Sha256")
                 length = r.headers.get("Content-Length")
                 with open(tmp, "wb") as f:
@@ -225,7 +292,7 @@ class Client:
             tmp.unlink(missing_ok=True)
             if not started:
                 raise
-            raise DownloadError(f"the download of model {model_id} broke off after {size} of {length or '?'} bytes "
+            raise DownloadError(f"the download of {what} broke off after {size} of {length or '?'} bytes "
                                 f"({e}); the server may have found its stored file damaged") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -233,8 +300,8 @@ class Client:
         if expected is None or digest.hexdigest() != expected.lower():
             tmp.unlink(missing_ok=True)
             if expected is None:
-                raise DownloadError(f"the server sent model {model_id} without its checksum (X-Checksum-Sha256)")
-            raise ChecksumMismatch(f"the download of model {model_id} is damaged: {size} bytes with sha256 "
+                raise DownloadError(f"the server sent {what} without its checksum (X-Checksum-Sha256)")
+            raise ChecksumMismatch(f"the download of {what} is damaged: {size} bytes with sha256 "
                                    f"{digest.hexdigest()}, but the server's checksum is {expected}; nothing was "
                                    f"written to {path}")
         tmp.replace(path)

@@ -317,10 +317,10 @@ def from_sparse_bytes(data: bytes, *, source: str = "sparse file") -> Checkpoint
         raise SparseFormatError(f"{source}: its 'tensors' metadata is not an object")
     expected = set()
     for name, e in entries.items():
-        if isinstance(e, dict) and e.get("layout") in PARTS:
-            expected |= {f"{p}/{name}" for p in PARTS[e["layout"]]}
-            if e.get("mask") == "packed":
-                expected.add(f"mask/{name}")
+        _check_entry(name, e, source)
+        expected |= {f"{p}/{name}" for p in PARTS[e["layout"]]}
+        if e.get("mask") == "packed":
+            expected.add(f"mask/{name}")
     stray = sorted(set(tensors) - expected)
     if stray:
         raise SparseFormatError(f"{source}: tensors {', '.join(stray[:5])} are not described by its metadata")

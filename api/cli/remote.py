@@ -1,4 +1,4 @@
-"""The client commands: `ladle submit, status, logs, cancel, lineage, download, compare` talk to a
+"""The client commands: `ladle submit, status, logs, cancel, lineage, download, export, compare` talk to a
 Ladle server through the SDK (api.client) and print what it answers; nothing here touches the store
 or Ray. The SDK's typed errors, a damaged download and an unreachable server end a command with one line
 and exit code 1."""
@@ -149,6 +149,30 @@ def download(model_id: str, output: Annotated[Path, typer.Option("-o", "--output
     out_console.print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
+FORMAT = typer.Option("sparse", "--format", "-f", help="dense | sparse | hf (a folder, LLMs) | onnx (image models)")
+
+
+@_api_errors
+def export(model_id: str,
+           output: Annotated[Path, typer.Option("-o", "--output", help="file to write (hf: the folder to unpack into)")],
+           format: str = FORMAT, url: str = URL, token: str | None = TOKEN) -> None:
+    """Download a model in a deployable format, checked against the server's sha256: sparse (bitmask/CSR
+    safetensors that loads back exact), hf (a Hugging Face folder), onnx, or dense (as `download`)."""
+    from api.client import EXPORT_FORMATS
+    if format not in EXPORT_FORMATS:
+        raise fail(f"unknown format {format!r}; the formats are {', '.join(EXPORT_FORMATS)}", 2)
+    if format == "hf" and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise fail(f"{output} exists and is not an empty folder; the hf export unpacks into a new folder", 2)
+    with _client(url, token) as c:
+        path = c.export(model_id, format, output)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        out_console.print(f"wrote {path}/ ({len(files)} files, {sum(p.stat().st_size for p in files)} bytes)",
+                          highlight=False)
+    else:
+        out_console.print(f"wrote {path} ({path.stat().st_size} bytes, {format})", highlight=False)
+
+
 @_api_errors
 def compare(job_ids: Annotated[list[str], typer.Argument(help="two or more job ids", metavar="JOB")],
             url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
@@ -166,4 +190,4 @@ def compare(job_ids: Annotated[list[str], typer.Argument(help="two or more job i
         out_console.print(compare_summary(item), highlight=False, soft_wrap=True)
 
 
-COMMANDS = (submit, status, logs, cancel, lineage, download, compare)
+COMMANDS = (submit, status, logs, cancel, lineage, download, export, compare)

@@ -1,17 +1,20 @@
-"""/api/v1/models: a model's record, its lineage DAG and its checkpoint."""
+"""/api/v1/models: a model's record, its lineage DAG and its checkpoint, in each export format
+(`?format=dense|sparse|hf|onnx`, service.exports)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import fsspec
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, StoreDep, visible
 from api.schemas import EdgePublic, LineagePublic, Message, ModelPublic
+from service import exports
 
 router = APIRouter(prefix="/models", tags=["models"])
 log = logging.getLogger("ladle.api")
@@ -25,14 +28,18 @@ def public(model) -> ModelPublic:
     return out
 
 
-def _model(store, caller, model_id: str):
+def _model_and_job(store, caller, model_id: str):
     model = store.get_model(model_id)
     if model is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} not found")
     job = store.get_job(model.job_id)
     if not visible(caller, job.owner if job else None):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"model {model_id} not found")
-    return model
+    return model, job
+
+
+def _model(store, caller, model_id: str):
+    return _model_and_job(store, caller, model_id)[0]
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses=NOT_FOUND)
@@ -53,40 +60,72 @@ class CorruptArtifact(RuntimeError):
     """A model's stored file does not match the size or sha256 the store recorded for it."""
 
 
-def verified_chunks(model, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """The model's file, chunk by chunk, checked against the store's size and sha256 as it is read. The
-    last chunk is held back until the whole file has matched: on a mismatch CorruptArtifact is logged and
-    raised instead, so the response breaks off short of its Content-Length and no client takes a file
-    that differs from the store's record for a whole one."""
+def verified_chunks(model, chunk_size: int = 1 << 20, *, uri: str | None = None, size_bytes: int | None = None,
+                    sha256: str | None = None, what: str = "file") -> Iterator[bytes]:
+    """The model's file (or the export at `uri` with its recorded `size_bytes` and `sha256`), chunk by chunk,
+    checked against the store's size and sha256 as it is read. The last chunk is held back until the whole
+    file has matched: on a mismatch CorruptArtifact is logged and raised instead, so the response breaks off
+    short of its Content-Length and no client takes a file that differs from the store's record for a whole one."""
+    uri = model.uri if uri is None else uri
+    expected_size = model.size_bytes if size_bytes is None else size_bytes
+    expected_sha = model.sha256 if sha256 is None else sha256
     digest, size, held = hashlib.sha256(), 0, b""
-    with fsspec.open(model.uri, "rb") as f:
+    with fsspec.open(uri, "rb") as f:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
             size += len(chunk)
-            if size > model.size_bytes:
+            if size > expected_size:
                 break
             if held:
                 yield held
             held = chunk
-    why = (f"longer than the {model.size_bytes} bytes recorded" if size > model.size_bytes else
-           f"{size} bytes, not the {model.size_bytes} recorded" if size < model.size_bytes else
-           f"sha256 {digest.hexdigest()}, not the {model.sha256} recorded" if digest.hexdigest() != model.sha256
+    why = (f"longer than the {expected_size} bytes recorded" if size > expected_size else
+           f"{size} bytes, not the {expected_size} recorded" if size < expected_size else
+           f"sha256 {digest.hexdigest()}, not the {expected_sha} recorded" if digest.hexdigest() != expected_sha
            else None)
     if why is not None:
-        log.error("model %s: its file %s does not match the store (%s); the download was broken off",
-                  model.id, model.uri, why)
-        raise CorruptArtifact(f"model {model.id}: its file does not match the store ({why})")
+        log.error("model %s: its %s %s does not match the store (%s); the download was broken off",
+                  model.id, what, uri, why)
+        raise CorruptArtifact(f"model {model.id}: its {what} does not match the store ({why})")
     if held:
         yield held
 
 
-@router.get("/{model_id}/download", responses={**NOT_FOUND, 200: {"content": {"application/octet-stream": {}}}})
-def download(model_id: str, store: StoreDep, caller: CallerDep) -> StreamingResponse:
-    """The checkpoint (safetensors: state, mask and metadata). `X-Checksum-Sha256` is the sha256 the
-    store recorded: the bytes are checked against it as they are sent, and a file that does not match
-    is not sent whole (the transfer breaks off); clients check it too (api.client.Client.download)."""
-    model = _model(store, caller, model_id)
-    filename = f"{model.name.replace('/', '-')}-{model.id[:8]}.safetensors"
-    return StreamingResponse(verified_chunks(model), media_type="application/octet-stream",
-                             headers={"Content-Disposition": f'attachment; filename="{filename}"',
-                                      "Content-Length": str(model.size_bytes), "X-Checksum-Sha256": model.sha256})
+ExportFormat = Literal["dense", "sparse", "hf", "onnx"]
+FORMAT_HELP = ("dense: the stored checkpoint (safetensors: state, mask, metadata); sparse: safetensors with a bitmask "
+               "or CSR per pruned tensor (loads back exact, workers.export.from_sparse_bytes); hf: a zip of a Hugging "
+               "Face folder (causal LMs); onnx: ONNX (image models)")
+
+
+@router.get("/{model_id}/download", responses={
+    **NOT_FOUND, 200: {"content": {"application/octet-stream": {}, "application/zip": {}}},
+    422: {"model": Message, "description": "an unknown format, or one that does not fit this model"},
+    500: {"model": Message, "description": "the stored checkpoint does not match the store's record"},
+    503: {"model": Message, "description": "this server cannot build the export"}})
+def download(model_id: str, store: StoreDep, caller: CallerDep,
+             format: Annotated[ExportFormat, Query(description=FORMAT_HELP)] = "dense") -> StreamingResponse:
+    """The model in an export format (default dense: the checkpoint as stored). An export other than dense is
+    built from the checkpoint on the first request (in a worker thread; seconds for a large model), kept next
+    to it in the artifact store and recorded in the model's metrics (`sizes`, `export_sha256`).
+    `X-Checksum-Sha256` is the sha256 the store recorded for the file sent: the bytes are checked against it
+    as they are sent, and a file that does not match is not sent whole (the transfer breaks off); clients
+    check it too (api.client.Client.download, Client.export)."""
+    model, job = _model_and_job(store, caller, model_id)
+    arch = ((job.spec or {}).get("model") or {}).get("arch") if job is not None else None
+    try:
+        out = exports.ensure(store, model, format, arch)
+    except exports.ExportRefused as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+    except exports.ExportUnavailable as e:
+        log.warning("model %s: %s", model.id, e)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None
+    except exports.SourceDamaged as e:
+        log.error("model %s: %s", model.id, e)
+        raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, str(e)) from None
+    what = "file" if format == "dense" else f"{format} export"
+    return StreamingResponse(verified_chunks(model, uri=out.uri, size_bytes=out.size_bytes, sha256=out.sha256,
+                                             what=what),
+                             media_type=out.media_type,
+                             headers={"Content-Disposition": f'attachment; filename="{out.filename}"',
+                                      "Content-Length": str(out.size_bytes), "X-Checksum-Sha256": out.sha256,
+                                      "X-Ladle-Format": format})
