@@ -99,7 +99,6 @@ FORMAT_HELP = ("dense: the stored checkpoint (safetensors: state, mask, metadata
 
 @router.get("/{model_id}/download", responses={
     **NOT_FOUND, 200: {"content": {"application/octet-stream": {}, "application/zip": {}}},
-    422: {"model": Message, "description": "an unknown format, or one that does not fit this model"},
     500: {"model": Message, "description": "the stored checkpoint does not match the store's record"},
     503: {"model": Message, "description": "this server cannot build the export"}})
 def download(model_id: str, store: StoreDep, caller: CallerDep,
@@ -115,7 +114,8 @@ def download(model_id: str, store: StoreDep, caller: CallerDep,
     try:
         out = exports.ensure(store, model, format, arch)
     except exports.ExportRefused as e:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from None
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,       # shaped like a validation error
+                            [{"loc": ["query", "format"], "msg": str(e), "type": "value_error"}]) from None
     except exports.ExportUnavailable as e:
         log.warning("model %s: %s", model.id, e)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(e)) from None

@@ -174,20 +174,22 @@ def test_the_hf_export_of_an_llm_loads_with_from_pretrained_and_gives_the_stored
     sizes = api.get(f"/models/{llm.id}").json()["metrics"]["sizes"]
     assert set(sizes) == {"dense", "hf", "sparse"} and sizes["hf"] == len(r.content)
     r = api.get(f"/models/{llm.id}/download", params={"format": "onnx"})
-    assert r.status_code == 422 and "onnx format is for image models" in r.json()["detail"]
-    assert "causal language model" in r.json()["detail"]
+    [err] = r.json()["detail"]
+    assert r.status_code == 422 and err["loc"] == ["query", "format"]
+    assert "onnx format is for image models" in err["msg"] and "causal language model" in err["msg"]
 
 
 def test_formats_that_do_not_fit_are_422_naming_why(api, cnn, tmp_path):
     r = api.get(f"/models/{cnn.id}/download", params={"format": "hf"})
-    assert r.status_code == 422 and r.json()["detail"].startswith("the hf format is for causal language models")
-    assert "'lenet5'" in r.json()["detail"]
+    [err] = r.json()["detail"]
+    assert r.status_code == 422 and err["loc"] == ["query", "format"]
+    assert err["msg"].startswith("the hf format is for causal language models") and "'lenet5'" in err["msg"]
     r = api.get(f"/models/{cnn.id}/download", params={"format": "tflite"})
     assert r.status_code == 422
     [err] = r.json()["detail"]
     assert err["loc"] == ["query", "format"] and all(f"'{f}'" in err["msg"] for f in ("dense", "sparse", "hf", "onnx"))
     with sdk(api) as c:
-        with pytest.raises(InvalidSpec, match="hf format is for causal language models"):
+        with pytest.raises(InvalidSpec, match="format: the hf format is for causal language models"):
             c.export(cnn.id, "hf", tmp_path / "hf")
         with pytest.raises(InvalidSpec, match="format: Input should be 'dense', 'sparse', 'hf' or 'onnx'"):
             c.export(cnn.id, "tflite", tmp_path / "x")
