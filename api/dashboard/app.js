@@ -177,11 +177,24 @@ function lineOptions(x, y, xScale = { ticks: { precision: 0 } }) {
   };
 }
 
-async function download(model) {
+// The export formats (GET /models/{id}/download?format=): what each is, its file suffix, and which models have it
+const EXPORTS = [
+  { format: "dense", suffix: ".safetensors", what: "the checkpoint as stored (safetensors: state, mask, metadata)" },
+  { format: "sparse", suffix: ".sparse.safetensors", what: "bitmask or CSR per pruned tensor; loads back exact" },
+  { format: "hf", suffix: ".hf.zip", what: "a Hugging Face folder, zipped (from_pretrained)", llm: true },
+  { format: "onnx", suffix: ".onnx", what: "ONNX for onnxruntime and friends", llm: false },
+];
+
+async function download(model, format = "dense") {
   // a fetch (not a plain link) so that the bearer token goes along
   const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
-  const r = await fetch(`${API}/models/${model.id}/download`, { headers });
-  if (!r.ok) throw new Error(`download failed: ${r.status}`);
+  const query = format === "dense" ? "" : `?format=${format}`;
+  const r = await fetch(`${API}/models/${model.id}/download${query}`, { headers });
+  if (!r.ok) {
+    let detail = r.statusText;
+    try { const d = (await r.json()).detail; detail = typeof d === "string" ? d : d.map((e) => e.msg).join("; "); } catch (_) { /* not JSON */ }
+    throw new Error(`download failed (${r.status}): ${detail}`);
+  }
   const blob = await r.blob();        // rejects when the server breaks the transfer off (a damaged file)
   // the server's sha256 of the file, checked where the browser can hash (crypto.subtle: https or localhost)
   const expected = r.headers.get("X-Checksum-Sha256");
@@ -192,7 +205,8 @@ async function download(model) {
   }
   const a = document.createElement("a");
   a.href = URL.createObjectURL(blob);
-  a.download = `${model.name.replaceAll("/", "-")}-${model.id.slice(0, 8)}.safetensors`;
+  const suffix = EXPORTS.find((x) => x.format === format)?.suffix ?? "";
+  a.download = `${model.name.replaceAll("/", "-")}-${model.id.slice(0, 8)}${suffix}`;
   a.click();
   setTimeout(() => URL.revokeObjectURL(a.href), 10000);
 }
@@ -602,6 +616,53 @@ async function modelView(el, modelId) {
   drawLineage(el.querySelector("#lineage"), graph, (m) => modelPanel(panel, m));
   el.querySelector(`#lineage .node[data-id="${modelId}"]`)?.classList.add("selected");
   modelPanel(panel, model);
+  const job = await api(`/jobs/${model.job_id}`).catch(() => null);
+  const arch = String(job?.spec?.model?.arch ?? "");
+  el.insertAdjacentHTML("beforeend", `<div class="card" id="exports"></div><div class="card" id="inference" hidden></div>`);
+  const draw = (m) => exportsCard(el.querySelector("#exports"), el.querySelector("#inference"), m, arch, async (format) => {
+    await download(m, format);
+    draw(await api(`/models/${modelId}`));          // the export's size is recorded once it is built
+  });
+  draw(model);
+}
+
+// The model's export formats: the size each takes in the artifact store (metrics.sizes, recorded when an
+// export is first built) with its ratio to dense, and a download per format; then, when a benchmark has
+// measured it (metrics.inference), the sparse model's latency against the dense one's.
+function exportsCard(card, latency, m, arch, fetchFormat) {
+  const llm = arch.startsWith("hf:") || m.perplexity != null;
+  const formats = EXPORTS.filter((x) => x.llm === undefined || x.llm === llm)
+    .filter((x) => !(x.format === "onnx" && arch.startsWith("import:")));
+  const sizes = { dense: m.size_bytes, ...(m.metrics?.sizes ?? {}) };
+  const rows = formats.map((x) => {
+    const size = sizes[x.format];
+    const ratio = size != null && sizes.dense ? size / sizes.dense : null;
+    return `<tr data-format="${x.format}"><td><b>${x.format}</b></td><td class="muted">${esc(x.what)}</td>
+      <td class="num size">${size != null ? bytes(size) : '<span class="muted">built on first download</span>'}</td>
+      <td class="num ratio">${ratio != null ? `${ratio.toFixed(3)}×` : "–"}</td>
+      <td><button data-format="${x.format}">Download ${x.format}</button></td></tr>`;
+  }).join("");
+  card.innerHTML = `<h2>Exports</h2><table><thead><tr><th>format</th><th></th><th class="num">stored size</th>
+    <th class="num">of dense</th><th></th></tr></thead><tbody>${rows}</tbody></table>
+    <p class="muted">Also <code>ladle export ${esc(m.id.slice(0, 8))}… --format sparse -o FILE</code> or
+    <code>Client.export(id, "sparse", path)</code>; every download is checked against the server's sha256.</p>`;
+  card.querySelectorAll("button[data-format]").forEach((b) => {
+    b.onclick = async () => {
+      b.disabled = true;
+      try { await fetchFormat(b.dataset.format); } catch (e) { showError(e); } finally { b.disabled = false; }
+    };
+  });
+  const inf = m.metrics?.inference;
+  latency.hidden = !inf;
+  if (inf) {
+    const ms = (x) => (x == null ? "–" : `${Number(x).toFixed(2)} ms`);
+    latency.innerHTML = `<h2>Inference latency</h2><div class="facts">
+      <div><span>device</span>${esc(inf.device)}</div><div><span>sparse layout</span>${esc(inf.layout)}</div>
+      <div><span>dense</span>${ms(inf.dense_ms)}</div><div><span>sparse</span>${ms(inf.sparse_ms)}</div>
+      <div><span>sparse / dense</span><b id="latency-ratio">${inf.latency_ratio == null ? "–" : `${Number(inf.latency_ratio).toFixed(2)}×`}</b></div>
+      <div><span>measured</span>${esc(inf.measured_at ?? "–")}</div></div>
+      ${inf.command ? `<p class="muted">by <code>${esc(inf.command)}</code></p>` : ""}`;
+  }
 }
 
 // ------------------------------------------------------------------ cluster page

@@ -229,3 +229,50 @@ def test_a_damaged_checkpoint_exports_nothing(api, cnn):
     open(cnn.uri, "wb").write(bytes(data))
     r = api.get(f"/models/{cnn.id}/download", params={"format": "sparse"})
     assert r.status_code == 500 and "does not match the store's size and sha256" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------- the dashboard's model page, in Chromium
+
+from tests.api.test_web_hardening import live  # noqa: E402,F401  (uvicorn in a thread on the api fixture's app)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_the_model_page_shows_sizes_per_format_downloads_them_and_the_measured_latency(api, cnn, live):
+    from playwright.sync_api import sync_playwright
+
+    from tests.api.test_dashboard import CHROMIUM, FLAGS
+    from tests.conftest import SCREENSHOTS
+    api.store.add_model_metrics(cnn.id, inference={
+        "device": "cpu", "layout": "csr", "dense_ms": 1.25, "sparse_ms": 0.5, "latency_ratio": 0.4,
+        "measured_at": "2026-11-24T04:00:00Z", "command": "python bench/latency.py"})
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        errors = []
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{live.url}/#/models/{cnn.id}")
+        table = page.locator("#exports table")
+        table.wait_for(timeout=20_000)
+        rows = {f: page.locator(f'#exports tr[data-format="{f}"]') for f in ("dense", "sparse", "onnx")}
+        assert page.locator('#exports tr[data-format="hf"]').count() == 0          # an image model: no hf
+        assert rows["dense"].locator(".ratio").inner_text() == "1.000×"
+        assert "built on first download" in rows["sparse"].inner_text()
+        assert page.locator("#latency-ratio").inner_text() == "0.40×"
+        assert "python bench/latency.py" in page.locator("#inference").inner_text()
+        with page.expect_download() as dl:
+            rows["sparse"].locator("button").click()
+        path = dl.value.path()
+        assert dl.value.suggested_filename.endswith(".sparse.safetensors")
+        assert from_sparse_bytes(open(path, "rb").read()).meta["model_id"] == cnn.id
+        page.wait_for_function("() => !document.querySelector('#exports tr[data-format=\"sparse\"] .ratio')"
+                               ".textContent.includes('–')", timeout=10_000)
+        size = api.store.get_model(cnn.id).metrics["sizes"]["sparse"]
+        assert rows["sparse"].locator(".ratio").inner_text() == f"{size / cnn.size_bytes:.3f}×"
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "model-exports.png"), full_page=True)
+        assert errors == [], errors
+        browser.close()
