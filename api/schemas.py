@@ -232,6 +232,8 @@ class ModelPublic(_Out):
     sha256: str
     accuracy: float | None = Field(None, description="test accuracy (image models)")
     perplexity: float | None = Field(None, description="test perplexity (language models)")
+    sizes: dict[str, int] = Field(default_factory=dict, description="bytes per export format built so far "
+                                  "(dense, sparse, hf, onnx; GET /models/{id}/download?format=)")
     metrics: dict[str, Any]
     created_at: datetime
 

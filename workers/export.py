@@ -21,9 +21,10 @@ sparse  one safetensors file, ``ladle-sparse-1``. Per prunable tensor (those wit
         the mask's bool) in the dense checkpoint, about 0.13 of its state (0.105 of its file).
 
         Header metadata (strings): ``format`` = ``ladle-sparse-1``; ``ladle`` = the model's own metadata
-        (JSON: arch, lineage, the job's spec, ...); ``tensors`` = JSON {name: {shape, dtype, layout, nnz,
-        mask: "support" | "packed" | null, sha256}}, where sha256 is over the decoded tensor's bytes (and its
-        mask's, when it has one), so that a damaged file is refused naming the tensor.
+        (JSON: arch, lineage, the job's spec, ...); ``tensors`` = JSON {name: {shape, dtype, layout, digest,
+        and for a masked tensor nnz and mask: "support" | "packed"}}, where digest is a 64-bit BLAKE2b of the
+        decoded tensor's dtype, shape and bytes (and its mask's), so that a damaged file is refused naming the
+        tensor (the whole file's sha256 is what the store records and downloads check).
 
 hf      a causal LM's Hugging Face folder (``save_pretrained``, safetensors, with its tokenizer) whose
         config carries ``ladle_sparsity`` (the recipe: prune section, sparsity, model id, parent), sent as
@@ -127,7 +128,9 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _digest(t: torch.Tensor, mask: torch.Tensor | None) -> str:
-    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    """A 64-bit BLAKE2b of the tensor's dtype, shape and bytes (and its mask's): enough to catch damage, short
+    enough that the header stays small beside a small model's weights."""
+    h = hashlib.blake2b(f"{t.dtype}|{tuple(t.shape)}|".encode(), digest_size=8)
     h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     if mask is not None:
         h.update(b"|mask|" + mask.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -141,8 +144,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict]:
     """The file's tensors for one state tensor and its header entry. Tensors without a mask stay dense."""
     t = t.detach().cpu().contiguous()
-    entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "layout": "dense", "nnz": None,
-                             "mask": None, "sha256": _digest(t, mask)}
+    entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "layout": "dense",
+                             "digest": _digest(t, mask)}
     if mask is None:
         return {f"dense/{name}": t}, entry
     mask = mask.detach().cpu().bool().contiguous()
@@ -155,7 +158,7 @@ def encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None) -> tupl
     if layout != "dense":                       # what decoding gives: zeros (no sign) but at the support
         canonical = torch.zeros_like(flat)
         canonical[keep] = flat[keep]
-        entry["sha256"] = _digest(canonical.reshape(t.shape), mask)
+        entry["digest"] = _digest(canonical.reshape(t.shape), mask)
     entry.update(layout=layout, nnz=nnz)
     out: dict[str, torch.Tensor] = {}
     if layout == "dense":
@@ -195,7 +198,7 @@ def to_sparse_bytes(ckpt: Checkpoint) -> bytes:
         parts, entries[name] = encode_tensor(name, ckpt.state[name], ckpt.masks.get(name))
         tensors.update(parts)
     meta = {"format": SPARSE_FORMAT, "ladle": json.dumps(ckpt.meta, sort_keys=True, default=str),
-            "tensors": json.dumps(entries, sort_keys=True)}
+            "tensors": json.dumps(entries, sort_keys=True, separators=(",", ":"))}
     return st_save(tensors, metadata=meta)
 
 
@@ -234,8 +237,8 @@ def _check_entry(name: str, e: object, source: str) -> tuple[tuple[int, ...], to
         raise SparseFormatError(f"{source}: tensor {name!r} has an unknown mask kind {e.get('mask')!r}")
     if layout != "dense" and not (isinstance(e.get("nnz"), int) and 0 <= e["nnz"] <= math.prod(shape)):
         raise SparseFormatError(f"{source}: tensor {name!r} has a bad nonzero count {e.get('nnz')!r} for shape {shape}")
-    if not isinstance(e.get("sha256"), str):
-        raise SparseFormatError(f"{source}: tensor {name!r} has no sha256 in its metadata")
+    if not isinstance(e.get("digest"), str):
+        raise SparseFormatError(f"{source}: tensor {name!r} has no digest in its metadata")
     return tuple(shape), _parse_dtype(name, e.get("dtype"), source), layout
 
 
@@ -255,7 +258,7 @@ def _part(tensors: dict[str, torch.Tensor], kind: str, name: str, source: str, *
 
 def decode_tensor(name: str, entry: dict, tensors: dict[str, torch.Tensor], source: str = "sparse file"
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tensor, mask or None) of one header entry, checked against it part by part and by its sha256."""
+    """(tensor, mask or None) of one header entry, checked against it part by part and by its digest."""
     shape, dtype, layout = _check_entry(name, entry, source)
     n = math.prod(shape)
     if layout == "dense":
@@ -293,8 +296,8 @@ def decode_tensor(name: str, entry: dict, tensors: dict[str, torch.Tensor], sour
         mask = keep.reshape(shape)
     elif entry.get("mask") == "packed":
         mask = unpack_bits(_part(tensors, "mask", name, source, length=(n + 7) // 8, dtype=torch.uint8), n).reshape(shape)
-    if _digest(t, mask) != entry["sha256"]:
-        raise SparseFormatError(f"{source} is damaged: tensor {name!r} does not match the sha256 in its metadata")
+    if _digest(t, mask) != entry["digest"]:
+        raise SparseFormatError(f"{source} is damaged: tensor {name!r} does not match the digest in its metadata")
     return t, mask
 
 

@@ -25,6 +25,8 @@ def public(model) -> ModelPublic:
     out = ModelPublic.model_validate(model)
     out.accuracy = (model.metrics or {}).get("test_accuracy")
     out.perplexity = (model.metrics or {}).get("test_perplexity")
+    sizes = (model.metrics or {}).get("sizes")
+    out.sizes = {"dense": model.size_bytes, **(sizes if isinstance(sizes, dict) else {})}
     return out
 
 

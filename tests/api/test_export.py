@@ -97,6 +97,7 @@ def fetch(api, model_id: str, fmt: str):
 
 def test_each_image_format_downloads_with_its_checksum_and_loads(api, cnn, tmp_path):
     ort = pytest.importorskip("onnxruntime")
+    assert api.get(f"/models/{cnn.id}").json()["sizes"] == {"dense": cnn.size_bytes}
     dense = fetch(api, cnn.id, "dense")
     assert dense.content == fetch(api, cnn.id, "dense").content == open(cnn.uri, "rb").read()
     assert api.get(f"/models/{cnn.id}/download").content == dense.content           # dense is the default
@@ -122,6 +123,7 @@ def test_each_image_format_downloads_with_its_checksum_and_loads(api, cnn, tmp_p
     assert metrics["sizes"] == {"dense": cnn.size_bytes, "sparse": len(sparse.content), "onnx": len(onnx.content)}
     assert metrics["export_sha256"] == {"sparse": sparse.headers["x-checksum-sha256"],
                                         "onnx": onnx.headers["x-checksum-sha256"]}
+    assert api.get(f"/models/{cnn.id}").json()["sizes"] == metrics["sizes"]          # typed, on the model too
     assert metrics["sizes"]["sparse"] < 0.25 * cnn.size_bytes          # a small model: the header weighs in
     # cached next to the model, and served from there the next time
     cached = tmp_path / "artifacts" / "jobs"

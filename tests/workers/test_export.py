@@ -202,7 +202,7 @@ def _set(key, value, name="10.weight"):
     (_set("dtype", "float64"), "part 'values/10.weight' is torch.float32, not torch.float64"),
     (_set("dtype", "floaty"), "tensor '10.weight' has an unknown dtype 'floaty'"),
     (_set("mask", "maybe"), "tensor '10.weight' has an unknown mask kind"),
-    (_set("sha256", "0" * 64), "tensor '10.weight' does not match the sha256"),
+    (_set("digest", "0" * 16), "tensor '10.weight' does not match the digest"),
 ])
 def test_inconsistent_metadata_is_refused_naming_the_tensor(sparse_file, edit, message):
     _, data = sparse_file

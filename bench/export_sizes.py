@@ -1,0 +1,65 @@
+"""Export sizes: every zoo model, magnitude-pruned (global) to the given sparsities, saved as Ladle stores it
+(dense safetensors: fp32 state + bool mask + metadata) and exported as `sparse` (workers.export) and `onnx`;
+prints the bytes of each, the sparse file's ratio to the dense file and to the fp32 state alone, the layouts
+chosen, and the seconds to encode and to load back (checked equal). Inputs as the zoo is used here: mlp and
+lenet5 on 1x28x28 (Fashion-MNIST), the ResNets and VGG16-BN on 3x32x32 (CIFAR), 10 classes; randomly
+initialised weights (the sizes depend on how many weights each layer keeps, not on their values).
+
+    .venv/bin/python bench/export_sizes.py [--sparsity 0.9 0.5] [--no-onnx]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from workers.checkpoint import Checkpoint, to_bytes
+from workers.export import from_sparse_bytes, onnx_bytes, sparse_sizes, to_sparse_bytes
+from workers.models import ZOO, build_model
+from workers.pruning import full_masks, prune
+
+SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28)}
+
+
+def measure(arch: str, sparsity: float, with_onnx: bool) -> dict:
+    torch.manual_seed(0)
+    shape = SHAPES.get(arch, (3, 32, 32))
+    model = build_model(arch, num_classes=10, in_shape=shape)
+    r = prune(model, full_masks(model), sparsity, scope="global", criterion="magnitude", seed=0)
+    ckpt = Checkpoint(state={k: v.detach().clone() for k, v in r.model.state_dict().items()}, masks=r.masks,
+                      meta={"arch": arch, "num_classes": 10, "in_shape": list(shape), "model_kwargs": {}})
+    dense = to_bytes(ckpt)
+    start = time.perf_counter()
+    sparse = to_sparse_bytes(ckpt)
+    encode = time.perf_counter() - start
+    start = time.perf_counter()
+    back = from_sparse_bytes(sparse)
+    decode = time.perf_counter() - start
+    assert all(torch.equal(back.state[k], v) for k, v in ckpt.state.items())
+    state = sum(t.numel() * t.element_size() for t in ckpt.state.values())
+    return {"arch": arch, "sparsity": sparsity, "weights": sum(m.numel() for m in ckpt.masks.values()),
+            "dense": len(dense), "sparse": len(sparse), "ratio": len(sparse) / len(dense), "of_state": len(sparse) / state,
+            "onnx": len(onnx_bytes(ckpt)) if with_onnx else None, "layouts": sparse_sizes(ckpt),
+            "encode": encode, "decode": decode}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.5])
+    ap.add_argument("--no-onnx", action="store_true")
+    args = ap.parse_args()
+    print(f"{'model':9} {'sparsity':>8} {'weights':>10} {'dense':>11} {'sparse':>11} {'sparse/dense':>12} "
+          f"{'/fp32 state':>11} {'onnx':>11}  layouts (bitmask/csr/dense)  encode, load s")
+    for sparsity in args.sparsity:
+        for arch in ZOO:
+            m = measure(arch, sparsity, not args.no_onnx)
+            lay = m["layouts"]
+            print(f"{arch:9} {sparsity:8.2f} {m['weights']:10,} {m['dense']:11,} {m['sparse']:11,} {m['ratio']:12.3f} "
+                  f"{m['of_state']:11.3f} {m['onnx'] or 0:11,}  {lay['bitmask']:3}/{lay['csr']:3}/{lay['dense']:3}"
+                  f"                  {m['encode']:.2f}, {m['decode']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
