@@ -59,6 +59,7 @@ class ChecksumMismatch(DownloadError):
 
 
 EXPORT_FORMATS = ("dense", "sparse", "hf", "onnx")
+EXPORT_READ_TIMEOUT = 900.0     # seconds an export may take to start arriving (it is built on the first request)
 EXPORT_SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx"}
 
 
@@ -272,8 +273,10 @@ class Client:
         digest, size, started = hashlib.sha256(), 0, False
         params = {} if format == "dense" else {"format": format}
         what = f"model {model_id}" if format == "dense" else f"the {format} export of model {model_id}"
+        # an export is built on its first request before its first byte: a large model's may take minutes
+        kw = {} if format == "dense" else {"timeout": httpx.Timeout(self.http.timeout.connect, read=EXPORT_READ_TIMEOUT)}
         try:
-            with self.http.stream("GET", f"/models/{model_id}/download", params=params) as r:
+            with self.http.stream("GET", f"/models/{model_id}/download", params=params, **kw) as r:
                 if r.status_code >= 400:
                     r.read()
                     try:
