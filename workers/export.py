@@ -24,7 +24,8 @@ sparse  one safetensors file, ``ladle-sparse-1``. Per prunable tensor (those wit
         (JSON: arch, lineage, the job's spec, ...); ``tensors`` = JSON {name: {shape, dtype, layout, digest,
         and for a masked tensor nnz and mask: "support" | "packed"}}, where digest is a 64-bit BLAKE2b of the
         decoded tensor's dtype, shape and bytes (and its mask's), so that a damaged file is refused naming the
-        tensor (the whole file's sha256 is what the store records and downloads check).
+        tensor (the whole file's sha256 is what the store records and downloads check); and
+        ``metadata_digest``, a 64-bit BLAKE2b of the format, ``ladle`` and ``tensors`` strings.
 
 hf      a causal LM's Hugging Face folder (``save_pretrained``, safetensors, with its tokenizer) whose
         config carries ``ladle_sparsity`` (the recipe: prune section, sparsity, model id, parent), sent as
@@ -199,7 +200,16 @@ def to_sparse_bytes(ckpt: Checkpoint) -> bytes:
         tensors.update(parts)
     meta = {"format": SPARSE_FORMAT, "ladle": json.dumps(ckpt.meta, sort_keys=True, default=str),
             "tensors": json.dumps(entries, sort_keys=True, separators=(",", ":"))}
+    meta["metadata_digest"] = _metadata_digest(meta)
     return st_save(tensors, metadata=meta)
+
+
+def _metadata_digest(meta: dict[str, str]) -> str:
+    """A 64-bit BLAKE2b of the format, the model's metadata and the tensors' entries."""
+    h = hashlib.blake2b(digest_size=8)
+    for key in ("format", "ladle", "tensors"):
+        h.update(f"{key}={meta.get(key)}|".encode())
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- sparse: loading back
@@ -312,6 +322,9 @@ def from_sparse_bytes(data: bytes, *, source: str = "sparse file") -> Checkpoint
     if meta.get("format") != SPARSE_FORMAT:
         raise SparseFormatError(f"{source} is not a Ladle sparse export (format {meta.get('format')!r}, expected "
                                 f"{SPARSE_FORMAT!r})")
+    if meta.get("metadata_digest") != _metadata_digest(meta):
+        raise SparseFormatError(f"{source} is damaged: its metadata (the model's or the tensors' entries) does not "
+                                f"match the digest in its header")
     try:
         entries, ladle = json.loads(meta["tensors"]), json.loads(meta["ladle"])
     except (KeyError, ValueError, TypeError) as e:

@@ -139,8 +139,10 @@ def _meta(data: bytes) -> dict:
     return json.loads(data[8:8 + n])["__metadata__"]
 
 
-def _rewrite(data: bytes, edit_entries=None, edit_tensors=None, **meta_over) -> bytes:
-    """The file re-saved with its metadata or tensors changed (what a bad writer could produce)."""
+def _rewrite(data: bytes, edit_entries=None, edit_tensors=None, digest: bool = True, **meta_over) -> bytes:
+    """The file re-saved with its metadata or tensors changed (what a bad writer could produce: with the
+    metadata's digest made to match, unless `digest` is false)."""
+    from workers.export import _metadata_digest
     meta, tensors = _meta(data), st_load(data)
     entries = json.loads(meta["tensors"])
     if edit_entries:
@@ -149,6 +151,8 @@ def _rewrite(data: bytes, edit_entries=None, edit_tensors=None, **meta_over) -> 
         edit_tensors(tensors)
     meta["tensors"] = json.dumps(entries)
     meta.update(meta_over)
+    if digest:
+        meta["metadata_digest"] = _metadata_digest(meta)
     return st_save(tensors, metadata=meta)
 
 
@@ -209,6 +213,16 @@ def test_inconsistent_metadata_is_refused_naming_the_tensor(sparse_file, edit, m
     assert json.loads(_meta(data)["tensors"])["10.weight"]["layout"] == "bitmask"
     with pytest.raises(SparseFormatError, match=message):
         from_sparse_bytes(_rewrite(data, edit))
+
+
+def test_edited_metadata_is_refused(sparse_file):
+    """The model's metadata (lineage, arch) is covered by the header's digest, like the tensors' entries."""
+    _, data = sparse_file
+    meta = _meta(data)
+    with pytest.raises(SparseFormatError, match="is damaged: its metadata .* does not match the digest"):
+        from_sparse_bytes(_rewrite(data, digest=False, ladle=meta["ladle"].replace("dense-id", "other-id")))
+    with pytest.raises(SparseFormatError, match="is damaged: its metadata .* does not match the digest"):
+        from_sparse_bytes(_rewrite(data, _set("shape", [84, 120]), digest=False))
 
 
 def test_missing_or_stray_parts_and_other_files_are_refused(sparse_file):
