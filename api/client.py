@@ -274,7 +274,8 @@ class Client:
         params = {} if format == "dense" else {"format": format}
         what = f"model {model_id}" if format == "dense" else f"the {format} export of model {model_id}"
         # an export is built on its first request before its first byte: a large model's may take minutes
-        kw = {} if format == "dense" else {"timeout": httpx.Timeout(self.http.timeout.connect, read=EXPORT_READ_TIMEOUT)}
+        kw = {} if format == "dense" else {
+            "timeout": httpx.Timeout(self.http.timeout.connect, read=EXPORT_READ_TIMEOUT)}
         try:
             with self.http.stream("GET", f"/models/{model_id}/download", params=params, **kw) as r:
                 if r.status_code >= 400:

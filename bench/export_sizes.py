@@ -40,7 +40,8 @@ def measure(arch: str, sparsity: float, with_onnx: bool) -> dict:
     assert all(torch.equal(back.state[k], v) for k, v in ckpt.state.items())
     state = sum(t.numel() * t.element_size() for t in ckpt.state.values())
     return {"arch": arch, "sparsity": sparsity, "weights": sum(m.numel() for m in ckpt.masks.values()),
-            "dense": len(dense), "sparse": len(sparse), "ratio": len(sparse) / len(dense), "of_state": len(sparse) / state,
+            "dense": len(dense), "sparse": len(sparse), "ratio": len(sparse) / len(dense),
+            "of_state": len(sparse) / state,
             "onnx": len(onnx_bytes(ckpt)) if with_onnx else None, "layouts": sparse_sizes(ckpt),
             "encode": encode, "decode": decode}
 

@@ -149,7 +149,8 @@ def ensure(store, model, fmt: str, arch: Any) -> ExportFile:
         except ExportError as e:
             raise ExportRefused(str(e)) from e
         except ModelError as e:                 # the model's base (an hf: folder, a torchvision name) is not here
-            raise ExportUnavailable(f"model {model.id} cannot be rebuilt on this server for the {fmt} export: {e}") from e
+            raise ExportUnavailable(f"model {model.id} cannot be rebuilt on this server for the {fmt} export: "
+                                    f"{e}") from e
         uri = export_uri(model.uri, fmt)
         write_url(uri, out)
         sha = sha256_bytes(out)

@@ -14,7 +14,8 @@ sparse  one safetensors file, ``ladle-sparse-1``. Per prunable tensor (those wit
         where p and q are the bytes of the smallest unsigned int dtype that holds k and c - 1 (uint8,
         uint16, uint32, else int64). The state loads back equal (``torch.equal``) and bit-exact but for
         the sign of zeros: a -0.0 (masking leaves one wherever it zeroed a negative weight, about half
-        the pruned weights) loads as 0.0; keeping those signs would cost a bit per zero. The tensor's mask is its nonzero pattern in nearly every model (a kept
+        the pruned weights) loads as 0.0; keeping those signs would cost a bit per zero. The tensor's
+        mask is its nonzero pattern in nearly every model (a kept
         weight is almost never exactly 0.0); when it is not, ``mask/<name>`` holds it as packed bits too.
         Other tensors (biases, norms, BatchNorm statistics) are stored as ``dense/<name>``.
         At 90 % unstructured sparsity in fp32: 0.1 * 4 + 1/8 = 0.525 bytes per weight against 4 (+ 1 for
@@ -174,7 +175,8 @@ def encode_tensor(name: str, t: torch.Tensor, mask: torch.Tensor | None) -> tupl
         indptr = torch.zeros(rows + 1, dtype=torch.int64)
         indptr[1:] = counts.cumsum(0)
         out[f"indptr/{name}"] = torch.from_numpy(indptr.numpy().astype(_np_dtype(index_dtype(nnz))))
-        out[f"indices/{name}"] = torch.from_numpy((where % cols).numpy().astype(_np_dtype(index_dtype(max(cols - 1, 0)))))
+        columns = (where % cols).numpy().astype(_np_dtype(index_dtype(max(cols - 1, 0))))
+        out[f"indices/{name}"] = torch.from_numpy(columns)
         out[f"values/{name}"] = flat[where].clone()
     if torch.equal(mask.reshape(-1), keep):
         entry["mask"] = "support"
@@ -242,7 +244,8 @@ def _check_entry(name: str, e: object, source: str) -> tuple[tuple[int, ...], to
         raise SparseFormatError(f"{source}: tensor {name!r} has a bad shape {shape!r} in its metadata")
     layout = e.get("layout")
     if layout not in LAYOUTS:
-        raise SparseFormatError(f"{source}: tensor {name!r} has an unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+        raise SparseFormatError(f"{source}: tensor {name!r} has an unknown layout {layout!r} "
+                                f"(known: {', '.join(LAYOUTS)})")
     if e.get("mask") not in (None, "support", "packed"):
         raise SparseFormatError(f"{source}: tensor {name!r} has an unknown mask kind {e.get('mask')!r}")
     if layout != "dense" and not (isinstance(e.get("nnz"), int) and 0 <= e["nnz"] <= math.prod(shape)):
@@ -305,7 +308,8 @@ def decode_tensor(name: str, entry: dict, tensors: dict[str, torch.Tensor], sour
     if entry.get("mask") == "support":
         mask = keep.reshape(shape)
     elif entry.get("mask") == "packed":
-        mask = unpack_bits(_part(tensors, "mask", name, source, length=(n + 7) // 8, dtype=torch.uint8), n).reshape(shape)
+        packed = _part(tensors, "mask", name, source, length=(n + 7) // 8, dtype=torch.uint8)
+        mask = unpack_bits(packed, n).reshape(shape)
     if _digest(t, mask) != entry["digest"]:
         raise SparseFormatError(f"{source} is damaged: tensor {name!r} does not match the digest in its metadata")
     return t, mask

@@ -154,7 +154,8 @@ FORMAT = typer.Option("sparse", "--format", "-f", help="dense | sparse | hf (a f
 
 @_api_errors
 def export(model_id: str,
-           output: Annotated[Path, typer.Option("-o", "--output", help="file to write (hf: the folder to unpack into)")],
+           output: Annotated[Path, typer.Option("-o", "--output",
+                                                help="file to write (hf: the folder to unpack into)")],
            format: str = FORMAT, url: str = URL, token: str | None = TOKEN) -> None:
     """Download a model in a deployable format, checked against the server's sha256: sparse (bitmask/CSR
     safetensors that loads back exact), hf (a Hugging Face folder), onnx, or dense (as `download`)."""

@@ -106,7 +106,8 @@ def test_each_image_format_downloads_with_its_checksum_and_loads(api, cnn, tmp_p
     sparse = fetch(api, cnn.id, "sparse")
     assert 'filename="phase1-soup-' in sparse.headers["content-disposition"]
     back = from_sparse_bytes(sparse.content)
-    assert set(back.state) == set(stored.state) and all(torch.equal(back.state[k], stored.state[k]) for k in stored.state)
+    assert set(back.state) == set(stored.state)
+    assert all(torch.equal(back.state[k], stored.state[k]) for k in stored.state)
     assert all(torch.equal(back.masks[k], stored.masks[k]) for k in stored.masks)
     assert back.meta["model_id"] == cnn.id and back.meta["parents"][0]["id"] == "parent-id"
 

@@ -232,7 +232,8 @@ def test_missing_or_stray_parts_and_other_files_are_refused(sparse_file):
     with pytest.raises(SparseFormatError, match="tensors extra/x are not described by its metadata"):
         from_sparse_bytes(_rewrite(data, edit_tensors=lambda t: t.update({"extra/x": torch.zeros(1)})))
     with pytest.raises(SparseFormatError, match="part 'bitmask/10.weight' has shape .*not"):
-        from_sparse_bytes(_rewrite(data, edit_tensors=lambda t: t.update({"bitmask/10.weight": torch.zeros(3, dtype=torch.uint8)})))
+        short = {"bitmask/10.weight": torch.zeros(3, dtype=torch.uint8)}
+        from_sparse_bytes(_rewrite(data, edit_tensors=lambda t: t.update(short)))
     with pytest.raises(SparseFormatError, match="lacks or garbles 'tensors' or 'ladle'"):
         from_sparse_bytes(_rewrite(data, ladle="{not json"))
     with pytest.raises(SparseFormatError, match="not a Ladle sparse export .format 'ladle-checkpoint-1'"):
