@@ -279,3 +279,42 @@ def test_the_model_page_shows_sizes_per_format_downloads_them_and_the_measured_l
         page.screenshot(path=str(SCREENSHOTS / "model-exports.png"), full_page=True)
         assert errors == [], errors
         browser.close()
+
+
+def test_an_llm_whose_base_folder_is_gone_is_503_saying_so(api):
+    """The hf export rebuilds the model from its hf: folder; a server that cannot read it says why."""
+    from service.orm import Job
+    job_id = submit(api, IMAGE_JOB)
+    with api.store.tx() as s:                    # an LLM job's spec as stored (hf: folders are checked at submission)
+        job = s.get(Job, job_id)
+        job.spec = dict(job.spec, model={"arch": "hf:/nowhere/at/all"})
+    model = torch.nn.Linear(4, 2)
+    rec = store_model(api, job_id, model, {"weight": torch.ones(2, 4, dtype=torch.bool)},
+                      {"arch": "hf:/nowhere/at/all", "model_kwargs": {}, "task": "causal_lm"})
+    r = api.get(f"/models/{rec.id}/download", params={"format": "hf"})
+    assert r.status_code == 503 and "cannot be rebuilt on this server for the hf export" in r.json()["detail"]
+    assert "/nowhere/at/all" in r.json()["detail"] and "does not exist" in r.json()["detail"]
+    assert "sizes" not in api.store.get_model(rec.id).metrics
+
+
+def test_the_sdk_refuses_an_archive_with_a_member_outside_its_folder(tmp_path):
+    import zipfile
+
+    from api.client import DownloadError, unpack_zip
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("config.json", "{}")
+        z.writestr("../escaped.txt", "x")
+    with pytest.raises(DownloadError, match="member outside its folder: '../escaped.txt'"):
+        unpack_zip(archive, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["evil.zip"]
+
+
+def test_over_http_the_sdk_exports_with_its_checksum(api, cnn, live, tmp_path):
+    from api.client import Client
+    with Client(live.url) as c:
+        path = c.export(cnn.id, "sparse", tmp_path / "soup.sparse.safetensors")
+        assert from_sparse_bytes(path.read_bytes()).meta["model_id"] == cnn.id
+        with pytest.raises(InvalidSpec, match="format: the hf format is for causal language models"):
+            c.export(cnn.id, "hf", tmp_path / "hf")
