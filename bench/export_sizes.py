@@ -5,7 +5,11 @@ chosen, and the seconds to encode and to load back (checked equal). Inputs as th
 lenet5 on 1x28x28 (Fashion-MNIST), the ResNets and VGG16-BN on 3x32x32 (CIFAR), 10 classes; randomly
 initialised weights (the sizes depend on how many weights each layer keeps, not on their values).
 
-    .venv/bin/python bench/export_sizes.py [--sparsity 0.9 0.5] [--no-onnx]
+With --llm, also a causal LM of SmolLM2-135M's shape (LLaMA: 30 blocks of width 576, vocabulary 49152,
+tied embeddings; randomly initialised, nothing downloaded) with its blocks' linear weights magnitude-pruned
+per tensor to 50 % and to 2:4, as LM jobs prune (the embeddings and head are not pruned).
+
+    .venv/bin/python bench/export_sizes.py [--sparsity 0.9 0.5] [--no-onnx] [--llm]
 """
 
 from __future__ import annotations
@@ -46,10 +50,45 @@ def measure(arch: str, sparsity: float, with_onnx: bool) -> dict:
             "encode": encode, "decode": decode}
 
 
+def measure_llm(pattern: str) -> dict:
+    """A SmolLM2-135M-shaped LLaMA, its blocks' linear weights pruned to 50 % (`unstructured` per tensor or
+    `2:4` along the inputs), dense file against sparse file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from workers.llm_prune import prunable_lm_names
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    params = dict(model.named_parameters())
+    masks = {}
+    with torch.no_grad():
+        for name in prunable_lm_names(model):
+            w = params[name]
+            if pattern == "2:4":
+                groups = w.abs().reshape(-1, 4)
+                keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(2, dim=1).indices, True)
+                masks[name] = keep.reshape(w.shape)
+            else:
+                masks[name] = w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values
+            w.mul_(masks[name])
+    ckpt = Checkpoint(state={k: v.detach().clone() for k, v in model.state_dict().items()}, masks=masks,
+                      meta={"arch": "hf:smollm2-135m-shaped", "task": "causal_lm"})
+    del model, params
+    dense = len(to_bytes(ckpt))
+    start = time.perf_counter()
+    sparse = to_sparse_bytes(ckpt)
+    encode = time.perf_counter() - start
+    state = sum(t.numel() * t.element_size() for t in ckpt.state.values())
+    return {"pattern": pattern, "weights": sum(m.numel() for m in masks.values()), "dense": dense,
+            "sparse": len(sparse), "ratio": len(sparse) / dense, "of_state": len(sparse) / state, "encode": encode}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.9, 0.5])
     ap.add_argument("--no-onnx", action="store_true")
+    ap.add_argument("--llm", action="store_true", help="also a SmolLM2-135M-shaped LM at 50 %% and 2:4")
     args = ap.parse_args()
     print(f"{'model':9} {'sparsity':>8} {'weights':>10} {'dense':>11} {'sparse':>11} {'sparse/dense':>12} "
           f"{'/fp32 state':>11} {'onnx':>11}  layouts (bitmask/csr/dense)  encode, load s")
@@ -60,6 +99,13 @@ def main() -> None:
             print(f"{arch:9} {sparsity:8.2f} {m['weights']:10,} {m['dense']:11,} {m['sparse']:11,} {m['ratio']:12.3f} "
                   f"{m['of_state']:11.3f} {m['onnx'] or 0:11,}  {lay['bitmask']:3}/{lay['csr']:3}/{lay['dense']:3}"
                   f"                  {m['encode']:.2f}, {m['decode']:.2f}", flush=True)
+    if args.llm:
+        print(f"\n{'LM (SmolLM2-135M shape)':24} {'pruned weights':>14} {'dense':>12} {'sparse':>12} {'sparse/dense':>12} "
+              f"{'/fp32 state':>11}  encode s")
+        for pattern in ("unstructured", "2:4"):
+            m = measure_llm(pattern)
+            print(f"{'50 % ' + pattern:24} {m['weights']:14,} {m['dense']:12,} {m['sparse']:12,} {m['ratio']:12.3f} "
+                  f"{m['of_state']:11.3f}  {m['encode']:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ sparse  one safetensors file, ``ladle-sparse-1``. Per prunable tensor (those wit
         the pruned weights) loads as 0.0; keeping those signs would cost a bit per zero. The tensor's
         mask is its nonzero pattern in nearly every model (a kept
         weight is almost never exactly 0.0); when it is not, ``mask/<name>`` holds it as packed bits too.
-        Other tensors (biases, norms, BatchNorm statistics) are stored as ``dense/<name>``.
+        Other tensors (biases, norms, BatchNorm statistics) are stored as ``dense/<name>``, once: an
+        unmasked tensor equal to one stored before it (a LM head tied to the embeddings, which the
+        dense checkpoint holds twice) is an ``alias`` of it, with no bytes of its own.
         At 90 % unstructured sparsity in fp32: 0.1 * 4 + 1/8 = 0.525 bytes per weight against 4 (+ 1 for
         the mask's bool) in the dense checkpoint, about 0.13 of its state (0.105 of its file).
 
@@ -59,10 +61,11 @@ from workers.checkpoint import Checkpoint, CheckpointError
 from workers.pruning import Masks
 
 SPARSE_FORMAT = "ladle-sparse-1"
-LAYOUTS = ("dense", "bitmask", "csr")
+LAYOUTS = ("dense", "bitmask", "csr")        # what a masked tensor may take, the smallest one
+ALIAS = "alias"                               # an unmasked tensor equal to an earlier one (tied embeddings)
 # the parts each layout keeps in the file (beside mask/<name> when the mask is not the support)
 PARTS: dict[str, tuple[str, ...]] = {"dense": ("dense",), "bitmask": ("bitmask", "values"),
-                                     "csr": ("indptr", "indices", "values")}
+                                     "csr": ("indptr", "indices", "values"), ALIAS: ()}
 INDEX_DTYPES = ((torch.uint8, 2**8 - 1), (torch.uint16, 2**16 - 1), (torch.uint32, 2**32 - 1), (torch.int64, 2**63 - 1))
 HF_RECIPE_KEY = "ladle_sparsity"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -197,8 +200,18 @@ def to_sparse_bytes(ckpt: Checkpoint) -> bytes:
         raise ExportError(f"masks without a state tensor: {', '.join(unknown)}")
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
+    seen: dict[str, str] = {}                            # digest of an unmasked tensor -> its name
     for name in sorted(ckpt.state):
-        parts, entries[name] = encode_tensor(name, ckpt.state[name], ckpt.masks.get(name))
+        t, mask = ckpt.state[name], ckpt.masks.get(name)
+        if mask is None:
+            digest = _digest(t.detach().cpu(), None)
+            first = seen.get(digest)
+            if first is not None and torch.equal(ckpt.state[first].detach().cpu(), t.detach().cpu()):
+                entries[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "layout": ALIAS, "of": first,
+                                 "digest": digest}
+                continue
+            seen[digest] = name
+        parts, entries[name] = encode_tensor(name, t, mask)
         tensors.update(parts)
     meta = {"format": SPARSE_FORMAT, "ladle": json.dumps(ckpt.meta, sort_keys=True, default=str),
             "tensors": json.dumps(entries, sort_keys=True, separators=(",", ":"))}
@@ -243,12 +256,14 @@ def _check_entry(name: str, e: object, source: str) -> tuple[tuple[int, ...], to
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise SparseFormatError(f"{source}: tensor {name!r} has a bad shape {shape!r} in its metadata")
     layout = e.get("layout")
-    if layout not in LAYOUTS:
+    if layout not in PARTS:
         raise SparseFormatError(f"{source}: tensor {name!r} has an unknown layout {layout!r} "
-                                f"(known: {', '.join(LAYOUTS)})")
+                                f"(known: {', '.join(PARTS)})")
+    if layout == ALIAS and (not isinstance(e.get("of"), str) or e.get("mask") is not None):
+        raise SparseFormatError(f"{source}: tensor {name!r} is an alias without the name of the tensor it repeats")
     if e.get("mask") not in (None, "support", "packed"):
         raise SparseFormatError(f"{source}: tensor {name!r} has an unknown mask kind {e.get('mask')!r}")
-    if layout != "dense" and not (isinstance(e.get("nnz"), int) and 0 <= e["nnz"] <= math.prod(shape)):
+    if layout in ("bitmask", "csr") and not (isinstance(e.get("nnz"), int) and 0 <= e["nnz"] <= math.prod(shape)):
         raise SparseFormatError(f"{source}: tensor {name!r} has a bad nonzero count {e.get('nnz')!r} for shape {shape}")
     if not isinstance(e.get("digest"), str):
         raise SparseFormatError(f"{source}: tensor {name!r} has no digest in its metadata")
@@ -346,11 +361,32 @@ def from_sparse_bytes(data: bytes, *, source: str = "sparse file") -> Checkpoint
         raise SparseFormatError(f"{source}: tensors {', '.join(stray[:5])} are not described by its metadata")
     state, masks = {}, {}
     for name in sorted(entries):
+        if entries[name]["layout"] == ALIAS:
+            continue
         t, mask = decode_tensor(name, entries[name], tensors, source)
         state[name] = t
         if mask is not None:
             masks[name] = mask
-    return Checkpoint(state=state, masks=masks, meta=ladle)
+    for name in sorted(entries):
+        if entries[name]["layout"] == ALIAS:
+            state[name] = decode_alias(name, entries[name], state, source)
+    return Checkpoint(state={k: state[k] for k in sorted(state)}, masks=masks, meta=ladle)
+
+
+def decode_alias(name: str, entry: dict, state: dict[str, torch.Tensor], source: str = "sparse file") -> torch.Tensor:
+    """A copy of the tensor an alias repeats, checked against the alias's shape, dtype and digest."""
+    shape, dtype, _ = _check_entry(name, entry, source)
+    of = state.get(entry["of"])
+    if of is None:
+        raise SparseFormatError(f"{source}: tensor {name!r} is an alias of {entry['of']!r}, which the file does not "
+                                f"hold")
+    if tuple(of.shape) != shape or of.dtype != dtype:
+        raise SparseFormatError(f"{source}: tensor {name!r} is an alias of {entry['of']!r}, which is "
+                                f"{tuple(of.shape)} {of.dtype}, not {shape} {dtype}")
+    t = of.clone()
+    if _digest(t, None) != entry["digest"]:
+        raise SparseFormatError(f"{source} is damaged: tensor {name!r} does not match the digest in its metadata")
+    return t
 
 
 def sparse_sizes(ckpt: Checkpoint) -> dict[str, int]:

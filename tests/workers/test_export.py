@@ -325,3 +325,30 @@ def test_onnx_zero_check_and_refusals():
         check_onnx_zeros(data, {"nope": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ExportError, match="onnx format is for image models.*causal language model"):
         onnx_bytes(Checkpoint(state={}, meta={"arch": "hf:/x", "task": "causal_lm"}))
+
+
+def test_a_tied_head_is_stored_once_and_loads_back_as_two_equal_tensors():
+    emb = torch.randn(300, 32)
+    state = {"model.embed_tokens.weight": emb.clone(), "lm_head.weight": emb.clone(), "w": torch.randn(8, 8),
+             "b": torch.zeros(8), "c": torch.zeros(8)}
+    state["w"][state["w"].abs() < 1] = 0
+    ckpt = Checkpoint(state=state, masks={"w": state["w"] != 0})
+    data = to_sparse_bytes(ckpt)
+    entries = json.loads(_meta(data)["tensors"])
+    assert entries["model.embed_tokens.weight"] == {**entries["model.embed_tokens.weight"], "layout": "alias",
+                                                    "of": "lm_head.weight"}
+    assert entries["c"]["layout"] == "alias" and entries["c"]["of"] == "b"
+    assert len(data) < 300 * 32 * 4 + 2000                      # the embedding's bytes once
+    back = from_sparse_bytes(data)
+    assert_same(ckpt, back)
+    assert back.state["lm_head.weight"].data_ptr() != back.state["model.embed_tokens.weight"].data_ptr()
+
+    def retarget(entries):
+        entries["c"]["of"] = "nope"
+    with pytest.raises(SparseFormatError, match="tensor 'c' is an alias of 'nope', which the file does not hold"):
+        from_sparse_bytes(_rewrite(data, retarget))
+
+    def reshape(entries):
+        entries["c"]["shape"] = [4, 2]
+    with pytest.raises(SparseFormatError, match=r"tensor 'c' is an alias of 'b', which is \(8,\) torch.float32, not"):
+        from_sparse_bytes(_rewrite(data, reshape))
