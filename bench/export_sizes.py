@@ -3,7 +3,8 @@
 prints the bytes of each, the sparse file's ratio to the dense file and to the fp32 state alone, the layouts
 chosen, and the seconds to encode and to load back (checked equal). Inputs as the zoo is used here: mlp and
 lenet5 on 1x28x28 (Fashion-MNIST), the ResNets and VGG16-BN on 3x32x32 (CIFAR), 10 classes; randomly
-initialised weights (the sizes depend on how many weights each layer keeps, not on their values).
+initialised weights (the sizes depend on how many weights each layer keeps, not on their values), with the
+biases and BatchNorm tensors nudged off their initial values (equal tensors would be stored once).
 
 With --llm, also a causal LM of SmolLM2-135M's shape (LLaMA: 30 blocks of width 576, vocabulary 49152,
 tied embeddings; randomly initialised, nothing downloaded) with its blocks' linear weights magnitude-pruned
@@ -34,6 +35,9 @@ def measure(arch: str, sparsity: float, with_onnx: bool) -> dict:
     r = prune(model, full_masks(model), sparsity, scope="global", criterion="magnitude", seed=0)
     ckpt = Checkpoint(state={k: v.detach().clone() for k, v in r.model.state_dict().items()}, masks=r.masks,
                       meta={"arch": arch, "num_classes": 10, "in_shape": list(shape), "model_kwargs": {}})
+    for name, t in ckpt.state.items():       # biases and BatchNorm tensors as training leaves them: all different
+        if name not in ckpt.masks and t.is_floating_point():
+            t.add_(1e-3 * torch.rand_like(t))
     dense = to_bytes(ckpt)
     start = time.perf_counter()
     sparse = to_sparse_bytes(ckpt)
