@@ -68,9 +68,10 @@ class Store:
             return s.get(Job, job_id)
 
     def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
-                  offset: int = 0) -> tuple[list[Job], int]:
+                  offset: int = 0, spec: bool = True) -> tuple[list[Job], int]:
+        """A page of jobs and the count; `spec=False`: their specs only in outline (see jobs.page)."""
         with self.reads() as s:
-            return jobs.page(s, status=status, owner=owner, limit=limit, offset=offset)
+            return jobs.page(s, status=status, owner=owner, limit=limit, offset=offset, spec=spec)
 
     def claim_queued(self, limit: int, *, per_owner: int | None = None) -> list[Job]:
         with self.tx() as s:
