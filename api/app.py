@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, server_error
-from api.routes import health, jobs, me, models, tokens
+from api.routes import health, jobs, me, models, tokens, uploads
 from service.runtime import Runtime
 from service.settings import get_settings
 from workers.models import torchvision_names
@@ -113,7 +113,8 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
                   docs_url=None, redoc_url=None, description="Prune neural networks and retrain them as Sparse Model Soups.")
     app.state.auth = auth
     app.add_middleware(RefuseNul)
-    app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings())
+    app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings(),
+                       uploads=f"{API_PREFIX}/uploads")
     if not auth:
         app.add_middleware(LoopbackHostOnly)        # before the body is read
     # the last added runs first: headers go on every response, the 400, 413 and RefuseNul's 422 included
@@ -123,7 +124,7 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
     add_docs(app, app.openapi_url)
     document_spec_body(app)
     api = APIRouter(prefix=API_PREFIX)
-    for module in (jobs, models, health, me, tokens):
+    for module in (jobs, models, uploads, health, me, tokens):
         api.include_router(module.router)
     app.include_router(api)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD), name="dashboard")

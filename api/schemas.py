@@ -272,6 +272,27 @@ class Message(BaseModel):
     detail: str
 
 
+class UploadPublic(_Out):
+    """A file sent through POST /uploads; specs name it as `ref` (upload:<id>)."""
+    id: str
+    kind: Literal["checkpoint", "dataset"]
+    filename: str
+    owner: str | None
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+    @computed_field(description="how a job spec names it: model.checkpoint (a checkpoint) or data.path (a dataset)")
+    @property
+    def ref(self) -> str:
+        return f"upload:{self.id}"
+
+
+class UploadsPublic(BaseModel):
+    data: list[UploadPublic]
+    count: int
+
+
 class TokenPublic(_Out):
     """An API token as lists show it: never its secret, only the secret's last four characters."""
     id: str

@@ -24,6 +24,7 @@ from service.records import ACCURACY, PERPLEXITY, Metric
 from workers.llm_prune import parse_pattern
 from workers.lm import check_causal_lm, is_causal_lm
 from workers.text import TextConfig, TextError, text_files
+from workers.files import is_url
 from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
 from workers.models import IMPORT_PREFIX, ModelError, check_arch
 from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
@@ -164,11 +165,12 @@ class DataSpec(_Strict):
             raise ValueError(f"dataset {self.name!r} needs data.path")
         if self.name == "text":
             try:
-                text_files(self.path)
+                if not is_url(self.path):       # a URL: an upload, checked when it was sent
+                    text_files(self.path)
             except TextError as e:
                 raise ValueError(str(e)) from None
             return self
-        if self.path and not Path(self.path).expanduser().exists():
+        if self.path and not is_url(self.path) and not Path(self.path).expanduser().exists():
             raise ValueError(f"data.path {self.path!r} does not exist")
         try:
             check_data(self.config())
