@@ -201,6 +201,10 @@ class Client:
     def lineage(self, model_id: str) -> dict:
         return self._get(f"/models/{model_id}/lineage")
 
+    def robustness(self, model_id: str) -> dict:
+        """A dense model's one-shot robustness curve: `{model_id, metric, split, dense_accuracy, points, detail}`."""
+        return self._get(f"/models/{model_id}/robustness")
+
     def download(self, model_id: str, path: str | Path) -> Path:
         """Save the model's checkpoint (safetensors) to `path`, atomically, once its bytes match the sha256
         the server sends (X-Checksum-Sha256). ChecksumMismatch when they do not, DownloadError when the
