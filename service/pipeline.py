@@ -144,7 +144,7 @@ class Pipeline:
             return {}
         timing["robustness"] = seconds = time.perf_counter() - t0
         points, m = curve["points"], ctx.metric.name
-        recal = " after BatchNorm recalibration" if any(f"{m}_raw" in p for p in points) else ""
+        recal = " and BatchNorm recalibration" if any(f"{m}_raw" in p for p in points) else ""
         ends = f"{points[0][m]:.4f} at sparsity {points[0]['sparsity']:g}"
         if len(points) > 1:
             ends += f", {points[-1][m]:.4f} at {points[-1]['sparsity']:g}"

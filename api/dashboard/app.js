@@ -549,7 +549,7 @@ function robustnessCard() {
 }
 
 function robustnessChart(el) {
-  const note = el.querySelector("#robustness-note");
+  const card = el.querySelector("#robustness-card"), note = el.querySelector("#robustness-note");
   const c = chart(el.querySelector("#robustness-chart"), {
     type: "scatter",
     data: { datasets: [
@@ -586,6 +586,7 @@ function robustnessChart(el) {
       .map((p) => ({ x: 100 * p.sparsity, y: 100 * p.soup_accuracy })) : [];
     c.options.scales.y.title.text = `${curve.split ?? "test"} accuracy (%)`;
     c.update("none");
+    card.dataset.points = String(pts.length);         // drawn: how many sparsities (0: not measured)
     if (!pts.length) {
       note.textContent = curve.detail ?? "Not measured.";
       return;
