@@ -81,3 +81,17 @@ def test_bad_grids_are_refused_naming_the_field():
     for bad in ([1.0], [0.5, -0.2], [i / 100 for i in range(40)]):
         with pytest.raises(SpecError, match="prune.robustness"):
             parse_spec(dict(SMALL, prune={"robustness": bad}))
+
+
+@pytest.mark.slow
+def test_a_language_model_job_says_it_has_no_curve(tiny_lm, tmp_path):
+    from tests.service.test_lm_pipeline import lm_spec
+    arch, text = tiny_lm
+    spec = lm_spec(arch, text, retrain={"epochs": 1, "params": "bias_norm", "lr": 3e-3})
+    assert spec.prune.robustness                                     # the default grid, on
+    rec = LocalRecorder(progress=False)
+    Pipeline(spec, SequentialExecutor(), rec, ArtifactStore(str(tmp_path))).run()
+    [dense] = [m for m in rec.models if m["kind"] == "dense"]
+    assert "robustness" not in dense["metrics"]
+    [event] = [e for e in rec.events if "robustness" in e["message"]]
+    assert event["phase"] == 0 and "does not measure it" in event["message"]
