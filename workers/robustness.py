@@ -15,7 +15,9 @@ For every sparsity s of the grid, on a *copy* of the dense model:
 
 A point is ``{"sparsity": s, "accuracy": a}`` with s the grid's value (the pruned copy keeps exactly
 round(n * (1 - s)) weights, so its measured sparsity is s to within 1/n); a model with BatchNorm also
-gets ``"accuracy_raw"``, the accuracy before recalibration. The input model is never modified.
+gets ``"accuracy_raw"``, the accuracy before recalibration. The input model is never modified. A model
+that is sparse already (its zero weights count as pruned) gets points only at the grid's sparsities
+that are at least its own: below it, no pruning could reach the sparsity asked.
 Cost: len(sparsities) prunings, recalibrations and evaluations (no gradient step).
 
 `one_shot_curve` is the entry point for benchmarks (a model and two loaders); `curve` is the same
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from workers.evaluate import evaluate, has_batchnorm
+from workers.evaluate import evaluate, has_batchnorm, model_stats
 from workers.pruning import Masks, PruningError, prune
 from workers.soup import bn_recalibrate
 
@@ -60,9 +62,14 @@ def curve(model: nn.Module, score: Callable[[nn.Module], float], *,
           sparsities: Sequence[float] = SPARSITIES, scope: str = "global", key: str = "accuracy") -> list[Point]:
     """The procedure of the module docstring with any `score` (higher or lower is better: the curve
     does not care) and `recalibrate` (in place on the pruned copy; None: no recalibration). Points
-    are `{"sparsity", key, f"{key}_raw" (only with `recalibrate`)}`, in increasing sparsity."""
+    are `{"sparsity", key, f"{key}_raw" (only with `recalibrate`)}`, in increasing sparsity, for the
+    grid's sparsities not below the model's own."""
     points = []
+    stats = model_stats(model)
+    own, tol = stats["sparsity"], 1.0 / max(stats["prunable"], 1)     # one weight's worth of rounding
     for s in check_sparsities(sparsities):
+        if s < own - tol:
+            continue
         pruned, _ = one_shot(model, s, scope=scope)
         point: Point = {"sparsity": s}
         if recalibrate is not None:

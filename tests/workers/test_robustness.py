@@ -133,3 +133,9 @@ def test_bad_grids_are_refused():
     for bad in ([1.0], [-0.1], [0.5] + [i / 100 for i in range(40)]):
         with pytest.raises(PruningError):
             check_sparsities(bad)
+
+
+def test_an_already_sparse_model_gets_points_only_from_its_own_sparsity_up(mlp):
+    sparse, _ = one_shot(mlp, 0.7)
+    pts = curve(sparse, lambda m: 1.0, sparsities=SPARSITIES)
+    assert [p["sparsity"] for p in pts] == [0.7, 0.8, 0.9, 0.95, 0.98, 0.99]
