@@ -144,6 +144,10 @@ class Pipeline:
             return {}
         timing["robustness"] = seconds = time.perf_counter() - t0
         points, m = curve["points"], ctx.metric.name
+        if not points:
+            self.recorder.event(f"phase 0: no one-shot robustness curve: the model is sparser than every sparsity "
+                                f"of prune.robustness {grid}", phase=0)
+            return {}
         recal = " and BatchNorm recalibration" if any(f"{m}_raw" in p for p in points) else ""
         ends = f"{points[0][m]:.4f} at sparsity {points[0]['sparsity']:g}"
         if len(points) > 1:
