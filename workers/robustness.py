@@ -27,6 +27,7 @@ procedure over any score function (the pipeline's tasks use it).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+
 import torch
 from torch import nn
 
@@ -93,9 +94,9 @@ def one_shot_curve(model: nn.Module, eval_loader: Iterable, calibration_loader: 
     def score(m: nn.Module) -> float:
         return evaluate(m, eval_loader, device=device)["accuracy"]
 
-    recal = None
-    if calibration_loader is not None and bn_fraction > 0 and has_batchnorm(model):
-        def recal(m: nn.Module) -> nn.Module:
-            return bn_recalibrate(m, calibration_loader, bn_fraction, device=device)
-    return curve(model, score, recalibrate=recal, sparsities=sparsities, scope=scope)
+    def recalibrate(m: nn.Module) -> nn.Module:
+        return bn_recalibrate(m, calibration_loader, bn_fraction, device=device)
+
+    recal = calibration_loader is not None and bn_fraction > 0 and has_batchnorm(model)
+    return curve(model, score, recalibrate=recalibrate if recal else None, sparsities=sparsities, scope=scope)
 
