@@ -201,6 +201,10 @@ class Client:
     def lineage(self, model_id: str) -> dict:
         return self._get(f"/models/{model_id}/lineage")
 
+    def robustness(self, model_id: str) -> dict:
+        """A dense model's one-shot robustness curve: `{model_id, metric, split, dense_accuracy, points, detail}`."""
+        return self._get(f"/models/{model_id}/robustness")
+
     # -- uploads
     def upload(self, path: str | Path, kind: str, *, filename: str | None = None) -> dict:
         """Send a checkpoint (kind "checkpoint": a .safetensors file from `download`) or a dataset file

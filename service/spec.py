@@ -27,6 +27,9 @@ from workers.text import TextConfig, TextError, text_files
 from workers.files import is_url
 from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
 from workers.models import IMPORT_PREFIX, ModelError, check_arch
+from workers.robustness import MAX_POINTS as ROBUSTNESS_MAX_POINTS
+from workers.robustness import SPARSITIES as ROBUSTNESS_SPARSITIES
+from workers.robustness import check_sparsities
 from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
 from workers.train import OptimizerConfig
 
@@ -221,6 +224,19 @@ class PruneSpec(_Strict):
             raise ValueError(f"pattern {self.pattern} prunes exactly {1 - nm[0] / nm[1]:g} of the weights: "
                              f"target_sparsity must be that")
         return self
+
+    robustness: list[float] | None = Field(default_factory=lambda: list(ROBUSTNESS_SPARSITIES),
+                                           max_length=ROBUSTNESS_MAX_POINTS)
+
+    @field_validator("robustness")
+    @classmethod
+    def _robustness(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return None
+        try:
+            return check_sparsities(v) or None
+        except ValueError as e:
+            raise ValueError(str(e)) from None
 
 
 class OptimizerSpec(_Strict):
