@@ -441,7 +441,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-batch-sizes", type=_ints, default=(1, 8), help="sequences per batch (transformer)")
     p.add_argument("--layouts", default="csr,bsr", help="of csr, bsr")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timer")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best median is kept")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best median is kept")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for every model (default 1: on a shared machine 2 threads wait on each other)")
     p.add_argument("--quick", action="store_true", help="tiny models, short timers: end to end in seconds")
