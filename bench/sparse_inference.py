@@ -185,21 +185,29 @@ class Row:
     size_ratio: dict[str, float]  # layout -> sparse bytes / dense bytes of those weights
     max_diff: float
     dense_layers: dict[str, str] = field(default_factory=dict)   # layers left dense, and why
+    lowered_dense_ms: float | None = None    # convs as im2col with dense weights (what the lowering costs)
 
     def ratio(self, layout: str) -> float:
         return self.sparse_ms[layout] / self.dense_ms
 
 
 def run_case(case: Case, what: str, *, layouts: tuple[str, ...] = LAYOUTS, min_run_time: float = 0.2,
-             rounds: int = 2, threads: int | None = None, log: Callable[[str], None] = print) -> list[Row]:
-    """Prune `case` to `what` ("0.9", "2:4"), make its sparse versions and time them at each batch size."""
+             rounds: int = 2, threads: int | None = None, log: Callable[[str], None] = print,
+             lowering: bool = False) -> list[Row]:
+    """Prune `case` to `what` ("0.9", "2:4"), make its sparse versions and time them at each batch size.
+    `lowering`: also time the pruned model with its convs lowered to im2col but dense weights (what the
+    lowering alone costs; a model without convs skips it)."""
     pruned, masks = case.prune(what)
     kept = sum(int(m.sum()) for m in masks.values())
     actual = 1 - kept / sum(m.numel() for m in masks.values())
-    sparse, dense_layers = {}, {}
+    sparse: dict[str, nn.Module] = {}
+    dense_layers: dict[str, str] = {}
     for layout in layouts:
         sparse[layout], dense_layers = sparsify(pruned, layout, names=masks)
     label = what if ":" in what else f"{float(what) * 100:g}%"
+    has_conv = any(isinstance(m, nn.Conv2d) for m in pruned.modules())
+    if lowering and has_conv:
+        sparse["im2col"] = sparsify(pruned, "dense", names=masks)[0]
     rows = []
     for batch in case.batch_sizes:
         x = case.make_input(batch)
@@ -207,10 +215,12 @@ def run_case(case: Case, what: str, *, layouts: tuple[str, ...] = LAYOUTS, min_r
         diff = max((check_same_outputs(pruned, m, x) for m in sparse.values()), default=0.0)
         # timed against the dense parent (what one would deploy otherwise), not the pruned model run dense
         dense_ms, sparse_ms = timed(case.dense, sparse, x, min_run_time=min_run_time, rounds=rounds, threads=threads)
+        lowered = sparse_ms.pop("im2col", None)
         row = Row(case.name, label, actual, batch, dense_ms, sparse_ms,
-                  {k: size_ratio(m) for k, m in sparse.items()}, diff, dense_layers)
+                  {k: size_ratio(m) for k, m in sparse.items() if k != "im2col"}, diff, dense_layers, lowered)
         log(f"  {case.name:14s} {label:>4s} batch {batch:3d}: dense {dense_ms:8.3f} ms  " +
-            "  ".join(f"{k} {v:8.3f} ms ({v / dense_ms:5.2f}x)" for k, v in sparse_ms.items()))
+            "  ".join(f"{k} {v:8.3f} ms ({v / dense_ms:5.2f}x)" for k, v in sparse_ms.items()) +
+            (f"  (im2col, dense weights {lowered:8.3f} ms ({lowered / dense_ms:5.2f}x))" if lowered else ""))
         rows.append(row)
     return rows
 
@@ -262,6 +272,11 @@ def verdict(rows: list[Row], layouts: tuple[str, ...]) -> list[str]:
             else:
                 lines.append(f"{model}, {layout.upper()}: SLOWER than dense at {', '.join(slower)}; "
                              f"faster only at {', '.join(faster)}.")
+    for r in rows:
+        if r.lowered_dense_ms:
+            lines.append(f"{r.model} at batch {r.batch}: the convolutions as im2col with dense weights take "
+                         f"{r.lowered_dense_ms / r.dense_ms:.2f}x the dense model's time: that much of the sparse "
+                         f"slowdown is the lowering, not the sparse matmul.")
     sizes = [r for r in rows if r.size_ratio.get("csr", 0) > 1]
     if sizes:
         lines.append("CSR (int64 indices) is larger than dense at " + ", ".join(
@@ -441,7 +456,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-batch-sizes", type=_ints, default=(1, 8), help="sequences per batch (transformer)")
     p.add_argument("--layouts", default="csr,bsr", help="of csr, bsr")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timer")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best median is kept")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the fastest is kept")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for every model (default 1: on a shared machine 2 threads wait on each other)")
     p.add_argument("--quick", action="store_true", help="tiny models, short timers: end to end in seconds")
@@ -498,9 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     rows: list[Row] = []
     for case in cases:
-        for what in [str(s) for s in args.sparsities] + list(args.patterns):
+        for i, what in enumerate([str(s) for s in args.sparsities] + list(args.patterns)):
             rows += run_case(case, what, layouts=args.layouts, min_run_time=args.min_run_time, rounds=args.rounds,
-                             threads=args.threads)
+                             threads=args.threads, lowering=i == 0)
     title = "CPU inference, sparse / dense (ratios < 1: sparse is faster or smaller)"
     print_table(rows, args.layouts, title)
     lines = verdict(rows, args.layouts)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.pruning import is_nm
+
 LAYOUTS = ("csr", "bsr")
 BLOCK_SIZES = (16, 8, 4, 2, 1)
 
@@ -43,9 +45,12 @@ def block_size(shape: tuple[int, int]) -> int:
 
 
 def to_layout(matrix: torch.Tensor, layout: str) -> torch.Tensor:
-    """A dense 2-D matrix as a sparse CSR or BSR tensor (same values, zeros not stored)."""
+    """A dense 2-D matrix as a sparse CSR or BSR tensor (same values, zeros not stored); "dense" keeps it
+    dense (a reference: the same lowering, e.g. im2col, with a dense matmul)."""
     if matrix.dim() != 2:
         raise SparseInferenceError(f"a sparse weight must be a matrix, got shape {tuple(matrix.shape)}")
+    if layout == "dense":                      # the lowering alone, for reference (im2col with a dense matmul)
+        return matrix.detach().contiguous()
     with warnings.catch_warnings():            # "Sparse CSR tensor support is in beta state"
         warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
         if layout == "csr":
@@ -71,6 +76,10 @@ def dense_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _mm(weight: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    return torch.sparse.mm(weight, rhs) if weight.layout != torch.strided else weight @ rhs
+
+
 class SparseLinear(nn.Module):
     """nn.Linear with its weight held sparse: y = (W_sparse @ x^T)^T + b."""
 
@@ -83,7 +92,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        out = torch.sparse.mm(self.weight, rows.t()).t()
+        out = _mm(self.weight, rows.t()).t()
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -106,7 +115,7 @@ class SparseConv2d(nn.Module):
         batch, _, h, w = x.shape
         cols = F.unfold(x, self.kernel_size, dilation=self.dilation, padding=self.padding, stride=self.stride)
         k, positions = cols.shape[1], cols.shape[2]
-        out = torch.sparse.mm(self.weight, cols.transpose(0, 1).reshape(k, batch * positions))
+        out = _mm(self.weight, cols.transpose(0, 1).reshape(k, batch * positions))
         out = out.reshape(self.out_channels, batch, positions).transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias[None, :, None]
@@ -125,9 +134,10 @@ def sparsify(model: nn.Module, layout: str = "csr", *, names: Iterable[str] | No
              ) -> tuple[nn.Module, dict[str, str]]:
     """A copy of `model` (in eval mode, on the CPU) whose linear and 2-D conv layers run with sparse weights
     (module docstring), and {layer: why it stayed dense} for the layers it could not convert. `names`:
-    only the modules of these weight names (as in a mask, "blocks.0.mlp.weight"); None: every such layer."""
-    if layout not in LAYOUTS:
-        raise SparseInferenceError(f"unknown sparse layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    only the modules of these weight names (as in a mask, "blocks.0.mlp.weight"); None: every such layer.
+    layout "dense" lowers the same way with dense weights: what the lowering costs by itself."""
+    if layout not in LAYOUTS + ("dense",):
+        raise SparseInferenceError(f"unknown sparse layout {layout!r}; known: {', '.join(LAYOUTS)} (and dense)")
     wanted = None if names is None else {n.removesuffix(".weight") for n in names}
     model = copy.deepcopy(model).cpu().eval()
     dense: dict[str, str] = {}
@@ -163,7 +173,6 @@ def semi_structured(model: nn.Module, *, names: Iterable[str] | None = None) -> 
     """CUDA only: a copy of `model` whose 2:4-sparse nn.Linear weights are `to_sparse_semi_structured`
     tensors (the model must be float16 / bfloat16 on a CUDA device); {layer: why it stayed dense}."""
     from torch.sparse import to_sparse_semi_structured
-    from workers.pruning import is_nm
     wanted = None if names is None else {n.removesuffix(".weight") for n in names}
     model = copy.deepcopy(model).eval()
     dense: dict[str, str] = {}
