@@ -202,7 +202,7 @@ class PruneSpec(_Strict):
     calibrated on `data.calibration_samples` blocks); pattern: unstructured, or N:M (e.g. "2:4", "4:8")
     for both: at most N nonzeros in every M consecutive input channels of each conv and linear weight
     (language models: of the blocks' linear layers), reached in one phase, so phases must be 1 and
-    target_sparsity 1 - N/M (left at its default, it is set to that); `scope` does not apply to N:M."""
+    target_sparsity 1 - N/M (both may be left out: they are then set so); `scope` does not apply to N:M."""
     target_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     phases: int = Field(3, ge=1, le=MAX_PHASES)
     scope: Literal["global", "layerwise"] = "global"
