@@ -296,6 +296,8 @@ class Pipeline:
                                     metrics=dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed))
             rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
                       f"{ctx.metric.name} after pruning {_num(ctx.test(pruned_scores))}", phase=t)
+            for note in pr.notes:
+                rec.event(f"phase {t}: {note}", phase=t)
         timing["prune"] = time.perf_counter() - t0
 
         pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
