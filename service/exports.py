@@ -22,8 +22,9 @@ from typing import Any
 
 import fsspec
 
-from workers.checkpoint import CheckpointError, from_bytes, read_url, sha256_bytes, write_url
+from workers.checkpoint import CheckpointError, from_bytes, read_url, sha256_bytes
 from workers.export import ExportError, hf_zip, onnx_bytes, to_sparse_bytes
+from workers.files import write_url
 from workers.lm import is_causal_lm
 from workers.models import IMPORT_PREFIX, ModelError
 

@@ -2,7 +2,7 @@
 
 - render: what the commands print (consoles, tables, progress, the demo's verdict)
 - remote: the client commands that talk to a server through the SDK (submit, status, logs, cancel,
-  lineage, download, export, compare)
+  lineage, download, export, upload, compare)
 - host: the commands that host the service or run a job in this process (run, demo, serve)
 - admin: the database's administration (token create, list, revoke)
 

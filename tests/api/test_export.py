@@ -249,7 +249,7 @@ def test_the_model_page_shows_sizes_per_format_downloads_them_and_the_measured_l
     from tests.conftest import SCREENSHOTS
     api.store.add_model_metrics(cnn.id, inference={
         "device": "cpu", "layout": "csr", "dense_ms": 1.25, "sparse_ms": 0.5, "latency_ratio": 0.4,
-        "measured_at": "2026-11-24T04:00:00Z", "command": "python bench/latency.py"})
+        "batch_size": 32, "measured_at": "2026-11-24T04:00:00Z", "command": "python bench/latency.py"})
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
