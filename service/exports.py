@@ -16,6 +16,7 @@ metrics, so its exports are rebuilt.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from workers.files import write_url
 from workers.lm import is_causal_lm
 from workers.models import IMPORT_PREFIX, ModelError
 
+log = logging.getLogger("ladle.exports")
 FORMATS = ("dense", "sparse", "hf", "onnx")
 SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx"}
 MEDIA_TYPE = {"dense": "application/octet-stream", "sparse": "application/octet-stream", "hf": "application/zip",
@@ -152,8 +154,18 @@ def ensure(store, model, fmt: str, arch: Any) -> ExportFile:
         except ModelError as e:                 # the model's base (an hf: folder, a torchvision name) is not here
             raise ExportUnavailable(f"model {model.id} cannot be rebuilt on this server for the {fmt} export: "
                                     f"{e}") from e
+        except (ExportUnavailable, ExportRefused):
+            raise
+        except Exception as e:  # noqa: BLE001 - an exporter's own failure (torch.onnx, transformers): said, not a trace
+            log.exception("model %s: the %s export failed", model.id, fmt)
+            raise ExportUnavailable(f"the {fmt} export of model {model.id} failed on this server "
+                                    f"({type(e).__name__}: {e})") from e
         uri = export_uri(model.uri, fmt)
-        write_url(uri, out)
+        try:
+            write_url(uri, out)
+        except OSError as e:
+            raise ExportUnavailable(f"the {fmt} export of model {model.id} cannot be written to the artifact store "
+                                    f"({e.strerror or e})") from e
         sha = sha256_bytes(out)
         metrics = model.metrics or {}
         store.add_model_metrics(model.id, sizes={**(metrics.get("sizes") or {}), "dense": model.size_bytes,

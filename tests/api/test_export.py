@@ -318,3 +318,16 @@ def test_over_http_the_sdk_exports_with_its_checksum(api, cnn, live, tmp_path):
         assert from_sparse_bytes(path.read_bytes()).meta["model_id"] == cnn.id
         with pytest.raises(InvalidSpec, match="format: the hf format is for causal language models"):
             c.export(cnn.id, "hf", tmp_path / "hf")
+
+
+def test_an_exporter_that_fails_is_a_503_saying_why_not_a_trace(api, cnn, monkeypatch):
+    import torch.onnx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Unsupported operator: aten::strange")
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    r = api.get(f"/models/{cnn.id}/download", params={"format": "onnx"})
+    assert r.status_code == 503
+    assert r.json()["detail"] == (f"the onnx export of model {cnn.id} failed on this server "
+                                  f"(RuntimeError: Unsupported operator: aten::strange)")
+    assert "onnx" not in (api.store.get_model(cnn.id).metrics.get("sizes") or {})
