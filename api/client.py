@@ -276,7 +276,8 @@ class Client:
           must not exist or be empty); ``AutoModelForCausalLM.from_pretrained(path)`` loads it;
         - ``onnx``: an ONNX file (image models; input ``input`` (batch, C, H, W), output ``logits``).
 
-        `path` defaults to the file name the server gives (its Content-Disposition) in the current folder.
+        `path` defaults to ``<model_id>.sparse.safetensors`` (``.onnx``, ``.safetensors``; the folder
+        ``<model_id>.hf``) in the current folder.
         A format that does not fit the model raises InvalidSpec (422) with the server's reason."""
         if path is None:
             path = Path(f"{model_id}{EXPORT_SUFFIX.get(format, '')}".removesuffix(".zip"))
