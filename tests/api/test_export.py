@@ -156,7 +156,8 @@ def test_the_cli_exports_and_prints_one_line(api, cnn, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "the formats are dense, sparse, hf, onnx" in " ".join(result.output.split())
 
 
-def test_the_hf_export_of_an_llm_loads_with_from_pretrained_and_gives_the_stored_models_logits(api, llm, tmp_path):
+def test_the_hf_export_of_an_llm_loads_with_from_pretrained_and_gives_the_stored_models_logits(api, llm, tmp_path,
+                                                                                             monkeypatch):
     from transformers import AutoModelForCausalLM
     r = fetch(api, llm.id, "hf")
     assert r.headers["content-type"] == "application/zip" and r.content[:2] == b"PK"
@@ -176,6 +177,16 @@ def test_the_hf_export_of_an_llm_loads_with_from_pretrained_and_gives_the_stored
     assert all(torch.equal(back.state[k], v) for k, v in llm.model.state_dict().items())
     sizes = api.get(f"/models/{llm.id}").json()["metrics"]["sizes"]
     assert set(sizes) == {"dense", "hf", "sparse"} and sizes["hf"] == len(r.content)
+    # the CLI unpacks it into the -o folder, and refuses a folder that holds something
+    from typer.testing import CliRunner
+
+    from api.cli import app, remote
+    monkeypatch.setattr(remote, "_client", lambda url, token: sdk(api))
+    result = CliRunner().invoke(app, ["export", llm.id, "--format", "hf", "-o", str(tmp_path / "cli-hf")])
+    assert result.exit_code == 0 and f"wrote {tmp_path / 'cli-hf'}/" in " ".join(result.output.split())
+    assert sorted(p.name for p in (tmp_path / "cli-hf").iterdir()) == sorted(p.name for p in folder.iterdir())
+    result = CliRunner().invoke(app, ["export", llm.id, "--format", "hf", "-o", str(tmp_path / "cli-hf")])
+    assert result.exit_code == 2 and "is not an empty folder" in " ".join(result.output.split())
     r = api.get(f"/models/{llm.id}/download", params={"format": "onnx"})
     [err] = r.json()["detail"]
     assert r.status_code == 422 and err["loc"] == ["query", "format"]
