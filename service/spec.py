@@ -220,7 +220,7 @@ class DenseSpec(_Strict):
 
     @model_validator(mode="after")
     def _sfw(self) -> DenseSpec:
-        if self.optimizer != "sfw" and "sfw" in self.model_fields_set:
+        if self.optimizer != "sfw" and self.sfw != SFWSpec():
             raise ValueError("dense.sfw is only used with dense.optimizer sfw")
         if self.optimizer == "sfw" and self.sfw.rescale == "none" and self.lr > 1.0:
             raise ValueError(f"dense.lr {self.lr:g} is SFW's step size with dense.sfw.rescale none: at most 1")
