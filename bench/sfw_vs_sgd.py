@@ -8,14 +8,14 @@ retraining LR, schedule, ingredients). Reported per optimizer, mean ± std over 
   - its one-shot robustness curve: test accuracy after global magnitude pruning to each sparsity in
     SPARSITIES with only BatchNorm recalibration (no retraining),
   - the final test accuracy of the SMS job (the soup after the last phase).
-Printed as tables; written to bench/results/sfw_vs_sgd.{json,md,png}.
+Printed as tables; written to bench/figures/sfw_vs_sgd.{json,md,png}.
 
     .venv/bin/python bench/sfw_vs_sgd.py                      # digits (mlp) + Fashion-MNIST (lenet5, 10k subset)
     .venv/bin/python bench/sfw_vs_sgd.py --datasets digits --seeds 1      # a quick look
 
 Kept small for a 2-core CPU machine: Fashion-MNIST trains on a stratified 10 000-image subset of its
 training set (tested on the full 10 000-image test set), few epochs; see the printed settings.
-The one-shot curve uses `workers.robustness.one_shot_curve` when it exists, else the local helper below.
+The one-shot curve comes from a local helper below (`workers.robustness.one_shot_curve` was not on main yet).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def subset_npz(n: int, seed: int, out: Path) -> str:
 
 def one_shot_curve_local(task, state: dict, sparsities=SPARSITIES, recal_fraction: float = 0.2) -> dict[float, float]:
     """Test accuracy after global magnitude pruning of the dense `state` to each sparsity, BatchNorm
-    recalibrated on `recal_fraction` of the unshuffled train split, no retraining. (Local stand-in for
-    workers.robustness.one_shot_curve, which another branch adds.)"""
+    recalibrated on `recal_fraction` of the unshuffled train split, no retraining. (A local stand-in for
+    workers.robustness.one_shot_curve, which another engineer's branch adds.)"""
     from workers.pruning import prune
     out = {}
     for s in sparsities:
@@ -71,12 +71,8 @@ def one_shot_curve_local(task, state: dict, sparsities=SPARSITIES, recal_fractio
 
 
 def one_shot(task, state: dict) -> tuple[dict[float, float], str]:
-    try:
-        from workers.robustness import one_shot_curve   # type: ignore[import-not-found]
-    except ImportError:
-        return one_shot_curve_local(task, state), "local helper (bench/sfw_vs_sgd.py)"
-    curve = one_shot_curve(task.build(state), task.loader("train"), task.loader("test"), SPARSITIES)  # pragma: no cover
-    return {float(k): float(v) for k, v in dict(curve).items()}, "workers.robustness.one_shot_curve"
+    """The one-shot curve of a dense `state`, and which function made it."""
+    return one_shot_curve_local(task, state), "local helper in bench/sfw_vs_sgd.py"
 
 
 def main() -> None:
@@ -95,14 +91,14 @@ def main() -> None:
     ap.add_argument("--retrain-epochs", type=int, default=2)
     ap.add_argument("--ingredients", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "figures")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="ladle-sfw-"))
     os.environ.update(LADLE_HOME=str(work / "home"))
     os.environ.pop("LADLE_DATABASE_URL", None)
     os.environ.pop("LADLE_ARTIFACTS", None)
-    (work / "home").mkdir()
+    (work / "home" / "data").mkdir(parents=True)     # the service reads data under LADLE_HOME/data
 
     from service.artifacts import ArtifactStore
     from service.executors import SequentialExecutor
@@ -130,7 +126,7 @@ def main() -> None:
         st = settings[ds]
         data = dict(st["data"])
         if ds == "fashion_mnist":
-            data["path"] = subset_npz(args.fmnist_subset, 0, work / "home")
+            data["path"] = subset_npz(args.fmnist_subset, 0, work / "home" / "data")
         epochs = args.dense_epochs or st["epochs"]
         sgd_lr = suggested_lr(st["arch"]) or 0.1
         sfw = {"constraint": args.constraint, "k": args.k, "rescale": args.rescale,
