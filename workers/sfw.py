@@ -221,16 +221,17 @@ def radius_for(kind: str, diameter: float, n: int, k: int) -> float:
 @torch.no_grad()
 def expected_init_norm(module: nn.Module, name: str, param: Tensor, repetitions: int = INIT_REPETITIONS) -> float:
     """The mean L2 norm of `module`'s parameter `name` over `repetitions` default re-initialisations of a
-    copy of the module (the model itself is untouched); 1 when that is 0 (zero-initialised tensors);
-    the parameter's actual norm when the module has no `reset_parameters`."""
+    copy of the module (the model and the global random stream are untouched); 1 when that is 0
+    (zero-initialised tensors); the parameter's actual norm when the module has no `reset_parameters`."""
     if not hasattr(module, "reset_parameters") or not isinstance(module, nn.Module):
         norm = float(param.norm())
     else:
         twin = copy.deepcopy(module)
         total = 0.0
-        for _ in range(repetitions):
-            twin.reset_parameters()
-            total += float(getattr(twin, name).norm())
+        with torch.random.fork_rng(devices=[]):       # the caller's random stream is left as it was
+            for _ in range(repetitions):
+                twin.reset_parameters()
+                total += float(getattr(twin, name).norm())
         norm = total / repetitions
     return norm if norm > 0 else 1.0
 

@@ -1,8 +1,12 @@
-"""Training with SGD on a per-step LR schedule that keeps pruned weights (and their momentum) at zero.
+"""Training with SGD (or SFW) on a per-step LR schedule that keeps pruned weights (and their momentum) at zero.
 
 Masked training: before every optimizer step the gradient of each pruned weight is zeroed, so with
 w = 0 the weight-decay term, the momentum buffer and the (Nesterov) update of that weight are all
 exactly zero; after the step the weights are multiplied by their mask once more as a guard.
+
+With `OptimizerConfig(name="sfw")` the dense run uses Stochastic Frank-Wolfe instead (workers.sfw:
+every parameter tensor stays inside its constraint set; the schedule's LR is SFW's step size before
+rescaling; no weight decay).
 
 Divergence is an error, not a result: a loss that turns NaN or infinite stops training at once, and
 a run whose last epoch is no better than always guessing the most frequent class (`check_learned`)
