@@ -210,7 +210,8 @@ class DenseSpec(_Strict):
     per zoo architecture), a linear warm-up over the first `warmup` share of the steps, then `schedule`.
     `optimizer`: sgd (retrain.optimizer's SGD settings, as the retraining uses) or sfw (Stochastic
     Frank-Wolfe with the `sfw` settings: a dense model robust to pruning; `lr` is then SFW's step size
-    before rescaling, and retrain.lr must be given since it is no SGD learning rate)."""
+    before rescaling, which is no SGD learning rate, so the retraining peaks at retrain.lr or, when that
+    is null, at the zoo's SGD LR for the arch: service.plan.retrain_peak_lr)."""
     epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
     lr: float = Field(0.1, gt=0.0, le=10.0)
     schedule: Literal[DENSE_SCHEDULES] = "linear"  # type: ignore[valid-type]
