@@ -147,7 +147,8 @@ def main() -> None:
                                    "soup": {"ingredients": args.ingredients, "min_ingredients": 1}})
                 t0 = time.perf_counter()
                 rec = LocalRecorder(progress=False)
-                result = Pipeline(spec, SequentialExecutor(), rec, ArtifactStore(str(work / f"{ds}-{opt}-{seed}"))).run()
+                store = ArtifactStore(str(work / f"{ds}-{opt}-{seed}"))
+                result = Pipeline(spec, SequentialExecutor(), rec, store).run()
                 dense_rec = next(m for m in rec.models if m["kind"] == "dense")
                 ckpt = load(dense_rec["uri"])
                 assert ckpt.meta["dense_optimizer"]["name"] == opt
@@ -178,7 +179,8 @@ def main() -> None:
 def report(results: dict, datasets: list[str], args) -> str:
     lines = [f"Test accuracy (%), mean ± std over {args.seeds} seed(s); one-shot: global magnitude pruning, "
              f"BatchNorm recalibrated, no retraining ({results['one_shot_source']}); SMS: {args.target:g} in "
-             f"{args.phases} phases, {args.ingredients} ingredients × {args.retrain_epochs} epochs, SGD retraining.", ""]
+             f"{args.phases} phases, {args.ingredients} ingredients × {args.retrain_epochs} epochs, SGD "
+             "retraining.", ""]
     for ds in datasets:
         st = results["settings"][ds]
         lines += [f"**{ds}** ({st['arch']}, {st['dense_epochs']} dense epochs"

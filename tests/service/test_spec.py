@@ -137,7 +137,8 @@ def test_dense_optimizer_defaults_to_sgd_and_sfw_has_typed_settings():
     assert spec.dense.optimizer == "sgd"
     assert spec.dense.optimizer_config(spec.retrain.optimizer.config()) == spec.retrain.optimizer.config()
     sfw = parse_spec({"dense": {"optimizer": "sfw", "lr": 0.3,
-                                "sfw": {"constraint": "k_sparse", "k": 0.1, "radius_factor": 5, "rescale": "diameter"}}})
+                                "sfw": {"constraint": "k_sparse", "k": 0.1, "radius_factor": 5,
+                                        "rescale": "diameter"}}})
     cfg = sfw.dense.optimizer_config(sfw.retrain.optimizer.config())
     assert cfg.name == "sfw" and cfg.sfw.constraint == "k_sparse" and cfg.sfw.k == 0.1
     assert cfg.sfw.radius_factor == 5.0 and cfg.sfw.rescale == "diameter" and cfg.sfw.momentum == 0.9
