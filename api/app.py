@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import re
-import threading
 from contextlib import asynccontextmanager
 
 from pathlib import Path
@@ -22,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, server_error
-from api.routes import health, jobs, me, models, tokens
+from api.routes import health, jobs, me, models, tokens, uploads
 from service.runtime import Runtime
 from service.settings import get_settings
 from workers.models import torchvision_names
@@ -70,6 +69,19 @@ class LoopbackHostOnly:
         return await self.app(scope, receive, send)
 
 
+def document_spec_body(app: FastAPI) -> None:
+    """POST /jobs reads its body itself (off the event loop); its OpenAPI entry refers to JobSpec, whose
+    schema (and its parts') this adds to the document's components."""
+    default = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            default().setdefault("components", {}).setdefault("schemas", {}).update(jobs.spec_schemas())
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> FastAPI:
     """`auth`: whether bearer tokens are asked for; None: from the settings (runtime's, else LADLE_*) with
     the bind address unknown, so LADLE_AUTH=auto means on."""
@@ -82,11 +94,14 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
         if runtime is None:
             await asyncio.to_thread(rt.start)
             # a spec naming a torchvision model lists torchvision's models; importing torchvision takes
-            # seconds: do it now, off the event loop, rather than inside the first such request
-            threading.Thread(target=torchvision_names, name="warm-torchvision", daemon=True).start()
+            # seconds: do it now, off the event loop and before serving, not inside the first such request
+            # (nor beside the first requests: what it makes must be there before the freeze below)
+            await asyncio.to_thread(torchvision_names)
+            gc.collect()            # start-up's garbage goes before the freeze below (once: ~0.2 s)
         app.state.runtime = rt
-        # What start-up made (torch, Ray, the app) lives as long as the server: keep it out of the
-        # garbage collector's full passes, which otherwise stall requests (seen: 170 ms pauses)
+        # What start-up made (torch, torchvision, Ray, the app) lives as long as the server: keep it out of
+        # the garbage collector's full passes, which otherwise stall every request in flight (seen: 170 ms
+        # pauses; 0.5 s on a busy machine when torchvision was imported after the freeze)
         gc.freeze()
         try:
             yield
@@ -98,7 +113,8 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
                   docs_url=None, redoc_url=None, description="Prune neural networks and retrain them as Sparse Model Soups.")
     app.state.auth = auth
     app.add_middleware(RefuseNul)
-    app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings())
+    app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings(),
+                       uploads=f"{API_PREFIX}/uploads")
     if not auth:
         app.add_middleware(LoopbackHostOnly)        # before the body is read
     # the last added runs first: headers go on every response, the 400, 413 and RefuseNul's 422 included
@@ -106,8 +122,9 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
     app.add_exception_handler(Exception, server_error)      # a 500 has them too
     app.state.streams = StreamSlots()
     add_docs(app, app.openapi_url)
+    document_spec_body(app)
     api = APIRouter(prefix=API_PREFIX)
-    for module in (jobs, models, health, me, tokens):
+    for module in (jobs, models, uploads, health, me, tokens):
         api.include_router(module.router)
     app.include_router(api)
     app.mount("/dashboard", StaticFiles(directory=DASHBOARD), name="dashboard")

@@ -201,6 +201,32 @@ class Client:
     def lineage(self, model_id: str) -> dict:
         return self._get(f"/models/{model_id}/lineage")
 
+    def robustness(self, model_id: str) -> dict:
+        """A dense model's one-shot robustness curve: `{model_id, metric, split, dense_accuracy, points, detail}`."""
+        return self._get(f"/models/{model_id}/robustness")
+
+    # -- uploads
+    def upload(self, path: str | Path, kind: str, *, filename: str | None = None) -> dict:
+        """Send a checkpoint (kind "checkpoint": a .safetensors file from `download`) or a dataset file
+        ("dataset": .npz, or .txt for a text dataset), streamed; returns the upload, whose `ref`
+        (upload:<id>) a spec names as model.checkpoint or data.path."""
+        path = Path(path)
+
+        def chunks():
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+        return self._request("POST", "/uploads", params={"kind": kind, "filename": filename or path.name},
+                             content=chunks(), headers={"Content-Type": "application/octet-stream",
+                                                        "Content-Length": str(path.stat().st_size)}).json()
+
+    def uploads(self, *, limit: int = 100, offset: int = 0) -> dict:
+        """Your uploads `{data, count}`, newest first."""
+        return self._get("/uploads", limit=limit, offset=offset)
+
+    def delete_upload(self, upload_id: str) -> dict:
+        return self._request("DELETE", f"/uploads/{upload_id}").json()
+
     def download(self, model_id: str, path: str | Path) -> Path:
         """Save the model's checkpoint (safetensors) to `path`, atomically, once its bytes match the sha256
         the server sends (X-Checksum-Sha256). ChecksumMismatch when they do not, DownloadError when the

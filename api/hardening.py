@@ -75,18 +75,19 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """A request body above `settings.max_body_bytes` gets 413 and is not read: refused from its
+    """A request body above `settings.max_body_bytes` (an upload's: `max_upload_bytes`) gets 413 and is not read: refused from its
     Content-Length before the app runs, or (chunked, or a Content-Length that lies) as soon as the bytes
     received pass the limit. The app sees the error as an HTTPException while it reads the body (so
     nothing is stored); should it escape a route before the response started, it is answered here."""
 
-    def __init__(self, app, settings: Settings):
-        self.app, self.settings = app, settings
+    def __init__(self, app, settings: Settings, uploads: str | None = None):
+        self.app, self.settings, self.uploads = app, settings, uploads
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.settings.max_body_bytes
+        upload = scope["path"] == self.uploads and scope["method"] == "POST"     # streamed to the artifact store
+        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return await self._refuse(BodyTooLarge(limit), scope, receive, send)

@@ -247,6 +247,24 @@ class LineagePublic(BaseModel):
     edges: list[EdgePublic]
 
 
+class RobustnessPoint(BaseModel):
+    sparsity: float = Field(description="the sparsity the dense model was pruned to (one-shot, global magnitude)")
+    accuracy: float = Field(description="accuracy of the pruned copy after BatchNorm recalibration, no retraining")
+    accuracy_raw: float | None = Field(None, description="the same before BatchNorm recalibration (BatchNorm models)")
+
+
+class RobustnessPublic(BaseModel):
+    """A dense model's one-shot robustness curve (workers.robustness), measured in its job's phase 0.
+    Not measured (not a dense model, `prune.robustness: null`, a language model, an older job): `points`
+    is empty and `detail` says why."""
+    model_id: str
+    metric: str = "accuracy"
+    split: str | None = Field(None, description="the split scored (test; val when the data has no test split)")
+    dense_accuracy: float | None = Field(None, description="the dense model's own accuracy on that split")
+    points: list[RobustnessPoint]
+    detail: str | None = None
+
+
 class HealthPublic(BaseModel):
     status: Literal["ok", "degraded"]
     database: Literal["ok"]
@@ -270,6 +288,27 @@ class MePublic(BaseModel):
 
 class Message(BaseModel):
     detail: str
+
+
+class UploadPublic(_Out):
+    """A file sent through POST /uploads; specs name it as `ref` (upload:<id>)."""
+    id: str
+    kind: Literal["checkpoint", "dataset"]
+    filename: str
+    owner: str | None
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+    @computed_field(description="how a job spec names it: model.checkpoint (a checkpoint) or data.path (a dataset)")
+    @property
+    def ref(self) -> str:
+        return f"upload:{self.id}"
+
+
+class UploadsPublic(BaseModel):
+    data: list[UploadPublic]
+    count: int
 
 
 class TokenPublic(_Out):

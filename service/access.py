@@ -14,6 +14,9 @@ that knows the operator's settings and the caller:
   the resolved path, so the workers read what was checked. Anything else is refused with ONE message per
   field (`outside`) that does not depend on whether the path exists; nothing outside the roots is opened or
   listed to find out. Inside the roots the precise messages (does not exist, not a folder, ...) stay.
+- uploads: ``model.checkpoint`` (a checkpoint) and ``data.path`` (a dataset file) may name one of the
+  caller's uploads as ``upload:<id>``, replaced by its artifact URL in the validated spec. Another user's
+  upload and one that does not exist get the same answer.
 - models: ``model.checkpoint`` may instead be one of the caller's own models, as ``model:<id>`` (replaced
   by the model's artifact URL in the validated spec) or as that artifact URL itself. Other URLs are refused.
   A model of another user and a model that does not exist get the same answer.
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from service.store import Store
 
 MODEL_PREFIX = "model:"
+UPLOAD_PREFIX = "upload:"                   # the caller's upload (POST /uploads; service.uploads)
 SQLITE_SIDECARS = ("", "-wal", "-shm", "-journal")
 
 
@@ -103,8 +107,9 @@ class Access:
     def outside(self, field: str) -> str:
         """The one answer for a path outside the roots: the same whether or not the path exists."""
         roots = ", ".join(map(str, self.data_roots)) or "none are configured"
-        what = "a file under its data roots or one of your own models (model:<id>)" if field == "model.checkpoint" \
-            else "files under its data roots"
+        what = ("a file under its data roots, one of your own models (model:<id>) or your uploads (upload:<id>)"
+                if field == "model.checkpoint" else "files under its data roots or your uploads (upload:<id>)"
+                if field == "data.path" else "files under its data roots")
         return (f"not readable: this service reads {what}, and no other path or URL (data roots: {roots}; the "
                 f"operator sets them with LADLE_DATA_ROOTS)")
 
@@ -131,8 +136,26 @@ class Access:
             return None
         return p
 
+    def upload(self, field: str, value: str, kind: str) -> str:
+        """``upload:<id>``, the caller's upload of this kind: its artifact URL, else AccessError."""
+        upload_id = value.removeprefix(UPLOAD_PREFIX).strip()
+        row = (self.store.get_upload(upload_id, owner=self.owner, admin=self.admin or self.trusted)
+               if self.store is not None and upload_id else None)
+        if row is None:
+            raise AccessError(f"{field}: no upload {upload_id!r} among your uploads"
+                              + ("" if self.store is not None else " (upload:<id> is read through the API)"))
+        if row.kind != kind:
+            raise AccessError(f"{field}: upload {upload_id} is a {row.kind}; {field} names a {kind}")
+        if kind == "checkpoint" and self.max_checkpoint_bytes is not None and row.size_bytes > self.max_checkpoint_bytes:
+            raise AccessError(f"{field}: upload {upload_id} holds {row.size_bytes} bytes, more than the "
+                              f"{self.max_checkpoint_bytes} this service reads (LADLE_MAX_CHECKPOINT_BYTES)")
+        return row.uri
+
     def path(self, field: str, value: str) -> str:
-        """A file or folder a spec names (data.path, an hf: folder): resolved, or `AccessError(outside)`."""
+        """A file or folder a spec names (data.path, an hf: folder): resolved, or `AccessError(outside)`; for
+        data.path also the caller's dataset upload (``upload:<id>``: its artifact URL)."""
+        if field == "data.path" and value.startswith(UPLOAD_PREFIX):
+            return self.upload(field, value, "dataset")
         if self.trusted:
             return value
         p = self.readable(value)
@@ -142,7 +165,10 @@ class Access:
 
     def text_path(self, field: str, value: str) -> str:
         """A text dataset's path (a file, a folder or a glob): its part before the first wildcard resolved under a
-        root (no ``..`` after a wildcard), and every file it stands for under a root too."""
+        root (no ``..`` after a wildcard), and every file it stands for under a root too. Or the caller's
+        dataset upload (``upload:<id>``: its artifact URL)."""
+        if value.startswith(UPLOAD_PREFIX):
+            return self.upload(field, value, "dataset")
         if self.trusted:
             return value
         parts = Path(os.path.expanduser(value)).parts
@@ -188,6 +214,8 @@ class Access:
         field = "model.checkpoint"
         if "\x00" in value:
             raise AccessError(self.outside(field))
+        if value.startswith(UPLOAD_PREFIX):
+            return self.upload(field, value, "checkpoint")
         if value.startswith(MODEL_PREFIX):
             model_id = value.removeprefix(MODEL_PREFIX).strip()
             model = self._own_model(model_id=model_id) if model_id else None
@@ -223,4 +251,4 @@ def access_of(context: Any) -> Access:
     return Access.from_settings(get_settings())
 
 
-__all__ = ["Access", "AccessError", "MODEL_PREFIX", "access_of"]
+__all__ = ["Access", "AccessError", "MODEL_PREFIX", "UPLOAD_PREFIX", "access_of"]

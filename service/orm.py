@@ -217,3 +217,23 @@ class Token(Base):
 
     __table_args__ = (sa.Index("ix_tokens_active_name", "name", unique=True, sqlite_where=ACTIVE_TOKEN,
                                postgresql_where=ACTIVE_TOKEN),)
+
+
+UPLOAD_KINDS = ("checkpoint", "dataset")
+
+
+class Upload(Base):
+    """A file a user sent through the API (POST /uploads), kept in the artifact store under
+    uploads/<id>/ and named in specs as ``upload:<id>``: a checkpoint (model.checkpoint) or a dataset
+    file (data.path of an npz or text dataset). Only its owner (and admins) may use it."""
+    __tablename__ = "uploads"
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(sa.String(200), index=True)     # None: auth was off
+    kind: Mapped[str] = mapped_column(sa.String(16))
+    filename: Mapped[str] = mapped_column(sa.String(200))
+    uri: Mapped[str] = mapped_column(sa.Text)
+    size_bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (sa.CheckConstraint(_in("kind", UPLOAD_KINDS), name="kind"),)

@@ -130,17 +130,47 @@ class Pipeline:
                     max(0.0, time.perf_counter() - t0 - outside) if self.device.type == "cuda" else 0.0)
 
     # -- phase 0
+    def _robustness(self, ctx: _Context, model: nn.Module, timing: dict[str, float]) -> dict[str, Any]:
+        """The dense model's one-shot robustness curve (workers.robustness) over `prune.robustness`, as
+        metrics of the dense model (`robustness`: the points, `robustness_split`: the split scored);
+        an event says what was measured. Nothing when the spec turns it off or the task does not
+        measure it. Part of phase 0: a job resumed after phase 0 has it already."""
+        grid = self.spec.prune.robustness
+        if not grid:
+            return {}
+        t0 = time.perf_counter()
+        curve = ctx.task.robustness(model, grid, self.spec.soup.bn_recalibration_fraction)
+        if curve is None:
+            self.recorder.event(f"phase 0: no one-shot robustness curve: the {ctx.metric.name} task does not "
+                                "measure it", phase=0)
+            return {}
+        timing["robustness"] = seconds = time.perf_counter() - t0
+        points, m = curve["points"], ctx.metric.name
+        if not points:
+            self.recorder.event(f"phase 0: no one-shot robustness curve: the model is sparser than every sparsity "
+                                f"of prune.robustness {grid}", phase=0)
+            return {}
+        recal = " and BatchNorm recalibration" if any(f"{m}_raw" in p for p in points) else ""
+        ends = f"{points[0][m]:.4f} at sparsity {points[0]['sparsity']:g}"
+        if len(points) > 1:
+            ends += f", {points[-1][m]:.4f} at {points[-1]['sparsity']:g}"
+        self.recorder.event(f"phase 0: one-shot robustness curve measured at {len(points)} sparsities "
+                            f"({curve['split']} {m} after magnitude pruning{recal}, no retraining: {ends}) "
+                            f"in {seconds:.1f} s", phase=0)
+        return {"robustness": points, "robustness_split": curve["split"]}
+
     def _dense(self, ctx: _Context) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:
         spec = self.spec
         self.recorder.phase_started(0, 0.0)
         t0, cpu0 = time.perf_counter(), time.process_time()
         compute, in_process, waited = Compute(), Compute(), 0.0
+        timing: dict[str, float] = {}
         if ctx.task.pretrained:
             model = ctx.model()
             masks = ctx.task.full_masks(model)
             self.recorder.event(f"phase 0: the pretrained model {spec.model.arch}", phase=0)
             rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
-                             metrics=ctx.task.scores(model))
+                             metrics=dict(ctx.task.scores(model), **self._robustness(ctx, model, timing)))
         elif spec.model.checkpoint:
             ckpt = self._load_checkpoint()
             arch = ckpt.meta.get("arch")
@@ -150,7 +180,7 @@ class Pipeline:
             masks = ckpt.masks or ctx.task.full_masks(model)
             self.recorder.event(f"phase 0: loaded dense checkpoint {spec.model.checkpoint}", phase=0)
             rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
-                             metrics=ctx.task.scores(model))
+                             metrics=dict(ctx.task.scores(model), **self._robustness(ctx, model, timing)))
         else:
             meta = self._meta(ctx, uuid.uuid4().hex, "dense", 0, "phase0/dense", [])
             task = dense_task(spec, ctx.dense_lrs, Finish(url=self._url("phase0/dense"), meta=meta))
@@ -170,14 +200,14 @@ class Pipeline:
                 raise RuntimeError(msg) from out
             model = ctx.model(out.state)
             masks = ctx.task.full_masks(model)
-            rec = self._record(out.saved, meta, out.scores)
+            rec = self._record(out.saved, meta, dict(out.scores, **self._robustness(ctx, model, timing)))
             self.recorder.run_finished("dense", "succeeded", model_id=rec.id, metrics=run_metrics(out))
             compute.add_outcome(out)
             if self.executor.in_process:
                 in_process.add_outcome(out)
         self._driver_share(compute, t0, cpu0, in_process, waited)
         summary = PhaseSummary(phase=0, target_sparsity=0.0, sparsity=rec.sparsity, model_id=rec.id,
-                               seconds={"total": time.perf_counter() - t0},
+                               seconds=dict(timing, total=time.perf_counter() - t0),
                                metrics={ctx.key("soup_{m}"): ctx.test(rec.metrics),
                                         ctx.key("soup_val_{m}"): rec.metrics.get(ctx.key("val_{m}")),
                                         **compute.as_metrics()})
@@ -269,6 +299,8 @@ class Pipeline:
                                     metrics=dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed))
             rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
                       f"{ctx.metric.name} after pruning {_num(ctx.test(pruned_scores))}", phase=t)
+            for note in pr.notes:
+                rec.event(f"phase {t}: {note}", phase=t)
         timing["prune"] = time.perf_counter() - t0
 
         pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}

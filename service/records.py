@@ -5,7 +5,7 @@ converts them to rows (service.store.convert), the API to its schemas.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -66,6 +66,11 @@ class Task(Protocol):
 
     def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,
               seed: int, pattern: str = "unstructured") -> PruneResult: ...
+
+    def robustness(self, model: nn.Module, sparsities: Sequence[float], fraction: float) -> dict[str, Any] | None:
+        """The dense model's one-shot robustness curve (workers.robustness): `{"split", "points"}`, each
+        point `{"sparsity", metric, f"{metric}_raw" (before BatchNorm recalibration)}`; None when the
+        task does not measure it."""
 
 
 @dataclass

@@ -101,6 +101,7 @@ class Settings(BaseSettings):
 
     # web hardening (issue 15)
     max_body_bytes: int = Field(1 << 20, ge=1)            # a request body above this many bytes: 413, not read
+    max_upload_bytes: int = Field(1 << 30, ge=1)          # an upload (POST /uploads) above this: 413, nothing kept
     sse_max_seconds: float = Field(600.0, gt=0)           # an event stream ends after this; the client reconnects
     sse_streams_per_user: int = Field(8, ge=1)            # open event streams per user and API process; more: 429
     http_keep_alive_seconds: int = Field(5, ge=1)         # an idle keep-alive connection is closed after this

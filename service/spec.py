@@ -24,8 +24,12 @@ from service.records import ACCURACY, PERPLEXITY, Metric
 from workers.llm_prune import parse_pattern
 from workers.lm import check_causal_lm, is_causal_lm
 from workers.text import TextConfig, TextError, text_files
+from workers.files import is_url
 from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
 from workers.models import IMPORT_PREFIX, ModelError, check_arch
+from workers.robustness import MAX_POINTS as ROBUSTNESS_MAX_POINTS
+from workers.robustness import SPARSITIES as ROBUSTNESS_SPARSITIES
+from workers.robustness import check_sparsities
 from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
 from workers.sfw import SFWConfig
 from workers.train import OptimizerConfig
@@ -165,11 +169,12 @@ class DataSpec(_Strict):
             raise ValueError(f"dataset {self.name!r} needs data.path")
         if self.name == "text":
             try:
-                text_files(self.path)
+                if not is_url(self.path):       # a URL: an upload, checked when it was sent
+                    text_files(self.path)
             except TextError as e:
                 raise ValueError(str(e)) from None
             return self
-        if self.path and not Path(self.path).expanduser().exists():
+        if self.path and not is_url(self.path) and not Path(self.path).expanduser().exists():
             raise ValueError(f"data.path {self.path!r} does not exist")
         try:
             check_data(self.config())
@@ -237,26 +242,62 @@ class DenseSpec(_Strict):
 
 class PruneSpec(_Strict):
     """criterion: magnitude | random (image models), magnitude | wanda | sparsegpt (language models,
-    calibrated on `data.calibration_samples` blocks); pattern: unstructured, or N:M for language models
-    (at most N nonzeros in every M consecutive inputs; target_sparsity must then be 1 - N/M)."""
+    calibrated on `data.calibration_samples` blocks); pattern: unstructured, or N:M (e.g. "2:4", "4:8")
+    for both: at most N nonzeros in every M consecutive input channels of each conv and linear weight
+    (language models: of the blocks' linear layers), reached in one phase, so phases must be 1 and
+    target_sparsity 1 - N/M (both may be left out: they are then set so); `scope` does not apply to N:M."""
     target_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     phases: int = Field(3, ge=1, le=MAX_PHASES)
     scope: Literal["global", "layerwise"] = "global"
     criterion: Literal["magnitude", "random", "wanda", "sparsegpt"] = "magnitude"
     pattern: str = "unstructured"
 
-    @model_validator(mode="after")
-    def _pattern(self) -> PruneSpec:
+    @field_validator("pattern")
+    @classmethod
+    def _known_pattern(cls, v: str) -> str:
         try:
-            nm = parse_pattern(self.pattern)
+            nm = parse_pattern(v)
         except ValueError as e:
             raise ValueError(str(e)) from None
+        return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_target(cls, data: Any) -> Any:
+        """An N:M pattern without a target_sparsity gets 1 - N/M (and, without phases, one phase)."""
+        if isinstance(data, dict) and "pattern" in data:
+            try:
+                nm = parse_pattern(data["pattern"])
+            except (ValueError, TypeError):
+                return data                    # the field validator names the problem
+            if nm is not None:
+                data = dict(data)
+                data.setdefault("target_sparsity", 1 - nm[0] / nm[1])
+                data.setdefault("phases", 1)
+        return data
+
+    @model_validator(mode="after")
+    def _pattern(self) -> PruneSpec:
+        nm = parse_pattern(self.pattern)
         if nm is not None and self.phases != 1:
-            raise ValueError(f"pattern {self.pattern} is reached in one phase: phases must be 1")
+            raise ValueError(f"pattern {self.pattern} is reached in one phase: phases must be 1, not {self.phases}")
         if nm is not None and abs(self.target_sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ValueError(f"pattern {self.pattern} prunes exactly {1 - nm[0] / nm[1]:g} of the weights: "
-                             f"target_sparsity must be that")
+                             f"target_sparsity must be that (or left out), not {self.target_sparsity:g}")
         return self
+
+    robustness: list[float] | None = Field(default_factory=lambda: list(ROBUSTNESS_SPARSITIES),
+                                           max_length=ROBUSTNESS_MAX_POINTS)
+
+    @field_validator("robustness")
+    @classmethod
+    def _robustness(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return None
+        try:
+            return check_sparsities(v) or None
+        except ValueError as e:
+            raise ValueError(str(e)) from None
 
 
 class OptimizerSpec(_Strict):
@@ -452,9 +493,6 @@ class JobSpec(_Strict):
         else:
             if self.prune.criterion in ("wanda", "sparsegpt"):
                 raise ValueError(f"prune.criterion {self.prune.criterion} is for language models (model.arch hf:<dir>)")
-            if self.prune.pattern != "unstructured":
-                raise ValueError(f"prune.pattern {self.prune.pattern} is for language models; image models are "
-                                 f"pruned unstructured")
             if self.retrain.params not in ("all", "bias_norm"):
                 raise ValueError(f"retrain.params {self.retrain.params} is for language models; image models "
                                  f"take all or bias_norm")

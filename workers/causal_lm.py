@@ -10,6 +10,7 @@ pruning          magnitude, Wanda or SparseGPT over the linear layers inside the
                  every weight and bias (SparseGPT also moves the weights it keeps)
 retraining       PERP (workers.perp): only biases/norms (/head), or adapters that keep the mask
 recalibration    none (no BatchNorm); no prediction ensemble (the soup and ingredients are compared)
+robustness       not measured: the one-shot curve (workers.robustness) is defined for image classifiers
 
 `LMTask` is the retraining unit an executor runs (`run_lm_task`), as workers.tasks.TrainTask is for
 image models; both return a workers.tasks.TrainOutcome.
@@ -105,6 +106,13 @@ class CausalLM:
         return None
 
     def ensemble(self, probs: list[Any]) -> None:
+        return None
+
+    def robustness(self, model: nn.Module, sparsities: Any, fraction: float) -> None:
+        """Not supported: the one-shot robustness curve is an image-classifier measurement (accuracy after
+        global magnitude pruning of every conv/linear weight). Pruning a language model that way would
+        also prune its head and tied embeddings, which this task never prunes, and eight test perplexity
+        passes of a pretrained LM cost more than the rest of a phase 0; the pipeline says it skipped it."""
         return None
 
     def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,

@@ -13,19 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from workers.evaluate import model_stats
+from workers.files import write_atomic, write_url  # noqa: F401  (checkpoint writers' helpers)
 from workers.pruning import Masks
 
 
@@ -100,31 +99,6 @@ def from_bytes(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_url(url: str | os.PathLike, data: bytes) -> None:
-    """Write bytes to a local path (atomically) or an fsspec URL."""
-    fs, path = fsspec.core.url_to_fs(str(url))
-    if isinstance(fs, LocalFileSystem):
-        write_atomic(path, data)
-    else:
-        fs.pipe_file(path, data)
 
 
 def read_url(url: str | os.PathLike, max_bytes: int | None = None) -> bytes:

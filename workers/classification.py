@@ -6,11 +6,15 @@ primary metric   test accuracy, higher is better (`{split}_accuracy`, with `{spl
 recalibration    BatchNorm running statistics re-estimated on the first `fraction` of the unshuffled
                  train split (a model without BatchNorm is left as it is)
 ensemble         argmax of the ingredients' mean test softmax
-pruning          magnitude (or random) over every conv and linear weight, global or per layer
+pruning          magnitude (or random) over every conv and linear weight, global or per layer; or N:M
+                 (`prune.pattern: "2:4"`) along the input channels, in one phase (workers.pruning.prune_nm)
+robustness       one-shot curve of a dense model (workers.robustness): test accuracy after global
+                 magnitude pruning to each sparsity of a grid, BatchNorm recalibrated, no retraining
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +25,7 @@ from workers.data import DataConfig, Splits, load_splits, make_loader
 from workers.evaluate import ensemble_accuracy, evaluate, score_splits
 from workers.models import build_model
 from workers.pruning import Masks, PruneResult, full_masks, prune
+from workers.robustness import one_shot_curve
 from workers.soup import bn_recalibrate
 
 
@@ -86,6 +91,14 @@ class Classification:
 
     def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,
               seed: int, pattern: str = "unstructured") -> PruneResult:
-        if pattern != "unstructured":
-            raise ValueError(f"prune.pattern {pattern!r} is for language models; image models are pruned unstructured")
-        return prune(model, masks, target, scope=scope, criterion=criterion, seed=seed)
+        return prune(model, masks, target, scope=scope, criterion=criterion, seed=seed, pattern=pattern)
+
+    def robustness(self, model: nn.Module, sparsities: Sequence[float], fraction: float) -> dict[str, Any] | None:
+        """The one-shot robustness curve of the dense `model` (workers.robustness.one_shot_curve):
+        accuracy on the test split (the val split when there is no test split) after global magnitude
+        pruning to each of `sparsities` and BatchNorm recalibration on the first `fraction` of the
+        unshuffled train split. `{"split": "test", "points": [{"sparsity", "accuracy", "accuracy_raw"}]}`."""
+        split = "test" if len(self.splits.test) else "val"
+        points = one_shot_curve(model, self.loader(split), self.loader("train"), sparsities=sparsities,
+                                bn_fraction=fraction, device=self.device)
+        return {"split": split, "points": points}

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from workers.files import is_url, local_copy
+
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "npz",
                              "synthetic")
 NEEDS_PATH: frozenset[str] = frozenset({"imagefolder", "npz"})
@@ -217,7 +219,7 @@ def check_data(cfg: DataConfig) -> None:
         raise DataError(f"data.name: unknown dataset {cfg.name!r}; known: {', '.join(DATASETS)}")
     if cfg.name in NEEDS_PATH and not cfg.path:
         raise DataError(f"data.path: dataset {cfg.name!r} needs a path")
-    if cfg.path:
+    if cfg.path and not is_url(cfg.path):       # a URL: an upload (an npz file), read when the job loads it
         path = Path(cfg.path).expanduser()
         if not path.exists():
             raise DataError(f"data.path {cfg.path!r} does not exist")
@@ -316,7 +318,7 @@ def _digits(seed: int) -> _Source:
 
 def _npz(path: str) -> _Source:
     try:
-        with np.load(Path(path).expanduser(), allow_pickle=False) as f:
+        with np.load(local_copy(path) if is_url(path) else Path(path).expanduser(), allow_pickle=False) as f:
             missing = [k for k in NPZ_KEYS if k not in f.files]
             if missing:
                 raise DataError(f"data.path {path!r}: missing arrays {missing} (an npz dataset needs "

@@ -36,33 +36,18 @@ are pruned, and the samples run through the *pruned* block again to give the nex
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from workers.pruning import Masks, PruningError, sparsity as mask_sparsity
+from workers.pruning import Masks, PruningError, parse_pattern, sparsity as mask_sparsity
 
 CRITERIA = ("magnitude", "wanda", "sparsegpt")
 
 
 # ---------------------------------------------------------------- patterns and masks
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """"unstructured" -> None; "N:M" with 0 < N < M (e.g. "2:4", "4:8") -> (N, M)."""
-    text = str(pattern).strip().lower()
-    if text == "unstructured":
-        return None
-    match = re.fullmatch(r"(\d+):(\d+)", text)
-    if match:
-        n, m = int(match.group(1)), int(match.group(2))
-        if 0 < n < m:
-            return n, m
-    raise PruningError(f"unknown sparsity pattern {pattern!r}; known: 'unstructured' or 'N:M' with 0 < N < M "
-                       "(e.g. '2:4')")
-
 
 def _check_sparsity(sparsity: float) -> None:
     if not 0.0 <= sparsity < 1.0:

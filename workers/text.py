@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from workers.files import is_url, local_copy
+
 FIELD = "data"                      # the spec section these settings live in, as error messages name it
 GLOB_CHARS = frozenset("*?[")
 TEXT_SUFFIX = ".txt"
@@ -95,6 +97,11 @@ def text_files(path: str) -> list[Path]:
     *.txt files. Raises `TextError` naming `path` when it matches no file."""
     if not isinstance(path, str) or not path.strip():
         raise TextError(f"{FIELD}.path must name a text file, a folder of *.txt files or a glob, got {path!r}")
+    if is_url(path):                      # an upload in a remote artifact store: one file, fetched
+        try:
+            return [local_copy(path)]
+        except OSError as e:
+            raise TextError(f"{FIELD}.path: cannot read {path!r} ({e})") from e
     expanded = os.path.expanduser(path)
     target = Path(expanded)
     if target.is_file():

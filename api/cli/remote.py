@@ -150,6 +150,18 @@ def download(model_id: str, output: Annotated[Path, typer.Option("-o", "--output
 
 
 @_api_errors
+def upload(path: Annotated[Path, typer.Argument(help="the file to send", exists=True, dir_okay=False)],
+           kind: Annotated[str, typer.Option(help="checkpoint (.safetensors) or dataset (.npz, or .txt for text)")],
+           url: str = URL, token: str | None = TOKEN) -> None:
+    """Upload a checkpoint or a dataset file; a spec then names it as upload:<id> (model.checkpoint or
+    data.path). Only you (and admins) can use it."""
+    with _client(url, token) as c:
+        row = c.upload(path, kind)
+    out_console.print(f"uploaded {row['filename']} ({row['size_bytes']} bytes, sha256 {row['sha256'][:12]}…) as "
+                      f"{row['ref']}", highlight=False)
+
+
+@_api_errors
 def compare(job_ids: Annotated[list[str], typer.Argument(help="two or more job ids", metavar="JOB")],
             url: str = URL, token: str | None = TOKEN, json_output: bool = JSON) -> None:
     """Several jobs side by side: per phase sparsity, soup accuracy, Δ vs the best ingredient, ensemble
@@ -166,4 +178,4 @@ def compare(job_ids: Annotated[list[str], typer.Argument(help="two or more job i
         out_console.print(compare_summary(item), highlight=False, soft_wrap=True)
 
 
-COMMANDS = (submit, status, logs, cancel, lineage, download, compare)
+COMMANDS = (submit, status, logs, cancel, lineage, download, upload, compare)

@@ -343,6 +343,7 @@ async function jobView(el, jobId) {
     <div class="card facts" id="job-facts"></div>
     <div class="grid">
       <div class="card"><h2 id="acc-title">Accuracy vs sparsity</h2><div class="chart"><canvas id="acc-sparsity"></canvas></div></div>
+      ${robustnessCard()}
       <div class="card"><h2>Phase timeline</h2><div class="chart"><canvas id="timeline"></canvas></div></div>
     </div>
     <div class="card"><h2>Phases</h2><div id="phase-table"></div></div>
@@ -370,6 +371,7 @@ async function jobView(el, jobId) {
     ] },
     options: lineOptions("sparsity (%)", "test accuracy (%)", { min: 0, max: 100 }),
   });
+  const drawRobustness = robustnessChart(el);
   const stages = [["dense training", "total", "#6b5bd2"], ["prune", "prune", "#c28a1d"], ["schedule search", "search", "#d8589f"],
                   ["retrain", "retrain", "#3b9dd8"],
                   ["soup + BN", "soup", "#2f9e62"], ["evaluate", "eval", "#8a8fa0"]];
@@ -520,6 +522,7 @@ async function jobView(el, jobId) {
                                                            api(`/jobs/${jobId}/search`)]);
       runs = runPage.data.filter((r) => r.kind !== "search_trial");
       drawPhases(job, phases, runs.filter((r) => r.kind === "ingredient"));
+      await drawRobustness(job, phases.data);
       drawSearch(search.data);
       if (key !== lastKey) {
         metrics = (await api(`/jobs/${jobId}/metrics`)).data;
@@ -534,6 +537,68 @@ async function jobView(el, jobId) {
     }
   }
   await every(1500, refresh);
+}
+
+// ------------------------------------------------------------------ job page: one-shot robustness
+// The dense model's accuracy after one-shot magnitude pruning to each sparsity of the job's grid (BatchNorm
+// recalibrated, no retraining; GET /models/{id}/robustness), against the dense accuracy and the job's soups.
+function robustnessCard() {
+  return `<div class="card" id="robustness-card"><h2>One-shot robustness</h2>
+    <div class="chart"><canvas id="robustness-chart"></canvas></div>
+    <p class="muted" id="robustness-note">The dense model pruned once to each sparsity, without retraining.</p></div>`;
+}
+
+function robustnessChart(el) {
+  const card = el.querySelector("#robustness-card"), note = el.querySelector("#robustness-note");
+  const c = chart(el.querySelector("#robustness-chart"), {
+    type: "scatter",
+    data: { datasets: [
+      { label: "one-shot, BN recalibrated", data: [], showLine: true, borderColor: KIND_COLORS.pruned,
+        backgroundColor: KIND_COLORS.pruned, pointStyle: "triangle", pointRadius: 5 },
+      { label: "one-shot, before BN recalibration", data: [], showLine: true, borderDash: [2, 3], borderColor: "#8a8fa0",
+        backgroundColor: "#8a8fa0", pointRadius: 3 },
+      { label: "dense", data: [], showLine: true, borderDash: [6, 4], borderColor: KIND_COLORS.dense,
+        backgroundColor: KIND_COLORS.dense, pointRadius: 0, borderWidth: 1.5 },
+      { label: "soups (retrained)", data: [], showLine: true, borderColor: KIND_COLORS.soup, backgroundColor: KIND_COLORS.soup,
+        pointRadius: 4 },
+    ] },
+    options: lineOptions("sparsity (%)", "test accuracy (%)", { min: 0, max: 100 }),
+  });
+  let modelId = null, curve = null;
+  return async function draw(job, phases) {
+    const dense = phases.find((p) => p.index === 0 && p.status === "succeeded" && p.model_id);
+    if (!dense) {
+      note.textContent = "Measured with the dense model (phase 0).";
+      return;
+    }
+    if (dense.model_id !== modelId) {
+      curve = await api(`/models/${dense.model_id}/robustness`);
+      modelId = dense.model_id;
+    }
+    const [oneShot, raw, reference, soups] = c.data.datasets;
+    const pts = curve.points ?? [];
+    oneShot.data = pts.map((p) => ({ x: 100 * p.sparsity, y: 100 * p.accuracy }));
+    raw.data = pts.filter((p) => p.accuracy_raw != null).map((p) => ({ x: 100 * p.sparsity, y: 100 * p.accuracy_raw }));
+    raw.hidden = raw.data.length === 0;
+    reference.data = pts.length && curve.dense_accuracy != null
+      ? [{ x: 0, y: 100 * curve.dense_accuracy }, { x: 100, y: 100 * curve.dense_accuracy }] : [];
+    soups.data = pts.length ? phases.filter((p) => p.index > 0 && p.status === "succeeded" && p.soup_accuracy != null)
+      .map((p) => ({ x: 100 * p.sparsity, y: 100 * p.soup_accuracy })) : [];
+    c.options.scales.y.title.text = `${curve.split ?? "test"} accuracy (%)`;
+    c.update("none");
+    card.dataset.points = String(pts.length);         // drawn: how many sparsities (0: not measured)
+    if (!pts.length) {
+      note.textContent = curve.detail ?? "Not measured.";
+      return;
+    }
+    const last = pts.at(-1);
+    const within = pts.findIndex((p) => curve.dense_accuracy == null || p.accuracy < curve.dense_accuracy - 0.01);
+    const kept = within === -1 ? last : pts[within - 1];     // the highest sparsity before the first bigger loss
+    note.textContent = `Dense model ${pct(curve.dense_accuracy)}; after one-shot pruning ${pct(pts[0].accuracy)} at ` +
+      `${pct(pts[0].sparsity, 0)}, ${pct(last.accuracy)} at ${pct(last.sparsity, 0)}` +
+      (kept ? `; within 1 point of dense up to ${pct(kept.sparsity, 0)}` : "") +
+      ` (${curve.split} split${raw.data.length ? ", BatchNorm recalibrated" : ""}, no retraining).`;
+  };
 }
 
 function legend() {

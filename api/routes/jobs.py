@@ -1,11 +1,11 @@
 """/api/v1/jobs: submit, list, inspect and cancel jobs; their phases, runs, metrics and events.
 
-Requests that touch a bounded number of rows (a job, a page of jobs, a job's phases and runs, a
-submission) are `async def` and use the store on the event loop: they take well under a millisecond,
-reads never wait for a lock (SQLite in WAL mode, PostgreSQL MVCC) and a submission is one short
-INSERT. A trip to the thread pool costs more than that under load, because the worker thread queues
-for the GIL behind the event loop (bench/api_load.py: POST p99 64 ms on the pool, 17 ms inline).
-Cancel (which calls Ray) and reads of unbounded size (metrics, events) stay plain `def` on the pool.
+Reads that touch a bounded number of rows (a job, a page of jobs without their specs, a job's phases
+and runs) are `async def` and use the store on the event loop: they take well under a millisecond and
+never wait for a lock (SQLite in WAL mode, PostgreSQL MVCC). A submission's parsing, validation and
+write run on a worker thread (a write may wait for SQLite's lock or a WAL checkpoint's fsync; a large
+body takes milliseconds to parse), and so do cancel (which calls Ray) and reads of unbounded size
+(metrics, events). bench/api_load.py measures the result; the figures are in the README.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, HTTPException, Query, Request, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import PlainValidator
 
 from api.deps import CallerDep, RuntimeDep, StoreDep, visible
 from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricInfo,
@@ -44,37 +43,53 @@ def _job(store, caller, job_id: str):
     return job
 
 
-def _mapping(value: Any) -> dict[str, Any]:
+# POST /jobs reads its body itself (see submit_job); the schema documents it as a JobSpec
+SPEC_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/JobSpec"}}}}}
+
+
+def spec_schemas() -> dict[str, Any]:
+    """JobSpec's JSON schema and those of its parts, for the OpenAPI document's components."""
+    schema = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**schema.pop("$defs", {}), "JobSpec": schema}
+
+
+def _submit(body: bytes, store, runtime, caller, idempotency_key: str | None) -> JobPublic:
+    """Parse, validate and store a submitted spec (on a worker thread: none of it runs on the event loop)."""
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"JSON decode error: {e}", "type": "json_invalid",
+                                       "input": None}]) from None
     if not isinstance(value, dict):
-        raise ValueError("a job spec is a JSON object")
-    return value
-
-
-# The body as sent (a JSON object), documented as a JobSpec: the spec is validated in the route, with the
-# caller and the settings as pydantic's validation context (what it may name: service.access)
-SpecBody = Annotated[dict[str, Any], PlainValidator(_mapping, json_schema_input_type=JobSpec), Body()]
-
-
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-async def submit_job(body: SpecBody, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobPublic:
-    """Validate and queue a job. The same `Idempotency-Key` again returns the same job. A job whose
-    ingredients ask for more CPUs or GPUs than any node of the cluster has is refused (422), and so is a
-    spec that names code, files or models it may not: `import:` modules the operator has not allowed,
-    paths outside the data roots, URLs, other users' models (`model.checkpoint: model:<id>` names your own)."""
+        raise RequestValidationError([{"loc": ("body",), "msg": "a job spec is a JSON object", "type": "dict_type",
+                                       "input": None}])
     access = Access.from_settings(runtime.settings, store=store, owner=caller.name, admin=caller.admin)
     try:
-        spec = parse_spec(body, access=access)
+        spec = parse_spec(value, access=access)
     except SpecError as e:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.details]) from None
     nodes = runtime.cached_nodes()
-    if nodes is ...:                      # read the cluster off the event loop, at most every 30 s
-        nodes = await asyncio.to_thread(runtime.nodes)
-    why = unfit(spec.resources.cpus_per_ingredient, spec.resources.gpus_per_ingredient, nodes)
+    why = unfit(spec.resources.cpus_per_ingredient, spec.resources.gpus_per_ingredient,
+                runtime.nodes() if nodes is ... else nodes)          # the cluster, read at most every 30 s
     if why is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             [{"loc": ["body", "resources"], "msg": why, "type": "value_error"}])
     return JobPublic.model_validate(store.create_job(spec, owner=caller.name, idempotency_key=idempotency_key))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, openapi_extra=SPEC_BODY,
+             responses={413: {"model": Message, "description": "the body is over LADLE_MAX_BODY_BYTES"}})
+async def submit_job(request: Request, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
+                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobPublic:
+    """Validate and queue a job (the body: a JobSpec). The same `Idempotency-Key` again returns the same
+    job. A job whose ingredients ask for more CPUs or GPUs than any node of the cluster has is refused
+    (422), and so is a spec that names code, files or models it may not: `import:` modules the operator
+    has not allowed, paths outside the data roots, URLs, other users' models (`model.checkpoint:
+    model:<id>` names your own). The body (at most LADLE_MAX_BODY_BYTES) is parsed, validated and
+    stored on a worker thread, so a large or slow one stalls no other request."""
+    body = await request.body()
+    return await asyncio.to_thread(_submit, body, store, runtime, caller, idempotency_key)
 
 
 @router.get("", response_model=JobsPublic)
@@ -85,7 +100,7 @@ async def list_jobs(store: StoreDep, caller: CallerDep, status_: Annotated[JobSt
     """A page of jobs, newest first. Their specs only with include_spec=true (GET /jobs/{id} has it);
     each job's `metric` and `phases_total` come either way."""
     owner = None if caller.admin else caller.name
-    rows, count = store.list_jobs(status=status_, owner=owner, limit=limit, offset=offset)
+    rows, count = store.list_jobs(status=status_, owner=owner, limit=limit, offset=offset, spec=include_spec)
     jobs = [JobPublic.model_validate(r) for r in rows]
     return JobsPublic(data=jobs if include_spec else [j.without_spec() for j in jobs], count=count)
 

@@ -1,4 +1,4 @@
-"""/api/v1/models: a model's record, its lineage DAG and its checkpoint."""
+"""/api/v1/models: a model's record, its lineage DAG, its one-shot robustness curve and its checkpoint."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, StoreDep, visible
-from api.schemas import EdgePublic, LineagePublic, Message, ModelPublic
+from api.schemas import EdgePublic, LineagePublic, Message, ModelPublic, RobustnessPoint, RobustnessPublic
 
 router = APIRouter(prefix="/models", tags=["models"])
 log = logging.getLogger("ladle.api")
@@ -47,6 +47,36 @@ def get_lineage(model_id: str, store: StoreDep, caller: CallerDep) -> LineagePub
     _model(store, caller, model_id)
     graph = store.lineage(model_id)
     return LineagePublic(nodes=[public(n) for n in graph["nodes"]], edges=[EdgePublic(**e) for e in graph["edges"]])
+
+
+def _not_measured(model, spec: dict) -> str:
+    """Why a model has no robustness curve."""
+    if model.kind != "dense":
+        return (f"not measured: the one-shot robustness curve is measured for a job's dense model (phase 0), "
+                f"this is a {model.kind} model")
+    if "robustness" in (spec.get("prune") or {}) and not spec["prune"]["robustness"]:
+        return "not measured: the job's spec turned it off (prune.robustness: null)"
+    if "test_perplexity" in (model.metrics or {}) or "val_perplexity" in (model.metrics or {}):
+        return "not measured: language models have no one-shot robustness curve"
+    return "not measured: the job that made this model did not measure it"
+
+
+@router.get("/{model_id}/robustness", response_model=RobustnessPublic, responses=NOT_FOUND)
+def get_robustness(model_id: str, store: StoreDep, caller: CallerDep) -> RobustnessPublic:
+    """The dense model's one-shot robustness curve: its accuracy after global magnitude pruning to each
+    sparsity of the job's `prune.robustness` grid, BatchNorm recalibrated, no retraining (measured in
+    phase 0; also in the model's `metrics.robustness`). A model without one gets 200 with no points and
+    a `detail` saying why; an unknown model (or another user's) gets 404."""
+    model = _model(store, caller, model_id)
+    metrics = model.metrics or {}
+    points = metrics.get("robustness") or []
+    split = metrics.get("robustness_split")
+    out = RobustnessPublic(model_id=model.id, points=[RobustnessPoint(**p) for p in points], split=split,
+                           dense_accuracy=metrics.get(f"{split}_accuracy") if split else None)
+    if not points:
+        job = store.get_job(model.job_id)
+        out.detail = _not_measured(model, (job.spec if job else None) or {})
+    return out
 
 
 class CorruptArtifact(RuntimeError):

@@ -25,10 +25,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import db
-from service.orm import Event, Job, Model, Phase, Run, Token
+from service.orm import Event, Job, Model, Phase, Run, Token, Upload
 from service.spec import JobSpec
 from service.states import StateError
-from service.store import jobs, models, runs, tokens
+from service.store import jobs, models, runs, tokens, uploads
 from service.store.jobs import JobCancelled, JobNotFound
 from service.store.runs import COMPUTE_FIELDS
 from service.store.tokens import TokenRefused
@@ -68,9 +68,10 @@ class Store:
             return s.get(Job, job_id)
 
     def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
-                  offset: int = 0) -> tuple[list[Job], int]:
+                  offset: int = 0, spec: bool = True) -> tuple[list[Job], int]:
+        """A page of jobs and the count; `spec=False`: their specs only in outline (see jobs.page)."""
         with self.reads() as s:
-            return jobs.page(s, status=status, owner=owner, limit=limit, offset=offset)
+            return jobs.page(s, status=status, owner=owner, limit=limit, offset=offset, spec=spec)
 
     def claim_queued(self, limit: int, *, per_owner: int | None = None) -> list[Job]:
         with self.tx() as s:
@@ -162,6 +163,29 @@ class Store:
         """The DAG of the models derived from this one, the model included."""
         with self.sessions() as s:
             return models.graph(s, model_id, up=False)
+
+    # ---------------------------------------------------------------- uploads
+    def add_upload(self, upload: Upload) -> Upload:
+        with self.tx() as s:
+            return uploads.add(s, upload)
+
+    def get_upload(self, upload_id: str, *, owner: str | None = None, admin: bool = True) -> Upload | None:
+        """The upload if the caller (`owner`, or an admin) may use it, else None (missing or not theirs)."""
+        with self.reads() as s:
+            return uploads.get(s, upload_id, owner=owner, admin=admin)
+
+    def list_uploads(self, *, owner: str | None = None, admin: bool = True, limit: int = 100,
+                     offset: int = 0) -> tuple[list[Upload], int]:
+        with self.reads() as s:
+            return uploads.page(s, owner=owner, admin=admin, limit=limit, offset=offset)
+
+    def delete_upload(self, upload_id: str, *, owner: str | None = None, admin: bool = True) -> Upload | None:
+        """Forget the upload (the caller's own; its file is the caller's to remove): the row, or None."""
+        with self.tx() as s:
+            row = uploads.get(s, upload_id, owner=owner, admin=admin)
+            if row is not None:
+                uploads.delete(s, row)
+            return row
 
     # ---------------------------------------------------------------- health and auth
     def ping(self) -> None:

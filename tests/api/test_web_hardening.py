@@ -9,6 +9,7 @@ import hashlib
 import logging
 import re
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -167,6 +168,36 @@ def test_a_streamed_body_is_refused_once_past_the_limit_not_read_whole(api):
     api.portal.call(api.app, scope, receive, send)
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
     assert len(asked) == (1 << 20) // len(chunk) + 1          # the first chunk past the limit, no more
+    assert jobs_stored(api) == 0
+
+
+def test_a_submission_waiting_for_the_database_stalls_no_other_request(api):
+    """POST /jobs parses, validates and writes on a worker thread: while one waits for SQLite's write lock
+    (held here by another connection, as a driver's long write or a WAL checkpoint would), reads are
+    answered at once (on the event loop, WAL readers take no lock)."""
+    job_id = submit(api)
+    db = sqlite3.connect(api.store.engine.url.database, isolation_level=None)
+    db.execute("BEGIN IMMEDIATE")                     # the write lock, held
+    posted: list[int] = []
+    writer = threading.Thread(target=lambda: posted.append(api.post("/jobs", json=JOB).status_code))
+    try:
+        writer.start()
+        time.sleep(0.3)                               # the submission is waiting for the lock by now
+        assert writer.is_alive() and not posted
+        t0 = time.perf_counter()
+        assert api.get(f"/jobs/{job_id}").status_code == 200 and api.get("/jobs").json()["count"] == 1
+        assert time.perf_counter() - t0 < 0.5, "a read waited for the submission's write"
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    writer.join(30)
+    assert posted == [201] and jobs_stored(api) == 2
+
+
+def test_a_body_that_is_not_json_is_a_422_naming_it(api):
+    r = api.post("/jobs", content=b'{"name": "x",', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"]
+    assert r.json()["detail"][0]["msg"].startswith("JSON decode error")
     assert jobs_stored(api) == 0
 
 

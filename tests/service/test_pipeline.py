@@ -323,3 +323,32 @@ def test_an_sms_job_starts_from_an_sfw_trained_dense_model(tmp_path):
     assert ingredient["lr"] == pytest.approx(0.1)
     assert any("trained with SFW" in e["message"] for e in rec.events)
     assert load(next(m for m in rec.models if m["kind"] == "soup")["uri"]).meta["dense_optimizer"]["name"] == "sfw"
+
+
+def test_nm_sms_job_keeps_the_pattern_through_retraining_and_the_soup(tmp_path):
+    """A 2:4 SMS job on digits with LeNet-5 (convolutions and linear layers): the pruned model, every
+    ingredient and the soup have at most 2 nonzeros in every group of 4 input channels, all with the
+    pruned model's mask exactly; the reported sparsity is the masks' own (the first conv, 1 input
+    channel, stays dense, and an event says so)."""
+    import torch
+
+    from workers.pruning import is_nm, sparsity
+    spec = {"name": "nm", "model": {"arch": "lenet5"}, "data": {"batch_size": 64}, "dense": {"epochs": 8, "lr": 0.05},
+            "prune": {"pattern": "2:4"}, "retrain": {"epochs": 2}, "soup": {"ingredients": 2, "min_ingredients": 2}}
+    parsed, rec, result = run(spec, tmp_path)
+    assert parsed.prune.target_sparsity == 0.5 and parsed.prune.phases == 1
+    phase = result.phases[1]
+    models = [m for m in rec.models if m["phase"] == 1]
+    assert [m["kind"] for m in models] == ["pruned", "ingredient", "ingredient", "soup"]
+    pruned_masks = load(models[0]["uri"]).masks
+    for m in models:
+        ckpt = load(m["uri"])
+        for name, mask in ckpt.masks.items():
+            assert torch.equal(mask, pruned_masks[name]), (m["name"], name)
+            assert torch.equal(ckpt.state[name] != 0, mask), (m["name"], name)
+            assert is_nm(ckpt.state[name], 2, 4), (m["name"], name)
+        assert m["sparsity"] == pytest.approx(sparsity(ckpt.masks)[0])
+        assert m["metrics"]["layer_sparsity"]["0.weight"] == 0.0          # 1 input channel: dense
+    assert 0.45 < phase.sparsity < 0.5
+    assert phase.metrics["soup_accuracy"] > 5 * CHANCE
+    assert any("0.weight (1 input channels: sparsity 0.000)" in e["message"] for e in rec.events)

@@ -170,3 +170,34 @@ def test_invalid_sfw_settings_name_the_field(data, field, words):
         parse_spec(data)
     assert field in fields(excinfo), excinfo.value.errors
     assert words in str(excinfo.value)
+
+
+# ---------------------------------------------------------------- N:M patterns for image models
+
+@pytest.mark.parametrize("arch", ["mlp", "lenet5", "resnet20"])
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", 0.5), ("4:8", 0.5), ("1:4", 0.75), (" 2:4 ", 0.5)])
+def test_image_models_take_nm_patterns_with_one_phase(arch, pattern, sparsity):
+    spec = parse_spec({"model": {"arch": arch}, "prune": {"pattern": pattern, "target_sparsity": sparsity, "phases": 1}})
+    assert spec.prune.pattern == pattern.strip() and spec.prune.target_sparsity == sparsity
+
+
+def test_nm_pattern_derives_the_target_and_the_phase_when_left_out():
+    spec = parse_spec({"prune": {"pattern": "1:4"}})
+    assert spec.prune.target_sparsity == 0.75 and spec.prune.phases == 1
+    # a dumped spec (as stored with the job) parses back to itself
+    assert parse_spec(spec.model_dump()) == spec
+
+
+@pytest.mark.parametrize("prune,field,words", [
+    ({"pattern": "2:4", "target_sparsity": 0.9, "phases": 1}, "prune", "target_sparsity must be that"),
+    ({"pattern": "2:4", "phases": 3}, "prune", "phases must be 1, not 3"),
+    ({"pattern": "4:2"}, "prune.pattern", "unknown sparsity pattern '4:2'"),
+    ({"pattern": "0:4"}, "prune.pattern", "0 < N < M"),
+    ({"pattern": "dense"}, "prune.pattern", "unknown sparsity pattern"),
+    ({"pattern": "2:4", "criterion": "wanda"}, "spec", "prune.criterion wanda is for language models"),
+])
+def test_bad_nm_specs_name_the_field(prune, field, words):
+    with pytest.raises(SpecError) as excinfo:
+        parse_spec({"prune": prune})
+    assert field in fields(excinfo), excinfo.value.errors
+    assert words in str(excinfo.value)

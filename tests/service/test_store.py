@@ -147,6 +147,27 @@ def test_jobs_list_filter_paginate(store):
     assert store.list_jobs(offset=10) == ([], 7)
 
 
+def test_a_list_without_specs_reads_only_their_outline_in_sql(store):
+    """GET /jobs without include_spec: the database extracts the few spec fields a list shows (the
+    task's arch and data, the phase count) instead of the API decoding every whole spec."""
+    from api.schemas import JobPublic
+    from service.orm import Job
+    lm = {**SPEC.model_dump(mode="json"), "model": {"arch": "hf:/models/tiny", "kwargs": {}},
+          "data": {"name": "text", "path": "/corpus"}, "prune": {"phases": 3}}
+    with store.tx() as s:
+        s.add(Job(id=uuid.uuid4().hex, name="lm", status="queued", spec=lm))
+    image = store.create_job(SPEC)
+    rows, n = store.list_jobs(spec=False)
+    outlines = {r.name: r.spec for r in rows}
+    assert n == 2 and outlines == {
+        "lm": {"model": {"arch": "hf:/models/tiny"}, "data": {"name": "text"}, "prune": {"phases": 3}},
+        "t": {"model": {"arch": "mlp"}, "data": {"name": "digits"}, "prune": {"phases": 2}}}
+    listed = {j.name: JobPublic.model_validate(j) for j in rows}
+    assert (listed["lm"].metric.name, listed["lm"].phases_total) == ("perplexity", 3)
+    assert (listed["t"].metric.name, listed["t"].phases_total) == ("accuracy", 2)
+    assert store.get_job(image.id).spec == SPEC.model_dump(mode="json")     # nothing was written back
+
+
 def test_idempotency_key_gives_one_job(store):
     a = store.create_job(SPEC, idempotency_key="abc")
     b = store.create_job(SPEC, idempotency_key="abc")

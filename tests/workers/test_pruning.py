@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -107,3 +109,140 @@ def test_masks_that_do_not_fit_are_refused():
     masks.pop("1.weight")
     with pytest.raises(PruningError, match="missing"):
         prune(model, masks, 0.5)
+
+
+# ---------------------------------------------------------------- N:M (2:4, 4:8, ...) for conv and linear layers
+
+from workers.pruning import (is_nm, nm_group_counts, nm_keep_mask, nm_rows, nm_unrows,  # noqa: E402
+                             parse_pattern, prune_nm)
+
+NM = [(2, 4), (4, 8), (1, 4), (3, 8), (1, 2)]
+
+
+def _random_weight(g: torch.Generator) -> torch.Tensor:
+    """A linear [out, in] or conv [out, in, kh, kw] / [out, in, k] weight of random small sizes, with
+    input channels both multiples of 8 and not (1, 3, 6, ...)."""
+    out, cin = int(torch.randint(1, 7, (1,), generator=g)), int(torch.randint(1, 20, (1,), generator=g))
+    kernel = [[], [3], [3, 3], [1, 1], [2, 3]][int(torch.randint(0, 5, (1,), generator=g))]
+    return torch.randn(out, cin, *kernel, generator=g)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nm_keep_mask_property_at_most_n_per_group_and_the_largest_kept(seed):
+    """For random weights, N:M and dead weights: every group of M input channels keeps at most N (exactly
+    min(N, alive in the group)), never a dead weight, and every kept weight is at least as large as every
+    pruned alive one of its group; a short last group keeps min(N, its alive)."""
+    g = torch.Generator().manual_seed(seed)
+    n, m = NM[seed % len(NM)]
+    w = _random_weight(g)
+    alive = torch.rand(w.shape, generator=g) > 0.2 if seed % 3 == 0 else None
+    keep = nm_keep_mask(w.abs(), alive, n, m)
+    assert keep.shape == w.shape and keep.dtype == torch.bool
+    if alive is not None:
+        assert not (keep & ~alive).any()
+    live = torch.ones_like(keep) if alive is None else alive
+    rows_keep, rows_live, rows_w = nm_rows(keep), nm_rows(live), nm_rows(w.abs())
+    cols = rows_keep.shape[1]
+    for start in range(0, cols, m):
+        k, a, s = rows_keep[:, start:start + m], rows_live[:, start:start + m], rows_w[:, start:start + m]
+        assert (k.sum(1) == torch.clamp(a.sum(1), max=n)).all()
+        for r in range(k.shape[0]):
+            pruned_alive = s[r][a[r] & ~k[r]]
+            if k[r].any() and len(pruned_alive):
+                assert s[r][k[r]].min() >= pruned_alive.max()
+    assert is_nm(keep, n, m)
+    assert int(nm_group_counts(keep, m).max()) <= n
+
+
+def test_nm_groups_run_along_input_channels_of_a_conv_weight():
+    """A conv weight [out, in, kh, kw]: the groups are `in` for each (out, kh, kw) position."""
+    w = torch.zeros(2, 8, 3, 3)
+    # at position (out 0, kh 1, kw 2), input channels 0..3 have magnitudes 1, 4, 3, 2 and 4..7 have 5, 0, 7, 6
+    w[0, :, 1, 2] = torch.tensor([1., 4., 3., 2., 5., 0.5, 7., 6.])
+    keep = nm_keep_mask(w.abs(), None, 2, 4)
+    assert keep[0, :, 1, 2].tolist() == [False, True, True, False, False, False, True, True]
+    # every other (out, kh, kw) position is its own set of groups: 2 of each 4 kept there too
+    assert (keep.sum(dim=1) == 4).all()
+    # a linear weight [out, in]: groups along `in`
+    lin = torch.tensor([[1., 2., 3., 4., 8., 7., 6., 5.]])
+    assert nm_keep_mask(lin, None, 2, 4).tolist() == [[False, False, True, True, True, True, False, False]]
+
+
+def test_nm_rows_round_trip():
+    for shape in [(5, 7), (4, 6, 3), (3, 5, 2, 4), (2, 3, 1, 2, 2)]:
+        w = torch.randn(shape)
+        rows = nm_rows(w)
+        assert rows.shape == (w.numel() // shape[1], shape[1])
+        assert torch.equal(nm_unrows(rows, w.shape), w)
+
+
+def test_a_short_last_group_counts_as_zero_padded():
+    # 3 input channels under 2:4: one group of 3, keeps 2; under 4:8 it keeps all 3 (the layer stays dense)
+    w = torch.tensor([[3., 1., 2.]])
+    assert nm_keep_mask(w, None, 2, 4).tolist() == [[True, False, True]]
+    assert nm_keep_mask(w, None, 4, 8).all()
+    # 6 channels under 2:4: a full group and a group of 2 (both kept)
+    w = torch.tensor([[1., 2., 3., 4., 0.1, 0.2]])
+    assert nm_keep_mask(w, None, 2, 4).tolist() == [[False, False, True, True, True, True]]
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+def test_prune_with_a_pattern_gives_nm_masks_on_conv_and_linear_layers(pattern, criterion):
+    torch.manual_seed(4)
+    n, m = parse_pattern(pattern)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 24), torch.nn.Linear(24, 10))
+    result = prune(model, None, 1 - n / m, pattern=pattern, criterion=criterion, seed=1)
+    state = result.model.state_dict()
+    for name, mask in result.masks.items():
+        assert is_nm(mask, n, m) and is_nm(state[name], n, m), name
+        assert torch.equal(state[name] != 0, mask), name
+    # the layers whose input channels are multiples of M are exactly at 1 - N/M
+    layers = sparsity(result.masks)[1]
+    for name in ("2.weight", "4.weight"):
+        assert layers[name] == pytest.approx(1 - n / m)
+    # the first conv (3 input channels) is denser, and said to be; the linear layers (128, 24 inputs) are exact
+    assert layers["0.weight"] == pytest.approx(1 - min(n, 3) / 3)
+    total, _ = sparsity(result.masks)
+    assert total < 1 - n / m
+    assert result.removed == sum(int((~mk).sum()) for mk in result.masks.values())
+    assert len(result.notes) == 1 and "0.weight (3 input channels" in result.notes[0]
+    assert "5.weight" not in result.notes[0] and layers["5.weight"] == pytest.approx(1 - n / m)
+
+
+def test_nm_keeps_weights_already_pruned_pruned_and_checks_the_target():
+    torch.manual_seed(5)
+    model = MODELS["mlp"]()
+    first = prune(model, None, 0.6)
+    second = prune(first.model, first.masks, 0.5, pattern="2:4")
+    for name in first.masks:
+        assert not (second.masks[name] & ~first.masks[name]).any()
+        assert is_nm(second.masks[name], 2, 4)
+    with pytest.raises(PruningError, match="0.5 of the weights"):
+        prune(model, None, 0.6, pattern="2:4")
+    with pytest.raises(PruningError, match="unknown sparsity pattern"):
+        prune(model, None, 0.5, pattern="4:2")
+
+
+def test_nm_masks_survive_masked_retraining_and_a_uniform_soup():
+    from tests.workers.tiny import batches
+    from workers.soup import uniform_soup
+    from workers.train import train
+    torch.manual_seed(6)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 16, 4))
+    pruned = prune_nm(model, None, 2, 4)
+    states = []
+    for seed in range(2):
+        m = copy.deepcopy(pruned.model)
+        data = batches(seed=seed)
+        train(m, data, [0.05] * (2 * len(data)), epochs=2, masks=pruned.masks, seed=seed, device=torch.device("cpu"))
+        state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        for name, mask in pruned.masks.items():
+            assert torch.equal(state[name] != 0, mask) and is_nm(state[name], 2, 4), name
+        states.append(state)
+    soup = uniform_soup(states, pruned.masks)
+    for name, mask in pruned.masks.items():
+        assert torch.equal(soup[name] != 0, mask) and is_nm(soup[name], 2, 4), name

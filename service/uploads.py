@@ -1,0 +1,139 @@
+"""Uploads (design section 8): a user sends a checkpoint or a dataset file through the API, and job specs
+name it as ``upload:<id>``; only its owner (and admins) may.
+
+The body is streamed to the artifact store (``<artifacts>/uploads/<id>/<filename>``) as it arrives, hashed
+on the way, and capped by the API's body limit for uploads (LADLE_MAX_UPLOAD_BYTES). It is written under a
+temporary name and moved into place once whole and checked, and only then recorded: an upload that breaks
+off, is too large or does not hold what its kind needs leaves no file and no row.
+
+What each kind must hold, checked from what arrived (nothing is parsed beyond a header):
+- checkpoint: a Ladle checkpoint (safetensors whose header names `state/` tensors and carries Ladle's
+  metadata, and whose length is the header's), as `ladle download` gives;
+- dataset: an ``.npz`` file (a zip archive: x_train, y_train, x_test, y_test) or a ``.txt`` text
+  (UTF-8) for a `text` dataset, by its name's suffix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import struct
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import fsspec
+
+from service.orm import UPLOAD_KINDS, Upload
+
+if TYPE_CHECKING:
+    from service.store import Store
+
+PREFIX = "upload:"
+FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+DATASET_SUFFIXES = (".npz", ".txt")
+HEAD_BYTES = 1 << 20                # a checkpoint's header must lie within its first MiB
+
+
+class UploadRefused(ValueError):
+    """What was sent cannot be kept as an upload of that kind; the message says why."""
+
+
+def check_name(kind: str, filename: str) -> None:
+    if kind not in UPLOAD_KINDS:
+        raise UploadRefused(f"kind must be one of {', '.join(UPLOAD_KINDS)}, not {kind!r}")
+    if not FILENAME.fullmatch(filename) or ".." in filename:
+        raise UploadRefused(f"filename {filename[:100]!r} must be 1-200 letters, digits, '.', '_' or '-' "
+                            "(starting with a letter or digit)")
+    if kind == "checkpoint" and not filename.endswith(".safetensors"):
+        raise UploadRefused(f"a checkpoint's filename ends in .safetensors, not {filename!r}")
+    if kind == "dataset" and not filename.endswith(DATASET_SUFFIXES):
+        raise UploadRefused(f"a dataset's filename ends in {' or '.join(DATASET_SUFFIXES)} (an npz dataset, "
+                            f"or a text file for a text dataset), not {filename!r}")
+
+
+def content_problem(kind: str, filename: str, head: bytes, size: int) -> str | None:
+    """Why the file (its first bytes `head`, `size` bytes in all) is not what its kind needs, or None."""
+    if size == 0:
+        return "the upload is empty"
+    if kind == "checkpoint":
+        if size < 8:
+            return "not a safetensors file (shorter than its 8-byte header length)"
+        (n,) = struct.unpack("<Q", head[:8])
+        if n > len(head) - 8:
+            return "not a safetensors file (its header is longer than the file's first MiB, or than the file)"
+        try:
+            header = json.loads(head[8:8 + n])
+            meta = header.pop("__metadata__", {}) or {}
+            json.loads(meta["ladle"])
+            end = max((t["data_offsets"][1] for t in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+            return "not a Ladle checkpoint (a safetensors file with Ladle's metadata, as `ladle download` gives)"
+        if not any(k.startswith("state/") for k in header):
+            return "not a Ladle checkpoint: it holds no model state (state/ tensors)"
+        if 8 + n + end != size:
+            return f"a truncated or padded safetensors file: its header says {8 + n + end} bytes, {size} arrived"
+        return None
+    if filename.endswith(".npz") and not head.startswith(b"PK"):
+        return "not an .npz file (a zip archive of arrays, as numpy.savez writes)"
+    if filename.endswith(".txt") and b"\x00" in head:
+        return "not a text file (it holds NUL bytes)"
+    return None
+
+
+def _remove(fs, *paths: str) -> None:
+    for p in paths:
+        try:
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
+        except OSError:
+            pass
+
+
+async def receive(chunks: AsyncIterator[bytes], *, store: Store, artifacts: str, owner: str | None, kind: str,
+                  filename: str) -> Upload:
+    """Stream `chunks` into the artifact store and record the upload (see the module's docstring). Raises
+    UploadRefused (nothing kept) for a bad name or content; any error from `chunks` (the body limit, a client
+    that went away) leaves nothing either. File writes run on worker threads."""
+    check_name(kind, filename)
+    upload_id = uuid.uuid4().hex
+    folder = f"{artifacts.rstrip('/')}/uploads/{upload_id}"
+    fs, root = fsspec.core.url_to_fs(folder)
+    final, partial = f"{root}/{filename}", f"{root}/.{filename}.partial"
+    digest, size, head = hashlib.sha256(), 0, bytearray()
+    try:
+        await asyncio.to_thread(fs.makedirs, root, exist_ok=True)
+        f = await asyncio.to_thread(fs.open, partial, "wb")
+        try:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                digest.update(chunk)
+                size += len(chunk)
+                if len(head) < HEAD_BYTES:
+                    head += chunk[:HEAD_BYTES - len(head)]
+                await asyncio.to_thread(f.write, chunk)
+        finally:
+            await asyncio.to_thread(f.close)
+        problem = content_problem(kind, filename, bytes(head), size)
+        if problem is not None:
+            raise UploadRefused(f"{filename}: {problem}")
+        await asyncio.to_thread(fs.mv, partial, final)
+        return await asyncio.to_thread(store.add_upload, Upload(
+            id=upload_id, owner=owner, kind=kind, filename=filename, uri=fs.unstrip_protocol(final)
+            if "://" in folder else final, size_bytes=size, sha256=digest.hexdigest()))
+    except BaseException:
+        await asyncio.shield(asyncio.to_thread(_remove, fs, root))
+        raise
+
+
+def forget(store: Store, upload_id: str, *, owner: str | None, admin: bool) -> Upload | None:
+    """Delete the caller's upload: its row, then its file. Jobs that already named it keep their own copy of
+    its URL; a job started later from a stored spec that names it fails to read it."""
+    row = store.delete_upload(upload_id, owner=owner, admin=admin)
+    if row is not None:
+        fs, path = fsspec.core.url_to_fs(row.uri)
+        _remove(fs, path.rsplit("/", 1)[0])
+    return row
