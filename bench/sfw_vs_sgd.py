@@ -15,7 +15,8 @@ Printed as tables; written to bench/figures/sfw_vs_sgd.{json,md,png}.
 
 Kept small for a 2-core CPU machine: Fashion-MNIST trains on a stratified 10 000-image subset of its
 training set (tested on the full 10 000-image test set), few epochs; see the printed settings.
-The one-shot curve comes from a local helper below (`workers.robustness.one_shot_curve` was not on main yet).
+The one-shot curve is the one the pipeline keeps per dense model (`prune.robustness`, measured with
+`workers.robustness.one_shot_curve` on the test split right after phase 0).
 """
 
 from __future__ import annotations
@@ -56,25 +57,6 @@ def subset_npz(n: int, seed: int, out: Path) -> str:
     return str(path)
 
 
-def one_shot_curve_local(task, state: dict, sparsities=SPARSITIES, recal_fraction: float = 0.2) -> dict[float, float]:
-    """Test accuracy after global magnitude pruning of the dense `state` to each sparsity, BatchNorm
-    recalibrated on `recal_fraction` of the unshuffled train split, no retraining. (A local stand-in for
-    workers.robustness.one_shot_curve, which another engineer's branch adds.)"""
-    from workers.pruning import prune
-    out = {}
-    for s in sparsities:
-        model = task.build(state)
-        pruned = prune(model, None, s, scope="global", criterion="magnitude").model
-        task.recalibrate(pruned, recal_fraction)
-        out[s] = task.scores(pruned)["test_accuracy"]
-    return out
-
-
-def one_shot(task, state: dict) -> tuple[dict[float, float], str]:
-    """The one-shot curve of a dense `state`, and which function made it."""
-    return one_shot_curve_local(task, state), "local helper in bench/sfw_vs_sgd.py"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="digits,fashion_mnist")
@@ -103,7 +85,6 @@ def main() -> None:
     from service.artifacts import ArtifactStore
     from service.executors import SequentialExecutor
     from service.pipeline import Pipeline
-    from service.plan import make_task
     from service.recorders import LocalRecorder
     from service.spec import parse_spec
     from workers.checkpoint import load
@@ -141,7 +122,8 @@ def main() -> None:
                     {"epochs": epochs, "lr": st_used["sfw_lr"], "optimizer": "sfw", "sfw": sfw}
                 spec = parse_spec({"name": f"{ds}-{opt}-{seed}", "seed": seed, "model": {"arch": st["arch"]},
                                    "data": data, "dense": dense,
-                                   "prune": {"target_sparsity": args.target, "phases": args.phases},
+                                   "prune": {"target_sparsity": args.target, "phases": args.phases,
+                                             "robustness": list(SPARSITIES)},
                                    # the same SGD retraining from both dense models: peak LR = the zoo's
                                    "retrain": {"epochs": args.retrain_epochs, "schedule": "llr", "lr": sgd_lr},
                                    "soup": {"ingredients": args.ingredients, "min_ingredients": 1}})
@@ -150,11 +132,10 @@ def main() -> None:
                 store = ArtifactStore(str(work / f"{ds}-{opt}-{seed}"))
                 result = Pipeline(spec, SequentialExecutor(), rec, store).run()
                 dense_rec = next(m for m in rec.models if m["kind"] == "dense")
-                ckpt = load(dense_rec["uri"])
-                assert ckpt.meta["dense_optimizer"]["name"] == opt
-                task = make_task(spec, torch.device("cpu"))
-                curve, source = one_shot(task, ckpt.state)
-                results["one_shot_source"] = source
+                assert load(dense_rec["uri"]).meta["dense_optimizer"]["name"] == opt
+                curve = {p["sparsity"]: p["accuracy"] for p in dense_rec["metrics"]["robustness"]}
+                assert sorted(curve) == list(SPARSITIES)
+                results["one_shot_source"] = "workers.robustness.one_shot_curve, kept by the pipeline per dense model"
                 row = {"dataset": ds, "optimizer": opt, "seed": seed,
                        "dense_accuracy": result.phases[0].metrics["soup_accuracy"],
                        "one_shot": {str(s): a for s, a in curve.items()},
