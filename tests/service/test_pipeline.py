@@ -309,6 +309,7 @@ def test_an_sms_job_starts_from_an_sfw_trained_dense_model(tmp_path):
     assert ckpt.meta["dense_optimizer"] == {"name": "sfw", "constraint": "k_support", "k": 0.05, "radius_factor": 2.0,
                                             "momentum": 0.9, "rescale": "gradient"}
     assert rec.runs["dense"]["config"]["optimizer"]["name"] == "sfw"
+    assert [p["sparsity"] for p in dense_rec["metrics"]["robustness"]] == spec.prune.robustness   # its curve is kept
     # phase 0's weights are the SFW ones: inside their k-support balls (5 % slack for the radius's estimate
     # of the expected init norm), where a freshly initialised model is not
     from service.plan import make_task
