@@ -154,15 +154,14 @@ def k_support_norm(x: Tensor, k: int) -> float:
         return 0.0
     tail = z.flip(0).cumsum(0).flip(0)            # tail[j] = Σ_{i ≥ j} z_i (0-based)
     head_sq = torch.cat([z.new_zeros(1), (z * z).cumsum(0)])   # head_sq[j] = Σ_{i < j} z_i²
-    violation, value = [], []
-    for r in range(k):
-        j = k - r - 1                              # 0-based index of z_{k−r}
-        mean = float(tail[j]) / (r + 1)
-        before = float(z[j - 1]) if j > 0 else math.inf
-        # how far r is from satisfying z_{k−r−1} > mean ≥ z_{k−r} (0: it does)
-        violation.append(max(0.0, float(z[j]) - mean, mean - before))
-        value.append(math.sqrt(float(head_sq[j]) + float(tail[j]) ** 2 / (r + 1)))
-    return value[min(range(k), key=violation.__getitem__)]
+    r = torch.arange(k, dtype=torch.float64, device=z.device)   # r = 0 .. k−1
+    j = k - 1 - torch.arange(k, device=z.device)                # 0-based index of z_{k−r}
+    mean = tail[j] / (r + 1)
+    before = torch.where(j > 0, z[(j - 1).clamp(min=0)], torch.full_like(mean, math.inf))
+    # how far each r is from satisfying z_{k−r−1} > mean ≥ z_{k−r} (0: it does); the first best r wins
+    violation = torch.stack([torch.zeros_like(mean), z[j] - mean, mean - before]).amax(0)
+    best = int(violation.argmin())
+    return math.sqrt(float(head_sq[j[best]]) + float(tail[j[best]]) ** 2 / (best + 1))
 
 
 @dataclass(frozen=True)
