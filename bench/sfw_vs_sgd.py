@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -155,6 +156,7 @@ def main() -> None:
     print(md)
     plot(results, datasets, args.out / "sfw_vs_sgd.png")
     print(f"wrote {args.out / 'sfw_vs_sgd.md'}, .json and .png; {results['total_seconds']:.0f} s in all")
+    shutil.rmtree(work, ignore_errors=True)          # the jobs' checkpoints and the data subset
 
 
 def report(results: dict, datasets: list[str], args) -> str:
