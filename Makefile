@@ -38,6 +38,7 @@ bench: $(STAMP) datasets
 	$(PY) bench/api_load.py
 	$(PY) bench/search_vs_default.py
 	$(PY) bench/perp.py
+	$(PY) bench/sfw_vs_sgd.py
 	$(PY) bench/sparse_inference.py
 
 # Re-fetch the dashboard's vendored front-end builds and Swagger UI for /docs (versions in api/dashboard/vendor/VERSIONS)

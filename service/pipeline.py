@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from service.artifacts import ArtifactStore
-from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_task, ingredient_settings, make_task,
-                          phase_seed, prune_seed, retrain_config, retrain_task, total_epochs)
+from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_optimizer, dense_task, ingredient_settings,
+                          make_task, phase_seed, prune_seed, retrain_config, retrain_peak_lr, retrain_task,
+                          total_epochs)
 from service.records import (METRICS, Compute, Executor, JobResult, Metric, ModelRecord, PhaseSummary, Recorder,
                              ResumePoint, RunRecord, SearchTrial, Task, run_metrics)
 from service.spec import JobSpec
@@ -54,6 +55,7 @@ class _Context:
     dense_epochs: int
     meta: dict[str, Any]
     dense_source: str | None = None        # where dense_lrs came from, when it is worth an event
+    eta_max: float = 0.0                   # the retraining schedules' peak LR when retrain.lr is null
 
     def model(self, state: State | None = None) -> nn.Module:
         return self.task.build(state)
@@ -186,7 +188,8 @@ class Pipeline:
                                                                       "lr": spec.dense.lr,
                                                                       "warmup": spec.dense.warmup,
                                                                       "schedule": spec.dense.schedule,
-                                                                      "seed": spec.seed}))
+                                                                      "seed": spec.seed,
+                                                                      "optimizer": ctx.meta.get("dense_optimizer")}))
             t_run = time.perf_counter()
             [out] = self.executor.run([task], self.recorder.metric)
             waited = time.perf_counter() - t_run
@@ -220,7 +223,7 @@ class Pipeline:
         consumed (from each trial's last epoch row)."""
         sp, rec = self.spec.search, self.recorder
         assert sp is not None
-        default = retrain_config(self.spec, max(ctx.dense_lrs), seed=phase_seed(self.spec, t))
+        default = retrain_config(self.spec, ctx.eta_max, seed=phase_seed(self.spec, t))
         rng = random.Random(phase_seed(self.spec, t))
         configs = [default] + [default.with_(**sp.space.sample(rng)) for _ in range(sp.trials - 1)]
         searched = [k for k in ("schedule", "lr", "epochs", "weight_decay") if getattr(sp.space, k) is not None]
@@ -335,7 +338,7 @@ class Pipeline:
         # retrain the ingredients; each worker recalibrates BatchNorm, scores and saves its ingredient
         t1 = time.perf_counter()
         tasks = [make_task(f"phase{t}/ingredient{i}", s, {"index": i, "vary": spec.soup.vary}, ingredient=True)
-                 for i, s in enumerate(ingredient_settings(spec, t, max(ctx.dense_lrs), base))]
+                 for i, s in enumerate(ingredient_settings(spec, t, ctx.eta_max, base))]
         reused = resume.ingredients if resume else {}
         todo = [task for task in tasks if task.name not in reused]
         if reused:
@@ -464,9 +467,20 @@ class Pipeline:
                 except (KeyError, TypeError, ValueError) as e:
                     source = (f"model.checkpoint's dense LR history is unreadable ({e!r}); the retraining "
                               f"schedules use {own}")
+        if spec.model.checkpoint:
+            optimizer = self._load_checkpoint().meta.get("dense_optimizer")
+        else:
+            optimizer = None if task.pretrained else dense_optimizer(spec)
+        eta_max = retrain_peak_lr(spec, dense_lrs, optimizer)
+        if optimizer and optimizer.get("name") == "sfw" and spec.retrain.lr is None:
+            note = (f"the dense model was trained with SFW ({optimizer.get('constraint')}): its step size is no "
+                    f"SGD learning rate, so retraining peaks at lr {eta_max:g} (set retrain.lr to choose)")
+            source = f"{source}; {note}" if source else note
         meta = dict(task.meta, job=spec.name, spec=spec.model_dump(mode="json"), dense_schedule=history)
+        if optimizer is not None:
+            meta["dense_optimizer"] = optimizer
         return _Context(task=task, metric=METRICS[task.metric], dense_lrs=dense_lrs, dense_epochs=dense_epochs,
-                        meta=meta, dense_source=source)
+                        meta=meta, dense_source=source, eta_max=eta_max)
 
     def run(self) -> JobResult:
         spec = self.spec

@@ -15,6 +15,7 @@ from service.records import Task
 from service.spec import JobSpec, task_kind
 from workers.causal_lm import CausalLM, LMTask
 from workers.classification import Classification
+from workers.models import suggested_lr
 from workers.perp import PerpConfig
 from workers.pruning import Masks
 from workers.schedules import dense_schedule, retrain_schedule
@@ -124,6 +125,25 @@ def dense_history(meta: dict[str, Any]) -> tuple[list[float], int]:
     return lrs, epochs
 
 
+# The retraining's SGD LR after an SFW dense run when retrain.lr is null and the zoo suggests none
+SFW_RETRAIN_LR = 0.1
+
+
+def dense_optimizer(spec: JobSpec) -> dict[str, Any]:
+    """What the dense checkpoint records about the dense run's optimizer (`dense_optimizer` in its
+    metadata): sgd with its settings, or sfw with its constraint, k, radius_factor, momentum, rescale."""
+    return spec.dense.optimizer_config(spec.retrain.optimizer.config()).describe()
+
+
+def retrain_peak_lr(spec: JobSpec, dense_lrs: list[float], optimizer: dict[str, Any] | None) -> float:
+    """eta_max of the retraining schedules when retrain.lr is null: the dense run's peak LR, unless the
+    dense run was SFW (`optimizer` name sfw), whose step size is no SGD learning rate: then the zoo's
+    suggested LR for the arch (workers.models.suggested_lr), or SFW_RETRAIN_LR."""
+    if (optimizer or {}).get("name") == "sfw":
+        return suggested_lr(spec.model.arch) or SFW_RETRAIN_LR
+    return max(dense_lrs)
+
+
 def make_task(spec: JobSpec, device: torch.device) -> Task:
     """The job's task (service.spec.task_kind): its model and data, loaded for the pipeline on `device`."""
     if task_kind(spec) == "causal_lm":
@@ -134,11 +154,13 @@ def make_task(spec: JobSpec, device: torch.device) -> Task:
 
 
 def dense_task(spec: JobSpec, lrs: list[float], finish: Finish) -> TrainTask:
-    """Phase 0's dense training, budgeted by the spec's `dense` section."""
+    """Phase 0's dense training, budgeted by the spec's `dense` section (SGD with the retraining's
+    settings, or SFW: `dense.optimizer`)."""
     data = spec.data.config()
     return TrainTask(name="dense", arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
                      data_seed=spec.seed, lrs=lrs, epochs=spec.dense.epochs, seed=spec.seed,
-                     optimizer=spec.retrain.optimizer.config(), augment=data.augment, finish=finish,
+                     optimizer=spec.dense.optimizer_config(spec.retrain.optimizer.config()), augment=data.augment,
+                     finish=finish,
                      gpus=spec.resources.gpus_per_ingredient)
 
 

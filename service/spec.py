@@ -31,6 +31,7 @@ from workers.robustness import MAX_POINTS as ROBUSTNESS_MAX_POINTS
 from workers.robustness import SPARSITIES as ROBUSTNESS_SPARSITIES
 from workers.robustness import check_sparsities
 from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
+from workers.sfw import SFWConfig
 from workers.train import OptimizerConfig
 
 MAX_INGREDIENTS = 64
@@ -193,13 +194,50 @@ class DataSpec(_Strict):
                           batch_size=self.batch_size, augment=self.augment)
 
 
+class SFWSpec(_Strict):
+    """Compression-aware dense training with Stochastic Frank-Wolfe (workers.sfw): every parameter
+    tensor stays in its own `constraint` set (k_support | l1 | l2 | linf | k_sparse) whose L2 diameter is
+    2 · `radius_factor` · the tensor's expected init norm; `k` is the fraction of each tensor's entries
+    that a vertex of k_support / k_sparse has; `rescale` turns the schedule's LR into the step size γ
+    (gradient: γ = min(lr ‖d‖ / ‖θ − v‖, 1); diameter: min(lr / D, 1); none: min(lr, 1))."""
+    constraint: Literal["k_support", "l1", "l2", "linf", "k_sparse"] = "k_support"
+    k: float = Field(0.05, gt=0.0, le=1.0)
+    radius_factor: float = Field(10.0, gt=0.0, le=1e4)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    rescale: Literal["gradient", "diameter", "none"] = "gradient"
+
+    def config(self) -> SFWConfig:
+        return SFWConfig(**self.model_dump())
+
+
 class DenseSpec(_Strict):
     """Budgeted dense training: `epochs` at peak `lr` (workers.models.suggested_lr lists one that works
-    per zoo architecture), a linear warm-up over the first `warmup` share of the steps, then `schedule`."""
+    per zoo architecture), a linear warm-up over the first `warmup` share of the steps, then `schedule`.
+    `optimizer`: sgd (retrain.optimizer's SGD settings, as the retraining uses) or sfw (Stochastic
+    Frank-Wolfe with the `sfw` settings: a dense model robust to pruning; `lr` is then SFW's step size
+    before rescaling, which is no SGD learning rate, so the retraining peaks at retrain.lr or, when that
+    is null, at the zoo's SGD LR for the arch: service.plan.retrain_peak_lr)."""
     epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
     lr: float = Field(0.1, gt=0.0, le=10.0)
     schedule: Literal[DENSE_SCHEDULES] = "linear"  # type: ignore[valid-type]
     warmup: float = Field(0.05, ge=0.0, le=0.5)
+    optimizer: Literal["sgd", "sfw"] = "sgd"
+    sfw: SFWSpec = SFWSpec()
+
+    @model_validator(mode="after")
+    def _sfw(self) -> DenseSpec:
+        if self.optimizer != "sfw" and self.sfw != SFWSpec():
+            raise ValueError("dense.sfw is only used with dense.optimizer sfw")
+        if self.optimizer == "sfw" and self.sfw.rescale == "none" and self.lr > 1.0:
+            raise ValueError(f"dense.lr {self.lr:g} is SFW's step size with dense.sfw.rescale none: at most 1")
+        return self
+
+    def optimizer_config(self, sgd: OptimizerConfig) -> OptimizerConfig:
+        """The dense run's optimizer: `sgd` (the retraining's SGD settings) or SFW."""
+        if self.optimizer == "sfw":
+            return OptimizerConfig(name="sfw", momentum=self.sfw.momentum, weight_decay=0.0, nesterov=False,
+                                   sfw=self.sfw.config())
+        return sgd
 
 
 class PruneSpec(_Strict):

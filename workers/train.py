@@ -1,8 +1,12 @@
-"""Training with SGD on a per-step LR schedule that keeps pruned weights (and their momentum) at zero.
+"""Training with SGD (or SFW) on a per-step LR schedule that keeps pruned weights (and their momentum) at zero.
 
 Masked training: before every optimizer step the gradient of each pruned weight is zeroed, so with
 w = 0 the weight-decay term, the momentum buffer and the (Nesterov) update of that weight are all
 exactly zero; after the step the weights are multiplied by their mask once more as a guard.
+
+With `OptimizerConfig(name="sfw")` the dense run uses Stochastic Frank-Wolfe instead (workers.sfw:
+every parameter tensor stays inside its constraint set; the schedule's LR is SFW's step size before
+rescaling; no weight decay).
 
 Divergence is an error, not a result: a loss that turns NaN or infinite stops training at once, and
 a run whose last epoch is no better than always guessing the most frequent class (`check_learned`)
@@ -21,6 +25,7 @@ from torch import nn
 
 from workers.evaluate import evaluate
 from workers.pruning import Masks, prunable_names
+from workers.sfw import SFWConfig, make_sfw
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 PARAM_MODES = ("all", "bias_norm")
@@ -36,10 +41,20 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass(frozen=True)
 class OptimizerConfig:
+    """name sgd: SGD with `momentum`, `weight_decay`, `nesterov`; name sfw: Stochastic Frank-Wolfe over
+    per-tensor constraint sets (workers.sfw; `sfw` holds its config, the other fields are unused)."""
     name: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = True
+    sfw: SFWConfig | None = None
+
+    def describe(self) -> dict:
+        """What a checkpoint records about the optimizer."""
+        if self.name == "sfw":
+            return {"name": "sfw", **(self.sfw or SFWConfig()).as_dict()}
+        return {"name": self.name, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "nesterov": self.nesterov}
 
 
 @dataclass
@@ -68,9 +83,15 @@ def trainable_parameters(model: nn.Module, params: str = "all") -> list[nn.Param
     return list(chosen.values())
 
 
-def make_optimizer(trainable: list[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(trainable: list[nn.Parameter], cfg: OptimizerConfig,
+                   model: nn.Module | None = None) -> torch.optim.Optimizer:
+    """SGD, or SFW (needs the `model` the parameters belong to: the constraint radii come from its layers)."""
+    if cfg.name == "sfw":
+        if model is None:
+            raise ValueError("the sfw optimizer needs the model (its layers set the constraint radii)")
+        return make_sfw(model, trainable, cfg.sfw or SFWConfig())
     if cfg.name != "sgd":
-        raise ValueError(f"unknown optimizer {cfg.name!r}; known: sgd")
+        raise ValueError(f"unknown optimizer {cfg.name!r}; known: sgd, sfw")
     return torch.optim.SGD(trainable, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            nesterov=cfg.nesterov and cfg.momentum > 0)
 
@@ -99,7 +120,7 @@ def train(model: nn.Module, loader: Iterable, lrs: list[float], *, epochs: int,
     keep = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-    opt = make_optimizer(trainable, optimizer)
+    opt = make_optimizer(trainable, optimizer, model)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     named = dict(model.named_parameters())

@@ -56,6 +56,9 @@ def count(api, **headers) -> int:
     ({"search": {"space": {"lr": {"loguniform": [-1, 0.1]}}}}, ["body", "search", "space", "lr"]),
     ({"search": {"space": {"schedule": {"choice": []}}}}, ["body", "search", "space", "schedule"]),
     ({"timeout": 0}, ["body", "timeout"]),
+    ({"dense": {"optimizer": "adam"}}, ["body", "dense", "optimizer"]),
+    ({"dense": {"optimizer": "sfw", "sfw": {"k": 2}}}, ["body", "dense", "sfw", "k"]),
+    ({"dense": {"optimizer": "sfw", "sfw": {"constraint": "l3"}}}, ["body", "dense", "sfw", "constraint"]),
     # more than any node of the cluster (2 CPUs, no GPU) has: it could never be scheduled
     ({"resources": {"cpus_per_ingredient": 64}}, ["body", "resources"]),
     ({"resources": {"gpus_per_ingredient": 1}}, ["body", "resources"]),

@@ -289,6 +289,43 @@ def test_a_one_epoch_cnn_job_on_fashion_mnist_is_well_above_chance(tmp_path):
     assert {m["metrics"]["parameters"] for m in rec.models} == {61706}    # LeNet-5 on 1x28x28, 10 classes
 
 
+def test_an_sms_job_starts_from_an_sfw_trained_dense_model(tmp_path):
+    """dense.optimizer sfw: phase 0 trains with Stochastic Frank-Wolfe inside k-support norm balls (tight
+    ones here, radius 2 x the init norm, which an SGD-trained or freshly initialised MLP lies outside), the
+    checkpoint records it, and the phases prune and retrain with SGD at the arch's SGD LR as usual."""
+    import torch
+
+    from service.plan import dense_optimizer
+    from workers.sfw import SFWConfig, make_constraints
+    assert dense_optimizer(parse_spec({}))["name"] == "sgd"
+    sfw = {"constraint": "k_support", "k": 0.05, "radius_factor": 2.0}
+    spec_dict = dict(SMALL, dense={"epochs": 4, "lr": 0.2, "optimizer": "sfw", "sfw": sfw},
+                     prune={"target_sparsity": 0.5, "phases": 1}, retrain={"epochs": 1, "schedule": "llr"})
+    spec, rec, result = run(spec_dict, tmp_path)
+    dense_rec = next(m for m in rec.models if m["kind"] == "dense")
+    assert result.phases[0].model_id == dense_rec["id"]
+    assert result.phases[0].metrics["soup_accuracy"] > 0.7 and result.phases[1].metrics["soup_accuracy"] > 0.7
+    ckpt = load(dense_rec["uri"])
+    assert ckpt.meta["dense_optimizer"] == {"name": "sfw", "constraint": "k_support", "k": 0.05, "radius_factor": 2.0,
+                                            "momentum": 0.9, "rescale": "gradient"}
+    assert rec.runs["dense"]["config"]["optimizer"]["name"] == "sfw"
+    assert [p["sparsity"] for p in dense_rec["metrics"]["robustness"]] == spec.prune.robustness   # its curve is kept
+    # phase 0's weights are the SFW ones: inside their k-support balls (5 % slack for the radius's estimate
+    # of the expected init norm), where a freshly initialised model is not
+    from service.plan import make_task
+    model = make_task(spec, torch.device("cpu")).build(ckpt.state)
+    cons = make_constraints(model, SFWConfig(**sfw))
+    for name, p in model.named_parameters():
+        assert cons[name].norm(p.detach()) <= 1.05 * cons[name].radius, name
+    fresh = make_task(spec, torch.device("cpu")).build()
+    assert any(cons[n].norm(p.detach()) > 1.05 * cons[n].radius for n, p in fresh.named_parameters())
+    # retraining is SGD at the mlp's SGD LR (0.1), not SFW's step size, and says so
+    ingredient = rec.runs["phase1/ingredient0"]["config"]
+    assert ingredient["lr"] == pytest.approx(0.1)
+    assert any("trained with SFW" in e["message"] for e in rec.events)
+    assert load(next(m for m in rec.models if m["kind"] == "soup")["uri"]).meta["dense_optimizer"]["name"] == "sfw"
+
+
 def test_nm_sms_job_keeps_the_pattern_through_retraining_and_the_soup(tmp_path):
     """A 2:4 SMS job on digits with LeNet-5 (convolutions and linear layers): the pruned model, every
     ingredient and the soup have at most 2 nonzeros in every group of 4 input channels, all with the

@@ -132,6 +132,46 @@ def test_a_missing_dataset_is_a_spec_error_saying_how_to_get_it(no_datasets, dat
         assert w.format(tmp=no_datasets) in str(excinfo.value)
 
 
+def test_dense_optimizer_defaults_to_sgd_and_sfw_has_typed_settings():
+    spec = parse_spec({})
+    assert spec.dense.optimizer == "sgd"
+    assert spec.dense.optimizer_config(spec.retrain.optimizer.config()) == spec.retrain.optimizer.config()
+    sfw = parse_spec({"dense": {"optimizer": "sfw", "lr": 0.3,
+                                "sfw": {"constraint": "k_sparse", "k": 0.1, "radius_factor": 5,
+                                        "rescale": "diameter"}}})
+    cfg = sfw.dense.optimizer_config(sfw.retrain.optimizer.config())
+    assert cfg.name == "sfw" and cfg.sfw.constraint == "k_sparse" and cfg.sfw.k == 0.1
+    assert cfg.sfw.radius_factor == 5.0 and cfg.sfw.rescale == "diameter" and cfg.sfw.momentum == 0.9
+    default = parse_spec({"dense": {"optimizer": "sfw"}}).dense.sfw
+    assert (default.constraint, default.k, default.rescale) == ("k_support", 0.05, "gradient")
+
+
+def test_an_sfw_spec_survives_being_stored_and_read_back():
+    spec = parse_spec({"dense": {"optimizer": "sfw", "sfw": {"constraint": "linf", "k": 0.2, "momentum": 0.5}}})
+    assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert parse_spec(spec.model_dump(mode="json")) == spec
+    assert parse_spec(spec.model_dump(mode="json")).dense.sfw.constraint == "linf"
+
+
+@pytest.mark.parametrize("data,field,words", [
+    ({"dense": {"optimizer": "adam"}}, "dense.optimizer", "'sgd' or 'sfw'"),
+    ({"dense": {"optimizer": "sfw", "sfw": {"constraint": "l3"}}}, "dense.sfw.constraint", "k_support"),
+    ({"dense": {"optimizer": "sfw", "sfw": {"k": 0}}}, "dense.sfw.k", "greater than 0"),
+    ({"dense": {"optimizer": "sfw", "sfw": {"k": 1.5}}}, "dense.sfw.k", "less than or equal to 1"),
+    ({"dense": {"optimizer": "sfw", "sfw": {"radius_factor": 0}}}, "dense.sfw.radius_factor", "greater than 0"),
+    ({"dense": {"optimizer": "sfw", "sfw": {"momentum": 1.0}}}, "dense.sfw.momentum", "less than 1"),
+    ({"dense": {"optimizer": "sfw", "sfw": {"rescale": "adam"}}}, "dense.sfw.rescale", "gradient"),
+    ({"dense": {"optimizer": "sfw", "sfw": {"kk": 1}}}, "dense.sfw.kk", "Extra inputs"),
+    ({"dense": {"sfw": {"k": 0.1}}}, "dense", "only used with dense.optimizer sfw"),
+    ({"dense": {"optimizer": "sfw", "lr": 2.0, "sfw": {"rescale": "none"}}}, "dense", "at most 1"),
+])
+def test_invalid_sfw_settings_name_the_field(data, field, words):
+    with pytest.raises(SpecError) as excinfo:
+        parse_spec(data)
+    assert field in fields(excinfo), excinfo.value.errors
+    assert words in str(excinfo.value)
+
+
 # ---------------------------------------------------------------- N:M patterns for image models
 
 @pytest.mark.parametrize("arch", ["mlp", "lenet5", "resnet20"])

@@ -1,0 +1,331 @@
+"""Compression-aware dense training with Stochastic Frank-Wolfe (Zimmer, Spiegel, Pokutta, arXiv 2205.11921).
+
+Instead of stepping along the negative gradient, SFW keeps every parameter tensor θ inside a convex
+constraint set C and moves it towards the point of C that the (momentum-averaged) gradient d favours most:
+
+    v = LMO_C(d) = argmin_{v ∈ C} ⟨d, v⟩            (linear minimisation oracle)
+    θ ← θ + γ (v − θ) = (1 − γ) θ + γ v             (a convex combination: θ stays in C)
+
+A constraint set whose vertices are sparse (the k-support norm ball, the k-sparse polytope, the L1 ball)
+pulls the weights towards a few large entries and many small ones, so magnitude pruning afterwards
+removes little: the trained dense model is robust to pruning.
+
+Constraint sets (per parameter tensor, n entries, radius τ, g the tensor's direction d):
+
+    l1          {‖v‖₁ ≤ τ}:   v = −τ · sign(g_i*) e_i*,  i* = argmax_i |g_i|
+    l2          {‖v‖₂ ≤ τ}:   v = −τ · g / ‖g‖₂                       (0 when g = 0)
+    linf        {‖v‖∞ ≤ τ}:   v = −τ · sign(g)
+    k_sparse    {‖v‖₁ ≤ k τ} ∩ {‖v‖∞ ≤ τ}, the convex hull of the vectors with k entries ±τ and the rest 0:
+                v_i = −τ · sign(g_i) on the k largest |g_i|, 0 elsewhere
+    k_support   the k-support norm ball of radius τ (Argyriou et al. 2012), the convex hull of the
+                k-sparse vectors with ‖v‖₂ ≤ τ:   v = −τ · top_k(g) / ‖top_k(g)‖₂  (top_k keeps the k
+                largest |g_i|, zeroes the rest; 0 when g = 0);  min ⟨g, v⟩ = −τ ‖top_k(g)‖₂
+
+Radius rule (the reference's "initialization" mode): every constraint of a tensor gets the same L2
+diameter D = 2 · radius_factor · ‖θ_init‖₂, where ‖θ_init‖₂ is the expected L2 norm of the tensor under
+its layer's default initialisation (the mean over `INIT_REPETITIONS` re-initialisations of a copy of
+the layer with `reset_parameters`; a tensor initialised to zero, e.g. a BatchNorm bias, counts as 1;
+a layer without `reset_parameters` uses the tensor's actual norm). The radius τ that gives diameter D:
+
+    l1, l2, k_support:  τ = D / 2        linf:  τ = D / (2 √n)        k_sparse:  τ = D / (2 √k)
+
+k is the fraction `k` of the tensor's entries, k = max(1, ⌊k · n⌋).
+
+Which parameters: as in the reference, every parameter tensor of every layer (conv and linear weights,
+their biases, and the BatchNorm weights and biases) has its own constraint set of its own size. The
+starting point is made feasible once (a tensor outside its set is scaled by τ / ‖θ‖_C, the reference's
+`shift_inside`); afterwards every iterate is a convex combination of feasible points.
+
+Step size (per tensor, lr = the schedule's learning rate at this step, clamped to [0, 1]):
+
+    gradient    γ = min(lr · ‖d‖₂ / ‖θ − v‖₂, 1)     the paper's gradient rescaling: the step is as long as
+                                                      an SGD step of length lr · ‖d‖ would be
+    diameter    γ = min(lr / D, 1)
+    none        γ = min(lr, 1)
+
+Momentum (the reference's, without dampening): d ← μ d + ∇ (d = ∇ at the first step). SFW has no
+weight decay: the constraint set is the regulariser.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+CONSTRAINTS = ("k_support", "l1", "l2", "linf", "k_sparse")
+RESCALES = ("gradient", "diameter", "none")
+INIT_REPETITIONS = 10        # re-initialisations averaged for a layer's expected init norm
+TOLERANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class SFWConfig:
+    """constraint: one of CONSTRAINTS; k: the fraction of each tensor's entries a k-sparse / k-support
+    vertex has; radius_factor: the L2 diameter is 2 · radius_factor · the expected init norm;
+    momentum: μ of d ← μ d + ∇; rescale: the step-size rule (module docstring)."""
+    constraint: str = "k_support"
+    k: float = 0.05
+    radius_factor: float = 10.0
+    momentum: float = 0.9
+    rescale: str = "gradient"
+
+    def __post_init__(self) -> None:
+        if self.constraint not in CONSTRAINTS:
+            raise ValueError(f"unknown SFW constraint {self.constraint!r}; known: {', '.join(CONSTRAINTS)}")
+        if self.rescale not in RESCALES:
+            raise ValueError(f"unknown SFW rescale {self.rescale!r}; known: {', '.join(RESCALES)}")
+        if not 0 < self.k <= 1:
+            raise ValueError(f"SFW k is a fraction of each layer's parameters in (0, 1], got {self.k}")
+        if self.radius_factor <= 0:
+            raise ValueError(f"SFW radius_factor must be positive, got {self.radius_factor}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"SFW momentum must be in [0, 1), got {self.momentum}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- linear minimisation oracles: v = argmin_{v ∈ C} ⟨g, v⟩, same shape as g
+
+def lmo_l1(g: Tensor, radius: float) -> Tensor:
+    """L1 ball {‖v‖₁ ≤ τ}: v = −τ · sign(g_i*) e_i* at i* = argmax |g_i| (a vertex ±τ e_i)."""
+    flat = g.flatten()
+    v = torch.zeros_like(flat)
+    i = int(flat.abs().argmax())
+    v[i] = -radius * torch.sign(flat[i])
+    return v.view_as(g)
+
+
+def lmo_l2(g: Tensor, radius: float) -> Tensor:
+    """L2 ball {‖v‖₂ ≤ τ}: v = −τ g / ‖g‖₂ (0 for g = 0)."""
+    norm = float(g.norm())
+    return -radius * g / norm if norm > TOLERANCE else torch.zeros_like(g)
+
+
+def lmo_linf(g: Tensor, radius: float) -> Tensor:
+    """L∞ ball {‖v‖∞ ≤ τ}: v = −τ sign(g) (entries with g_i = 0 may be anything in [−τ, τ]; 0 here)."""
+    return -radius * torch.sign(g)
+
+
+def _top_k(g: Tensor, k: int) -> Tensor:
+    """g with all but its k largest-magnitude entries set to 0 (flat)."""
+    flat = g.flatten()
+    out = torch.zeros_like(flat)
+    idx = flat.abs().topk(min(k, flat.numel())).indices
+    out[idx] = flat[idx]
+    return out
+
+
+def lmo_k_sparse(g: Tensor, k: int, radius: float) -> Tensor:
+    """k-sparse polytope {‖v‖₁ ≤ k τ} ∩ {‖v‖∞ ≤ τ}: v_i = −τ sign(g_i) on the k largest |g_i|, 0 elsewhere."""
+    return (-radius * torch.sign(_top_k(g, k))).view_as(g)
+
+
+def lmo_k_support(g: Tensor, k: int, radius: float) -> Tensor:
+    """k-support norm ball of radius τ (convex hull of k-sparse vectors with ‖v‖₂ ≤ τ):
+    v = −τ top_k(g) / ‖top_k(g)‖₂ (0 for g = 0); then ⟨g, v⟩ = −τ ‖top_k(g)‖₂."""
+    top = _top_k(g, k)
+    norm = float(top.norm())
+    return (-radius * top / norm).view_as(g) if norm > TOLERANCE else torch.zeros_like(g)
+
+
+# -- the norms whose unit balls these are (for feasibility)
+
+def k_sparse_norm(x: Tensor, k: int) -> float:
+    """The gauge of the k-sparse polytope: max(‖x‖∞, ‖x‖₁ / k)."""
+    return max(float(x.abs().max()), float(x.abs().sum()) / k) if x.numel() else 0.0
+
+
+def k_support_norm(x: Tensor, k: int) -> float:
+    """The k-support norm (Argyriou, Foygel, Srebro 2012, Prop. 2.1): with |x| sorted decreasingly
+    z_1 ≥ … ≥ z_n (z_0 = +∞) and r ∈ {0, …, k−1} the unique index with
+    z_{k−r−1} > (1/(r+1)) Σ_{i=k−r}^{n} z_i ≥ z_{k−r}:
+        ‖x‖ = sqrt( Σ_{i=1}^{k−r−1} z_i² + (1/(r+1)) (Σ_{i=k−r}^{n} z_i)² ).
+    k = 1 gives ‖x‖₁, k = n gives ‖x‖₂."""
+    z = x.detach().flatten().abs().double().sort(descending=True).values
+    n = z.numel()
+    k = min(k, n)
+    if n == 0 or float(z[0]) == 0.0:
+        return 0.0
+    tail = z.flip(0).cumsum(0).flip(0)            # tail[j] = Σ_{i ≥ j} z_i (0-based)
+    head_sq = torch.cat([z.new_zeros(1), (z * z).cumsum(0)])   # head_sq[j] = Σ_{i < j} z_i²
+    r = torch.arange(k, dtype=torch.float64, device=z.device)   # r = 0 .. k−1
+    j = k - 1 - torch.arange(k, device=z.device)                # 0-based index of z_{k−r}
+    mean = tail[j] / (r + 1)
+    before = torch.where(j > 0, z[(j - 1).clamp(min=0)], torch.full_like(mean, math.inf))
+    # how far each r is from satisfying z_{k−r−1} > mean ≥ z_{k−r} (0: it does); the first best r wins
+    violation = torch.stack([torch.zeros_like(mean), z[j] - mean, mean - before]).amax(0)
+    best = int(violation.argmin())
+    return math.sqrt(float(head_sq[j[best]]) + float(tail[j[best]]) ** 2 / (best + 1))
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One tensor's constraint set: `kind`, its size `n`, `k` (k-sparse / k-support) and radius τ."""
+    kind: str
+    n: int
+    radius: float
+    k: int = 1
+
+    def lmo(self, g: Tensor) -> Tensor:
+        if self.kind == "l1":
+            return lmo_l1(g, self.radius)
+        if self.kind == "l2":
+            return lmo_l2(g, self.radius)
+        if self.kind == "linf":
+            return lmo_linf(g, self.radius)
+        if self.kind == "k_sparse":
+            return lmo_k_sparse(g, self.k, self.radius)
+        if self.kind == "k_support":
+            return lmo_k_support(g, self.k, self.radius)
+        raise ValueError(f"unknown SFW constraint {self.kind!r}; known: {', '.join(CONSTRAINTS)}")
+
+    def norm(self, x: Tensor) -> float:
+        """The gauge of the set's unit-radius version: x ∈ C ⇔ norm(x) ≤ radius."""
+        if self.kind == "l1":
+            return float(x.abs().sum())
+        if self.kind == "l2":
+            return float(x.norm())
+        if self.kind == "linf":
+            return float(x.abs().max()) if x.numel() else 0.0
+        if self.kind == "k_sparse":
+            return k_sparse_norm(x, self.k)
+        return k_support_norm(x, self.k)
+
+    @property
+    def diameter(self) -> float:
+        """The set's L2 diameter: 2τ (l1, l2, k_support), 2τ√n (linf), 2τ√k (k_sparse)."""
+        return 2 * self.radius * {"linf": math.sqrt(self.n), "k_sparse": math.sqrt(self.k)}.get(self.kind, 1.0)
+
+
+def layer_k(fraction: float, n: int) -> int:
+    """k = max(1, min(⌊fraction · n⌋, n))."""
+    return max(1, min(int(fraction * n), n))
+
+
+def radius_for(kind: str, diameter: float, n: int, k: int) -> float:
+    """The radius τ of a `kind` set with L2 diameter `diameter` (module docstring)."""
+    if kind == "linf":
+        return diameter / (2 * math.sqrt(n))
+    if kind == "k_sparse":
+        return diameter / (2 * math.sqrt(k))
+    return diameter / 2
+
+
+@torch.no_grad()
+def expected_init_norm(module: nn.Module, name: str, param: Tensor, repetitions: int = INIT_REPETITIONS) -> float:
+    """The mean L2 norm of `module`'s parameter `name` over `repetitions` default re-initialisations of a
+    copy of the module (the model and the global random stream are untouched); 1 when that is 0
+    (zero-initialised tensors); the parameter's actual norm when the module has no `reset_parameters`."""
+    if not hasattr(module, "reset_parameters") or not isinstance(module, nn.Module):
+        norm = float(param.norm())
+    else:
+        twin = copy.deepcopy(module)
+        total = 0.0
+        with torch.random.fork_rng(devices=[]):       # the caller's random stream is left as it was
+            for _ in range(repetitions):
+                twin.reset_parameters()
+                total += float(getattr(twin, name).norm())
+        norm = total / repetitions
+    return norm if norm > 0 else 1.0
+
+
+def make_constraints(model: nn.Module, cfg: SFWConfig, only: Iterable[nn.Parameter] | None = None,
+                     repetitions: int = INIT_REPETITIONS) -> dict[str, Constraint]:
+    """Per parameter tensor of `model` (restricted to `only` when given): its constraint set, with
+    diameter 2 · radius_factor · expected init norm (module docstring)."""
+    keep = None if only is None else {id(p) for p in only}
+    out: dict[str, Constraint] = {}
+    for mod_name, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if keep is not None and id(p) not in keep:
+                continue
+            n = p.numel()
+            k = layer_k(cfg.k, n)
+            diameter = 2 * cfg.radius_factor * expected_init_norm(module, pname, p, repetitions)
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            out[full] = Constraint(kind=cfg.constraint, n=n, radius=radius_for(cfg.constraint, diameter, n, k), k=k)
+    return out
+
+
+class SFW(torch.optim.Optimizer):
+    """Stochastic Frank-Wolfe over one constraint set per parameter tensor (module docstring).
+
+    Each param group holds one tensor and its constraint as plain values (`constraint`, `n`, `k`,
+    `radius`), so that the optimizer's state_dict stays JSON-friendly; `lr` is set per step by the
+    caller's schedule. `make_feasible` (default on) scales a starting tensor that lies outside its set
+    onto the set's boundary."""
+
+    def __init__(self, params: list[tuple[nn.Parameter, Constraint]], lr: float = 0.1, momentum: float = 0.9,
+                 rescale: str = "gradient", make_feasible: bool = True):
+        if rescale not in RESCALES:
+            raise ValueError(f"unknown SFW rescale {rescale!r}; known: {', '.join(RESCALES)}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"SFW momentum must be in [0, 1), got {momentum}")
+        groups = [{"params": [p], "constraint": c.kind, "n": c.n, "k": c.k, "radius": c.radius} for p, c in params]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, rescale=rescale))
+        if make_feasible:
+            self.make_feasible()
+
+    @staticmethod
+    def constraint_of(group: dict) -> Constraint:
+        return Constraint(kind=group["constraint"], n=group["n"], radius=group["radius"], k=group["k"])
+
+    @torch.no_grad()
+    def make_feasible(self) -> None:
+        for group in self.param_groups:
+            c = self.constraint_of(group)
+            for p in group["params"]:
+                norm = c.norm(p)
+                if norm > c.radius:
+                    p.mul_(c.radius / norm)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            c = self.constraint_of(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if group["momentum"] > 0:
+                    state = self.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = d.detach().clone()
+                    else:
+                        buf.mul_(group["momentum"]).add_(d)
+                    d = buf
+                v = c.lmo(d)
+                gamma = step_size(group["rescale"], group["lr"], d, p, v, c)
+                if gamma > 0:
+                    p.mul_(1 - gamma).add_(v, alpha=gamma)
+        return loss
+
+
+def step_size(rescale: str, lr: float, d: Tensor, theta: Tensor, v: Tensor, c: Constraint) -> float:
+    """γ ∈ [0, 1]: gradient: lr ‖d‖ / ‖θ − v‖; diameter: lr / D; none: lr (module docstring)."""
+    if rescale == "gradient":
+        dist = float((theta - v).norm())
+        factor = float(d.norm()) / dist if dist > TOLERANCE else 0.0
+    elif rescale == "diameter":
+        factor = 1.0 / c.diameter if c.diameter > 0 else 0.0
+    else:
+        factor = 1.0
+    return max(0.0, min(factor * lr, 1.0))
+
+
+def make_sfw(model: nn.Module, trainable: list[nn.Parameter], cfg: SFWConfig) -> SFW:
+    """An SFW optimizer over `trainable` (parameters of `model`), one constraint per tensor."""
+    constraints = make_constraints(model, cfg, only=trainable)
+    named = dict(model.named_parameters())
+    return SFW([(named[n], c) for n, c in constraints.items()], momentum=cfg.momentum, rescale=cfg.rescale)
