@@ -68,8 +68,8 @@ class Store:
             return s.get(Job, job_id)
 
     def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
-                  offset: int = 0, spec: bool = True) -> tuple[list[Job], int]:
-        """A page of jobs and the count; `spec=False`: their specs only in outline (see jobs.page)."""
+                  offset: int = 0, spec: bool = True) -> tuple[list[Job] | list[dict[str, Any]], int]:
+        """A page of jobs and the count; `spec=False`: plain rows with their specs in outline (see jobs.page)."""
         with self.reads() as s:
             return jobs.page(s, status=status, owner=owner, limit=limit, offset=offset, spec=spec)
 

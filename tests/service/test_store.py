@@ -158,11 +158,11 @@ def test_a_list_without_specs_reads_only_their_outline_in_sql(store):
         s.add(Job(id=uuid.uuid4().hex, name="lm", status="queued", spec=lm))
     image = store.create_job(SPEC)
     rows, n = store.list_jobs(spec=False)
-    outlines = {r.name: r.spec for r in rows}
+    outlines = {r["name"]: r["spec"] for r in rows}
     assert n == 2 and outlines == {
         "lm": {"model": {"arch": "hf:/models/tiny"}, "data": {"name": "text"}, "prune": {"phases": 3}},
         "t": {"model": {"arch": "mlp"}, "data": {"name": "digits"}, "prune": {"phases": 2}}}
-    listed = {j.name: JobPublic.model_validate(j) for j in rows}
+    listed = {j["name"]: JobPublic.model_validate(j) for j in rows}
     assert (listed["lm"].metric.name, listed["lm"].phases_total) == ("perplexity", 3)
     assert (listed["t"].metric.name, listed["t"].phases_total) == ("accuracy", 2)
     assert store.get_job(image.id).spec == SPEC.model_dump(mode="json")     # nothing was written back
