@@ -38,10 +38,13 @@ class RefuseNul:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and ("\x00" in unquote(scope.get("path", ""))
-                                        or b"%00" in scope.get("query_string", b"")):
-            response = JSONResponse({"detail": "the URL contains a NUL character"}, status_code=422)
-            return await response(scope, receive, send)
+        if scope["type"] == "http":
+            where = ("path" if "\x00" in unquote(scope.get("path", "")) else
+                     "query" if b"%00" in scope.get("query_string", b"") else None)
+            if where is not None:          # shaped as every other 422 (a validation error naming where)
+                response = JSONResponse({"detail": [{"loc": [where], "msg": "the URL contains a NUL character",
+                                                     "type": "value_error"}]}, status_code=422)
+                return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
