@@ -90,6 +90,20 @@ def run_load(base: str, tmp: Path, clients: int, seconds: float, think: float) -
     return out
 
 
+def service_times(base: str, tmp: Path, seconds: float = 5.0) -> dict[str, float]:
+    """Each kind alone, one connection back to back: its mean latency is the server's time per request
+    of that kind with nothing queued (the figure that sets how much load the event loop takes)."""
+    out = {}
+    for i, (label, _, make, _) in enumerate(KINDS):
+        script = tmp / f"alone{i}.lua"
+        script.write_text(LUA.format(ids=tmp / "ids.txt", body=json.dumps(SPEC), think_ms=0, make=make))
+        p = subprocess.run(["wrk", "-t1", "-c1", f"-d{seconds:g}s", "-s", str(script), base], capture_output=True,
+                           text=True, check=True)
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        out[label] = seconds * 1000 / max(r["requests"], 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=10_000)
@@ -125,10 +139,13 @@ def main() -> None:
                     if time.monotonic() > deadline:
                         raise RuntimeError("the server did not start") from None
                     time.sleep(0.3)
+            alone = service_times(base, tmp)
             results = [(think, run_load(base, tmp, args.clients, args.seconds, think)) for think in args.think]
         finally:
             server.terminate()
             server.wait(30)
+    console.print("time per request, each kind alone on one connection (no queueing): "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in alone.items()), highlight=False)
     for think, rows in results:
         load = "back to back" if not think else f"~{think:g} s think time between requests"
         table = Table(title=f"{args.clients} concurrent clients (wrk), {load}, {args.seconds:g} s, "

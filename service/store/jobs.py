@@ -86,18 +86,22 @@ def create(s: Session, spec: JobSpec, *, owner: str | None = None, idempotency_k
     return job
 
 
-# What a list shows of a job's spec (its task and its phase count: api.schemas.JobPublic), read in SQL
-OUTLINE = {("model", "arch"): Job.spec[("model", "arch")].as_string(),
-           ("data", "name"): Job.spec[("data", "name")].as_string(),
-           ("prune", "phases"): Job.spec[("prune", "phases")].as_integer()}
-LISTED = [c for c in Job.__table__.columns if c.key != "spec"]
+# What a list shows of a job (api.schemas.JobPublic without its spec): these columns, and of its spec only
+# the outline (its task and its phase count), extracted by the database
+LISTED = ("id", "name", "status", "progress", "current_phase", "final_model_id", "error", "owner", "attempts",
+          "driver_failures", "sparsity", "best_score", "cpu_seconds", "gpu_seconds", "epochs_trained", "created_at",
+          "started_at", "finished_at")
+OUTLINE = (Job.spec[("model", "arch")].as_string().label("arch"), Job.spec[("data", "name")].as_string().label("dataset"),
+           Job.spec[("prune", "phases")].as_integer().label("phases"))
+LIST_QUERY = sa.select(*(Job.__table__.c[k] for k in LISTED), *OUTLINE)
+NEWEST_FIRST = (Job.created_at.desc(), Job.id.desc())
 
 
 def page(s: Session, *, status: str | None = None, owner: str | None = None, limit: int = 50,
          offset: int = 0, spec: bool = True) -> tuple[list[Job] | list[dict[str, Any]], int]:
     """A page of jobs, newest first, and the number of jobs that match. `spec=False` (what GET /jobs shows):
-    plain rows (dicts of the job's columns), whose `spec` is only its outline (model.arch, data.name,
-    prune.phases) extracted by the database; decoding 50 whole specs and building 50 ORM objects cost
+    plain rows (dicts of the LISTED columns) whose `spec` is only its outline (model.arch, data.name,
+    prune.phases), extracted by the database: decoding 50 whole specs and building 50 ORM objects cost
     more than the rest of the request."""
     where = []
     if status is not None:
@@ -105,17 +109,13 @@ def page(s: Session, *, status: str | None = None, owner: str | None = None, lim
     if owner is not None:
         where.append(Job.owner == owner)
     count = int(s.scalar(sa.select(sa.func.count()).select_from(Job).where(*where)) or 0)
-    order = (Job.created_at.desc(), Job.id.desc())
     if spec:
-        return list(s.scalars(sa.select(Job).where(*where).order_by(*order).limit(limit).offset(offset))), count
-    q = (sa.select(*LISTED, *(v.label(f"outline_{i}") for i, v in enumerate(OUTLINE.values())))
-         .where(*where).order_by(*order).limit(limit).offset(offset))
+        return list(s.scalars(sa.select(Job).where(*where).order_by(*NEWEST_FIRST).limit(limit).offset(offset))), count
     rows = []
-    for row in s.execute(q).mappings():
-        job = {c.key: row[c.key] for c in LISTED}
-        job["spec"] = outline = {}
-        for i, (section, key) in enumerate(OUTLINE):
-            outline.setdefault(section, {})[key] = row[f"outline_{i}"]
+    for row in s.connection().execute(LIST_QUERY.where(*where).order_by(*NEWEST_FIRST).limit(limit).offset(offset)):
+        job = dict(zip(LISTED, row))
+        arch, dataset, phases = row[len(LISTED):]
+        job["spec"] = {"model": {"arch": arch}, "data": {"name": dataset}, "prune": {"phases": phases}}
         rows.append(job)
     return rows, count
 
