@@ -33,29 +33,10 @@ from pathlib import Path
 
 import torch
 
+from soup_vs_imp import mean_std, subset_npz    # the study's table cell and Fashion-MNIST subset
+
 ROOT = Path(__file__).resolve().parent.parent
 SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
-
-
-def mean_std(xs: list[float], scale: float = 100.0) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "—"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{scale * statistics.fmean(xs):.2f} ± {scale * sd:.2f}"
-
-
-def subset_npz(n: int, seed: int, out: Path) -> str:
-    """A class-stratified subset of n Fashion-MNIST training images (the full test set) as an npz file."""
-    import numpy as np
-
-    from workers.data import _load_source
-    src = _load_source("fashion_mnist", None, 0)
-    rng = np.random.default_rng(seed)
-    keep = np.concatenate([rng.permutation(np.flatnonzero(src.y_train == c))[:n // 10] for c in range(10)])
-    path = out / f"fashion_mnist_{n}.npz"
-    np.savez(path, x_train=src.x_train[keep], y_train=src.y_train[keep], x_test=src.x_test, y_test=src.y_test)
-    return str(path)
 
 
 def main() -> None:
