@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, server_error
 from api.routes import health, jobs, me, models, tokens, uploads
-from service.runtime import Runtime
+from service.runtime import ApiRuntime, Runtime
 from service.settings import get_settings
 from workers.models import torchvision_names
 
@@ -85,15 +85,17 @@ def document_spec_body(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> FastAPI:
+def create_app(runtime: Runtime | None = None, *, auth: bool | None = None, api_only: bool = False) -> FastAPI:
     """`auth`: whether bearer tokens are asked for; None: from the settings (runtime's, else LADLE_*) with
-    the bind address unknown, so LADLE_AUTH=auto means on."""
+    the bind address unknown, so LADLE_AUTH=auto means on. Without `runtime` the app starts its own with
+    the server: the embedded one, or with `api_only` an ApiRuntime (an API process of `ladle serve
+    --workers N`, whose control process runs the embedded one)."""
     if auth is None:
         auth = (runtime.settings if runtime is not None else get_settings()).auth_for(None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        rt = runtime or Runtime()
+        rt = runtime or (ApiRuntime() if api_only else Runtime())
         if runtime is None:
             await asyncio.to_thread(rt.start)
             # a spec naming a torchvision model lists torchvision's models; importing torchvision takes
@@ -116,14 +118,14 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None) -> F
                   docs_url=None, redoc_url=None, description="Prune neural networks and retrain them as Sparse Model Soups.")
     app.state.auth = auth
     app.add_middleware(RefuseNul)
-    app.add_middleware(BodyLimit, settings=runtime.settings if runtime is not None else get_settings(),
-                       uploads=f"{API_PREFIX}/uploads")
+    settings = runtime.settings if runtime is not None else get_settings()
+    app.add_middleware(BodyLimit, settings=settings, uploads=f"{API_PREFIX}/uploads")
     if not auth:
         app.add_middleware(LoopbackHostOnly)        # before the body is read
     # the last added runs first: headers go on every response, the 400, 413 and RefuseNul's 422 included
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(Exception, server_error)      # a 500 has them too
-    app.state.streams = StreamSlots()
+    app.state.streams = StreamSlots(settings.home / "streams")
     add_docs(app, app.openapi_url)
     document_spec_body(app)
     api = APIRouter(prefix=API_PREFIX)

@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.runtime import Runtime
+from service.runtime import ApiRuntime, Runtime
 from service.store import Store, TokenRefused
 
 bearer = HTTPBearer(auto_error=False)
@@ -35,7 +35,7 @@ ANONYMOUS = Caller(name=None, admin=True)
 
 # The dependencies are `async def` so that they run on the event loop: a sync dependency would cost a
 # trip to the thread pool on every request. get_caller asks the database at most once per AUTH_MAX_AGE.
-async def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime | ApiRuntime:
     return request.app.state.runtime
 
 
@@ -79,7 +79,7 @@ async def get_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
     return caller
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+RuntimeDep = Annotated[Runtime | ApiRuntime, Depends(get_runtime)]
 StoreDep = Annotated[Store, Depends(get_store)]
 CallerDep = Annotated[Caller, Depends(get_caller)]
 AdminDep = Annotated[Caller, Depends(get_admin)]

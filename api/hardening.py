@@ -1,5 +1,5 @@
 """Web hardening (issue 15): browser security headers on every response, a request body limit, /docs
-served from vendored Swagger UI (no CDN), and a per-user count of open event streams.
+served from vendored Swagger UI (no CDN), and a per-user count of open event streams (across API processes).
 
 The two middlewares are plain ASGI, like api.app.RefuseNul, so that they cost next to nothing per request.
 """
@@ -7,11 +7,14 @@ The two middlewares are plain ASGI, like api.app.RefuseNul, so that they cost ne
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
+import os
 import re
 import weakref
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, status
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -137,20 +140,38 @@ def add_docs(app: FastAPI, openapi_url: str) -> None:
 
 
 class StreamSlots:
-    """Open event streams per user in this API process: `open()` gives a streaming response that holds
-    one of the user's slots until it ends, however it ends (the job ended, its lifetime ran out, the
-    client went away, the server stops), or None when the user already holds `limit`."""
+    """Open event streams per user, counted across the API processes of one server (`ladle serve --workers
+    N` on one host): a stream holds an exclusive lock (flock) on one of its user's `limit` slot files in
+    `folder`, which the kernel gives back however the stream ends, its process included. `open()` gives a
+    streaming response that holds a slot until it ends (the job ended, its lifetime ran out, the client
+    went away, the server stops), or None when the user already holds `limit`. `held`: this process's."""
 
-    def __init__(self):
+    def __init__(self, folder: Path):
+        self.folder = folder
         self.held: Counter[str | None] = Counter()
 
-    def open(self, user: str | None, limit: int, body, **kwargs) -> StreamingResponse | None:
-        if self.held[user] >= limit:
-            return None
-        self.held[user] += 1          # on the event loop, with no await since the check: no race
-        return _Held(body, release=lambda: self._release(user), **kwargs)
+    def _slot(self, user: str | None, limit: int) -> int | None:
+        """An open file descriptor holding one of the user's slots, or None if all are held."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        who = hashlib.sha256(b"\0" if user is None else user.encode()).hexdigest()[:32]
+        for k in range(limit):
+            fd = os.open(self.folder / f"{who}-{k}", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                os.close(fd)
+        return None
 
-    def _release(self, user: str | None) -> None:
+    def open(self, user: str | None, limit: int, body, **kwargs) -> StreamingResponse | None:
+        fd = self._slot(user, limit)
+        if fd is None:
+            return None
+        self.held[user] += 1
+        return _Held(body, release=lambda: self._release(user, fd), **kwargs)
+
+    def _release(self, user: str | None, fd: int) -> None:
+        os.close(fd)                  # and with it the lock
         self.held[user] -= 1
         if self.held[user] <= 0:
             del self.held[user]

@@ -1,10 +1,12 @@
-"""uvicorn as Ladle runs it (`uvicorn_config`: time and size limits from the settings), and the API
-server in a background thread with the embedded runtime: for `ladle demo` and for tests that need a
-live server."""
+"""uvicorn as Ladle runs it (`uvicorn_config`: time and size limits from the settings); the app of each
+API process of `ladle serve --workers N` (`worker_app`); and the API server in a background thread with
+the embedded runtime: for `ladle demo` and for tests that need a live server."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -15,7 +17,7 @@ import uvicorn
 from api.app import create_app
 from service.cluster import free_ports
 from service.runtime import Runtime
-from service.settings import Settings
+from service.settings import Settings, get_settings
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -77,18 +79,57 @@ if HttpToolsProtocol is not None:
             super().on_headers_complete()
 
 
-def uvicorn_config(app: Any, settings: Settings, **kwargs: Any) -> uvicorn.Config:
+if HttpToolsProtocol is not None:
+    class WorkerHttpProtocol(HeaderLimitedProtocol):
+        """HeaderLimitedProtocol with its limits from this process's settings (LADLE_*): what uvicorn's
+        worker processes import by name (a class made at run time cannot be sent to them)."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            s = get_settings()
+            self.header_seconds, self.max_header_bytes = s.http_header_seconds, s.http_max_header_bytes
+            super().__init__(*args, **kwargs)
+
+
+# An API process answers its supervisor's health checks only once it has imported what the app needs
+# (torch, Ray: ~5-15 s on a busy 2-CPU VM); uvicorn's default (5 s) killed and restarted slow starters
+WORKER_START_SECONDS = 60
+
+
+def uvicorn_config(app: Any, settings: Settings, *, workers: int = 1, **kwargs: Any) -> uvicorn.Config:
     """uvicorn's Config with Ladle's limits (LADLE_HTTP_*): idle keep-alive, header time and size,
-    connections at once, and how long open requests (event streams) may take to end on shutdown."""
-    if HttpToolsProtocol is not None:
-        http: Any = type("LadleHttpProtocol", (HeaderLimitedProtocol,), {
-            "header_seconds": settings.http_header_seconds, "max_header_bytes": settings.http_max_header_bytes})
+    connections at once (per process), and how long open requests (event streams) may take to end on
+    shutdown. `workers` > 1: `app` is ignored; each of the processes uvicorn's supervisor spawns makes
+    its own (`worker_app`) and reads the limits from its environment, which it inherits."""
+    if HttpToolsProtocol is None:
+        http: Any = "h11"
+    elif workers > 1:
+        http, app, kwargs["factory"] = f"{__name__}:WorkerHttpProtocol", f"{__name__}:worker_app", True
     else:
-        http = "h11"
+        http = type("LadleHttpProtocol", (HeaderLimitedProtocol,), {
+            "header_seconds": settings.http_header_seconds, "max_header_bytes": settings.http_max_header_bytes})
     return uvicorn.Config(app, http=http, timeout_keep_alive=settings.http_keep_alive_seconds,
                           h11_max_incomplete_event_size=settings.http_max_header_bytes,
-                          limit_concurrency=settings.http_max_concurrency,
-                          timeout_graceful_shutdown=settings.http_shutdown_seconds, **kwargs)
+                          limit_concurrency=settings.http_max_concurrency, workers=workers,
+                          timeout_graceful_shutdown=settings.http_shutdown_seconds,
+                          timeout_worker_healthcheck=WORKER_START_SECONDS, **kwargs)
+
+
+PARENT_POLL = 1.0       # seconds between an API process's looks at whether its control process still runs
+
+
+def worker_app() -> Any:
+    """The app of one API process of `ladle serve --workers N` (uvicorn's factory, called in the process):
+    an ApiRuntime, auth as its control process decided (it sets LADLE_AUTH to on or off for them). The
+    process stops itself (SIGTERM: a graceful stop) when its control process is gone, SIGKILL included,
+    so that no API process outlives the service and holds on to its port."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=watch, name="ladle-parent-watch", daemon=True).start()
+    return create_app(api_only=True, auth=get_settings().auth_for(None))
 
 
 class BackgroundServer:

@@ -8,14 +8,22 @@ stops it first. Whenever the head goes (the service stops, a killed service's he
 head dies and is started again), the jobs that were running on it go back to the queue, with an
 event, and resume after their last completed phase under the next driver; that costs none of
 their `max_attempts`. Jobs on an external cluster are not touched: their drivers run on.
+
+`ladle serve --workers N` (N > 1) runs this runtime in its control process, which serves no HTTP, and N
+API processes with an `ApiRuntime` each: the store, and what the control process publishes in
+`$LADLE_HOME/service.json` (`StatusFile`: whether it dispatches, Ray's last error, the Jobs API's
+address, which changes when the embedded head is started again).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -27,6 +35,8 @@ from service.store import Store
 log = logging.getLogger("ladle.runtime")
 
 NODES_TTL = 30.0     # seconds a reading of the cluster's nodes is reused (the submission check)
+STATUS_FILE = "service.json"      # under LADLE_HOME while `ladle serve --workers N` runs
+STATUS_MAX_AGE = 1.0              # seconds an API process reuses its reading of the status file
 
 
 def node_secrets(settings: Settings) -> dict[str, str]:
@@ -36,7 +46,39 @@ def node_secrets(settings: Settings) -> dict[str, str]:
     return {"PGPASSWORD": str(password)} if password else {}
 
 
-class Runtime:
+class _ClusterView:
+    """What the API asks of a runtime, whichever process it runs in."""
+    settings: Settings
+    store: Store | None
+    _nodes: tuple[float, list[dict[str, float]] | None]
+
+    @property
+    def jobs_api_url(self) -> str:
+        raise NotImplementedError
+
+    def cached_nodes(self) -> list[dict[str, float]] | None:
+        """The last reading of `nodes()` if it is fresh; Ellipsis if it is not (call `nodes()`)."""
+        when, nodes = self._nodes
+        return nodes if time.monotonic() - when < NODES_TTL else ...
+
+    def nodes(self) -> list[dict[str, float]] | None:
+        """The resources of each alive node (read at most every NODES_TTL seconds), or None if Ray
+        does not answer."""
+        cached = self.cached_nodes()
+        if cached is not ...:
+            return cached
+        from ray.util.state import list_nodes
+        try:
+            found = [dict(n.resources_total or {}) for n in list_nodes(address=self.jobs_api_url, timeout=5)
+                     if n.state == "ALIVE"]
+        except Exception:
+            found = None
+        self._nodes = (time.monotonic(), found)
+        return found
+
+
+
+class Runtime(_ClusterView):
     def __init__(self, settings: Settings | None = None, *, num_cpus: int | None = None, dispatch: bool | None = None):
         self.settings = settings or get_settings()
         self.dispatch = self.settings.dispatch if dispatch is None else dispatch   # False: store jobs, run none
@@ -92,25 +134,14 @@ class Runtime:
             self._requeue_running("the embedded Ray head died and was started again")
             return self.head.dashboard_url
 
-    def cached_nodes(self) -> list[dict[str, float]] | None:
-        """The last reading of `nodes()` if it is fresh; Ellipsis if it is not (call `nodes()`)."""
-        when, nodes = self._nodes
-        return nodes if time.monotonic() - when < NODES_TTL else ...
+    def status(self) -> dict[str, Any]:
+        """Whether jobs are dispatched, why Ray's Jobs API does not answer (None: it does), and its address."""
+        d = self.dispatcher
+        return {"dispatching": d is not None and d.is_running(), "ray_error": d.ray_error if d is not None else None,
+                "jobs_api_url": self.jobs_api_url}
 
-    def nodes(self) -> list[dict[str, float]] | None:
-        """The resources of each alive node (read at most every NODES_TTL seconds), or None if Ray
-        does not answer."""
-        cached = self.cached_nodes()
-        if cached is not ...:
-            return cached
-        from ray.util.state import list_nodes
-        try:
-            found = [dict(n.resources_total or {}) for n in list_nodes(address=self.jobs_api_url, timeout=5)
-                     if n.state == "ALIVE"]
-        except Exception:
-            found = None
-        self._nodes = (time.monotonic(), found)
-        return found
+    def cancel(self, job_id: str) -> None:
+        self.dispatcher.cancel(job_id)
 
     def stop(self) -> None:
         if self.dispatcher is not None:
@@ -133,3 +164,72 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StatusFile:
+    """`Runtime.status()` of a control process, kept in a file for its API processes: written (atomically)
+    when it changes, read by the API processes at most every STATUS_MAX_AGE seconds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._read: tuple[float, dict[str, Any]] = (-STATUS_MAX_AGE, {})
+
+    def publish(self, runtime: Runtime, stop: threading.Event, every: float = 0.5) -> None:
+        """Write the runtime's status now and whenever it changes, until `stop` is set; then remove the file."""
+        last = None
+        try:
+            while True:
+                now = dict(runtime.status(), pid=os.getpid())
+                if now != last:
+                    tmp = self.path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(now))
+                    tmp.replace(self.path)
+                    last = now
+                if stop.wait(every):
+                    return
+        finally:
+            self.path.unlink(missing_ok=True)
+
+    def read(self) -> dict[str, Any]:
+        """The last published status ({} while there is none)."""
+        when, status = self._read
+        if time.monotonic() - when >= STATUS_MAX_AGE:
+            try:
+                status = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                status = {}
+            self._read = (time.monotonic(), status)
+        return status
+
+
+class ApiRuntime(_ClusterView):
+    """The runtime of one API process of `ladle serve --workers N`: the store, no Ray head and no
+    dispatching; the dispatcher's state and the Jobs API's address come from the control process's
+    status file. A job is cancelled here as by the dispatcher (its status, then its Ray job stopped)."""
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or get_settings()
+        self.store: Store | None = None
+        self.status_file = StatusFile(self.settings.home / STATUS_FILE)
+        self._nodes = (-NODES_TTL, None)
+
+    def start(self) -> ApiRuntime:
+        self.store = Store(self.settings.database_url, migrate=False)     # the control process migrated it
+        return self
+
+    def stop(self) -> None:
+        if self.store is not None:
+            self.store.engine.dispose()
+
+    @property
+    def jobs_api_url(self) -> str:
+        return self.settings.ray_address or self.status_file.read().get("jobs_api_url") or ""
+
+    def status(self) -> dict[str, Any]:
+        published = self.status_file.read()
+        return {"dispatching": bool(published.get("dispatching")), "ray_error": published.get("ray_error"),
+                "jobs_api_url": self.jobs_api_url}
+
+    def cancel(self, job_id: str) -> None:
+        s = self.settings
+        Dispatcher(self.store, self.jobs_api_url, database_url=s.database_url, artifacts=s.artifacts).cancel(job_id)

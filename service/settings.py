@@ -103,12 +103,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1)            # a request body above this many bytes: 413, not read
     max_upload_bytes: int = Field(1 << 30, ge=1)          # an upload (POST /uploads) above this: 413, nothing kept
     sse_max_seconds: float = Field(600.0, gt=0)           # an event stream ends after this; the client reconnects
-    sse_streams_per_user: int = Field(8, ge=1)            # open event streams per user and API process; more: 429
+    sse_streams_per_user: int = Field(8, ge=1)            # open event streams per user (all API processes); more: 429
     http_keep_alive_seconds: int = Field(5, ge=1)         # an idle keep-alive connection is closed after this
     http_header_seconds: float = Field(10.0, gt=0)        # a client must send a request's headers within this
     http_max_header_bytes: int = Field(64 * 1024, ge=1024)   # a request's headers: at most this many bytes
     http_max_concurrency: int | None = Field(1000, ge=1)  # connections and requests at once; more: 503
     http_shutdown_seconds: int = Field(10, ge=0)          # on stop, open requests (streams) get this long to end
+    # API processes of `ladle serve` (sharing its port): 1 serves the API, the dashboard and the dispatcher in
+    # one process; N > 1: a control process runs the dispatcher (and the embedded Ray head) and N processes
+    # serve HTTP, each on a core of its own (one process serves ~400 simple requests/s on this project's VM)
+    api_workers: int = Field(1, ge=1, le=64)
 
 
 @lru_cache

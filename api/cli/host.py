@@ -5,7 +5,9 @@ dispatcher and a Ray head), `ladle run` (a job in this process, or on the embedd
 from __future__ import annotations
 
 import json
+import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +25,7 @@ from service.cluster import HEAD_FILE, HeadInUse, ensure_head_free
 from service.executors import SequentialExecutor
 from service.pipeline import Pipeline
 from service.recorders import LocalRecorder
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 from service.spec import JobSpec, SpecError, load_spec, primary_metric
 from workers.checkpoint import CheckpointError
 from workers.data import DataError
@@ -253,16 +255,21 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
 # ---------------------------------------------------------------- ladle serve
 
 def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="port")] = 8000) -> None:
+          port: Annotated[int, typer.Option(help="port")] = 8000,
+          workers: Annotated[int | None, typer.Option(min=1, max=64, help="API processes sharing the port "
+                                                      "(default: LADLE_API_WORKERS, else 1)")] = None) -> None:
     """Start the REST API (and the dashboard) with the dispatcher and, unless LADLE_RAY_ADDRESS is set,
     a local Ray head; all stop on exit. Auth (LADLE_AUTH): on, off, or auto (the default: on unless bound
     to 127.0.0.1, localhost or ::1). With auth on it needs an admin token: a stored one (ladle token
-    create --admin) or LADLE_ADMIN_TOKEN, which it keeps in the store as the admin token named "admin"."""
+    create --admin) or LADLE_ADMIN_TOKEN, which it keeps in the store as the admin token named "admin".
+    With --workers N > 1 this process runs the dispatcher and the Ray head and N processes serve HTTP (one
+    per core the API should use); a process that dies is started again."""
     import uvicorn
 
     from api.server import uvicorn_config
     from service.store import Store
     settings = get_settings()
+    workers = workers or settings.api_workers
     auth = settings.auth_for(host)
     # every refusal comes before anything is bound or started (Ray above all)
     store = Store(settings.database_url)
@@ -287,6 +294,8 @@ def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.
             ensure_head_free(settings.home / HEAD_FILE)
         except HeadInUse as e:
             raise fail(str(e), 2) from None
+    if workers > 1:
+        return serve_workers(settings, auth, host, port, workers)
     from api.app import create_app
     # uvicorn stops gracefully on SIGINT and SIGTERM (and the app stops the runtime); SIGHUP does the same
     signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
@@ -297,6 +306,45 @@ def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.
         pass
     if not server.started:
         raise typer.Exit(3)            # uvicorn has said why (as uvicorn.run)
+
+
+def serve_workers(settings: Settings, auth: bool, host: str, port: int, workers: int) -> None:
+    """`ladle serve --workers N`: this process runs the embedded runtime (store, Ray head, dispatcher) and
+    serves no HTTP; uvicorn's supervisor spawns N API processes on one socket (api.server.worker_app),
+    checks them and starts a dead one again. This process publishes the dispatcher's state for them
+    (service.runtime.StatusFile). SIGINT, SIGTERM and SIGHUP stop the API processes (open requests get
+    LADLE_HTTP_SHUTDOWN_SECONDS), then the runtime."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    from api.server import uvicorn_config
+    from service.runtime import STATUS_FILE, Runtime, StatusFile
+    os.environ["LADLE_AUTH"] = "on" if auth else "off"        # the API processes decide as this one did
+    config = uvicorn_config(None, settings, workers=workers, host=host, port=port, log_level="info")
+    config.configure_logging()
+    sock = config.bind_socket()              # a port in use: uvicorn says so and exits, nothing started yet
+    runtime, done = Runtime(settings), threading.Event()
+    publisher = threading.Thread(target=StatusFile(settings.home / STATUS_FILE).publish, args=(runtime, done),
+                                 name="ladle-status", daemon=True)
+    try:
+        with stop_on_signals():
+            runtime.start()
+            publisher.start()
+        supervisor = Multiprocess(config, sockets=[sock])     # its handlers: SIGINT and SIGTERM stop it
+        signal.signal(signal.SIGHUP, lambda *_: supervisor.should_exit.set())     # (its own: restart workers)
+        supervisor.run()
+    except Stopped:
+        return
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)            # let the clean-up finish
+        done.set()
+        if publisher.is_alive():
+            publisher.join(timeout=5)
+        runtime.stop()
+        sock.close()
+    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+        raise typer.Exit(3)                  # an API process could not start (uvicorn has said why)
 
 
 COMMANDS = (run, demo, serve)

@@ -20,9 +20,9 @@ def health(store: StoreDep, runtime: RuntimeDep) -> HealthPublic:
         store.ping()
     except Exception as e:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"database: {type(e).__name__}") from None
-    dispatcher = runtime.dispatcher
-    ray_error = dispatcher.ray_error if dispatcher is not None and dispatcher.is_running() else None
-    if dispatcher is None or not dispatcher.is_running():
+    state = runtime.status()
+    ray_error = state["ray_error"] if state["dispatching"] else None
+    if not state["dispatching"]:
         ray = "not dispatching"
     else:
         ray = "ok" if ray_error is None else "Ray's Jobs API does not answer (details: GET /api/v1/cluster, admins)"

@@ -117,7 +117,7 @@ def cancel_job(job_id: str, store: StoreDep, runtime: RuntimeDep, caller: Caller
     if job.status in TERMINAL:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} is already {job.status}")
     try:
-        runtime.dispatcher.cancel(job_id)
+        runtime.cancel(job_id)
     except StateError as e:
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     return JobPublic.model_validate(store.get_job(job_id))

@@ -5,6 +5,7 @@ A few tests run the app under uvicorn in a thread (`live`: real HTTP, still no R
 loads the dashboard and /docs in Debian's Chromium under the policy."""
 
 import base64
+import gc
 import hashlib
 import logging
 import re
@@ -22,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from api.app import DASHBOARD, create_app
 from api.client import ChecksumMismatch, Client, DownloadError
-from api.hardening import CSP
+from api.hardening import CSP, StreamSlots
 from api.routes.models import CorruptArtifact
 from api.server import uvicorn_config
 from service.cluster import free_ports
@@ -523,3 +524,33 @@ def test_the_dashboard_and_docs_work_under_the_policy_in_chromium(api, live):
         assert page.locator(".live-responses-table tr.response .response-col_status").first.inner_text().strip() == "200"
         assert errors == [] and elsewhere == [], (errors, elsewhere)
         browser.close()
+
+
+def test_stream_slots_are_counted_across_processes_and_a_dead_process_gives_its_back(tmp_path):
+    """The per-user cap holds across the API processes of `ladle serve --workers N`: slots are locks on
+    files, which another process holds as this one would, and which the kernel frees when it dies."""
+    import subprocess
+    import sys
+
+    slots = StreamSlots(tmp_path / "streams")
+    hold = slots.open("alice", 2, iter(()))                # this process: one of alice's two
+    assert hold is not None
+    other = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from api.hardening import StreamSlots\n"
+        f"s = StreamSlots(Path({str(tmp_path / 'streams')!r}))\n"
+        "held = s.open('alice', 2, iter(()))\n"          # a slot is held while its response lives
+        "assert held is not None and s.open('alice', 2, iter(())) is None\n"
+        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"    # it got the second, and no third
+        assert slots.open("alice", 2, iter(())) is None      # so none is left for this process
+        bobs = slots.open("bob", 2, iter(()))               # another user's are their own
+        assert bobs is not None
+    finally:
+        other.kill()
+        other.wait()
+    again = slots.open("alice", 2, iter(()))                # its slot was given back when it died
+    assert again is not None and slots.held == {"alice": 2, "bob": 1}
+    del hold, again, bobs                                   # a response never sent frees its slot when collected
+    gc.collect()
+    assert slots.held == {} and slots.open("alice", 2, iter(())) is not None
