@@ -97,22 +97,39 @@ LIST_QUERY = sa.select(*(Job.__table__.c[k] for k in LISTED), *OUTLINE)
 NEWEST_FIRST = (Job.created_at.desc(), Job.id.desc())
 
 
+def _paging(q: sa.Select, status: bool, owner: bool) -> sa.Select:
+    if status:
+        q = q.where(Job.status == sa.bindparam("status"))
+    if owner:
+        q = q.where(Job.owner == sa.bindparam("owner"))
+    return q
+
+
+# The statements of `page`, built once per filter (status or not, owner or not) with the values as bound
+# parameters: SQLAlchemy memoizes a statement's cache key, whereas building the statement per call (and
+# hashing its 21 columns into a new cache key) cost more than running it (0.9 -> 0.35 ms for 50 rows)
+PAGE_QUERIES = {(st, ow): (_paging(sa.select(sa.func.count()).select_from(Job), st, ow),
+                           _paging(LIST_QUERY, st, ow).order_by(*NEWEST_FIRST)
+                           .limit(sa.bindparam("limit")).offset(sa.bindparam("offset")),
+                           _paging(sa.select(Job), st, ow).order_by(*NEWEST_FIRST)
+                           .limit(sa.bindparam("limit")).offset(sa.bindparam("offset")))
+                for st in (False, True) for ow in (False, True)}
+
+
 def page(s: Session, *, status: str | None = None, owner: str | None = None, limit: int = 50,
          offset: int = 0, spec: bool = True) -> tuple[list[Job] | list[dict[str, Any]], int]:
     """A page of jobs, newest first, and the number of jobs that match. `spec=False` (what GET /jobs shows):
     plain rows (dicts of the LISTED columns) whose `spec` is only its outline (model.arch, data.name,
     prune.phases), extracted by the database: decoding 50 whole specs and building 50 ORM objects cost
     more than the rest of the request."""
-    where = []
-    if status is not None:
-        where.append(Job.status == status)
-    if owner is not None:
-        where.append(Job.owner == owner)
-    count = int(s.scalar(sa.select(sa.func.count()).select_from(Job).where(*where)) or 0)
+    count_q, rows_q, jobs_q = PAGE_QUERIES[status is not None, owner is not None]
+    params = {"status": status, "owner": owner, "limit": limit, "offset": offset}
+    c = s.connection()
+    count = int(c.execute(count_q, params).scalar() or 0)
     if spec:
-        return list(s.scalars(sa.select(Job).where(*where).order_by(*NEWEST_FIRST).limit(limit).offset(offset))), count
+        return list(s.scalars(jobs_q, params)), count
     rows = []
-    for row in s.connection().execute(LIST_QUERY.where(*where).order_by(*NEWEST_FIRST).limit(limit).offset(offset)):
+    for row in c.execute(rows_q, params):
         job = dict(zip(LISTED, row))
         arch, dataset, phases = row[len(LISTED):]
         job["spec"] = {"model": {"arch": arch}, "data": {"name": dataset}, "prune": {"phases": phases}}
