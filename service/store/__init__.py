@@ -9,8 +9,9 @@ and `tx()` for an operation whose writes must commit together.
 Rows come back as the ORM objects of service.orm (`Job`, `Phase`, `Run`, `Model`, `Event`,
 `Token`), detached from their session: `expire_on_commit=False` keeps their columns loaded, and the
 models have no relationships to lazy-load. Change them only through the store. The exceptions are
-`metrics()` (plain dicts, since each row carries its run's name) and `lineage()` / `descendants()`
-(`{"nodes": [Model], "edges": [{"parent", "child", "kind"}]}`).
+`metrics()` (plain dicts, since each row carries its run's name), `lineage()` / `descendants()`
+(`{"nodes": [Model], "edges": [{"parent", "child", "kind"}]}`), and the API's hot reads of jobs,
+`job_row()` and `list_jobs(spec=False)` (plain dicts of the columns the API shows: no ORM objects).
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class Store:
     def get_job(self, job_id: str) -> Job | None:
         with self.reads() as s:
             return s.get(Job, job_id)
+
+    def job_row(self, job_id: str) -> dict[str, Any] | None:
+        """The job as the API shows it, as a plain dict (its columns and spec; see jobs.row), or None."""
+        with self.reads() as s:
+            return jobs.row(s, job_id)
 
     def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
                   offset: int = 0, spec: bool = True) -> tuple[list[Job] | list[dict[str, Any]], int]:
