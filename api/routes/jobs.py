@@ -105,8 +105,9 @@ async def list_jobs(store: StoreDep, caller: CallerDep, status_: Annotated[JobSt
     each job's `metric` and `phases_total` come either way."""
     owner = None if caller.admin else caller.name
     rows, count = store.list_jobs(status=status_, owner=owner, limit=limit, offset=offset, spec=include_spec)
-    jobs = [JobPublic.model_validate(r) for r in rows]
-    return JobsPublic(data=jobs if include_spec else [j.without_spec() for j in jobs], count=count)
+    if include_spec:
+        return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
+    return JobsPublic(data=[JobPublic.listed(r) for r in rows], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
