@@ -26,7 +26,14 @@ class MetricInfo(BaseModel):
 
     @classmethod
     def of(cls, metric: Metric) -> MetricInfo:
-        return cls(name=metric.name, mode=metric.mode, percent=metric.percent)
+        """One instance per metric (a list shows the same one for every job; never changed once made)."""
+        info = _METRIC_INFOS.get(metric)
+        if info is None:
+            info = _METRIC_INFOS[metric] = cls(name=metric.name, mode=metric.mode, percent=metric.percent)
+        return info
+
+
+_METRIC_INFOS: dict[Metric, MetricInfo] = {}
 
 
 class PhaseColumnPublic(BaseModel):
@@ -68,7 +75,10 @@ class JobPublic(_Out):
     @classmethod
     def _from_spec(cls, value: Any) -> Any:
         """metric and phases_total come from the spec (the store keeps no columns for them), so that a
-        job shown without its spec still has them."""
+        job shown without its spec still has them. A dict that has them already (see `listed`) is taken as
+        it is."""
+        if isinstance(value, dict) and "metric" in value and "phases_total" in value:
+            return value
         value = dict(value) if isinstance(value, dict) else {
             k: getattr(value, k) for k in cls.model_fields if hasattr(value, k)}
         spec = value.get("spec")
@@ -77,9 +87,14 @@ class JobPublic(_Out):
             value.setdefault("phases_total", (spec.get("prune") or {}).get("phases"))
         return value
 
-    def without_spec(self) -> JobPublic:
-        self.spec = None
-        return self
+    @staticmethod
+    def listed(row: dict[str, Any]) -> dict[str, Any]:
+        """A row of the job list (Store.list_jobs(spec=False): its spec in outline) as this model's input
+        without its spec: metric and phases_total read from the outline here, so that validating a page
+        runs no Python per job (no copy, no spec to validate and then drop)."""
+        outline = row["spec"]
+        return {**row, "spec": None, "metric": MetricInfo.of(primary_metric(outline)),
+                "phases_total": outline["prune"]["phases"]}
 
     @computed_field(description="best_score when the job's metric is accuracy (else null)")
     @property

@@ -25,6 +25,9 @@ ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
 MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_PRAGMAS = ("foreign_keys=ON", "journal_mode=WAL", "busy_timeout=30000", "synchronous=NORMAL")
 PG_MIGRATION_LOCK = 0x1AD1E                  # pg_advisory_xact_lock key: one migrator at a time
+# An execution option (SQLite): send no BEGIN, so that each statement is a transaction of its own (reads:
+# a single SELECT needs no BEGIN and ROLLBACK around it; service.store.Store.read_engine)
+NO_BEGIN = "ladle_no_begin"
 
 
 def make_engine(url: str | sa.URL) -> sa.Engine:
@@ -46,8 +49,9 @@ def make_engine(url: str | sa.URL) -> sa.Engine:
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate")
-                             else "BEGIN")
+        options = conn.get_execution_options()
+        if not options.get(NO_BEGIN):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get("sqlite_immediate") else "BEGIN")
 
     return engine
 

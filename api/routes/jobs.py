@@ -39,8 +39,12 @@ SSE_KEEPALIVE = 15.0        # an event stream with nothing to say sends a commen
 def _job(store, caller, job_id: str):
     job = store.get_job(job_id)
     if job is None or not visible(caller, job.owner):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
+        raise _not_found(job_id)
     return job
+
+
+def _not_found(job_id: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")
 
 
 # POST /jobs reads its body itself (see submit_job); the schema documents it as a JobSpec
@@ -101,13 +105,18 @@ async def list_jobs(store: StoreDep, caller: CallerDep, status_: Annotated[JobSt
     each job's `metric` and `phases_total` come either way."""
     owner = None if caller.admin else caller.name
     rows, count = store.list_jobs(status=status_, owner=owner, limit=limit, offset=offset, spec=include_spec)
-    jobs = [JobPublic.model_validate(r) for r in rows]
-    return JobsPublic(data=jobs if include_spec else [j.without_spec() for j in jobs], count=count)
+    if include_spec:
+        return JobsPublic(data=[JobPublic.model_validate(r) for r in rows], count=count)
+    return JobsPublic(data=[JobPublic.listed(r) for r in rows], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=NOT_FOUND)
 async def get_job(job_id: str, store: StoreDep, caller: CallerDep) -> JobPublic:
-    return JobPublic.model_validate(_job(store, caller, job_id))
+    # the job as a plain row (Store.job_row), not an ORM object: the hottest read of the API
+    job = store.job_row(job_id)
+    if job is None or not visible(caller, job["owner"]):
+        raise _not_found(job_id)
+    return JobPublic.model_validate(job)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic,

@@ -1,5 +1,6 @@
 """Jobs: their rows and their status changes. Functions take an open session; the caller owns the
-transaction (service.store.Store.tx). Every change of a job's status goes through `transition`."""
+transaction (service.store.Store.tx). Every change of a job's status goes through `transition`. The API's
+hot reads (`row`, `outlines`) take a connection instead and return plain dicts: no ORM session."""
 
 from __future__ import annotations
 
@@ -95,29 +96,64 @@ OUTLINE = (Job.spec[("model", "arch")].as_string().label("arch"), Job.spec[("dat
            Job.spec[("prune", "phases")].as_integer().label("phases"))
 LIST_QUERY = sa.select(*(Job.__table__.c[k] for k in LISTED), *OUTLINE)
 NEWEST_FIRST = (Job.created_at.desc(), Job.id.desc())
+# What GET /jobs/{id} shows: the listed columns and the whole spec
+ROW_QUERY = sa.select(*(Job.__table__.c[k] for k in LISTED), Job.spec).where(Job.id == sa.bindparam("id"))
+
+
+def _paging(q: sa.Select, status: bool, owner: bool) -> sa.Select:
+    if status:
+        q = q.where(Job.status == sa.bindparam("status"))
+    if owner:
+        q = q.where(Job.owner == sa.bindparam("owner"))
+    return q
+
+
+# The statements of `page` and `outlines`, built once per filter (status or not, owner or not) with the values as bound
+# parameters: SQLAlchemy memoizes a statement's cache key, whereas building the statement per call (and
+# hashing its 21 columns into a new cache key) cost more than running it (0.9 -> 0.35 ms for 50 rows)
+PAGE_QUERIES = {(st, ow): (_paging(sa.select(sa.func.count()).select_from(Job), st, ow),
+                           _paging(LIST_QUERY, st, ow).order_by(*NEWEST_FIRST)
+                           .limit(sa.bindparam("limit")).offset(sa.bindparam("offset")),
+                           _paging(sa.select(Job), st, ow).order_by(*NEWEST_FIRST)
+                           .limit(sa.bindparam("limit")).offset(sa.bindparam("offset")))
+                for st in (False, True) for ow in (False, True)}
+
+
+def _params(status: str | None, owner: str | None, limit: int, offset: int) -> tuple[tuple, dict[str, Any]]:
+    """The PAGE_QUERIES of that filter, and their parameters."""
+    return PAGE_QUERIES[status is not None, owner is not None], {"status": status, "owner": owner, "limit": limit,
+                                                                 "offset": offset}
 
 
 def page(s: Session, *, status: str | None = None, owner: str | None = None, limit: int = 50,
-         offset: int = 0, spec: bool = True) -> tuple[list[Job] | list[dict[str, Any]], int]:
-    """A page of jobs, newest first, and the number of jobs that match. `spec=False` (what GET /jobs shows):
-    plain rows (dicts of the LISTED columns) whose `spec` is only its outline (model.arch, data.name,
-    prune.phases), extracted by the database: decoding 50 whole specs and building 50 ORM objects cost
-    more than the rest of the request."""
-    where = []
-    if status is not None:
-        where.append(Job.status == status)
-    if owner is not None:
-        where.append(Job.owner == owner)
-    count = int(s.scalar(sa.select(sa.func.count()).select_from(Job).where(*where)) or 0)
-    if spec:
-        return list(s.scalars(sa.select(Job).where(*where).order_by(*NEWEST_FIRST).limit(limit).offset(offset))), count
+         offset: int = 0) -> tuple[list[Job], int]:
+    """A page of jobs, newest first, and the number of jobs that match."""
+    (count_q, _, jobs_q), params = _params(status, owner, limit, offset)
+    count = int(s.connection().execute(count_q, params).scalar() or 0)
+    return list(s.scalars(jobs_q, params)), count
+
+
+def outlines(c: sa.Connection, *, status: str | None = None, owner: str | None = None, limit: int = 50,
+             offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """`page` as GET /jobs shows it: plain rows (dicts of the LISTED columns) whose `spec` is only its outline
+    (model.arch, data.name, prune.phases), extracted by the database: decoding 50 whole specs and building
+    50 ORM objects cost more than the rest of the request."""
+    (count_q, rows_q, _), params = _params(status, owner, limit, offset)
+    count = int(c.execute(count_q, params).scalar() or 0)
     rows = []
-    for row in s.connection().execute(LIST_QUERY.where(*where).order_by(*NEWEST_FIRST).limit(limit).offset(offset)):
+    for row in c.execute(rows_q, params):
         job = dict(zip(LISTED, row))
         arch, dataset, phases = row[len(LISTED):]
         job["spec"] = {"model": {"arch": arch}, "data": {"name": dataset}, "prune": {"phases": phases}}
         rows.append(job)
     return rows, count
+
+
+def row(c: sa.Connection, job_id: str) -> dict[str, Any] | None:
+    """A job as GET /jobs/{id} shows it: a plain dict of the LISTED columns and its spec (no ORM object:
+    one prebuilt Core statement on a connection costs a third of `Session.get`), or None."""
+    found = c.execute(ROW_QUERY, {"id": job_id}).one_or_none()
+    return None if found is None else dict(zip((*LISTED, "spec"), found))
 
 
 def claim_queued(s: Session, limit: int, *, per_owner: int | None = None) -> list[Job]:
