@@ -5,14 +5,18 @@ the embedded runtime: for `ladle demo` and for tests that need a live server."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
 
 import httpx
 import uvicorn
+from uvicorn._subprocess import get_subprocess
+from uvicorn.config import STARTUP_FAILURE
 
 from api.app import create_app
 from service.cluster import free_ports
@@ -90,16 +94,11 @@ if HttpToolsProtocol is not None:
             super().__init__(*args, **kwargs)
 
 
-# An API process answers its supervisor's health checks only once it has imported what the app needs
-# (torch, Ray: ~5-15 s on a busy 2-CPU VM); uvicorn's default (5 s) killed and restarted slow starters
-WORKER_START_SECONDS = 60
-
-
 def uvicorn_config(app: Any, settings: Settings, *, workers: int = 1, **kwargs: Any) -> uvicorn.Config:
     """uvicorn's Config with Ladle's limits (LADLE_HTTP_*): idle keep-alive, header time and size,
     connections at once (per process), and how long open requests (event streams) may take to end on
-    shutdown. `workers` > 1: `app` is ignored; each of the processes uvicorn's supervisor spawns makes
-    its own (`worker_app`) and reads the limits from its environment, which it inherits."""
+    shutdown. `workers` > 1: `app` is ignored; each API process (ApiProcesses) makes its own
+    (`worker_app`) and reads the limits from its environment, which it inherits."""
     if HttpToolsProtocol is None:
         http: Any = "h11"
     elif workers > 1:
@@ -110,11 +109,92 @@ def uvicorn_config(app: Any, settings: Settings, *, workers: int = 1, **kwargs: 
     return uvicorn.Config(app, http=http, timeout_keep_alive=settings.http_keep_alive_seconds,
                           h11_max_incomplete_event_size=settings.http_max_header_bytes,
                           limit_concurrency=settings.http_max_concurrency, workers=workers,
-                          timeout_graceful_shutdown=settings.http_shutdown_seconds,
-                          timeout_worker_healthcheck=WORKER_START_SECONDS, **kwargs)
+                          timeout_graceful_shutdown=settings.http_shutdown_seconds, **kwargs)
 
 
 PARENT_POLL = 1.0       # seconds between an API process's looks at whether its control process still runs
+
+
+log = logging.getLogger("ladle.api")
+
+
+def listening_sockets(host: str, port: int, n: int, backlog: int = 2048) -> list[socket.socket]:
+    """`n` listening sockets on one address, one per API process, with SO_REUSEPORT: the kernel spreads new
+    connections evenly over them. (One shared socket let whichever process woke first take them: 46 of 60
+    connections went to one of two processes.) A port another server holds is refused first (OSError),
+    never shared: a plain bind must succeed before the sockets are made. Port 0: one free port for all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # (a port in TIME_WAIT is free)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+class ApiProcesses:
+    """The API processes of `ladle serve --workers N`: each a uvicorn server (spawned, as uvicorn's own
+    supervisor does) on a listening socket of its own on the shared port (`listening_sockets`). One that
+    ends is started again, unless it could not start at all (uvicorn's exit code 3: the same would happen
+    again); `run` returns when `stop` is set, after stopping them all."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]):
+        self.config, self.sockets = config, sockets
+        self.processes: list[Any] = [None] * len(sockets)
+
+    def _start(self, i: int) -> None:
+        process = get_subprocess(self.config, uvicorn.Server(self.config).run, [self.sockets[i]])
+        process.start()
+        self.processes[i] = process
+
+    def run(self, stop: threading.Event) -> bool:
+        """Serve until `stop` is set; False if an API process could not start (then `stop` is set too)."""
+        started = True
+        try:
+            for i in range(len(self.sockets)):
+                self._start(i)
+            while not stop.wait(0.5):
+                for i, process in enumerate(self.processes):
+                    if process.is_alive():
+                        continue
+                    if process.exitcode == STARTUP_FAILURE:
+                        log.error("API process %s could not start; stopping", process.pid)
+                        started = False
+                        stop.set()
+                        break
+                    log.warning("API process %s ended (exit code %s); starting another", process.pid, process.exitcode)
+                    self._start(i)
+        finally:
+            self.stop()
+        return started
+
+    def stop(self) -> None:
+        """SIGTERM to each (a graceful stop: open requests get LADLE_HTTP_SHUTDOWN_SECONDS), SIGKILL to what
+        is left 5 s after that; the sockets closed."""
+        running = [p for p in self.processes if p is not None and p.is_alive()]
+        for p in running:
+            p.terminate()
+        deadline = time.monotonic() + (self.config.timeout_graceful_shutdown or 0) + 5
+        for p in running:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for sock in self.sockets:
+            sock.close()
 
 
 def worker_app() -> Any:

@@ -310,40 +310,43 @@ def serve(host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.
 
 def serve_workers(settings: Settings, auth: bool, host: str, port: int, workers: int) -> None:
     """`ladle serve --workers N`: this process runs the embedded runtime (store, Ray head, dispatcher) and
-    serves no HTTP; uvicorn's supervisor spawns N API processes on one socket (api.server.worker_app),
-    checks them and starts a dead one again. This process publishes the dispatcher's state for them
+    serves no HTTP; N API processes (api.server.ApiProcesses, each api.server.worker_app) serve the port,
+    and one that dies is started again. This process publishes the dispatcher's state for them
     (service.runtime.StatusFile). SIGINT, SIGTERM and SIGHUP stop the API processes (open requests get
     LADLE_HTTP_SHUTDOWN_SECONDS), then the runtime."""
-    from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
-
-    from api.server import uvicorn_config
+    from api.server import ApiProcesses, listening_sockets, uvicorn_config
     from service.runtime import STATUS_FILE, Runtime, StatusFile
     os.environ["LADLE_AUTH"] = "on" if auth else "off"        # the API processes decide as this one did
     config = uvicorn_config(None, settings, workers=workers, host=host, port=port, log_level="info")
-    config.configure_logging()
-    sock = config.bind_socket()              # a port in use: uvicorn says so and exits, nothing started yet
-    runtime, done = Runtime(settings), threading.Event()
+    try:
+        sockets = listening_sockets(host, port, workers)      # before anything starts
+    except OSError as e:
+        raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}", 3) from None
+    runtime, done, stop = Runtime(settings), threading.Event(), threading.Event()
     publisher = threading.Thread(target=StatusFile(settings.home / STATUS_FILE).publish, args=(runtime, done),
                                  name="ladle-status", daemon=True)
+    processes = ApiProcesses(config, sockets)
+    started = True
     try:
         with stop_on_signals():
             runtime.start()
             publisher.start()
-        supervisor = Multiprocess(config, sockets=[sock])     # its handlers: SIGINT and SIGTERM stop it
-        signal.signal(signal.SIGHUP, lambda *_: supervisor.should_exit.set())     # (its own: restart workers)
-        supervisor.run()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: stop.set())
+        err_console.print(f"serving on http://{host}:{sockets[0].getsockname()[1]} with {workers} API processes",
+                          highlight=False)
+        started = processes.run(stop)
     except Stopped:
         return
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)            # let the clean-up finish
+        processes.stop()
         done.set()
         if publisher.is_alive():
             publisher.join(timeout=5)
         runtime.stop()
-        sock.close()
-    if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes):
+    if not started:
         raise typer.Exit(3)                  # an API process could not start (uvicorn has said why)
 
 
