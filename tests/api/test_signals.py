@@ -29,16 +29,16 @@ JOB = {"name": "long", "model": {"arch": "resnet20"}, "dense": {"epochs": 2},
        "prune": {"target_sparsity": 0.75, "phases": 2}, "retrain": {"epochs": 4}, "soup": {"ingredients": 2}}
 
 
-def start(args: list[str], home: Path) -> subprocess.Popen:
-    env = dict(os.environ, LADLE_HOME=str(home))
+def start(args: list[str], home: Path, **env: str) -> subprocess.Popen:
     log = open(home / f"{args[0]}-{time.time_ns()}.log", "wb")
-    return subprocess.Popen([LADLE, *args], env=env, cwd=home, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=dies_with_the_tests)
+    return subprocess.Popen([LADLE, *args], env=dict(os.environ, LADLE_HOME=str(home), **env), cwd=home, stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=dies_with_the_tests)
 
 
-def serve(home: Path) -> tuple[subprocess.Popen, str]:
+def serve(home: Path, *args: str, **env: str) -> tuple[subprocess.Popen, str]:
+    """`ladle serve [args]` on a free port (LADLE_* from `env`), answering."""
     port = free_ports(1)[0]
-    proc = start(["serve", "--port", str(port)], home)
+    proc = start(["serve", "--port", str(port), *args], home, **env)
     url = f"http://127.0.0.1:{port}"
 
     def up():
@@ -47,7 +47,7 @@ def serve(home: Path) -> tuple[subprocess.Popen, str]:
             return httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200
         except httpx.TransportError:
             return False
-    wait_for(up, 120, "ladle serve to answer")
+    wait_for(up, 180, "ladle serve to answer")
     return proc, url
 
 

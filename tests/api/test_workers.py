@@ -6,7 +6,6 @@ started again when one dies, and stop with the service (SIGTERM) or on their own
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from service.cluster import free_ports, stop_orphan
 from service.runtime import STATUS_FILE
 from tests.api.test_signals import LADLE, head, stop_and_check
-from tests.conftest import dies_with_the_tests
+from tests.api.test_signals import serve as serve_as_in_signals
 from tests.integration.test_ray import wait_for
 
 pytestmark = pytest.mark.slow
@@ -29,23 +28,9 @@ QUICK = {"name": "quick", "dense": {"epochs": 1}, "prune": {"target_sparsity": 0
 LONG = {"name": "long", "model": {"arch": "resnet20"}, "dense": {"epochs": 20}, "prune": {"target_sparsity": 0.5}}
 
 
-def serve(home: Path, workers: int = 2, **env: str) -> tuple[subprocess.Popen, str]:
-    """`ladle serve --workers N` with auth on (an admin token from LADLE_ADMIN_TOKEN), answering."""
-    port = free_ports(1)[0]
-    log = open(home / f"serve-{time.time_ns()}.log", "wb")
-    proc = subprocess.Popen([LADLE, "serve", "--port", str(port), "--workers", str(workers)], cwd=home,
-                            env=dict(os.environ, LADLE_HOME=str(home), LADLE_AUTH="on", LADLE_ADMIN_TOKEN=ADMIN, **env),
-                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=dies_with_the_tests)
-    url = f"http://127.0.0.1:{port}"
-
-    def up():
-        assert proc.poll() is None, f"ladle serve exited with {proc.returncode}: {log.name}"
-        try:
-            return httpx.get(f"{url}/api/v1/health", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-    wait_for(up, 180, "ladle serve --workers to answer")
-    return proc, url
+def serve(home: Path, **env: str) -> tuple[subprocess.Popen, str]:
+    """`ladle serve --workers 2` with auth on (an admin token from LADLE_ADMIN_TOKEN), answering."""
+    return serve_as_in_signals(home, "--workers", "2", LADLE_AUTH="on", LADLE_ADMIN_TOKEN=ADMIN, **env)
 
 
 def api_processes(proc: subprocess.Popen) -> list[psutil.Process]:
