@@ -5,6 +5,7 @@ started again when one dies, and stop with the service (SIGTERM) or on their own
 
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -147,4 +148,11 @@ def test_a_bad_worker_count_is_refused_before_anything_starts(tmp_path):
     bad = subprocess.run([LADLE, "serve", "--port", str(free_ports(1)[0])], cwd=tmp_path, capture_output=True,
                          text=True, timeout=60, env=dict(os.environ, LADLE_HOME=str(tmp_path), LADLE_API_WORKERS="many"))
     assert bad.returncode != 0 and "LADLE_API_WORKERS" in bad.stderr.upper() and "Traceback" not in bad.stderr
+    with socket.socket() as taken:                # a port another server listens on is refused, not shared
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([LADLE, "serve", "--port", str(taken.getsockname()[1]), "--workers", "2"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ, LADLE_HOME=str(tmp_path)))
+    assert busy.returncode == 3 and "cannot listen on 127.0.0.1" in busy.stderr and "Traceback" not in busy.stderr
+    assert not (tmp_path / "ray-head.json").exists()
 
