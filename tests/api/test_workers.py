@@ -140,7 +140,7 @@ def test_api_processes_stop_on_their_own_when_the_control_process_is_killed(tmp_
     assert orphan["pid"] is not None
 
 
-def test_a_bad_worker_count_is_refused_before_anything_starts(tmp_path):
+def test_a_bad_worker_count_or_a_taken_port_is_refused_before_anything_starts(tmp_path):
     r = subprocess.run([LADLE, "serve", "--port", str(free_ports(1)[0]), "--workers", "0"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=60, env=dict(os.environ, LADLE_HOME=str(tmp_path)))
     assert r.returncode == 2 and "--workers" in r.stderr and "Traceback" not in r.stderr
