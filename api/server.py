@@ -99,16 +99,18 @@ def uvicorn_config(app: Any, settings: Settings, *, workers: int = 1, **kwargs: 
     connections at once (per process), and how long open requests (event streams) may take to end on
     shutdown. `workers` > 1: `app` is ignored; each API process (ApiProcesses) makes its own
     (`worker_app`) and reads the limits from its environment, which it inherits."""
+    if workers > 1:
+        app, kwargs["factory"] = f"{__name__}:worker_app", True
     if HttpToolsProtocol is None:
         http: Any = "h11"
     elif workers > 1:
-        http, app, kwargs["factory"] = f"{__name__}:WorkerHttpProtocol", f"{__name__}:worker_app", True
+        http = f"{__name__}:WorkerHttpProtocol"
     else:
         http = type("LadleHttpProtocol", (HeaderLimitedProtocol,), {
             "header_seconds": settings.http_header_seconds, "max_header_bytes": settings.http_max_header_bytes})
     return uvicorn.Config(app, http=http, timeout_keep_alive=settings.http_keep_alive_seconds,
                           h11_max_incomplete_event_size=settings.http_max_header_bytes,
-                          limit_concurrency=settings.http_max_concurrency, workers=workers,
+                          limit_concurrency=settings.http_max_concurrency,
                           timeout_graceful_shutdown=settings.http_shutdown_seconds, **kwargs)
 
 
@@ -149,7 +151,7 @@ class ApiProcesses:
     """The API processes of `ladle serve --workers N`: each a uvicorn server (spawned, as uvicorn's own
     supervisor does) on a listening socket of its own on the shared port (`listening_sockets`). One that
     ends is started again, unless it could not start at all (uvicorn's exit code 3: the same would happen
-    again); `run` returns when `stop` is set, after stopping them all."""
+    again); `run` returns when `stop` is set, and `stop()` ends them (the caller's clean-up, always)."""
 
     def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]):
         self.config, self.sockets = config, sockets
@@ -163,22 +165,19 @@ class ApiProcesses:
     def run(self, stop: threading.Event) -> bool:
         """Serve until `stop` is set; False if an API process could not start (then `stop` is set too)."""
         started = True
-        try:
-            for i in range(len(self.sockets)):
+        for i in range(len(self.sockets)):
+            self._start(i)
+        while not stop.wait(0.5):
+            for i, process in enumerate(self.processes):
+                if process.is_alive():
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    log.error("API process %s could not start; stopping", process.pid)
+                    started = False
+                    stop.set()
+                    break
+                log.warning("API process %s ended (exit code %s); starting another", process.pid, process.exitcode)
                 self._start(i)
-            while not stop.wait(0.5):
-                for i, process in enumerate(self.processes):
-                    if process.is_alive():
-                        continue
-                    if process.exitcode == STARTUP_FAILURE:
-                        log.error("API process %s could not start; stopping", process.pid)
-                        started = False
-                        stop.set()
-                        break
-                    log.warning("API process %s ended (exit code %s); starting another", process.pid, process.exitcode)
-                    self._start(i)
-        finally:
-            self.stop()
         return started
 
     def stop(self) -> None:

@@ -47,14 +47,11 @@ def node_secrets(settings: Settings) -> dict[str, str]:
 
 
 class _ClusterView:
-    """What the API asks of a runtime, whichever process it runs in."""
+    """What the API asks of a runtime, whichever process it runs in (both define `jobs_api_url`)."""
     settings: Settings
     store: Store | None
+    jobs_api_url: str
     _nodes: tuple[float, list[dict[str, float]] | None]
-
-    @property
-    def jobs_api_url(self) -> str:
-        raise NotImplementedError
 
     def cached_nodes(self) -> list[dict[str, float]] | None:
         """The last reading of `nodes()` if it is fresh; Ellipsis if it is not (call `nodes()`)."""
@@ -75,7 +72,6 @@ class _ClusterView:
             found = None
         self._nodes = (time.monotonic(), found)
         return found
-
 
 
 class Runtime(_ClusterView):
