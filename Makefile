@@ -1,4 +1,4 @@
-# Each target does its own set-up: a virtualenv in .venv with the project and its test and bench extras.
+# Each target does its own set-up: a virtualenv in .venv holding exactly what the lock names.
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 # pip warns about every package the machine's extra local indexes lack; keep the noise out of the log
@@ -7,18 +7,43 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCKED := $(VENV)/.locked
+
+# The lock: every installed version, with its hashes. requirements/dev.txt is what make demo, test and
+# bench install (the runtime, the test and bench extras, pip and setuptools); requirements/runtime.txt,
+# the same versions without the extras, is what the Docker image installs. `make lock` refreshes both.
+LOCK := requirements/dev.txt
+LOCK_VENV := .venv-lock
+PIP_COMPILE := $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-index-url --no-emit-find-links
+LOCK_ARGS ?= --upgrade
 
 # Debian's Fashion-MNIST (IDX files in /usr/share/datasets/fashion-mnist): the built-in offline dataset that
 # fashion_mnist jobs, the demo, the tests and the benchmarks read; installed as root when missing.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench clean vendor datasets
+.PHONY: demo test bench clean vendor datasets lock
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip $(QUIET)
-	$(PY) -m pip install -q -e '.[test,bench]' $(QUIET)
+# A new lock makes a new virtualenv: nothing that the old lock named stays behind.
+$(LOCKED): $(LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --require-hashes -r $(LOCK) $(QUIET)
+	touch $(LOCKED)
+
+# Ladle itself, editable, with nothing more: its dependencies and its build backend are the lock's.
+$(STAMP): $(LOCKED) pyproject.toml
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . $(QUIET)
 	touch $(STAMP)
+
+# Refresh the lock deliberately (new releases within pyproject.toml's ranges): after changing a dependency
+# in pyproject.toml (`make lock LOCK_ARGS=` keeps every other pin), or to take upgrades; then `make test`.
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) \
+	  && $(LOCK_VENV)/bin/pip install -q pip==26.3 pip-tools==7.7.0 $(QUIET); }
+	$(PIP_COMPILE) $(LOCK_ARGS) -o requirements/runtime.txt pyproject.toml requirements/runtime.in $(QUIET)
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra test --extra bench -o $(LOCK) \
+	  pyproject.toml requirements/runtime.in requirements/dev.in $(QUIET)
 
 datasets:
 	test -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
@@ -56,4 +81,4 @@ vendor:
 	  && cp swagger-ui-dist-5.35.0/package/NOTICE $(CURDIR)/api/dashboard/vendor/swagger-ui.NOTICE && rm -rf $$tmp
 
 clean:
-	rm -rf $(VENV) .ladle .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) .ladle .pytest_cache

@@ -1,7 +1,8 @@
-"""The Python SDK: a small httpx client for the Ladle REST API.
+"""The Python SDK: a small client for the Ladle REST API over any httpx-compatible HTTP client.
 
     from api.client import Client
     c = Client("http://127.0.0.1:8000", token=None)
+    c = Client(http=my_client)            # or over a client of yours: httpx.Client, httpx2.Client, TestClient
     job = c.submit("job.yaml")            # a JobSpec, a dict, or a YAML/JSON file
     job = c.wait(job["id"])               # with a progress bar
     for events, job in c.follow(job["id"]): ...   # or its new events and latest state, until it ends
@@ -10,7 +11,9 @@
     c.compare([job["id"], other_id])      # [{job, phases}, ...]: several jobs side by side
 
 Errors from the server surface as typed exceptions carrying its message; a download that breaks off
-or does not match the server's checksum raises DownloadError.
+or does not match the server's checksum raises DownloadError. The SDK builds no library-specific object
+for the client it wraps (timeouts are plain numbers and tuples), so httpx and httpx2 (Pydantic's fork,
+which Starlette's TestClient uses where it is installed) serve alike; TRANSPORT_ERRORS catches either's.
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ from typing import Any, NamedTuple
 
 import httpx
 import yaml
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The TransportError of httpx and, where it is installed, of httpx2: a client of either raises its own."""
+    errors: list[type[Exception]] = [httpx.TransportError]
+    try:
+        import httpx2
+    except ImportError:
+        pass
+    else:
+        errors.append(httpx2.TransportError)
+    return tuple(errors)
+
+
+TRANSPORT_ERRORS = _transport_errors()
 
 
 class LadleError(Exception):
@@ -119,9 +137,17 @@ def follow(read_job: Callable[[], dict], read_events: Callable[[int], list[dict]
 
 
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, *, timeout: float = 30.0):
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
+    """The REST API at `url` with a bearer `token`, over a new httpx.Client; or over `http`, any
+    httpx-compatible client of yours (httpx or httpx2 Client, Starlette's TestClient) whose base URL ends
+    in /api/v1 and which carries its own headers (the token) and timeout; `url`, `token` and `timeout`
+    are then unused."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", token: str | None = None, *, timeout: float = 30.0,
+                 http: Any = None):
+        if http is None:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            http = httpx.Client(base_url=url.rstrip("/") + "/api/v1", headers=headers, timeout=timeout)
+        self.http = http
 
     def close(self) -> None:
         self.http.close()
@@ -132,7 +158,7 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
         r = self.http.request(method, path, **kw)
         if r.status_code >= 400:
             try:
@@ -300,9 +326,10 @@ class Client:
         digest, size, started = hashlib.sha256(), 0, False
         params = {} if format == "dense" else {"format": format}
         what = f"model {model_id}" if format == "dense" else f"the {format} export of model {model_id}"
-        # an export is built on its first request before its first byte: a large model's may take minutes
-        kw = {} if format == "dense" else {
-            "timeout": httpx.Timeout(self.http.timeout.connect, read=EXPORT_READ_TIMEOUT)}
+        # an export is built on its first request before its first byte: a large model's may take minutes.
+        # The timeout as a plain (connect, read, write, pool) tuple: every httpx-compatible client takes one
+        t = self.http.timeout
+        kw = {} if format == "dense" else {"timeout": (t.connect, EXPORT_READ_TIMEOUT, t.write, t.pool)}
         try:
             with self.http.stream("GET", f"/models/{model_id}/download", params=params, **kw) as r:
                 if r.status_code >= 400:
@@ -319,7 +346,7 @@ class Client:
                         digest.update(chunk)
                         size += len(chunk)
                         f.write(chunk)
-        except httpx.TransportError as e:
+        except TRANSPORT_ERRORS as e:
             tmp.unlink(missing_ok=True)
             if not started:
                 raise

@@ -17,7 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
-from api.cli.render import err_console, fail, final_model_line, metric_of, out_console, phase_table, show_progress, verdict
+from api.cli.render import (cost_line, err_console, fail, final_model_line, metric_of, out_console, phase_table, show_progress,
+                            soup_beats, verdict)
 from api.client import Update, follow
 from service.access import Access
 from service.artifacts import ArtifactStore
@@ -157,14 +158,27 @@ def demo_spec(small: bool = False) -> JobSpec:
     return JobSpec.model_validate(yaml.safe_load(text))
 
 
-def imp_spec(spec: JobSpec, dense_checkpoint: str, cpus: int) -> JobSpec:
-    """Plain IMP beside a soup job: the same phases and retraining from the same dense model, one
-    ingredient, with all `cpus` for it (the soup's ingredients share them)."""
+def imp_spec(spec: JobSpec, dense_checkpoint: str, cpus: int, epochs: int | None = None) -> JobSpec:
+    """Plain IMP beside a soup job: the same phases and schedule from the same dense model, one
+    ingredient, with all `cpus` for it (the soup's ingredients share them), retrained `epochs` per phase
+    (default: the soup's k; m·k retrains as long as the soup's m ingredients together)."""
+    epochs = spec.retrain.epochs if epochs is None else epochs
     return spec.model_copy(update={
-        "name": f"{spec.name}-imp",
+        "name": f"{spec.name}-imp-{epochs}ep",
         "model": spec.model.model_copy(update={"checkpoint": dense_checkpoint}),
+        "retrain": spec.retrain.model_copy(update={"epochs": epochs}),
         "soup": spec.soup.model_copy(update={"ingredients": 1, "min_ingredients": 1}),
         "resources": spec.resources.model_copy(update={"cpus_per_ingredient": cpus})})
+
+
+def imp_runs(spec: JobSpec) -> list[tuple[str, int]]:
+    """The IMP runs the demo sets beside a soup of m ingredients retrained k epochs per phase: IMP(k), the
+    same epochs as one ingredient, and IMP(m·k), as many retraining epochs as the whole soup."""
+    k, m = spec.retrain.epochs, spec.soup.ingredients
+    runs = [(f"IMP at {k} epoch{'s' * (k != 1)} per phase", k)]
+    if m > 1:
+        runs.append((f"IMP at {m * k} epochs per phase", m * k))
+    return runs
 
 
 def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep serving after the job (Ctrl-C stops)")] = True,
@@ -175,10 +189,12 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
          local: Annotated[bool, typer.Option("--local", help="in this process instead, without the service")] = False,
          out: Annotated[Path | None, typer.Option("--out", help="with --local: folder for models and summary.json")] = None) -> None:
     """The demo: starts the embedded service (SQLite, a local Ray head, the dispatcher, the API),
-    submits the demo SMS job (LeNet-5 on Fashion-MNIST: 3 phases to 90% sparsity, 3 ingredients per
-    phase; --small: an MLP on digits) through the SDK, then plain IMP from the same dense model, shows
-    progress, prints the per-phase table and one line per phase comparing the soup with its best
-    ingredient and with IMP, and keeps serving the dashboard until Ctrl-C."""
+    submits the demo SMS job (LeNet-5 on Fashion-MNIST: 3 phases to 90% sparsity, 3 ingredients of k = 1
+    epoch per phase; --small: an MLP on digits) through the SDK, then plain IMP from the same dense model
+    twice: at k epochs per phase, and at m·k, as many retraining epochs as the soup's m ingredients. It
+    shows progress, prints the per-phase table, one line per phase comparing the soup with its best
+    ingredient and both IMP runs, each job's wall time and CPU-seconds, which IMP run the soup beats,
+    and keeps serving the dashboard until Ctrl-C."""
     import os
     import socket
 
@@ -223,25 +239,34 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
             out_console.print(phase_table(phases, metric_of(job), title=f"{spec.name}: {job['status']}"))
             if job["status"] != "succeeded":
                 raise fail(f"job {job['id']} {job['status']}: {job['error']}")
-            imp_phases = None
+            imps, costs = [], [(f"soup of {spec.soup.ingredients} × {spec.retrain.epochs} epochs", job)]
             if imp:
                 dense = server.runtime.store.get_model(phases[0]["model_id"])     # the in-process server's store
-                imp_job = c.submit(imp_spec(spec, dense.uri, os.cpu_count() or 1))
-                err_console.print(f"for comparison, plain IMP from the same dense model: job {imp_job['id']}",
-                                  highlight=False)
-                imp_job = c.wait(imp_job["id"], progress=True)
-                if imp_job["status"] == "succeeded":
-                    imp_phases = c.phases(imp_job["id"])
-                else:
-                    err_console.print(f"IMP job {imp_job['status']}: {imp_job['error']}", highlight=False)
+                for label, epochs in imp_runs(spec):
+                    imp_job = c.submit(imp_spec(spec, dense.uri, os.cpu_count() or 1, epochs))
+                    err_console.print(f"for comparison, plain {label} from the same dense model"
+                                      + (f" (as many retraining epochs as the soup's {spec.soup.ingredients} ingredients)"
+                                         if epochs > spec.retrain.epochs else "") + f": job {imp_job['id']}",
+                                      highlight=False)
+                    imp_job = c.wait(imp_job["id"], progress=True)
+                    if imp_job["status"] == "succeeded":
+                        imps.append((label, c.phases(imp_job["id"])))
+                        costs.append((label, imp_job))
+                    else:
+                        err_console.print(f"IMP job {imp_job['status']}: {imp_job['error']}", highlight=False)
             out_console.print("\n[bold]What the soup bought[/bold] (test accuracy):")
-            for line in verdict(phases, imp_phases):
+            for line in verdict(phases, imps):
                 out_console.print(f"  {line}", highlight=False, soft_wrap=True)
+            out_console.print("[bold]What each job cost[/bold] (on this machine):")
+            for label, j in costs:
+                out_console.print(f"  {cost_line(label, j)}", highlight=False, soft_wrap=True)
+            if imps:
+                out_console.print(f"[bold]In short:[/bold] {soup_beats(phases, imps)}", highlight=False, soft_wrap=True)
             final = c.model(job["final_model_id"])
             out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, test accuracy "
                               f"{100 * final['accuracy']:.2f}%; lineage: ladle lineage {final['id']} --url {server.url}"
-                              + (f"; both jobs side by side: ladle compare {job['id']} {imp_job['id']} --url "
-                                 f"{server.url}" if imp else ""), soft_wrap=True, highlight=False)
+                              + (f"; the jobs side by side: ladle compare {' '.join(j['id'] for _, j in costs)} --url "
+                                 f"{server.url}" if len(costs) > 1 else ""), soft_wrap=True, highlight=False)
         if serve_:
             out_console.print(f"serving the dashboard at {server.url}/ (API docs at {server.url}/docs); Ctrl-C stops",
                               highlight=False)

@@ -30,16 +30,14 @@ def _api_errors(fn):
     """Turn the SDK's typed errors into a one-line message and exit code 1 (no traceback)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        import httpx
-
-        from api.client import DownloadError, LadleError
+        from api.client import TRANSPORT_ERRORS, DownloadError, LadleError
         try:
             return fn(*args, **kwargs)
         except LadleError as e:
             raise fail(e.message) from None
         except DownloadError as e:
             raise fail(str(e)) from None
-        except httpx.TransportError as e:
+        except TRANSPORT_ERRORS as e:
             raise fail(f"cannot reach the Ladle server: {e}") from None
     return wrapper
 

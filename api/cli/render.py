@@ -183,11 +183,11 @@ def _pp(d: float) -> str:
     return f"{100 * abs(d):.2f} pp {'above' if d > 0 else 'below' if d < 0 else 'level with'}"
 
 
-def verdict(soup_phases: list[dict], imp_phases: list[dict] | None) -> list[str]:
+def verdict(soup_phases: list[dict], imps: list[tuple[str, list[dict]]] = ()) -> list[str]:
     """One line per phase that a newcomer understands: the soup against its best ingredient, its
-    ingredients' prediction ensemble and, when given, plain IMP at the same sparsity."""
+    ingredients' prediction ensemble and each plain IMP run given as (label, its phases) at the same
+    sparsity, e.g. ("IMP, 1 epoch per phase", ...), ("IMP, 3 epochs per phase", ...)."""
     lines = []
-    imp = {p["index"]: p for p in imp_phases or []}
     for p in soup_phases:
         if p["index"] == 0 or p.get("soup_accuracy") is None:
             continue
@@ -197,8 +197,34 @@ def verdict(soup_phases: list[dict], imp_phases: list[dict] | None) -> list[str]
                 f"({100 * max(accs):.2f}%)")
         if p.get("ensemble_accuracy") is not None:
             line += f"; the {len(accs)} models' prediction ensemble {100 * p['ensemble_accuracy']:.2f}%"
-        if p["index"] in imp and imp[p["index"]].get("soup_accuracy") is not None:
-            a = imp[p["index"]]["soup_accuracy"]
-            line += f"; {_pp(p['soup_accuracy'] - a)} plain IMP ({100 * a:.2f}%)"
+        for label, imp_phases in imps:
+            a = {q["index"]: q for q in imp_phases}.get(p["index"], {}).get("soup_accuracy")
+            if a is not None:
+                line += f"; {_pp(p['soup_accuracy'] - a)} {label} ({100 * a:.2f}%)"
         lines.append(line)
     return lines
+
+
+def cost_line(label: str, job: dict) -> str:
+    """What a job cost, for the demo's verdict: `label: wall 61.2 s, 93.9 CPU-seconds, 12 epochs trained`."""
+    def num(key: str, fmt: str) -> str:
+        return "—" if job.get(key) is None else format(job[key], fmt)
+    return (f"{label}: wall {num('wall_seconds', '.1f')} s, {num('cpu_seconds', '.1f')} CPU-seconds, "
+            f"{num('epochs_trained', '.0f')} epochs trained")
+
+
+def soup_beats(soup_phases: list[dict], imps: list[tuple[str, list[dict]]]) -> str:
+    """The plain answer at the last phase: which IMP runs the soup beats and which it does not."""
+    last = max((p for p in soup_phases if p.get("soup_accuracy") is not None), key=lambda p: p["index"], default=None)
+    if last is None:
+        return "the soup job has no finished phase to compare"
+    beats, not_ = [], []
+    for label, imp_phases in imps:
+        a = {q["index"]: q for q in imp_phases}.get(last["index"], {}).get("soup_accuracy")
+        if a is not None:
+            (beats if last["soup_accuracy"] > a else not_).append(f"{label} ({100 * a:.2f}%)")
+    head = f"at {100 * last['sparsity']:.1f}% sparsity the soup ({100 * last['soup_accuracy']:.2f}%) "
+    if not beats and not not_:
+        return head + "has no IMP run to compare with"
+    return head + "; ".join(([f"beats {' and '.join(beats)}"] if beats else []) +
+                            ([f"does not beat {' or '.join(not_)}"] if not_ else []))

@@ -39,8 +39,9 @@ def test_run_on_ray_with_the_embedded_service(tmp_path):
 
 @pytest.mark.slow
 def test_demo_through_the_service(tmp_path):
-    """`make demo` runs `ladle demo` (here its quick --small job on digits): the embedded service, the
-    soup job and plain IMP from the same dense model through the SDK, the table and a verdict per phase."""
+    """`make demo` runs `ladle demo` (here its quick --small job on digits: 4 ingredients of 5 epochs): the
+    embedded service, the soup job and plain IMP from the same dense model at 5 and at 4 · 5 = 20 epochs per
+    phase through the SDK, the table, a verdict per phase, what each job cost and which IMP the soup beats."""
     r = subprocess.run([LADLE, "demo", "--small", "--no-serve", "--port", "0"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -49,8 +50,24 @@ def test_demo_through_the_service(tmp_path):
     assert rows[3][1] == "0.900"
     verdicts = re.findall(r"phase (\d) \(([\d.]+)% of the weights pruned\): the soup of 4 scores ([\d.]+)%, [\d.]+ pp "
                           r"(?:above|below|level with) its best ingredient \(([\d.]+)%\); the 4 models' prediction "
-                          r"ensemble ([\d.]+)%; [\d.]+ pp (?:above|below|level with) plain IMP \(([\d.]+)%\)", r.stdout)
+                          r"ensemble ([\d.]+)%; [\d.]+ pp (?:above|below|level with) IMP at 5 epochs per phase "
+                          r"\(([\d.]+)%\); [\d.]+ pp (?:above|below|level with) IMP at 20 epochs per phase \(([\d.]+)%\)",
+                          r.stdout)
     assert [v[0] for v in verdicts] == ["1", "2", "3"], r.stdout
     assert float(verdicts[2][1]) == pytest.approx(90.0, abs=0.05)
-    assert all(float(v[2]) > 80 and float(v[5]) > 80 for v in verdicts)   # soup and IMP well above chance
+    assert all(float(v[2]) > 80 and float(v[5]) > 80 and float(v[6]) > 80 for v in verdicts)   # all well above chance
+    costs = re.findall(r"^  (soup of 4 × 5 epochs|IMP at 5 epochs per phase|IMP at 20 epochs per phase): wall ([\d.]+) s, "
+                       r"([\d.]+) CPU-seconds, (\d+) epochs trained$", r.stdout, re.M)
+    assert [c[0] for c in costs] == ["soup of 4 × 5 epochs", "IMP at 5 epochs per phase", "IMP at 20 epochs per phase"]
+    dense_epochs = 20
+    assert [int(c[3]) for c in costs] == [dense_epochs + 3 * 4 * 5, 3 * 5, 3 * 20]    # IMP reuses the dense model
+    assert all(float(c[1]) > 0 and float(c[2]) > 0 for c in costs)
+    short = re.search(r"In short: at 90\.0% sparsity the soup \(([\d.]+)%\) (.*)$", r.stdout, re.M)
+    soup, imp5, imp20 = float(verdicts[2][2]), float(verdicts[2][5]), float(verdicts[2][6])
+    assert float(short.group(1)) == soup
+    said = {part.split(" ", 1)[0] if part.startswith("beats") else "does not beat": part
+            for part in short.group(2).split("; ")}                   # "beats A and B", "does not beat C or D"
+    for label, acc in (("IMP at 5 epochs per phase", imp5), ("IMP at 20 epochs per phase", imp20)):
+        if soup != acc:                                                # the plain answer matches the numbers
+            assert f"{label} ({acc:.2f}%)" in said["beats" if soup > acc else "does not beat"], short.group(0)
     assert "final model" in r.stdout and "ladle compare" in r.stdout

@@ -58,8 +58,7 @@ def test_client_follow_and_wait_go_through_the_api(api):
             api.store.event(job.id, f"step {i}")
             time.sleep(0.05)
         api.store.job_failed(job.id, "the end")
-    c = Client("http://testserver")
-    c.http = api                                    # the SDK's requests go to the in-process app
+    c = Client(http=api)                            # the SDK's requests go to the in-process app
     seen = []
     worker = threading.Thread(target=run_it)
     worker.start()

@@ -15,12 +15,10 @@ JOB = {"name": "api", "dense": {"epochs": 3}, "prune": {"target_sparsity": 0.75,
        "retrain": {"epochs": 1}, "soup": {"ingredients": 2}}
 
 
-def sdk(api: TestClient, token: str | None = None) -> Client:
-    """The Python SDK, talking to the in-process app."""
-    c = Client("http://localhost", token)
-    http, c.http = c.http, TestClient(api.app, base_url=str(c.http.base_url), headers=c.http.headers)
-    http.close()
-    return c
+def sdk(api: TestClient, token: str | None = None, **kw) -> Client:
+    """The Python SDK over a TestClient of the in-process app (`kw`: the TestClient's options)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return Client(http=TestClient(api.app, base_url="http://localhost/api/v1", headers=headers, **kw))
 
 
 def submit(api, name="job", token=None, **headers) -> str:

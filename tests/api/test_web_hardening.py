@@ -29,18 +29,11 @@ from api.server import uvicorn_config
 from service.cluster import free_ports
 from service.recorders import DBRecorder
 from service.records import ModelRecord
+from tests.api.test_routes import sdk
 
 JOB = {"name": "web", "dense": {"epochs": 3}, "prune": {"target_sparsity": 0.75, "phases": 2},
        "retrain": {"epochs": 1}, "soup": {"ingredients": 2}}
 SECURITY = {"x-content-type-options": "nosniff", "x-frame-options": "DENY", "referrer-policy": "no-referrer"}
-
-
-def sdk(api: TestClient, token: str | None = None, **kw) -> Client:
-    """The Python SDK, talking to the in-process app."""
-    c = Client("http://localhost", token)
-    http, c.http = c.http, TestClient(api.app, base_url=str(c.http.base_url), headers=c.http.headers, **kw)
-    http.close()
-    return c
 
 
 def submit(api, token: str | None = None, **spec) -> str:
@@ -266,8 +259,7 @@ def test_the_sdk_checks_the_bytes_against_the_header_itself(tmp_path):
     """A server (or proxy) that sends every byte under a checksum they do not match: the SDK refuses."""
     def handler(request):
         return httpx.Response(200, content=b"abc" * 1000, headers={"X-Checksum-Sha256": "0" * 64})
-    c = Client("http://x")
-    c.http = httpx.Client(base_url="http://x/api/v1", transport=httpx.MockTransport(handler))
+    c = Client(http=httpx.Client(base_url="http://x/api/v1", transport=httpx.MockTransport(handler)))
     with pytest.raises(ChecksumMismatch, match="3000 bytes with sha256"):
         c.download("m", tmp_path / "m.safetensors")
     c.http = httpx.Client(base_url="http://x/api/v1", transport=httpx.MockTransport(

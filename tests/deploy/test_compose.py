@@ -193,10 +193,16 @@ def test_every_ray_process_and_the_api_share_the_ray_token(services):
         assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN"]) == ("token", SECRETS["RAY_AUTH_TOKEN"]), name
 
 
-def test_dockerfile_installs_the_project_with_the_pinned_ray_and_the_deploy_scripts():
+def test_dockerfile_installs_the_runtime_lock_then_the_project_and_the_deploy_scripts():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE=python:3\.11", text, re.M)           # requires-python >= 3.11
-    assert re.search(r"^RUN pip install \.$", text, re.M)             # pyproject pins ray and torch
+    # every package from the runtime lock with its hashes checked, then Ladle alone (nothing resolved anew)
+    lock = re.search(r"^COPY requirements/runtime\.txt \./requirements/$", text, re.M)
+    install = re.search(r"^RUN pip install --require-hashes -r requirements/runtime\.txt$", text, re.M)
+    ladle = re.search(r"^RUN pip install --no-deps --no-build-isolation \.$", text, re.M)
+    assert lock and install and ladle and lock.start() < install.start() < ladle.start()
+    assert len(re.findall(r"^RUN pip install", text, re.M)) == 2
+    assert (ROOT / "requirements/runtime.txt").is_file()
     assert pinned_ray_version() == "2.60.0"
     copied = re.search(r"^COPY (deploy/\S+ )+\./deploy/$", text, re.M).group(0)
     for script in ("deploy/prestart.sh", "deploy/create_bucket.py"):
