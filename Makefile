@@ -54,7 +54,7 @@ demo: $(STAMP) datasets
 test: $(STAMP) datasets
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	@[ "$${LADLE_SKIP_POSTGRES:-0}" = 1 ] || bash deploy/dev-services.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP) datasets
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }

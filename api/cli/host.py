@@ -13,27 +13,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from api.cli.render import (cost_line, err_console, fail, final_model_line, metric_of, out_console, phase_table, show_progress,
                             soup_beats, verdict)
 from api.client import Update, follow
-from service.access import Access
-from service.artifacts import ArtifactStore
 from service.cluster import HEAD_FILE, HeadInUse, ensure_head_free
-from service.executors import SequentialExecutor
-from service.pipeline import Pipeline
-from service.recorders import LocalRecorder
 from service.settings import Settings, get_settings
-from service.spec import JobSpec, SpecError, load_spec, primary_metric
-from workers.checkpoint import CheckpointError
-from workers.data import DataError
-from workers.models import ModelError
 
-USER_ERRORS = (SpecError, CheckpointError, DataError, ModelError, FileNotFoundError, HeadInUse)
+# What builds or runs a job (the spec's checks, the pipeline: torch, Ray, the store) is imported by the
+# commands that need it, so that `ladle --help` and the client commands start in a fraction of a second.
+if TYPE_CHECKING:
+    from service.spec import JobSpec
+
 STORE_POLL = 0.5            # seconds between looks at the store while `ladle run` follows its job
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix (a spec, a checkpoint, data, a model, a file, a running head):
+    one message, no traceback."""
+    from workers.checkpoint import CheckpointError
+    from workers.data import DataError
+    from workers.models import ModelError
+    return (CheckpointError, DataError, ModelError, FileNotFoundError, HeadInUse)
 
 
 class Stopped(KeyboardInterrupt):
@@ -60,6 +64,11 @@ def stop_on_signals() -> Iterator[None]:
 
 def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[str, Any]:
     """Run a job in this process with the sequential executor; models and summary.json go to `out`."""
+    from service.artifacts import ArtifactStore
+    from service.executors import SequentialExecutor
+    from service.pipeline import Pipeline
+    from service.recorders import LocalRecorder
+    from service.spec import primary_metric
     out.mkdir(parents=True, exist_ok=True)
     artifacts = ArtifactStore(str((out / "models").absolute()),
                               max_checkpoint_bytes=get_settings().max_checkpoint_bytes)
@@ -95,6 +104,7 @@ def run_on_ray(spec: JobSpec, *, json_output: bool = False) -> dict[str, Any]:
     LADLE_RAY_ADDRESS names one), the dispatcher and a Ray-job driver. Ctrl-C (or SIGTERM, SIGHUP)
     stops the service and leaves the job to resume when a service starts again."""
     from service.runtime import Runtime
+    from service.spec import primary_metric
     from service.store.convert import phase_summary
     with Runtime() as rt:
         job_id = rt.store.create_job(spec).id
@@ -130,6 +140,8 @@ def run(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)"
         out: Annotated[Path | None, typer.Option("--out", help="with --local: folder for the models and summary.json")] = None,
         json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False) -> None:
     """Run a job spec to the end and print the per-phase table."""
+    from service.access import Access
+    from service.spec import SpecError, load_spec
     try:
         # the invoking user's own spec, files and code, run with their own credentials: no data roots or
         # import allow-list (those guard the service against its users: POST /jobs)
@@ -144,7 +156,7 @@ def run(spec_file: Annotated[Path, typer.Argument(help="job spec (YAML or JSON)"
         for loc, msg in e.errors:
             err_console.print(f"  {loc}: {msg}", highlight=False)
         raise typer.Exit(2) from None
-    except USER_ERRORS as e:
+    except user_errors() as e:
         raise fail(str(e)) from None
 
 
@@ -155,6 +167,8 @@ def demo_spec(small: bool = False) -> JobSpec:
     name = "digits-sms.yaml" if small else "fashion-sms.yaml"
     text = resources.files("service").joinpath(f"examples/{name}").read_text()
     import yaml
+
+    from service.spec import JobSpec
     return JobSpec.model_validate(yaml.safe_load(text))
 
 

@@ -51,6 +51,21 @@ def make_server(tmp_path, ray_head, database_url=None, dispatch=True, auth="auto
     return BackgroundServer(Runtime(settings, dispatch=dispatch))
 
 
+class StoredOnlyServer(BackgroundServer):
+    """A live server on loopback over a temp SQLite store, without Ray (auth off): jobs are stored and never
+    run (its dispatcher is never started); `.store` is its store once started."""
+
+    @property
+    def store(self) -> Store:
+        return self.runtime.store
+
+
+def stored_only_server(tmp_path) -> StoredOnlyServer:
+    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'ladle.db'}", ray_address=NO_RAY,
+                        artifacts=str(tmp_path / "artifacts"), auth="off")
+    return StoredOnlyServer(Runtime(settings, dispatch=False))
+
+
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def live(request, ray_head, tmp_path_factory):
     """A server that runs jobs, on SQLite or on PostgreSQL."""

@@ -6,15 +6,12 @@ goes to SCREENSHOTS with the other dashboard pages'."""
 import pytest
 
 from api.client import Client
-from api.server import BackgroundServer
 from service.artifacts import ArtifactStore
 from service.executors import SequentialExecutor
 from service.pipeline import Pipeline
 from service.recorders import DBRecorder
-from service.runtime import Runtime
-from service.settings import Settings
 from service.spec import parse_spec
-from tests.api.conftest import NO_RAY
+from tests.api.conftest import stored_only_server
 from tests.api.test_dashboard import Page, browser, chart_points  # noqa: F401  (browser: the shared fixture)
 from workers.robustness import SPARSITIES
 
@@ -40,12 +37,9 @@ def run_job(store, artifacts: str, spec_dict: dict) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dash-robust")
-    settings = Settings(home=tmp, database_url=f"sqlite:///{tmp / 'ladle.db'}", ray_address=NO_RAY,
-                        artifacts=str(tmp / "artifacts"), auth="off")
-    with BackgroundServer(Runtime(settings, dispatch=False)) as server:
-        store = server.runtime.store
-        server.jobs = {"bn": run_job(store, settings.artifacts, BN_JOB), "off": run_job(store, settings.artifacts, OFF_JOB)}
+    with stored_only_server(tmp_path_factory.mktemp("dash-robust")) as server:
+        artifacts = server.runtime.settings.artifacts
+        server.jobs = {"bn": run_job(server.store, artifacts, BN_JOB), "off": run_job(server.store, artifacts, OFF_JOB)}
         yield server
 
 

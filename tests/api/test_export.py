@@ -47,8 +47,13 @@ def submit(api, spec: dict, token: str | None = None) -> str:
 
 
 def image_model(api, token: str | None = None) -> ModelRecord:
-    """A LeNet-5 for digits (1x8x8), 90 % pruned, stored as a job's soup."""
-    job_id = submit(api, IMAGE_JOB, token)
+    """A LeNet-5 for digits (1x8x8), 90 % pruned, stored as a new job's soup."""
+    return stored_cnn(api, submit(api, IMAGE_JOB, token))
+
+
+def stored_cnn(api, job_id: str) -> ModelRecord:
+    """A LeNet-5 for digits (1x8x8), 90 % pruned, stored as the soup of the job `job_id` (of IMAGE_JOB);
+    `api`: anything with `.store` and `.runtime.settings` (a TestClient of the app, a live server)."""
     torch.manual_seed(0)
     model = build_model("lenet5", num_classes=10, in_shape=(1, 8, 8))
     r = prune(model, full_masks(model), 0.9, scope="global", criterion="magnitude", seed=0)

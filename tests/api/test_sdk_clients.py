@@ -9,30 +9,20 @@ import threading
 import time
 
 import pytest
-import torch
 
 from api.client import TRANSPORT_ERRORS, Client, InvalidSpec
 from api.server import BackgroundServer
-from service.records import ModelRecord
-from service.runtime import Runtime
-from service.settings import Settings
-from tests.api.conftest import NO_RAY
-from tests.api.test_export import IMAGE_JOB, store_model
+from tests.api.conftest import NO_RAY, stored_only_server
+from tests.api.test_export import IMAGE_JOB, stored_cnn
 from workers.checkpoint import load
 from workers.export import from_sparse_bytes
-from workers.models import build_model
-from workers.pruning import full_masks, prune
 
 LIBRARIES = ["httpx", "httpx2", "testclient"]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sdk")
-    settings = Settings(home=tmp, database_url=f"sqlite:///{tmp / 'ladle.db'}", ray_address=NO_RAY,
-                        artifacts=str(tmp / "artifacts"), auth="off")
-    with BackgroundServer(Runtime(settings, dispatch=False)) as srv:
-        srv.store = srv.runtime.store
+    with stored_only_server(tmp_path_factory.mktemp("sdk")) as srv:
         yield srv
 
 
@@ -52,16 +42,6 @@ def sdk(request, server):
         yield c
 
 
-def cnn(server, job_id: str) -> ModelRecord:
-    """A LeNet-5 for digits, 90 % pruned, stored as the job's soup."""
-    torch.manual_seed(0)
-    model = build_model("lenet5", num_classes=10, in_shape=(1, 8, 8))
-    r = prune(model, full_masks(model), 0.9, scope="global", criterion="magnitude", seed=0)
-    meta = {"arch": "lenet5", "model_kwargs": {}, "num_classes": 10, "in_shape": [1, 8, 8], "job": "cnn",
-            "spec": server.store.get_job(job_id).spec}
-    return store_model(server, job_id, r.model, r.masks, meta)
-
-
 def test_the_sdk_follows_downloads_exports_and_uploads_over_any_client(sdk, server, tmp_path):
     job = sdk.submit(dict(IMAGE_JOB, name=f"over-{type(sdk.http).__module__}"))
 
@@ -79,7 +59,7 @@ def test_the_sdk_follows_downloads_exports_and_uploads_over_any_client(sdk, serv
     assert seen == ["step 0", "step 1", "step 2", "job failed: the end"]        # each once, in order
     assert sdk.job(job["id"])["status"] == "failed"
 
-    rec = cnn(server, job["id"])
+    rec = stored_cnn(server, job["id"])
     dense = sdk.download(rec.id, tmp_path / "soup.safetensors")               # streamed, checked, atomic
     assert load(dense).meta["model_id"] == rec.id
     sparse = sdk.export(rec.id, "sparse", tmp_path / "soup.sparse.safetensors")   # the export's own timeout

@@ -92,6 +92,18 @@ def stop_and_check(proc: subprocess.Popen, sig: int, home: Path) -> float:
     return took
 
 
+def training(home: Path) -> bool:
+    """Whether the service at `home` has recorded a run: a job's driver has started and trains."""
+    engine = sa.create_engine(f"sqlite:///{home / 'ladle.db'}")
+    try:
+        with engine.connect() as c:
+            return c.execute(sa.text("select count(*) from runs")).scalar() > 0
+    except sa.exc.OperationalError:                    # no database or no tables yet
+        return False
+    finally:
+        engine.dispose()
+
+
 def job_row(home: Path, job_id: str) -> dict:
     engine = sa.create_engine(f"sqlite:///{home / 'ladle.db'}")
     try:
@@ -148,7 +160,7 @@ def test_run_stops_its_ray_head_on_sigterm_and_the_job_waits(tmp_path):
     (tmp_path / "job.yaml").write_text(json.dumps(JOB))
     proc = start(["run", "job.yaml"], tmp_path)
     wait_for(lambda: (tmp_path / "ray-head.json").exists() and proc.poll() is None, 120, "the head to start")
-    time.sleep(10)                                     # the driver and its workers start
+    wait_for(lambda: training(tmp_path), 120, "the driver to train")
     stop_and_check(proc, signal.SIGTERM, tmp_path)
     assert proc.returncode == 130
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'ladle.db'}")
@@ -160,7 +172,7 @@ def test_run_stops_its_ray_head_on_sigterm_and_the_job_waits(tmp_path):
 def test_demo_stops_its_ray_head_on_sighup(tmp_path):
     proc = start(["demo", "--small", "--no-serve", "--port", "0"], tmp_path)
     wait_for(lambda: (tmp_path / "ray-head.json").exists() and proc.poll() is None, 120, "the head to start")
-    time.sleep(10)
+    wait_for(lambda: training(tmp_path), 120, "the demo job's driver to train")
     stop_and_check(proc, signal.SIGHUP, tmp_path)
 
 
