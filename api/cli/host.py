@@ -253,7 +253,8 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
             out_console.print(phase_table(phases, metric_of(job), title=f"{spec.name}: {job['status']}"))
             if job["status"] != "succeeded":
                 raise fail(f"job {job['id']} {job['status']}: {job['error']}")
-            imps, costs = [], [(f"soup of {spec.soup.ingredients} × {spec.retrain.epochs} epochs", job)]
+            k = spec.retrain.epochs
+            imps, costs = [], [(f"soup of {spec.soup.ingredients} × {k} epoch{'s' * (k != 1)}", job)]
             if imp:
                 dense = server.runtime.store.get_model(phases[0]["model_id"])     # the in-process server's store
                 for label, epochs in imp_runs(spec):
