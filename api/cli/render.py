@@ -183,6 +183,11 @@ def _pp(d: float) -> str:
     return f"{100 * abs(d):.2f} pp {'above' if d > 0 else 'below' if d < 0 else 'level with'}"
 
 
+def _soup_score(phases: list[dict], index: int) -> float | None:
+    """The soup accuracy a job's phase `index` reached (None: no such phase, or none recorded)."""
+    return next((p.get("soup_accuracy") for p in phases if p["index"] == index), None)
+
+
 def verdict(soup_phases: list[dict], imps: list[tuple[str, list[dict]]] = ()) -> list[str]:
     """One line per phase that a newcomer understands: the soup against its best ingredient, its
     ingredients' prediction ensemble and each plain IMP run given as (label, its phases) at the same
@@ -198,8 +203,7 @@ def verdict(soup_phases: list[dict], imps: list[tuple[str, list[dict]]] = ()) ->
         if p.get("ensemble_accuracy") is not None:
             line += f"; the {len(accs)} models' prediction ensemble {100 * p['ensemble_accuracy']:.2f}%"
         for label, imp_phases in imps:
-            a = {q["index"]: q for q in imp_phases}.get(p["index"], {}).get("soup_accuracy")
-            if a is not None:
+            if (a := _soup_score(imp_phases, p["index"])) is not None:
                 line += f"; {_pp(p['soup_accuracy'] - a)} {label} ({100 * a:.2f}%)"
         lines.append(line)
     return lines
@@ -220,8 +224,7 @@ def soup_beats(soup_phases: list[dict], imps: list[tuple[str, list[dict]]]) -> s
         return "the soup job has no finished phase to compare"
     beats, not_ = [], []
     for label, imp_phases in imps:
-        a = {q["index"]: q for q in imp_phases}.get(last["index"], {}).get("soup_accuracy")
-        if a is not None:
+        if (a := _soup_score(imp_phases, last["index"])) is not None:
             (beats if last["soup_accuracy"] > a else not_).append(f"{label} ({100 * a:.2f}%)")
     head = f"at {100 * last['sparsity']:.1f}% sparsity the soup ({100 * last['soup_accuracy']:.2f}%) "
     if not beats and not not_:
