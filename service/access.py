@@ -35,8 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import make_url
 
-from workers.models import parse_import
-from workers.text import GLOB_CHARS, TextError, text_files
+from workers.config import GLOB_CHARS, TextError, parse_import, text_files
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -77,6 +76,7 @@ class Access:
     owner: str | None = None                   # the caller (None with admin: auth is off)
     admin: bool = False
     trusted: bool = False                      # a stored spec, or the local CLI: nothing of this is checked
+    stored: bool = False                       # a stored spec: its model and data were checked at submission
 
     # ------------------------------------------------------------ making one
 
@@ -101,6 +101,13 @@ class Access:
     def trusting(cls, *, store: Store | None = None) -> Access:
         """No checks: for a spec that was checked when it was submitted, or the local CLI's own user."""
         return cls(trusted=True, store=store, admin=True)
+
+    @classmethod
+    def of_stored(cls, *, store: Store | None = None) -> Access:
+        """A stored spec, read back by its driver: nothing of this is checked, and neither are its model and
+        data (they were when it was submitted; checking them needs the workers' libraries, torch among
+        them, which a driver does not load: design section 9). A worker that cannot read them fails."""
+        return cls(trusted=True, stored=True, store=store, admin=True)
 
     # ------------------------------------------------------------ messages
 

@@ -1,12 +1,15 @@
 """The artifact store: checkpoints under a local folder (default) or any fsspec URL (s3://bucket/prefix).
-Models are written by `workers.checkpoint.save_model` to `uri(key)` (by the driver, or by the worker
-that trained them)."""
+Models are written by `workers.checkpoint.save_model` to `uri(key)` by the worker that made them; the
+driver only names them."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import fsspec
 
-from workers.checkpoint import Checkpoint, load
+if TYPE_CHECKING:
+    from workers.checkpoint import Checkpoint
 
 
 class ArtifactStore:
@@ -22,6 +25,8 @@ class ArtifactStore:
 
     @staticmethod
     def load_checkpoint(uri: str, *, max_bytes: int | None = None) -> Checkpoint:
+        """The checkpoint at `uri` (imports torch: for workers and the API, never the driver)."""
+        from workers.checkpoint import load
         return load(uri, max_bytes=max_bytes)
 
     @staticmethod

@@ -46,7 +46,7 @@ def stored_spec(data: dict, store: Store | None = None) -> JobSpec:
     """A job's stored spec, validated again: what it names (data roots, import allow-list, the caller's
     models; service.access) was checked when it was submitted, and is not again here, where the API's
     settings need not be known."""
-    return JobSpec.model_validate(data, context={"access": Access.trusting(store=store)})
+    return JobSpec.model_validate(data, context={"access": Access.of_stored(store=store)})
 
 
 def run_job(job_id: str, submission: str | None = None) -> int:

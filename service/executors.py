@@ -31,13 +31,15 @@ from ray.util.queue import Empty, Queue
 
 from service.cluster import unfit
 from service.records import EpochCallback, ResultCallback
-from workers.tasks import TrainOutcome, TrainTask
+from workers.units import TrainOutcome, TrainTask
 
 RETRIES = 2
 
 
 class SequentialExecutor:
-    """Runs tasks one after another in this process: for debugging and as the benchmarks' baseline."""
+    """Runs units of work (trainings and phase steps, workers.units) one after another in this process:
+    for `ladle run --local`, debugging and as the benchmarks' baseline. The same units run on Ray's
+    workers under RayExecutor."""
 
     slots = 1
     in_process = True
@@ -59,6 +61,14 @@ class SequentialExecutor:
         """Every trial to its end, one after another (early stopping needs Ray Tune: RayExecutor)."""
         outs = self.run(tasks, on_epoch)
         return {t.name: (o if isinstance(o, BaseException) else "completed") for t, o in zip(tasks, outs)}
+
+
+class StepError(RuntimeError):
+    """A unit of work failed with an error of a library the driver does not load (torch's)."""
+
+
+# Modules whose exceptions a driver unpickles without importing torch
+PORTABLE_ERRORS = frozenset({"builtins", "workers.config", "workers.units", "service.executors"})
 
 
 class WorkerLost(RuntimeError):
@@ -87,11 +97,18 @@ class IngredientWorker:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def run(self, task: TrainTask, metrics: Queue | None) -> TrainOutcome:
+        """Run one unit of work (a training or a phase step); an error that the driver could not read
+        without importing torch (torch's own, say) comes back as a `StepError` with its text."""
         def on_epoch(row: dict[str, float]) -> None:
             if metrics is not None:
                 metrics.put_nowait((task.name, row))
         task.threads = self.threads
-        return task.run(on_epoch)
+        try:
+            return task.run(on_epoch)
+        except Exception as e:
+            if type(e).__module__ in PORTABLE_ERRORS:
+                raise
+            raise StepError(f"{type(e).__name__}: {e}") from None
 
 
 

@@ -5,6 +5,11 @@ phase t = 1..T: prune the previous soup to sparsity 1 - (1 - p)^t -> m ingredien
 an `Executor`) -> soup (uniform or greedy) -> BatchNorm recalibration -> evaluation -> the soup is
 the parent of the next phase. Everything that happens is reported to a `Recorder`.
 
+Every tensor step runs as a unit of work (workers.units) through the executor, on the job's workers:
+phase 0's scoring and robustness curve, pruning, the soup. Models travel as artifact URLs. The driver
+that runs this loop holds no model and does not import torch (design section 9): it records,
+coordinates and decides.
+
 This module is the loop only. What it runs is planned in service.plan (configs, seeds, tasks), the
 records it reports and the two protocols it works against are in service.records, the executors in
 service.executors, the recorders in service.recorders.
@@ -21,22 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
 from service.artifacts import ArtifactStore
 from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_optimizer, dense_task, ingredient_settings,
-                          make_task, phase_seed, prune_seed, retrain_config, retrain_peak_lr, retrain_task,
+                          phase_seed, prune_seed, retrain_config, retrain_peak_lr, retrain_task, task_spec,
                           total_epochs)
 from service.records import (METRICS, Compute, Executor, JobResult, Metric, ModelRecord, PhaseSummary, Recorder,
-                             ResumePoint, RunRecord, SearchTrial, Task, run_metrics)
+                             ResumePoint, RunRecord, SearchTrial, run_metrics)
 from service.spec import JobSpec
-from workers.checkpoint import SavedModel, save_model
-from workers.models import suggested_lr
-from workers.pruning import Masks, per_phase_rate, prunable_names, sparsity_after
-from workers.soup import State, check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
-from workers.tasks import Finish, TrainOutcome, TrainTask
-from workers.train import TrainingDiverged, default_device
+from workers.config import SavedModel, TrainingDiverged, per_phase_rate, sparsity_after, suggested_lr
+from workers.units import (Curve, Describe, Finish, LoadModel, ModelOut, Prune, Robustness, Soup, Step, StepOut,
+                           TaskInfo, TaskSpec, TrainTask)
 
 
 def _num(x: float | None) -> str:
@@ -49,16 +48,14 @@ class PhaseFailed(RuntimeError):
 
 @dataclass
 class _Context:
-    task: Task                             # the job's model and data (service.records.Task)
+    task: TaskSpec                         # how a worker builds the job's model and data
+    info: TaskInfo                         # what a worker found out about it (workers.units.Describe)
     metric: Metric                         # its primary metric
     dense_lrs: list[float]
     dense_epochs: int
     meta: dict[str, Any]
     dense_source: str | None = None        # where dense_lrs came from, when it is worth an event
     eta_max: float = 0.0                   # the retraining schedules' peak LR when retrain.lr is null
-
-    def model(self, state: State | None = None) -> nn.Module:
-        return self.task.build(state)
 
     def key(self, template: str) -> str:
         return self.metric.key(template)
@@ -82,18 +79,20 @@ class Pipeline:
     """Runs one job: `Pipeline(spec, executor, recorder, artifacts).run()`."""
 
     def __init__(self, spec: JobSpec, executor: Executor, recorder: Recorder, artifacts: ArtifactStore,
-                 *, prefix: str = "", device: torch.device | None = None, resume: ResumePoint | None = None,
-                 epoch_checkpoints: bool = False):
+                 *, prefix: str = "", resume: ResumePoint | None = None, epoch_checkpoints: bool = False):
         self.spec, self.executor, self.recorder, self.artifacts = spec, executor, recorder, artifacts
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.device = device or default_device()
         self.resume = resume
         self.epoch_checkpoints = epoch_checkpoints   # for executors that retry a task after its worker died
-        self._checkpoint = None                      # model.checkpoint, read once
+        self.task = task_spec(spec)
 
     # -- plumbing
     def _url(self, name: str) -> str:
         return self.artifacts.uri(f"{self.prefix}{name}.safetensors")
+
+    def _probs_url(self, name: str) -> str:
+        """Where an ingredient's test softmax is kept, beside its checkpoint (for the prediction ensemble)."""
+        return self.artifacts.uri(f"{self.prefix}{name}.probs.safetensors")
 
     @staticmethod
     def _meta(ctx: _Context, model_id: str, kind: str, phase: int, name: str,
@@ -111,41 +110,40 @@ class Pipeline:
         self.recorder.model_saved(rec)
         return rec
 
-    def _save(self, ctx: _Context, model: nn.Module, masks: Masks, *, kind: str, phase: int, name: str,
-              parents: list[tuple[str, str]], metrics: dict[str, Any]) -> ModelRecord:
-        meta = self._meta(ctx, uuid.uuid4().hex, kind, phase, name, parents)
-        return self._record(save_model(self._url(name), model, masks, meta), meta, metrics)
+    def _step(self, step: Step, compute: Compute, in_process: Compute) -> StepOut:
+        """Run one step through the executor (on a worker, or here for an in-process executor); add what
+        it consumed to the phase's `compute`; raise what ended it."""
+        step.threads, step.gpus = max(1, int(self.spec.resources.cpus_per_ingredient)), \
+            self.spec.resources.gpus_per_ingredient
+        [out] = self.executor.run([step], self.recorder.metric)
+        if isinstance(out, BaseException):
+            raise out
+        compute.add(out.cpu_seconds, out.gpu_seconds)
+        if self.executor.in_process:
+            in_process.add(out.cpu_seconds)
+        return out
 
-    def _load_checkpoint(self):
-        if self._checkpoint is None:
-            self._checkpoint = self.artifacts.load_checkpoint(
-                self.spec.model.checkpoint, max_bytes=getattr(self.artifacts, "max_checkpoint_bytes", None))
-        return self._checkpoint
-
-    def _driver_share(self, compute: Compute, t0: float, cpu0: float, in_process: Compute, outside: float) -> None:
-        """Add the driver's own compute since (t0, cpu0) to `compute`: its CPU time less what tasks run
-        in this process consumed (already counted as runs), and on CUDA its wall time outside the
-        executor's runs (`outside` seconds were spent waiting for them)."""
-        compute.add(max(0.0, time.process_time() - cpu0 - in_process.cpu_seconds),
-                    max(0.0, time.perf_counter() - t0 - outside) if self.device.type == "cuda" else 0.0)
+    def _driver_share(self, compute: Compute, cpu0: float, in_process: Compute, timing: dict[str, float]) -> None:
+        """Add the driver's own CPU time since `cpu0` to `compute` and to the phase's `timing` (as
+        `driver_cpu`), less what units of work run in this process consumed (counted already)."""
+        timing["driver_cpu"] = own = max(0.0, time.process_time() - cpu0 - in_process.cpu_seconds)
+        compute.add(own)
 
     # -- phase 0
-    def _robustness(self, ctx: _Context, model: nn.Module, timing: dict[str, float]) -> dict[str, Any]:
-        """The dense model's one-shot robustness curve (workers.robustness) over `prune.robustness`, as
-        metrics of the dense model (`robustness`: the points, `robustness_split`: the split scored);
-        an event says what was measured. Nothing when the spec turns it off or the task does not
-        measure it. Part of phase 0: a job resumed after phase 0 has it already."""
+    def _robustness(self, ctx: _Context, curve: Curve | None, timing: dict[str, float]) -> dict[str, Any]:
+        """The dense model's one-shot robustness curve (workers.robustness, measured by a step over
+        `prune.robustness`), as metrics of the dense model (`robustness`: the points, `robustness_split`:
+        the split scored); an event says what was measured. Nothing when the spec turns it off or the
+        task does not measure it. Part of phase 0: a job resumed after phase 0 has it already."""
         grid = self.spec.prune.robustness
-        if not grid:
+        if not grid or curve is None:
             return {}
-        t0 = time.perf_counter()
-        curve = ctx.task.robustness(model, grid, self.spec.soup.bn_recalibration_fraction)
-        if curve is None:
+        if curve.points is None:
             self.recorder.event(f"phase 0: no one-shot robustness curve: the {ctx.metric.name} task does not "
                                 "measure it", phase=0)
             return {}
-        timing["robustness"] = seconds = time.perf_counter() - t0
-        points, m = curve["points"], ctx.metric.name
+        timing["robustness"] = curve.seconds
+        points, m = curve.points, ctx.metric.name
         if not points:
             self.recorder.event(f"phase 0: no one-shot robustness curve: the model is sparser than every sparsity "
                                 f"of prune.robustness {grid}", phase=0)
@@ -155,32 +153,29 @@ class Pipeline:
         if len(points) > 1:
             ends += f", {points[-1][m]:.4f} at {points[-1]['sparsity']:g}"
         self.recorder.event(f"phase 0: one-shot robustness curve measured at {len(points)} sparsities "
-                            f"({curve['split']} {m} after magnitude pruning{recal}, no retraining: {ends}) "
-                            f"in {seconds:.1f} s", phase=0)
-        return {"robustness": points, "robustness_split": curve["split"]}
+                            f"({curve.split} {m} after magnitude pruning{recal}, no retraining: {ends}) "
+                            f"in {curve.seconds:.1f} s", phase=0)
+        return {"robustness": points, "robustness_split": curve.split}
 
-    def _dense(self, ctx: _Context) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:
+    def _dense(self, ctx: _Context) -> tuple[ModelRecord, PhaseSummary]:
         spec = self.spec
         self.recorder.phase_started(0, 0.0)
         t0, cpu0 = time.perf_counter(), time.process_time()
-        compute, in_process, waited = Compute(), Compute(), 0.0
+        compute, in_process = Compute(), Compute()
         timing: dict[str, float] = {}
-        if ctx.task.pretrained:
-            model = ctx.model()
-            masks = ctx.task.full_masks(model)
-            self.recorder.event(f"phase 0: the pretrained model {spec.model.arch}", phase=0)
-            rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
-                             metrics=dict(ctx.task.scores(model), **self._robustness(ctx, model, timing)))
-        elif spec.model.checkpoint:
-            ckpt = self._load_checkpoint()
-            arch = ckpt.meta.get("arch")
-            if arch and arch != spec.model.arch:
-                raise ValueError(f"model.checkpoint was made for arch {arch!r}, the spec says {spec.model.arch!r}")
-            model = ctx.model(ckpt.state)
-            masks = ckpt.masks or ctx.task.full_masks(model)
-            self.recorder.event(f"phase 0: loaded dense checkpoint {spec.model.checkpoint}", phase=0)
-            rec = self._save(ctx, model, masks, kind="dense", phase=0, name="phase0/dense", parents=[],
-                             metrics=dict(ctx.task.scores(model), **self._robustness(ctx, model, timing)))
+        grid = list(spec.prune.robustness or [])
+        recal = spec.soup.bn_recalibration_fraction
+        if ctx.info.pretrained or spec.model.checkpoint:
+            source = None if ctx.info.pretrained else spec.model.checkpoint
+            meta = self._meta(ctx, uuid.uuid4().hex, "dense", 0, "phase0/dense", [])
+            out = self._step(LoadModel(name="phase0/load", task=ctx.task, source=source, url=self._url("phase0/dense"),
+                                       meta=meta, grid=grid, recal_fraction=recal,
+                                       max_checkpoint_bytes=getattr(self.artifacts, "max_checkpoint_bytes", None)),
+                             compute, in_process)
+            assert isinstance(out, ModelOut) and out.saved is not None
+            self.recorder.event(f"phase 0: the pretrained model {spec.model.arch}" if source is None
+                                else f"phase 0: loaded dense checkpoint {spec.model.checkpoint}", phase=0)
+            rec = self._record(out.saved, meta, dict(out.scores, **self._robustness(ctx, out.curve, timing)))
         else:
             meta = self._meta(ctx, uuid.uuid4().hex, "dense", 0, "phase0/dense", [])
             task = dense_task(spec, ctx.dense_lrs, Finish(url=self._url("phase0/dense"), meta=meta))
@@ -190,29 +185,29 @@ class Pipeline:
                                                                       "schedule": spec.dense.schedule,
                                                                       "seed": spec.seed,
                                                                       "optimizer": ctx.meta.get("dense_optimizer")}))
-            t_run = time.perf_counter()
-            [out] = self.executor.run([task], self.recorder.metric)
-            waited = time.perf_counter() - t_run
-            if isinstance(out, BaseException):
-                self.recorder.run_finished("dense", "failed", error=repr(out))
-                msg = f"dense training failed: {out}{_hint(spec, out, dense=True)}"
+            [trained] = self.executor.run([task], self.recorder.metric)
+            if isinstance(trained, BaseException):
+                self.recorder.run_finished("dense", "failed", error=repr(trained))
+                msg = f"dense training failed: {trained}{_hint(spec, trained, dense=True)}"
                 self.recorder.event(f"phase 0: {msg}", level="error", phase=0)
-                raise RuntimeError(msg) from out
-            model = ctx.model(out.state)
-            masks = ctx.task.full_masks(model)
-            rec = self._record(out.saved, meta, dict(out.scores, **self._robustness(ctx, model, timing)))
-            self.recorder.run_finished("dense", "succeeded", model_id=rec.id, metrics=run_metrics(out))
-            compute.add_outcome(out)
+                raise RuntimeError(msg) from trained
+            compute.add_outcome(trained)
             if self.executor.in_process:
-                in_process.add_outcome(out)
-        self._driver_share(compute, t0, cpu0, in_process, waited)
+                in_process.add_outcome(trained)
+            curve = None
+            if grid:
+                curve = self._step(Robustness(name="phase0/robustness", task=ctx.task, url=trained.saved.uri,
+                                              grid=grid, recal_fraction=recal), compute, in_process).curve
+            rec = self._record(trained.saved, meta, dict(trained.scores, **self._robustness(ctx, curve, timing)))
+            self.recorder.run_finished("dense", "succeeded", model_id=rec.id, metrics=run_metrics(trained))
+        self._driver_share(compute, cpu0, in_process, timing)
         summary = PhaseSummary(phase=0, target_sparsity=0.0, sparsity=rec.sparsity, model_id=rec.id,
                                seconds=dict(timing, total=time.perf_counter() - t0),
                                metrics={ctx.key("soup_{m}"): ctx.test(rec.metrics),
                                         ctx.key("soup_val_{m}"): rec.metrics.get(ctx.key("val_{m}")),
                                         **compute.as_metrics()})
         self.recorder.phase_finished(summary)
-        return model, masks, rec, summary
+        return rec, summary
 
     # -- the schedule search of a phase
     def _search(self, ctx: _Context, t: int, make_task: Callable[..., TrainTask]) -> tuple[RetrainConfig, Compute]:
@@ -272,8 +267,7 @@ class Pipeline:
 
 
     # -- phases 1..T
-    def _phase(self, ctx: _Context, t: int, parent: nn.Module, parent_masks: Masks, parent_rec: ModelRecord,
-               rate: float) -> tuple[nn.Module, Masks, ModelRecord, PhaseSummary]:
+    def _phase(self, ctx: _Context, t: int, parent_rec: ModelRecord, rate: float) -> tuple[ModelRecord, PhaseSummary]:
         spec, rec = self.spec, self.recorder
         target = sparsity_after(rate, t) if t < spec.prune.phases else spec.prune.target_sparsity
         rec.phase_started(t, target)
@@ -285,36 +279,31 @@ class Pipeline:
         resume = self.resume if self.resume and len(self.resume.phases) == t else None
         if resume and resume.pruned:
             pruned_rec = resume.pruned
-            ckpt = self.artifacts.load_checkpoint(pruned_rec.uri)
-            pruned, masks = ctx.model(ckpt.state), ckpt.masks
             norm_drop = pruned_rec.metrics["norm_drop"]
             pruned_scores = {k: v for k, v in pruned_rec.metrics.items() if k.startswith(("val_", "test_"))}
         else:
-            pr = ctx.task.prune(parent, parent_masks, target, scope=spec.prune.scope, criterion=spec.prune.criterion,
-                                seed=prune_seed(spec, t), pattern=spec.prune.pattern)
-            pruned, masks, norm_drop = pr.model, pr.masks, pr.norm_drop
-            pruned_scores = ctx.task.scores(pruned)
-            pruned_rec = self._save(ctx, pruned, masks, kind="pruned", phase=t, name=f"phase{t}/pruned",
-                                    parents=[(parent_rec.id, "pruned_from")],
-                                    metrics=dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed))
+            meta = self._meta(ctx, uuid.uuid4().hex, "pruned", t, f"phase{t}/pruned", [(parent_rec.id, "pruned_from")])
+            pr = self._step(Prune(name=f"phase{t}/prune", task=ctx.task, parent=parent_rec.uri,
+                                  url=self._url(f"phase{t}/pruned"), meta=meta, target=target, scope=spec.prune.scope,
+                                  criterion=spec.prune.criterion, seed=prune_seed(spec, t), pattern=spec.prune.pattern),
+                            compute, in_process)
+            norm_drop, pruned_scores = pr.norm_drop, pr.scores
+            pruned_rec = self._record(pr.saved, meta, dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed))
             rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
                       f"{ctx.metric.name} after pruning {_num(ctx.test(pruned_scores))}", phase=t)
             for note in pr.notes:
                 rec.event(f"phase {t}: {note}", phase=t)
         timing["prune"] = time.perf_counter() - t0
 
-        pruned_state = {k: v.detach().cpu() for k, v in pruned.state_dict().items()}
-        cpu_masks = {k: v.cpu() for k, v in masks.items()}
-
-        start = PhaseStart(phase=t, state=pruned_state, masks=cpu_masks, rate=rate, norm_drop=norm_drop,
-                           dense_lrs=ctx.dense_lrs, dense_epochs=ctx.dense_epochs,
-                           steps_per_epoch=ctx.task.steps_per_epoch)
+        start = PhaseStart(phase=t, url=pruned_rec.uri, rate=rate, norm_drop=norm_drop, dense_lrs=ctx.dense_lrs,
+                           dense_epochs=ctx.dense_epochs, steps_per_epoch=ctx.info.steps_per_epoch)
 
         def make_task(name: str, config: RetrainConfig, info: dict[str, Any], ingredient: bool = False) -> TrainTask:
             """A retraining task; an ingredient's worker also recalibrates, scores and saves it."""
             if not ingredient:
                 return retrain_task(spec, start, name, config, info)
-            finish = Finish(url=self._url(name), recal_fraction=spec.soup.bn_recalibration_fraction, probs=True,
+            finish = Finish(url=self._url(name), recal_fraction=spec.soup.bn_recalibration_fraction,
+                            probs_url=self._probs_url(name),
                             meta=self._meta(ctx, uuid.uuid4().hex, "ingredient", t, name,
                                             [(pruned_rec.id, "retrained_from")]))
             return retrain_task(spec, start, name, config, info, finish=finish,
@@ -323,7 +312,6 @@ class Pipeline:
 
         # search the retraining schedule (a finished search of a resumed phase is not run again)
         base = None
-        waited = 0.0
         if spec.search is not None and spec.search.applies(t):
             t_search = time.perf_counter()
             if resume and resume.searched:
@@ -333,7 +321,7 @@ class Pipeline:
                 compute.add(trials.cpu_seconds, trials.gpu_seconds, trials.epochs_trained)
                 if self.executor.in_process:
                     in_process.add(trials.cpu_seconds)
-            timing["search"] = waited = time.perf_counter() - t_search
+            timing["search"] = time.perf_counter() - t_search
 
         # retrain the ingredients; each worker recalibrates BatchNorm, scores and saves its ingredient
         t1 = time.perf_counter()
@@ -347,9 +335,9 @@ class Pipeline:
             rec.run_started(RunRecord(task.name, "ingredient", t, task.info))
         # each ingredient is recorded as soon as it finishes, so a driver that dies mid-phase leaves the
         # finished ones for its successor to reuse
-        done: dict[str, tuple[State, ModelRecord, torch.Tensor | None] | None] = {}
+        done: dict[str, ModelRecord | None] = {}
 
-        def finished(task: TrainTask, out: TrainOutcome | BaseException) -> None:
+        def finished(task: TrainTask, out: Any) -> None:
             if task.resume_url:
                 self.artifacts.delete(task.resume_url)
             if isinstance(out, BaseException):
@@ -362,22 +350,19 @@ class Pipeline:
             irec = self._record(out.saved, task.finish.meta, metrics)
             rec.run_finished(task.name, "succeeded", model_id=irec.id,
                              metrics=dict(metrics, resumed_from_epoch=out.resumed_from_epoch))
-            done[task.name] = (out.state, irec, out.probs)
+            done[task.name] = irec
             compute.add_outcome(out)
             if self.executor.in_process:
                 in_process.add_outcome(out)
 
         for name, irec in reused.items():
-            model = ctx.model(self.artifacts.load_checkpoint(irec.uri).state)
-            probs = ctx.task.test_probs(model)
-            done[name] = ({k: v.detach().cpu() for k, v in model.state_dict().items()}, irec, probs)
+            done[name] = irec
             m = irec.metrics                       # spent by the driver that trained it
             compute.add(m.get("cpu_seconds"), m.get("gpu_seconds"), m.get("epochs_trained"))
         self.executor.run(todo, rec.metric, finished)
         timing["retrain"] = time.perf_counter() - t1
-        waited += timing["retrain"]
-        survivors = [(i, d[0], d[1], d[2]) for i, task in enumerate(tasks) if (d := done[task.name]) is not None]
-        accs = [None if done[task.name] is None else ctx.test(done[task.name][1].metrics) for task in tasks]
+        survivors = [(i, task.name, r) for i, task in enumerate(tasks) if (r := done[task.name]) is not None]
+        accs = [None if done[task.name] is None else ctx.test(done[task.name].metrics) for task in tasks]
         if len(survivors) < spec.soup.min_ingredients:
             msg = (f"phase {t}: only {len(survivors)} of {len(tasks)} ingredients finished, "
                    f"fewer than min_ingredients={spec.soup.min_ingredients}; the phase fails")
@@ -387,46 +372,32 @@ class Pipeline:
             rec.event(f"phase {t}: soup made from the {len(survivors)} surviving ingredients "
                       f"{[i for i, *_ in survivors]} of {len(tasks)}", level="warning", phase=t)
 
-        # soup: average, recalibrate BatchNorm, evaluate (the ingredients were scored the same way)
-        t2 = time.perf_counter()
-        states = [state for _, state, _, _ in survivors]
-        check_shared_mask(states, cpu_masks)
-        recal = self.spec.soup.bn_recalibration_fraction
+        # soup: average, recalibrate BatchNorm, evaluate (the ingredients were scored the same way), on a worker
         metric = ctx.metric
-        sign = 1.0 if metric.mode == "max" else -1.0      # greedy_soup keeps what scores higher
-
-        def val_score(state: State) -> float:
-            return sign * ctx.task.val_score(ctx.task.recalibrate(ctx.model(state), recal))
-
+        meta = self._meta(ctx, uuid.uuid4().hex, "soup", t, f"phase{t}/soup", [])
+        sp = self._step(Soup(name=f"phase{t}/soup", task=ctx.task, pruned=pruned_rec.uri,
+                             ingredients=[r.uri for *_, r in survivors], ingredient_ids=[r.id for *_, r in survivors],
+                             val_scores=[r.metrics.get(ctx.key("val_{m}")) for *_, r in survivors],
+                             probs=[self._probs_url(name) for _, name, _ in survivors], method=spec.soup.method,
+                             recal_fraction=spec.soup.bn_recalibration_fraction, higher_is_better=metric.mode == "max",
+                             url=self._url(f"phase{t}/soup"), meta=meta), compute, in_process)
+        timing.update(sp.timing)
+        chosen = [survivors[j][0] for j in sp.chosen]
+        chosen_recs = [survivors[j][2] for j in sp.chosen]
+        meta["parents"] = [{"id": r.id, "kind": "averaged_from"} for r in chosen_recs]
         if spec.soup.method == "greedy":
-            known = [r.metrics.get(ctx.key("val_{m}")) for _, _, r, _ in survivors]
-            g = greedy_soup(states, cpu_masks, val_score, scores=[None if v is None else sign * v for v in known])
-            soup_state, chosen = g.state, [survivors[j][0] for j in g.chosen]
-            chosen_recs = [survivors[j][2] for j in g.chosen]
-            rec.event(f"phase {t}: greedy soup of ingredients {chosen} (val {metric.name} {sign * g.score:.4f}, "
-                      f"best ingredient {sign * max(g.ingredient_scores):.4f})", phase=t)
-        else:
-            soup_state = uniform_soup(states, cpu_masks)
-            chosen, chosen_recs = [i for i, *_ in survivors], [r for _, _, r, _ in survivors]
-        soup = ctx.task.recalibrate(ctx.model(soup_state), recal)
-        timing["soup"] = time.perf_counter() - t2
-        t3 = time.perf_counter()
-        soup_scores = ctx.task.scores(soup)
-        probs = [p for *_, p in survivors]
-        ensemble = ctx.task.ensemble(probs)
-        timing["eval"] = time.perf_counter() - t3
+            rec.event(f"phase {t}: greedy soup of ingredients {chosen} (val {metric.name} {sp.greedy_score:.4f}, "
+                      f"best ingredient {metric.best(sp.ingredient_scores):.4f})", phase=t)
+        soup_scores, ensemble = sp.scores, sp.ensemble
         ok = [a for a in accs if a is not None]
         soup_score = ctx.test(soup_scores)
-        distances = pairwise_distances(states, prunable_names(soup)) if len(states) > 1 else []
         mean = statistics.fmean(ok)
         extra = {"gain_over_best": metric.gain(soup_score, metric.best(ok)), "gain_over_mean": metric.gain(soup_score, mean),
                  ctx.key("ensemble_{m}"): ensemble,
-                 "mean_pairwise_distance": statistics.fmean(distances) if distances else 0.0}
-        soup_rec = self._save(ctx, soup, masks, kind="soup", phase=t, name=f"phase{t}/soup",
-                              parents=[(r.id, "averaged_from") for r in chosen_recs],
-                              metrics=dict(soup_scores, **extra, ingredients=chosen))
+                 "mean_pairwise_distance": statistics.fmean(sp.distances) if sp.distances else 0.0}
+        soup_rec = self._record(sp.saved, meta, dict(soup_scores, **extra, ingredients=chosen))
+        self._driver_share(compute, cpu0, in_process, timing)
         timing["total"] = time.perf_counter() - t0
-        self._driver_share(compute, t0, cpu0, in_process, waited)
         summary = PhaseSummary(phase=t, target_sparsity=target, sparsity=soup_rec.sparsity, model_id=soup_rec.id,
                                soup_ingredients=chosen, seconds=timing,
                                metrics={ctx.key("pruned_{m}"): ctx.test(pruned_scores), ctx.key("ingredient_{ms}"): accs,
@@ -438,21 +409,28 @@ class Pipeline:
             kept = f", keeping {100 * metric.gain(soup_score, mean) / metric.gain(ensemble, mean):.0f}% of its gain"
         rec.event(f"phase {t}: soup {metric.name} {soup_score:.4f} ({extra['gain_over_best']:+.4f} over the best "
                   f"ingredient, {extra['gain_over_mean']:+.4f} over the mean), sparsity {soup_rec.sparsity:.4f}"
-                  + (f"; prediction ensemble of {len(probs)}: {ensemble:.4f}{kept}" if ensemble is not None else ""),
+                  + (f"; prediction ensemble of {len(survivors)}: {ensemble:.4f}{kept}" if ensemble is not None else ""),
                   phase=t)
         rec.phase_finished(summary)
-        return soup, masks, soup_rec, summary
+        return soup_rec, summary
 
     def context(self) -> _Context:
+        """What the job needs to know before it starts, asked of a worker (workers.units.Describe): the
+        task's metric, steps per epoch and rebuild metadata, and a given checkpoint's dense LR history."""
         spec = self.spec
-        task = make_task(spec, self.device)
-        spe = task.steps_per_epoch
+        compute, in_process = Compute(), Compute()
+        info = self._step(Describe(name="describe", task=self.task, checkpoint=spec.model.checkpoint,
+                                   max_checkpoint_bytes=getattr(self.artifacts, "max_checkpoint_bytes", None)),
+                          compute, in_process)
+        assert isinstance(info, TaskInfo)
+        spe = info.steps_per_epoch
         history = {"kind": spec.dense.schedule, "lr": spec.dense.lr, "epochs": spec.dense.epochs,
                    "steps_per_epoch": spe, "warmup": spec.dense.warmup}
         dense_lrs, dense_epochs = dense_history(history)
         source = None
+        stored_meta = info.checkpoint_meta or {}
         if spec.model.checkpoint:
-            stored = self._load_checkpoint().meta.get("dense_schedule")
+            stored = stored_meta.get("dense_schedule")
             own = (f"the spec's dense section ({spec.dense.schedule}, lr {spec.dense.lr:g}, "
                    f"{spec.dense.epochs} epochs)")
             if stored is None:
@@ -468,19 +446,19 @@ class Pipeline:
                     source = (f"model.checkpoint's dense LR history is unreadable ({e!r}); the retraining "
                               f"schedules use {own}")
         if spec.model.checkpoint:
-            optimizer = self._load_checkpoint().meta.get("dense_optimizer")
+            optimizer = stored_meta.get("dense_optimizer")
         else:
-            optimizer = None if task.pretrained else dense_optimizer(spec)
+            optimizer = None if info.pretrained else dense_optimizer(spec)
         eta_max = retrain_peak_lr(spec, dense_lrs, optimizer)
         if optimizer and optimizer.get("name") == "sfw" and spec.retrain.lr is None:
             note = (f"the dense model was trained with SFW ({optimizer.get('constraint')}): its step size is no "
                     f"SGD learning rate, so retraining peaks at lr {eta_max:g} (set retrain.lr to choose)")
             source = f"{source}; {note}" if source else note
-        meta = dict(task.meta, job=spec.name, spec=spec.model_dump(mode="json"), dense_schedule=history)
+        meta = dict(info.meta, job=spec.name, spec=spec.model_dump(mode="json"), dense_schedule=history)
         if optimizer is not None:
             meta["dense_optimizer"] = optimizer
-        return _Context(task=task, metric=METRICS[task.metric], dense_lrs=dense_lrs, dense_epochs=dense_epochs,
-                        meta=meta, dense_source=source, eta_max=eta_max)
+        return _Context(task=self.task, info=info, metric=METRICS[info.metric], dense_lrs=dense_lrs,
+                        dense_epochs=dense_epochs, meta=meta, dense_source=source, eta_max=eta_max)
 
     def run(self) -> JobResult:
         spec = self.spec
@@ -491,15 +469,13 @@ class Pipeline:
         rate = per_phase_rate(spec.prune.target_sparsity, spec.prune.phases)
         if self.resume:
             summaries, rec = list(self.resume.phases), self.resume.parent
-            ckpt = self.artifacts.load_checkpoint(rec.uri)
-            model, masks = ctx.model(ckpt.state), ckpt.masks
             self.recorder.event(f"resuming after phase {len(summaries) - 1} from model {rec.id}")
         else:
-            model, masks, rec, summary = self._dense(ctx)
+            rec, summary = self._dense(ctx)
             summaries = [summary]
             self.recorder.event(f"pruning {spec.prune.phases} phases at rate p={rate:.4f} per phase "
                                 f"to sparsity {spec.prune.target_sparsity}")
         for t in range(len(summaries), spec.prune.phases + 1):
-            model, masks, rec, summary = self._phase(ctx, t, model, masks, rec, rate)
+            rec, summary = self._phase(ctx, t, rec, rate)
             summaries.append(summary)
         return JobResult(phases=summaries, final_model_id=rec.id)

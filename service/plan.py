@@ -9,18 +9,17 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
 
-from service.records import Task
 from service.spec import JobSpec, task_kind
-from workers.causal_lm import CausalLM, LMTask
-from workers.classification import Classification
-from workers.models import suggested_lr
-from workers.perp import PerpConfig
-from workers.pruning import Masks
+from workers.config import PerpConfig, suggested_lr
 from workers.schedules import dense_schedule, retrain_schedule
-from workers.soup import State
-from workers.tasks import Finish, TrainTask
+from workers.units import Finish, LMTask, TaskSpec, TrainTask
+
+if TYPE_CHECKING:
+    import torch
+
+    from service.records import Task
 
 # Seeds, derived from the job's seed so that a job is reproducible and its parts draw apart:
 JOB_SEED_STRIDE = 1000       # job seeds s and s + 1 share no derived seed (below 10 phases)
@@ -144,13 +143,19 @@ def retrain_peak_lr(spec: JobSpec, dense_lrs: list[float], optimizer: dict[str, 
     return max(dense_lrs)
 
 
-def make_task(spec: JobSpec, device: torch.device) -> Task:
-    """The job's task (service.spec.task_kind): its model and data, loaded for the pipeline on `device`."""
+def task_spec(spec: JobSpec) -> TaskSpec:
+    """What a worker needs to build the job's task (service.spec.task_kind): its model and data."""
     if task_kind(spec) == "causal_lm":
-        return CausalLM(arch=spec.model.arch, data=spec.data.text_config(), seed=spec.seed, device=device,
+        return TaskSpec(kind="causal_lm", arch=spec.model.arch, data=spec.data.text_config(), seed=spec.seed,
                         model_kwargs=dict(spec.model.kwargs))
-    return Classification(arch=spec.model.arch, data=spec.data.config(), seed=spec.seed, device=device,
-                          model_kwargs=dict(spec.model.kwargs))
+    return TaskSpec(kind="classification", arch=spec.model.arch, data=spec.data.config(), seed=spec.seed,
+                    model_kwargs=dict(spec.model.kwargs))
+
+
+def make_task(spec: JobSpec, device: torch.device | None = None) -> Task:
+    """The job's task, built in this process (imports torch: for workers and tests, not the driver)."""
+    from workers.steps import build_task
+    return build_task(task_spec(spec), device)
 
 
 def dense_task(spec: JobSpec, lrs: list[float], finish: Finish) -> TrainTask:
@@ -160,17 +165,17 @@ def dense_task(spec: JobSpec, lrs: list[float], finish: Finish) -> TrainTask:
     return TrainTask(name="dense", arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
                      data_seed=spec.seed, lrs=lrs, epochs=spec.dense.epochs, seed=spec.seed,
                      optimizer=spec.dense.optimizer_config(spec.retrain.optimizer.config()), augment=data.augment,
-                     finish=finish,
+                     finish=finish, keep_state=False,
                      gpus=spec.resources.gpus_per_ingredient)
 
 
 @dataclass
 class PhaseStart:
-    """What every retraining of a phase starts from and follows: the pruned model (state and masks,
-    on the CPU), the pruning (per-phase rate, norm drop) and the dense run's LR history."""
+    """What every retraining of a phase starts from and follows: the pruned model (the URL of its
+    checkpoint, which carries its masks), the pruning (per-phase rate, norm drop) and the dense run's
+    LR history."""
     phase: int
-    state: State
-    masks: Masks
+    url: str
     rate: float
     norm_drop: float
     dense_lrs: list[float]
@@ -191,7 +196,7 @@ def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainCon
         info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
                     peak_lr=config.lr, schedule="linear warm-up", params=r.params)
         return LMTask(name=name, arch=spec.model.arch, data=spec.data.text_config(), data_seed=spec.seed, perp=perp,
-                      init_state=start.state, masks=start.masks, seed=config.seed, model_kwargs=dict(spec.model.kwargs),
+                      init_url=start.url, keep_state=False, seed=config.seed, model_kwargs=dict(spec.model.kwargs),
                       threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,
                       gpus=spec.resources.gpus_per_ingredient)
     lrs = retrain_schedule(config.schedule, config.epochs * start.steps_per_epoch, start.dense_lrs, lr=config.lr,
@@ -202,7 +207,7 @@ def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainCon
                 peak_lr=max(lrs), schedule=config.schedule)
     data = spec.data.config()
     return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
-                     data_seed=spec.seed, lrs=lrs, epochs=config.epochs, seed=config.seed, init_state=start.state,
-                     masks=start.masks, optimizer=opt, params=spec.retrain.params, augment=data.augment,
+                     data_seed=spec.seed, lrs=lrs, epochs=config.epochs, seed=config.seed, init_url=start.url,
+                     keep_state=False, optimizer=opt, params=spec.retrain.params, augment=data.augment,
                      threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,
                      gpus=spec.resources.gpus_per_ingredient, resume_url=resume_url)

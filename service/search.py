@@ -16,7 +16,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from service.records import EpochCallback
-from workers.tasks import TrainTask
+from workers.units import TrainTask
 
 SEARCH_TIME = "training_iteration"        # Tune counts one per report, that is per epoch
 

@@ -21,18 +21,13 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from service.access import Access, access_of
 from service.records import ACCURACY, PERPLEXITY, Metric
-from workers.llm_prune import parse_pattern
-from workers.lm import check_causal_lm, is_causal_lm
-from workers.text import TextConfig, TextError, text_files
+from workers.config import (DATASETS, IMPORT_PREFIX, NEEDS_PATH, DataConfig, DataError, ModelError, OptimizerConfig,
+                            SFWConfig, TextConfig, TextError, is_causal_lm, parse_pattern, text_files)
 from workers.files import is_url
-from workers.data import DATASETS, NEEDS_PATH, DataConfig, DataError, check_data
-from workers.models import IMPORT_PREFIX, ModelError, check_arch
-from workers.robustness import MAX_POINTS as ROBUSTNESS_MAX_POINTS
-from workers.robustness import SPARSITIES as ROBUSTNESS_SPARSITIES
-from workers.robustness import check_sparsities
+from workers.config import MAX_POINTS as ROBUSTNESS_MAX_POINTS
+from workers.config import SPARSITIES as ROBUSTNESS_SPARSITIES
+from workers.config import check_sparsities
 from workers.schedules import DENSE_SCHEDULES, RETRAIN_SCHEDULES
-from workers.sfw import SFWConfig
-from workers.train import OptimizerConfig
 
 MAX_INGREDIENTS = 64
 MAX_EPOCHS = 1000
@@ -76,24 +71,31 @@ class ModelSpec(_Strict):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str, info: ValidationInfo) -> str:
+        access = access_of(info.context)
+        if access.stored:
+            return v
         if is_causal_lm(v):                # its folder under the data roots; checked with its kwargs below
             folder = v.removeprefix("hf:")
-            return "hf:" + access_of(info.context).path("model.arch", folder) if folder.strip() else v
+            return "hf:" + access.path("model.arch", folder) if folder.strip() else v
+        from workers.models import check_arch      # torch: not for a driver (Access.of_stored)
         try:
             check_arch(v)
             if v.startswith(IMPORT_PREFIX):
-                access_of(info.context).check_import(v)     # the allow-list; nothing is imported here
+                access.check_import(v)     # the allow-list; nothing is imported here
         except ModelError as e:
             raise ValueError(str(e)) from None
         return v
 
     @model_validator(mode="after")
-    def _causal_lm_exists(self) -> ModelSpec:
+    def _causal_lm_exists(self, info: ValidationInfo) -> ModelSpec:
         """`hf:<dir>`: a local Hugging Face folder (or a GGUF file in it, `kwargs.gguf_file`); the only
         kwargs are gguf_file and dtype, and trust_remote_code is refused."""
         if is_causal_lm(self.arch):
             if self.checkpoint is not None:
                 raise ValueError("model.checkpoint is for image models; a language model starts from its hf: folder")
+            if access_of(info.context).stored:
+                return self
+            from workers.lm import check_causal_lm      # torch: not for a driver
             try:
                 check_causal_lm(self.arch, **self.kwargs)
             except ModelError as e:
@@ -164,9 +166,11 @@ class DataSpec(_Strict):
         return access.path("data.path", v)
 
     @model_validator(mode="after")
-    def _path_exists(self) -> DataSpec:
+    def _path_exists(self, info: ValidationInfo) -> DataSpec:
         if (self.name in NEEDS_PATH or self.name == "text") and not self.path:
             raise ValueError(f"dataset {self.name!r} needs data.path")
+        if access_of(info.context).stored:
+            return self
         if self.name == "text":
             try:
                 if not is_url(self.path):       # a URL: an upload, checked when it was sent
@@ -176,6 +180,7 @@ class DataSpec(_Strict):
             return self
         if self.path and not is_url(self.path) and not Path(self.path).expanduser().exists():
             raise ValueError(f"data.path {self.path!r} does not exist")
+        from workers.data import check_data      # numpy and torch: not for a driver
         try:
             check_data(self.config())
         except DataError as e:
@@ -464,8 +469,8 @@ class ResourcesSpec(_Strict):
 class JobSpec(_Strict):
     name: str = Field("job", min_length=1, max_length=200)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    model: ModelSpec = ModelSpec()
-    data: DataSpec = DataSpec()
+    model: ModelSpec = Field(default_factory=ModelSpec)     # made when needed: checking one imports torch
+    data: DataSpec = Field(default_factory=DataSpec)
     dense: DenseSpec = DenseSpec()
     prune: PruneSpec = PruneSpec()
     retrain: RetrainSpec = RetrainSpec()

@@ -34,6 +34,7 @@ from workers.llm_prune import prunable_lm_names, prune_causal_lm
 from workers.perp import PerpConfig, retrain_lm
 from workers.pruning import Masks, PruneResult, weight_and_bias_norm_sq
 from workers.text import TextConfig, TextSplits, block_loader, calibration_blocks, load_text_splits
+from workers.units import LMTask  # noqa: F401  (defined without torch)
 
 State = dict[str, torch.Tensor]
 
@@ -66,6 +67,7 @@ class CausalLM:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     metric: str = "perplexity"
+    ensembles: bool = False                  # a prediction ensemble is measured
     pretrained: bool = True
 
     def __post_init__(self) -> None:
@@ -132,45 +134,24 @@ class CausalLM:
                            norm_drop=math.sqrt(diff_sq / norm_sq) if norm_sq > 0 else 0.0)
 
 
-@dataclass
-class LMTask:
-    """One PERP retraining of a pruned causal LM (an ingredient or a search trial): plain data, run by
-    `run_lm_task` in-process or on a Ray worker."""
-    name: str
-    arch: str
-    data: TextConfig
-    data_seed: int                         # the job's seed: fixes the split
-    perp: PerpConfig
-    init_state: State
-    masks: Masks
-    seed: int = 0                          # batch order and adapter initialisation
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    finish: Any = None                     # workers.tasks.Finish: score and save in the worker
-    gpus: float = 0.0
-    resume_url: str | None = None          # not used: a retried LM task starts over
-
-    @property
-    def epochs(self) -> int:
-        return self.perp.epochs
-
-    def run(self, on_epoch: Callable[[dict[str, float]], None] | None = None):
-        return run_lm_task(self, on_epoch)
-
-
 def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | None = None,
                 device: torch.device | None = None):
     """Load the model, retrain it the PERP way from `init_state` keeping `masks`, score it on val and
     test (and save it) with `finish`; returns a workers.tasks.TrainOutcome."""
-    from workers.tasks import TrainOutcome
+    from workers.tasks import TrainOutcome, load_cached
     from workers.train import default_device
     start, cpu_start = time.perf_counter(), time.process_time()
     device = device or default_device()
     if task.threads:
         torch.set_num_threads(task.threads)
     model, tokenizer = load_causal_lm(task.arch, **task.model_kwargs)
-    model.load_state_dict(task.init_state)
+    masks = task.masks
+    if task.init_url is not None:
+        start_ckpt = load_cached(task.init_url)
+        model.load_state_dict(start_ckpt.state)
+        masks = masks if masks is not None else start_ckpt.masks
+    else:
+        model.load_state_dict(task.init_state)
     splits = load_text_splits(task.data, tokenizer, task.data_seed)
     batches = block_loader(splits.train, task.data.batch_size, shuffle=True, seed=task.seed)
 
@@ -181,7 +162,7 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
         if on_epoch is not None:
             on_epoch(row)
 
-    result = retrain_lm(model, batches, task.perp, task.masks, device=device, on_epoch=record,
+    result = retrain_lm(model, batches, task.perp, masks, device=device, on_epoch=record,
                         val_blocks=block_loader(splits.val, task.data.batch_size, shuffle=False) if len(splits.val)
                         else None)
     out = TrainOutcome(name=task.name, state={}, history=result.history, steps=result.steps,
@@ -190,8 +171,9 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
         out.scores = dict(lm_scores(model, splits, task.data.batch_size, device),
                           trainable_share=result.trainable_share, sparsity_lost=result.sparsity_lost,
                           train_tokens_per_second=result.tokens_per_second)
-        out.saved = save_model(task.finish.url, model, task.masks, task.finish.meta)
-    out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        out.saved = save_model(task.finish.url, model, masks, task.finish.meta)
+    if task.keep_state:
+        out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.seconds = time.perf_counter() - start
     out.cpu_seconds = time.process_time() - cpu_start
     out.gpu_seconds = out.seconds * (task.gpus or 1.0) if device.type == "cuda" else 0.0

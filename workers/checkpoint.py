@@ -26,22 +26,7 @@ from safetensors.torch import save as st_save
 from workers.evaluate import model_stats
 from workers.files import write_atomic, write_url  # noqa: F401  (checkpoint writers' helpers)
 from workers.pruning import Masks
-
-
-@dataclass
-class SavedModel:
-    """Where a model's checkpoint went and the figures the store keeps about it."""
-    uri: str
-    size_bytes: int
-    sha256: str
-    sparsity: float
-    nonzeros: int
-    parameters: int
-    layer_sparsity: dict[str, float]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or fails its integrity check."""
+from workers.config import CheckpointError, SavedModel  # noqa: F401  (torch-free: the driver and the API use them)
 
 
 @dataclass

@@ -38,6 +38,7 @@ class Classification:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     metric: str = "accuracy"
+    ensembles: bool = True                  # a prediction ensemble is measured
     pretrained: bool = False               # phase 0 trains the dense model (unless the spec gives a checkpoint)
     splits: Splits = field(init=False)
 

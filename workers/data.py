@@ -40,10 +40,8 @@ import torch
 from torch import Tensor
 
 from workers.files import is_url, local_copy
+from workers.config import DATASETS, NEEDS_PATH, AUGMENTED_BY_DEFAULT, DataError, default_augment, DataConfig  # noqa: F401  (torch-free: the driver and the API use them)
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "npz",
-                             "synthetic")
-NEEDS_PATH: frozenset[str] = frozenset({"imagefolder", "npz"})
 TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}                  # read by torchvision
 TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 IDX_DATASETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}              # name -> torchvision's folder
@@ -55,37 +53,9 @@ IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
 MAX_IDX_BYTES = 1 << 31                              # a read cap (decompressed); MNIST's largest file is 47 MB
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")   # Debian's package dataset-fashion-mnist
 DEBIAN_FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
-AUGMENTED_BY_DEFAULT: frozenset[str] = frozenset({"cifar10", "cifar100"})
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DIGITS_TEST_FRACTION = 0.2
-
-
-class DataError(ValueError):
-    """A dataset that is unknown, missing or malformed."""
-
-
-def default_augment(name: str) -> bool:
-    """The papers' augmentation default for dataset `name`: True (random crop after padding by
-    min(H, W) // 8, plus a horizontal flip of 3-channel images) for cifar10 / cifar100; False for mnist,
-    fashion_mnist, digits, npz, synthetic and imagefolder."""
-    return name in AUGMENTED_BY_DEFAULT
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What to load. `augment` None means the dataset's default (`default_augment`); it is resolved on
-    construction, so `DataConfig(...).augment` is always a bool."""
-
-    name: str = "digits"
-    path: str | None = None
-    val_fraction: float = 0.1
-    batch_size: int = 128
-    augment: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.augment is None:
-            object.__setattr__(self, "augment", default_augment(self.name))
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from workers.models import ModelError
+from workers.config import HF_PREFIX, is_causal_lm  # noqa: F401  (torch-free: the driver and the API use them)
 
-HF_PREFIX = "hf:"
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_DTYPE = "float32"
 LM_KWARGS: tuple[str, ...] = ("gguf_file", "dtype")
@@ -49,11 +49,6 @@ NUM_LAYER_KEYS: tuple[str, ...] = ("num_hidden_layers", "n_layer", "num_layers")
 
 class LMError(ModelError):
     """A causal language model that cannot be loaded as asked, or input it cannot score."""
-
-
-def is_causal_lm(arch: object) -> bool:
-    """True when `arch` names a causal language model (``hf:<local dir>``)."""
-    return isinstance(arch, str) and arch.startswith(HF_PREFIX)
 
 
 def model_dir(arch: str) -> Path:

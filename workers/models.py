@@ -24,12 +24,9 @@ from collections.abc import Callable, Sequence
 from math import ceil, prod
 
 from torch import Tensor, nn
+from workers.config import ModelError, SUGGESTED_LR, suggested_lr, IMPORT_PREFIX, _DOTTED, parse_import  # noqa: F401  (torch-free: the driver and the API use them)
 
 Shape = tuple[int, int, int]
-
-
-class ModelError(ValueError):
-    """An unknown architecture, or one that cannot be built with these arguments."""
 
 
 # ---------------------------------------------------------------- zoo
@@ -156,17 +153,6 @@ def vgg16_bn(num_classes: int, in_shape: Shape, width: float = 1.0) -> nn.Module
     return _kaiming_init(nn.Sequential(*layers))
 
 
-# A peak dense LR (SGD, momentum 0.9, batch 64-128, with the dense warm-up) that trains each zoo model
-# without diverging: lenet5 has no normalisation and diverged at 0.1 on Fashion-MNIST for one seed in
-# three (every run at chance), so it gets less; the BatchNorm nets take the papers' 0.1.
-SUGGESTED_LR: dict[str, float] = {"mlp": 0.1, "lenet5": 0.05, "resnet20": 0.1, "resnet56": 0.1, "vgg16_bn": 0.05}
-
-
-def suggested_lr(arch: str) -> float | None:
-    """The zoo's working peak dense LR for `arch` (None outside the zoo)."""
-    return SUGGESTED_LR.get(arch)
-
-
 ZOO: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp, "lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "vgg16_bn": vgg16_bn,
 }
@@ -180,24 +166,6 @@ def torchvision_names() -> tuple[str, ...]:
     """The classification models torchvision can build (`torchvision.models.list_models`)."""
     import torchvision
     return tuple(torchvision.models.list_models(module=torchvision.models))
-
-
-IMPORT_PREFIX = "import:"
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-
-
-def parse_import(arch: str) -> tuple[str, str]:
-    """(module, callable) of ``import:<module>:<callable>``, checked for form only (nothing is imported):
-    both dotted Python names, and no part of the callable's path a dunder (``__globals__`` and the like)."""
-    parts = arch.split(":")
-    if len(parts) != 3 or parts[0] != IMPORT_PREFIX[:-1] or not parts[1] or not parts[2]:
-        raise ModelError(f"arch {arch!r} must look like import:<module>:<callable>")
-    _, module_name, attr = parts
-    if not _DOTTED.fullmatch(module_name):
-        raise ModelError(f"arch {arch!r}: {module_name!r} is not a Python module name (dotted identifiers)")
-    if not _DOTTED.fullmatch(attr) or any(name.startswith("__") for name in attr.split(".")):
-        raise ModelError(f"arch {arch!r}: {attr!r} is not a callable's name (dotted identifiers, no dunders)")
-    return module_name, attr
 
 
 def _import_callable(arch: str) -> Callable[..., object]:

@@ -53,10 +53,8 @@ from torch.nn import functional as F
 
 from workers.pruning import Masks, apply_masks
 from workers.train import TrainingDiverged, default_device
+from workers.config import PERP_MODES, ADAPTER_MODES, AUTOCAST_MODES, PerpError, _check_adapter_args, PerpConfig  # noqa: F401  (torch-free: the driver and the API use them)
 
-PERP_MODES = ("bias_norm", "bias_norm_head", "lora", "mask_lora", "scale_lora", "all")
-ADAPTER_MODES = ("lora", "mask_lora", "scale_lora")
-AUTOCAST_MODES = ("auto", "bf16", "off")
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm,
               nn.modules.instancenorm._InstanceNorm)
@@ -64,10 +62,6 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.RM
 __all__ = ["PERP_MODES", "PerpError", "LowRankAdapter", "Prepared", "prepare", "merge", "PerpConfig",
            "PerpResult", "retrain_lm", "linear_warmup_lrs", "causal_lm_loss", "evaluate_lm",
            "sparsity_after_merge", "pruned_nonzero", "is_norm_module", "TrainingDiverged"]
-
-
-class PerpError(ValueError):
-    """PERP retraining was asked for something it cannot do (unknown mode, masks that don't fit)."""
 
 
 # --------------------------------------------------------------------------------------- adapters
@@ -206,15 +200,6 @@ def _check_masks(model: nn.Module, masks: Masks, mode: str) -> None:
         raise PerpError(f"{mode} needs masks: adapters go on the masked linear layers and there are none")
 
 
-def _check_adapter_args(rank: int, alpha: float, dropout: float) -> None:
-    if rank < 1:
-        raise PerpError(f"the LoRA rank must be at least 1, got {rank}")
-    if not alpha > 0:
-        raise PerpError(f"the LoRA alpha must be positive, got {alpha}")
-    if not 0.0 <= dropout < 1.0:
-        raise PerpError(f"the LoRA dropout must be in [0, 1), got {dropout}")
-
-
 def prepare(model: nn.Module, masks: Masks, mode: str, *, rank: int = 8, alpha: float = 16,
             dropout: float = 0.0) -> Prepared:
     """Freeze `model` in place and make trainable what `mode` retrains (see the module docstring).
@@ -328,50 +313,6 @@ def _mask_sparsity(masks: Masks) -> float:
 
 
 # -------------------------------------------------------------------------------------- training
-
-@dataclass(frozen=True)
-class PerpConfig:
-    """Hyperparameters of `retrain_lm`.
-
-    lr: AdamW's peak learning rate; weight_decay: AdamW's decoupled decay on every trainable tensor;
-    warmup_fraction: w = round(warmup_fraction * T) of the T optimizer steps warm up;
-    grad_accumulation: micro-batches per optimizer step; max_grad_norm: clip the global gradient
-    norm to this (None: no clipping); rank / alpha / dropout: the adapters' r, alpha and dropout;
-    gradient_checkpointing: recompute activations in the backward pass; autocast: "auto" (bf16 on
-    CUDA when supported, else off), "bf16" (CUDA only) or "off"; seed: adapters' init and dropout.
-    """
-    mode: str = "mask_lora"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    epochs: int = 1
-    warmup_fraction: float = 0.1
-    grad_accumulation: int = 1
-    max_grad_norm: float | None = 1.0
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    gradient_checkpointing: bool = False
-    autocast: str = "auto"
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.mode not in PERP_MODES:
-            raise PerpError(f"unknown PERP mode {self.mode!r}; known: {', '.join(PERP_MODES)}")
-        if not self.lr > 0:
-            raise PerpError(f"the learning rate must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise PerpError(f"the weight decay must be >= 0, got {self.weight_decay}")
-        if self.epochs < 1:
-            raise PerpError(f"epochs must be at least 1, got {self.epochs}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise PerpError(f"the warm-up fraction must be in [0, 1), got {self.warmup_fraction}")
-        if self.grad_accumulation < 1:
-            raise PerpError(f"grad_accumulation must be at least 1, got {self.grad_accumulation}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise PerpError(f"max_grad_norm must be positive or None, got {self.max_grad_norm}")
-        if self.autocast not in AUTOCAST_MODES:
-            raise PerpError(f"unknown autocast {self.autocast!r}; known: {', '.join(AUTOCAST_MODES)}")
-        _check_adapter_args(self.rank, self.alpha, self.dropout)
 
 
 @dataclass

@@ -23,42 +23,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from workers.config import PruningError, parse_pattern, per_phase_rate, sparsity_after  # noqa: F401  (torch-free: the driver and the API use them)
 
 Masks = dict[str, torch.Tensor]
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class PruningError(ValueError):
-    """Pruning was asked for something impossible (bad rate, masks that don't fit the model)."""
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """"unstructured" -> None; "N:M" with 0 < N < M (e.g. "2:4", "4:8") -> (N, M)."""
-    text = str(pattern).strip().lower()
-    if text == "unstructured":
-        return None
-    match = re.fullmatch(r"(\d+):(\d+)", text)
-    if match:
-        n, m = int(match.group(1)), int(match.group(2))
-        if 0 < n < m:
-            return n, m
-    raise PruningError(f"unknown sparsity pattern {pattern!r}; known: 'unstructured' or 'N:M' with 0 < N < M "
-                       "(e.g. '2:4')")
-
-
-def per_phase_rate(target_sparsity: float, phases: int) -> float:
-    """p = 1 - (1 - S)^(1/T): the fraction of remaining weights each of T phases removes."""
-    if not 0.0 <= target_sparsity < 1.0:
-        raise PruningError(f"target sparsity must be in [0, 1), got {target_sparsity}")
-    if phases < 1:
-        raise PruningError(f"phases must be at least 1, got {phases}")
-    return 1.0 - (1.0 - target_sparsity) ** (1.0 / phases)
-
-
-def sparsity_after(rate: float, phase: int) -> float:
-    """Sparsity after `phase` phases of per-phase rate p: 1 - (1 - p)^t."""
-    return 1.0 - (1.0 - rate) ** phase
 
 
 def prunable_names(model: nn.Module) -> list[str]:

@@ -34,22 +34,10 @@ from torch import nn
 from workers.evaluate import evaluate, has_batchnorm, model_stats
 from workers.pruning import Masks, PruningError, prune
 from workers.soup import bn_recalibrate
+from workers.config import SPARSITIES, MAX_POINTS, check_sparsities  # noqa: F401  (torch-free: the driver and the API use them)
 
-SPARSITIES: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
-MAX_POINTS = 32
 
 Point = dict[str, float]
-
-
-def check_sparsities(sparsities: Iterable[float]) -> list[float]:
-    """The grid sorted and deduplicated; every value must lie in [0, 1), at most MAX_POINTS of them."""
-    grid = sorted({float(s) for s in sparsities})
-    bad = [s for s in grid if not 0.0 <= s < 1.0]
-    if bad:
-        raise PruningError(f"robustness sparsities must lie in [0, 1), got {bad}")
-    if len(grid) > MAX_POINTS:
-        raise PruningError(f"at most {MAX_POINTS} robustness sparsities, got {len(grid)}")
-    return grid
 
 
 def one_shot(model: nn.Module, target: float, *, scope: str = "global") -> tuple[nn.Module, Masks]:

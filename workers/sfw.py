@@ -56,38 +56,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
+from workers.config import CONSTRAINTS, RESCALES, SFWConfig  # noqa: F401  (torch-free: the driver and the API use them)
 
-CONSTRAINTS = ("k_support", "l1", "l2", "linf", "k_sparse")
-RESCALES = ("gradient", "diameter", "none")
 INIT_REPETITIONS = 10        # re-initialisations averaged for a layer's expected init norm
 TOLERANCE = 1e-12
-
-
-@dataclass(frozen=True)
-class SFWConfig:
-    """constraint: one of CONSTRAINTS; k: the fraction of each tensor's entries a k-sparse / k-support
-    vertex has; radius_factor: the L2 diameter is 2 · radius_factor · the expected init norm;
-    momentum: μ of d ← μ d + ∇; rescale: the step-size rule (module docstring)."""
-    constraint: str = "k_support"
-    k: float = 0.05
-    radius_factor: float = 10.0
-    momentum: float = 0.9
-    rescale: str = "gradient"
-
-    def __post_init__(self) -> None:
-        if self.constraint not in CONSTRAINTS:
-            raise ValueError(f"unknown SFW constraint {self.constraint!r}; known: {', '.join(CONSTRAINTS)}")
-        if self.rescale not in RESCALES:
-            raise ValueError(f"unknown SFW rescale {self.rescale!r}; known: {', '.join(RESCALES)}")
-        if not 0 < self.k <= 1:
-            raise ValueError(f"SFW k is a fraction of each layer's parameters in (0, 1], got {self.k}")
-        if self.radius_factor <= 0:
-            raise ValueError(f"SFW radius_factor must be positive, got {self.radius_factor}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"SFW momentum must be in [0, 1), got {self.momentum}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # -- linear minimisation oracles: v = argmin_{v ∈ C} ⟨g, v⟩, same shape as g

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from workers.checkpoint import Checkpoint, CheckpointError, SavedModel, load, save, save_model
+from workers.units import Finish, TrainOutcome, TrainTask  # noqa: F401  (defined without torch)
 from workers.data import DataConfig, load_splits, make_loader
 from workers.evaluate import chance_level, has_batchnorm, score_splits
 from workers.models import build_model
@@ -32,60 +31,6 @@ from workers.train import OptimizerConfig, check_learned, default_device, train
 # The batch-order seed of a run resumed at epoch e is seed + RESUME_SEED_STRIDE · e: a prime, so that it
 # meets no other ingredient's seed (a phase's ingredients take consecutive seeds)
 RESUME_SEED_STRIDE = 7919
-
-
-@dataclass
-class Finish:
-    """After training: recalibrate BatchNorm over the first `recal_fraction` of the unshuffled training
-    batches (as the soup is), score on val and test (plus the scores before recalibration, suffixed
-    `_raw`, for a model with BatchNorm), keep the test softmax when `probs`, and save the checkpoint
-    to `url` with `meta`."""
-    url: str
-    meta: dict[str, Any] = field(default_factory=dict)
-    recal_fraction: float = 0.0
-    probs: bool = False
-
-
-@dataclass
-class TrainTask:
-    name: str                              # "dense", "phase2/ingredient1", ...
-    arch: str
-    data: DataConfig
-    data_seed: int                         # the job's seed: fixes the train/val/test split
-    lrs: list[float]                       # per-step learning rates, len = epochs * batches per epoch
-    epochs: int
-    seed: int = 0                          # batch order, augmentation, dropout, (dense) initialisation
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    init_state: State | None = None        # None: a freshly initialised model (dense run)
-    masks: Masks | None = None             # pruned weights stay exactly zero
-    optimizer: OptimizerConfig = OptimizerConfig()
-    params: str = "all"
-    augment: bool = False
-    threads: int | None = None             # torch intra-op threads on a worker
-    info: dict[str, Any] = field(default_factory=dict)   # what varies, for the record
-    resume_url: str | None = None          # epoch checkpoint: written after every epoch, resumed from if present
-    finish: Finish | None = None           # recalibrate, score and save in the worker
-    gpus: float = 0.0                      # the GPU share the executor gives the task (for accounting)
-
-    def run(self, on_epoch: Callable[[dict[str, float]], None] | None = None) -> TrainOutcome:
-        return run_train_task(self, on_epoch)
-
-
-@dataclass
-class TrainOutcome:
-    name: str
-    state: State
-    history: list[dict[str, float]]
-    steps: int
-    train_seconds: float                   # inside training steps
-    seconds: float                         # the whole task, set-up included
-    resumed_from_epoch: int = 0            # > 0: continued from an epoch checkpoint (a retried task)
-    epochs_trained: int = 0                # epochs this attempt trained
-    cpu_seconds: float = 0.0               # CPU time of the whole task (training and finishing)
-    gpu_seconds: float = 0.0
-    scores: dict[str, float] = field(default_factory=dict)   # with `finish`: val/test scores
-    probs: torch.Tensor | None = None      # with `finish.probs`: the test softmax (n, classes)
-    saved: SavedModel | None = None        # with `finish`: the checkpoint written
 
 
 def _save_epoch(url: str, epoch: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
@@ -127,6 +72,12 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
         model.load_state_dict(state)
     elif task.init_state is not None:
         model.load_state_dict(task.init_state)
+    masks = task.masks
+    if task.init_url is not None:
+        start_ckpt = load_cached(task.init_url)
+        if resumed is None:
+            model.load_state_dict(start_ckpt.state)
+        masks = masks if masks is not None else start_ckpt.masks
     # a resumed run draws fresh batch orders for the epochs left (not the ones the lost run would have)
     loader = make_loader(splits.train, task.data.batch_size, shuffle=True,
                          seed=task.seed + RESUME_SEED_STRIDE * start_epoch, augment=task.augment)
@@ -150,7 +101,7 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
         if not task.resume_url:
             report(row)
 
-    result = train(model, loader, task.lrs, epochs=task.epochs, optimizer=task.optimizer, masks=task.masks,
+    result = train(model, loader, task.lrs, epochs=task.epochs, optimizer=task.optimizer, masks=masks,
                    params=task.params, val_loader=val_loader, on_epoch=record,
                    device=device, seed=task.seed + start_epoch, start_epoch=start_epoch,
                    optimizer_state=opt_state, on_checkpoint=checkpoint if task.resume_url else None)
@@ -161,13 +112,41 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
                        train_seconds=result.train_seconds, seconds=0.0, resumed_from_epoch=start_epoch,
                        epochs_trained=task.epochs - start_epoch)
     if task.finish is not None:
-        out.scores, out.probs, out.saved = finish(model, task.masks, splits, task.data.batch_size, task.finish,
+        out.scores, out.probs, out.saved = finish(model, masks, splits, task.data.batch_size, task.finish,
                                                   device)
-    out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if task.finish.probs_url and out.probs is not None:
+            out.probs_url, out.probs = save_probs(task.finish.probs_url, out.probs), None
+    if task.keep_state:
+        out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     out.seconds = time.perf_counter() - start
     out.cpu_seconds = time.process_time() - cpu_start
     out.gpu_seconds = out.seconds * (task.gpus or 1.0) if device.type == "cuda" else 0.0
     return out
+
+
+def save_probs(url: str, probs: torch.Tensor) -> str:
+    """Save a test softmax (n, classes) beside its model's checkpoint (the soup step reads it for the
+    prediction ensemble); returns `url`."""
+    save(url, Checkpoint(state={"probs": probs.detach().cpu().float()}))
+    return url
+
+
+def load_probs(url: str) -> torch.Tensor:
+    return load(url).state["probs"]
+
+
+_CACHE: dict[str, Checkpoint] = {}
+CACHED_CHECKPOINTS = 2          # a worker keeps the last checkpoints it read (the pruned model its ingredients share)
+
+
+def load_cached(url: str) -> Checkpoint:
+    """The checkpoint at `url`, from this process's cache of the last CACHED_CHECKPOINTS read. Artifacts
+    are written once under a fresh name, so a cached copy never goes stale."""
+    if url not in _CACHE:
+        while len(_CACHE) >= CACHED_CHECKPOINTS:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[url] = load(url)
+    return _CACHE[url]
 
 
 def finish(model: torch.nn.Module, masks: Masks | None, splits, batch_size: int, fin: Finish,
@@ -177,7 +156,7 @@ def finish(model: torch.nn.Module, masks: Masks | None, splits, batch_size: int,
     if fin.recal_fraction > 0 and has_batchnorm(model):
         scores, _ = score_splits(model, splits, batch_size, device=device, suffix="_raw")
         bn_recalibrate(model, make_loader(splits.train, batch_size, shuffle=False), fin.recal_fraction, device=device)
-    recal, probs = score_splits(model, splits, batch_size, device=device, probs=fin.probs)
+    recal, probs = score_splits(model, splits, batch_size, device=device, probs=fin.probs or bool(fin.probs_url))
     scores.update(recal)
     saved = save_model(fin.url, model, masks or full_masks(model), fin.meta)
     return scores, probs, saved

@@ -33,35 +33,14 @@ import torch
 from torch import Tensor
 
 from workers.files import is_url, local_copy
+from workers.config import GLOB_CHARS, TEXT_SUFFIX, TextError, TextConfig, _txt_under, text_files  # noqa: F401  (torch-free: the driver and the API use them)
 
 FIELD = "data"                      # the spec section these settings live in, as error messages name it
-GLOB_CHARS = frozenset("*?[")
-TEXT_SUFFIX = ".txt"
 FILE_SEPARATOR = "\n\n"
 MAX_TEXT_BYTES = 1 << 31            # a read cap over all files; more text than this should be cut up first
 PREFIX_CHARS_PER_TOKEN = 8          # the first prefix tried when max_tokens is set: max_tokens * 8 characters
 PREFIX_MARGIN_TOKENS = 16           # a prefix must give this many tokens beyond the cap (its cut end is dropped)
 STREAM_SPLIT, STREAM_CALIBRATION = 1, 2
-
-
-class TextError(ValueError):
-    """Text that is missing, empty, too short for the blocks asked for, or settings that cannot work."""
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    """What text to read and how to cut it. `path`: a file, a folder (every *.txt under it) or a glob;
-    `seq_len`: tokens per block; `calibration_samples`: training blocks for calibration (pruning statistics);
-    `val_fraction` / `test_fraction`: shares of the blocks held out (see `split_counts`); `max_tokens`: keep only
-    the first that many tokens (None: all); `batch_size`: blocks per batch."""
-
-    path: str
-    seq_len: int = 128
-    calibration_samples: int = 32
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    max_tokens: int | None = None
-    batch_size: int = 8
 
 
 def _positive_int(value: object, name: str, minimum: int = 1) -> None:
@@ -86,40 +65,6 @@ def check_text(cfg: TextConfig) -> None:
 
 
 # ---------------------------------------------------------------- files
-
-def _txt_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob(f"*{TEXT_SUFFIX}") if p.is_file())
-
-
-def text_files(path: str) -> list[Path]:
-    """The files `path` stands for: the file itself; every *.txt under a folder, recursively, sorted by path;
-    or the matches of a glob pattern (``**`` included), sorted by path, each matched folder replaced by its
-    *.txt files. Raises `TextError` naming `path` when it matches no file."""
-    if not isinstance(path, str) or not path.strip():
-        raise TextError(f"{FIELD}.path must name a text file, a folder of *.txt files or a glob, got {path!r}")
-    if is_url(path):                      # an upload in a remote artifact store: one file, fetched
-        try:
-            return [local_copy(path)]
-        except OSError as e:
-            raise TextError(f"{FIELD}.path: cannot read {path!r} ({e})") from e
-    expanded = os.path.expanduser(path)
-    target = Path(expanded)
-    if target.is_file():
-        return [target]
-    if target.is_dir():
-        files = _txt_under(target)
-        if not files:
-            raise TextError(f"{FIELD}.path {path!r} is a folder without *{TEXT_SUFFIX} files (searched recursively)")
-        return files
-    if not GLOB_CHARS & set(expanded):
-        raise TextError(f"{FIELD}.path {path!r} does not exist")
-    found: set[Path] = set()
-    for match in glob.glob(expanded, recursive=True):
-        p = Path(match)
-        found.update([p] if p.is_file() else _txt_under(p) if p.is_dir() else [])
-    if not found:
-        raise TextError(f"{FIELD}.path {path!r} matches no file")
-    return sorted(found)
 
 
 def read_text_file(path: Path) -> str:

@@ -26,35 +26,13 @@ from torch import nn
 from workers.evaluate import evaluate
 from workers.pruning import Masks, prunable_names
 from workers.sfw import SFWConfig, make_sfw
+from workers.config import TrainingDiverged, OptimizerConfig  # noqa: F401  (torch-free: the driver and the API use them)
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 PARAM_MODES = ("all", "bias_norm")
 
 
 CHANCE_MARGIN = 0.01          # an accuracy within this of chance counts as "learned nothing"
-
-
-class TrainingDiverged(RuntimeError):
-    """Training produced a NaN/infinite loss, or ended at chance level: the learning rate is too high
-    (or the data carries no signal)."""
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    """name sgd: SGD with `momentum`, `weight_decay`, `nesterov`; name sfw: Stochastic Frank-Wolfe over
-    per-tensor constraint sets (workers.sfw; `sfw` holds its config, the other fields are unused)."""
-    name: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = True
-    sfw: SFWConfig | None = None
-
-    def describe(self) -> dict:
-        """What a checkpoint records about the optimizer."""
-        if self.name == "sfw":
-            return {"name": "sfw", **(self.sfw or SFWConfig()).as_dict()}
-        return {"name": self.name, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "nesterov": self.nesterov}
 
 
 @dataclass
