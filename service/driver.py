@@ -10,7 +10,9 @@ died and the job was requeued, say) the old driver cannot start it or fail it an
 
 from __future__ import annotations
 
+import resource
 import sys
+import time
 
 import sqlalchemy as sa
 
@@ -81,12 +83,27 @@ def run_job(job_id: str, submission: str | None = None) -> int:
         print(f"not running job {job_id}: {e}", file=sys.stderr)
         return 0
     except Exception as e:
+        _report(recorder)
         store.job_failed(job_id, f"{type(e).__name__}: {e}", submission=submission)
         raise
     finally:
         executor.shutdown()
+    _report(recorder)
     store.job_succeeded(job_id, result.final_model_id)
     return 0
+
+
+def footprint() -> dict[str, float | bool]:
+    """This process's own figures: CPU-seconds, peak RSS (MB), and whether torch was ever imported
+    (a driver only coordinates: every tensor step runs on the job's workers)."""
+    return {"cpu_seconds": time.process_time(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "torch": "torch" in sys.modules}
+
+
+def _report(recorder: DBRecorder) -> None:
+    f = footprint()
+    recorder.event(f"driver: {f['cpu_seconds']:.1f} CPU-seconds, peak RSS {f['peak_rss_mb']:.0f} MB, torch "
+                   + ("loaded" if f["torch"] else "not loaded"), level="warning" if f["torch"] else "info")
 
 
 def main() -> None:

@@ -73,3 +73,22 @@ def test_imports_inside_service_flow_up(parts):
         if hits:
             bad[str(f.relative_to(ROOT))] = sorted(hits)
     assert not bad
+
+
+# What a job's driver imports (service.driver and what it runs), and the workers' plain data it builds
+DRIVER_MODULES = ("service.driver", "service.pipeline", "service.executors", "service.search", "service.plan",
+                  "service.spec", "service.store", "service.recorders", "service.artifacts", "workers.config",
+                  "workers.units", "workers.schedules")
+
+
+def test_the_driver_imports_no_torch():
+    """The driver holds no model (design section 9): none of its modules, nor what they import, loads torch
+    (or numpy's tensors by way of it). Checked in a fresh interpreter, so this test process's imports
+    do not count."""
+    import subprocess
+    import sys
+    code = (f"import sys\nfor m in {DRIVER_MODULES!r}: __import__(m)\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
