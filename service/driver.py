@@ -83,8 +83,8 @@ def run_job(job_id: str, submission: str | None = None) -> int:
         print(f"not running job {job_id}: {e}", file=sys.stderr)
         return 0
     except Exception as e:
-        _report(recorder)
-        store.job_failed(job_id, f"{type(e).__name__}: {e}", submission=submission)
+        if store.job_failed(job_id, f"{type(e).__name__}: {e}", submission=submission) is not None:
+            _report(recorder)                         # (None: the job is no longer this driver's)
         raise
     finally:
         executor.shutdown()

@@ -412,6 +412,8 @@ class Pipeline:
                   + (f"; prediction ensemble of {len(survivors)}: {ensemble:.4f}{kept}" if ensemble is not None else ""),
                   phase=t)
         rec.phase_finished(summary)
+        for _, name, _ in survivors:              # measured: the ensemble is a phase metric now
+            self.artifacts.delete(self._probs_url(name))
         return soup_rec, summary
 
     def context(self) -> _Context:
