@@ -221,12 +221,18 @@ def _is_service(pid: int) -> bool:
         return False
 
 
-def unfit(cpus: float, gpus: float, nodes: list[dict[str, float]] | None) -> str | None:
-    """Why no node of the cluster can hold one ingredient worker asking for `cpus` and `gpus`, or None
-    if one can (or the nodes are not known)."""
-    if not nodes or any(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes):
+def unfit(cpus: float, gpus: float, nodes: list[dict[str, float]] | None, memory: float = 0.0) -> str | None:
+    """Why no node of the cluster can hold one ingredient worker asking for `cpus`, `gpus` and `memory`
+    bytes, or None if one can (or the nodes are not known)."""
+    if not nodes or any(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus
+                        and (not memory or n.get("memory", 0.0) >= memory) for n in nodes):
         return None
     most_cpu, most_gpu = max(n.get("CPU", 0.0) for n in nodes), max(n.get("GPU", 0.0) for n in nodes)
+    if memory and all(n.get("CPU", 0.0) >= cpus and n.get("GPU", 0.0) >= gpus for n in nodes):
+        most = max(n.get("memory", 0.0) for n in nodes)
+        return (f"no node of the cluster has the {memory / 2**30:.1f} GiB of memory a worker of this job needs "
+                f"(estimated from the model's size and the batch): its {len(nodes)} node(s) offer Ray at most "
+                f"{most / 2**30:.1f} GiB each")
     return (f"no node of the cluster can run an ingredient with {cpus:g} CPUs and {gpus:g} GPUs "
             f"(resources.cpus_per_ingredient, resources.gpus_per_ingredient): its {len(nodes)} node(s) have at "
             f"most {most_cpu:g} CPUs and {most_gpu:g} GPUs each")

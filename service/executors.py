@@ -90,7 +90,10 @@ class IngredientWorker:
 
     def __init__(self, threads: int):
         import torch
+
+        from workers.tasks import tune_allocator
         torch.set_num_threads(max(1, threads))
+        tune_allocator()
         self.threads = threads
 
     def where(self) -> dict:
@@ -131,11 +134,27 @@ class RayExecutor:
                 slots = min(slots, int(round(resources.get("GPU", 0) / gpus, 6)))
         self.slots = max(1, slots)
         self.in_process = False
+        self.memory = 0                          # bytes each worker asks Ray for (reserve_memory)
         self._actors: list = []
         self._queue: Queue | None = None
 
     def _new_actor(self):
-        return self.worker.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(max(1, int(self.cpus)))
+        options = {"num_cpus": self.cpus, "num_gpus": self.gpus}
+        if self.memory:
+            options["memory"] = self.memory
+        return self.worker.options(**options).remote(max(1, int(self.cpus)))
+
+    def reserve_memory(self, nbytes: int) -> None:
+        """From now on each worker asks Ray for `nbytes` of memory (the job's estimate), so that Ray
+        starts no more workers on a node than its memory holds: they queue instead of being killed.
+        Workers started before without the request are replaced."""
+        if nbytes <= self.memory:
+            return
+        self.memory = int(nbytes)
+        for a in self._actors:
+            ray.kill(a)
+        self._actors = []
+        self._placed.clear()
 
     def _pool(self, n: int) -> list:
         while len(self._actors) < n:
@@ -163,11 +182,12 @@ class RayExecutor:
                 self._placed.update(id(refs[r]) for r in ready)
                 return
             nodes = [{k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n.get("Alive")]
-            why = unfit(self.cpus, self.gpus, nodes)
+            why = unfit(self.cpus, self.gpus, nodes, self.memory)
             if why is None:                           # it fits a node: other jobs hold what it needs
                 if not said and self.on_wait is not None:
-                    self.on_wait(f"waiting for {self.cpus:g} CPUs and {self.gpus:g} GPUs per ingredient, "
-                                 "which other jobs hold")
+                    what = (f"{self.cpus:g} CPUs, {self.gpus:g} GPUs and {self.memory / 2**30:.1f} GiB of memory"
+                            if self.memory else f"{self.cpus:g} CPUs and {self.gpus:g} GPUs")
+                    self.on_wait(f"waiting for {what} per ingredient, which other jobs hold")
                 said = True
             elif time.monotonic() - start >= self.unschedulable_timeout:
                 raise Unschedulable(f"{why}; no worker started within {self.unschedulable_timeout:g} s "

@@ -422,9 +422,12 @@ class Pipeline:
         spec = self.spec
         compute, in_process = Compute(), Compute()
         info = self._step(Describe(name="describe", task=self.task, checkpoint=spec.model.checkpoint,
-                                   max_checkpoint_bytes=getattr(self.artifacts, "max_checkpoint_bytes", None)),
-                          compute, in_process)
+                                   max_checkpoint_bytes=getattr(self.artifacts, "max_checkpoint_bytes", None),
+                                   ingredients=spec.soup.ingredients), compute, in_process)
         assert isinstance(info, TaskInfo)
+        reserve = getattr(self.executor, "reserve_memory", None)
+        if info.memory_bytes and reserve is not None:
+            reserve(info.memory_bytes)
         spe = info.steps_per_epoch
         history = {"kind": spec.dense.schedule, "lr": spec.dense.lr, "epochs": spec.dense.epochs,
                    "steps_per_epoch": spe, "warmup": spec.dense.warmup}
@@ -468,6 +471,10 @@ class Pipeline:
         self.recorder.job_started(spec, total_epochs(spec))
         if ctx.dense_source:
             self.recorder.event(ctx.dense_source, phase=0)
+        if ctx.info.memory_bytes and hasattr(self.executor, "reserve_memory"):
+            self.recorder.event(f"each worker asks the cluster for {ctx.info.memory_bytes / 2**30:.1f} GiB of memory "
+                                "(estimated from the model's size and the batch), so that workers queue for memory "
+                                "rather than run out of it")
         rate = per_phase_rate(spec.prune.target_sparsity, spec.prune.phases)
         if self.resume:
             summaries, rec = list(self.resume.phases), self.resume.parent

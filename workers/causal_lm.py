@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from workers.checkpoint import save_model
-from workers.lm import load_causal_lm, perplexity
+from workers.lm import causal_lm_skeleton, load_causal_lm, perplexity
 from workers.llm_prune import prunable_lm_names, prune_causal_lm
 from workers.perp import PerpConfig, retrain_lm
 from workers.pruning import Masks, PruneResult, weight_and_bias_norm_sq
@@ -37,6 +37,12 @@ from workers.text import TextConfig, TextSplits, block_loader, calibration_block
 from workers.units import LMTask  # noqa: F401  (defined without torch)
 
 State = dict[str, torch.Tensor]
+
+# A worker's memory estimate (CausalLM.memory_estimate): the process with torch and transformers loaded,
+# copies of the weights a unit holds at its peak, copies of one batch's logits
+LM_WORKER_BASE = 1 << 30
+LM_TRAIN_COPIES = 3
+LM_LOGIT_COPIES = 4
 
 
 def lm_scores(model: nn.Module, splits: TextSplits, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -71,9 +77,11 @@ class CausalLM:
     pretrained: bool = True
 
     def __post_init__(self) -> None:
-        self.base, self.tokenizer = load_causal_lm(self.arch, **self.model_kwargs)
-        self.base.eval()
+        # the architecture without its weights (`build` fills it), and the buffers a state dict leaves out
+        self.skeleton, self.tokenizer = causal_lm_skeleton(self.arch, **self.model_kwargs)
         self.splits = load_text_splits(self.data, self.tokenizer, self.seed)
+        saved = set(self.skeleton.state_dict())
+        self._buffers = {n: b.clone() for n, b in self.skeleton.named_buffers() if n not in saved}
 
     @property
     def steps_per_epoch(self) -> int:
@@ -85,11 +93,36 @@ class CausalLM:
         return {"arch": self.arch, "model_kwargs": dict(self.model_kwargs), "task": "causal_lm",
                 "seq_len": self.data.seq_len}
 
+    def memory_estimate(self, ingredients: int) -> int:
+        """A worker's peak for this job's units, in bytes:
+
+            LM_WORKER_BASE + W · max(LM_TRAIN_COPIES, ingredients + 2) + LM_LOGIT_COPIES · B · L · V · 4
+
+        W: the weights' bytes (float32); training holds the model, its gradients' and optimizer's share
+        and the merged adapters (LM_TRAIN_COPIES), the soup step every ingredient plus the soup and a
+        candidate; B · L · V: one batch's logits over the vocabulary (kept, shifted, log-softmax and
+        their gradients). Measured against bench/perp.py (design section 9)."""
+        weights = sum(p.numel() * 4 for p in self.skeleton.parameters())
+        vocab = int(getattr(self.skeleton.config, "vocab_size", 0) or 0)
+        logits = LM_LOGIT_COPIES * self.data.batch_size * self.data.seq_len * vocab * 4
+        return int(LM_WORKER_BASE + weights * max(LM_TRAIN_COPIES, ingredients + 2) + logits)
+
     def build(self, state: State | None = None) -> nn.Module:
-        m = copy.deepcopy(self.base)
-        if state is not None:
-            m.load_state_dict(state)
-        return m.to(self.device)
+        """The pretrained model (read again: the task keeps no weights), or the model with `state`. The
+        model takes `state`'s tensors as its own (no copy, so one model in memory, not two): give it a
+        state that nothing else changes, and do not change the model's weights in place unless the state
+        is yours (training loads a fresh one)."""
+        if state is None:
+            m, _ = load_causal_lm(self.arch, **self.model_kwargs)
+            return m.to(self.device)
+        m = copy.deepcopy(self.skeleton)
+        m.load_state_dict(state, assign=True)
+        for name, buf in self._buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            m.get_submodule(owner).register_buffer(leaf, buf.clone(), persistent=False)
+        if getattr(m.config, "tie_word_embeddings", False) and hasattr(m, "tie_weights"):
+            m.tie_weights()                    # a checkpoint keeps the tied head as a tensor of its own
+        return m.eval().to(self.device)
 
     def full_masks(self, model: nn.Module) -> Masks:
         return lm_masks(model)
@@ -138,21 +171,28 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
                 device: torch.device | None = None):
     """Load the model, retrain it the PERP way from `init_state` keeping `masks`, score it on val and
     test (and save it) with `finish`; returns a workers.tasks.TrainOutcome."""
-    from workers.tasks import TrainOutcome, load_cached
+    from workers.checkpoint import load
+    from workers.steps import build_task
+    from workers.tasks import TrainOutcome
     from workers.train import default_device
+    from workers.units import TaskSpec
     start, cpu_start = time.perf_counter(), time.process_time()
     device = device or default_device()
     if task.threads:
         torch.set_num_threads(task.threads)
-    model, tokenizer = load_causal_lm(task.arch, **task.model_kwargs)
+    # the job's task (tokenizer, token blocks, the model's skeleton) as this worker's steps use it
+    lm = build_task(TaskSpec(kind="causal_lm", arch=task.arch, data=task.data, seed=task.data_seed,
+                             model_kwargs=dict(task.model_kwargs)), device)
     masks = task.masks
     if task.init_url is not None:
-        start_ckpt = load_cached(task.init_url)
-        model.load_state_dict(start_ckpt.state)
-        masks = masks if masks is not None else start_ckpt.masks
+        start_ckpt = load(task.init_url)            # its own copy: training changes the weights in place
+        state, masks = start_ckpt.state, (masks if masks is not None else start_ckpt.masks)
+        del start_ckpt
     else:
-        model.load_state_dict(task.init_state)
-    splits = load_text_splits(task.data, tokenizer, task.data_seed)
+        state = {k: v.clone() for k, v in task.init_state.items()}
+    model = lm.build(state)
+    del state
+    splits = lm.splits
     batches = block_loader(splits.train, task.data.batch_size, shuffle=True, seed=task.seed)
 
     def record(row: dict[str, float]) -> None:
@@ -174,6 +214,9 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
         out.saved = save_model(task.finish.url, model, masks, task.finish.meta)
     if task.keep_state:
         out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from workers.tasks import release_memory
+    del model, result
+    release_memory()
     out.seconds = time.perf_counter() - start
     out.cpu_seconds = time.process_time() - cpu_start
     out.gpu_seconds = out.seconds * (task.gpus or 1.0) if device.type == "cuda" else 0.0

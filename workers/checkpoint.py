@@ -48,9 +48,21 @@ def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
 
 def to_bytes(ckpt: Checkpoint) -> bytes:
     """Serialise a checkpoint to safetensors bytes (CPU copies; shared storage is not a problem)."""
-    tensors = {f"state/{k}": v.detach().cpu().clone().contiguous() for k, v in ckpt.state.items()}
-    tensors.update({f"mask/{k}": v.detach().cpu().bool().clone().contiguous() for k, v in ckpt.masks.items()})
-    tensors.update({f"extra/{k}": v.detach().cpu().clone().contiguous() for k, v in ckpt.extra.items()})
+    seen: set[int] = set()
+
+    def own(t: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor of its own storage: safetensors refuses tensors that share one (tied weights), and
+        copying only those keeps a large model's save from doubling its memory."""
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.numel() != t.untyped_storage().nbytes() // max(t.element_size(), 1):
+            return t.clone()
+        seen.add(ptr)
+        return t
+
+    tensors = {f"state/{k}": own(v) for k, v in ckpt.state.items()}
+    tensors.update({f"mask/{k}": own(v.bool()) for k, v in ckpt.masks.items()})
+    tensors.update({f"extra/{k}": own(v) for k, v in ckpt.extra.items()})
     meta = {"ladle": json.dumps(ckpt.meta, sort_keys=True, default=str),
             "content_sha256": _content_hash(tensors), "format": "ladle-checkpoint-1"}
     return st_save(tensors, metadata=meta)

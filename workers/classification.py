@@ -55,6 +55,10 @@ class Classification:
         return {"arch": self.arch, "model_kwargs": dict(self.model_kwargs), "num_classes": self.splits.num_classes,
                 "in_shape": list(self.splits.in_shape)}
 
+    def memory_estimate(self, ingredients: int) -> int | None:
+        """None: an image model's worker needs no more memory than Ray gives a worker by default."""
+        return None
+
     def build(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
         m = build_model(self.arch, num_classes=self.splits.num_classes, in_shape=self.splits.in_shape,
                         **self.model_kwargs)

@@ -320,7 +320,7 @@ class PerpConfig:
     warmup_fraction: w = round(warmup_fraction * T) of the T optimizer steps warm up;
     grad_accumulation: micro-batches per optimizer step; max_grad_norm: clip the global gradient
     norm to this (None: no clipping); rank / alpha / dropout: the adapters' r, alpha and dropout;
-    gradient_checkpointing: recompute activations in the backward pass; autocast: "auto" (bf16 on
+    gradient_checkpointing: recompute activations in the backward pass (None: on the CPU only); autocast: "auto" (bf16 on
     CUDA when supported, else off), "bf16" (CUDA only) or "off"; seed: adapters' init and dropout.
     """
     mode: str = "mask_lora"
@@ -333,7 +333,7 @@ class PerpConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None      # None: on on the CPU, off on CUDA
     autocast: str = "auto"
     seed: int = 0
 

@@ -138,7 +138,7 @@ def load_causal_lm(arch: str, **kwargs) -> tuple[nn.Module, object]:
     """
     check_causal_lm(arch, **kwargs)
     opts, folder = check_lm_kwargs(kwargs), model_dir(arch)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
 
     common = {"local_files_only": True, "trust_remote_code": False}
     model_kwargs: dict = {"dtype": opts["dtype"], **common}
@@ -153,16 +153,49 @@ def load_causal_lm(arch: str, **kwargs) -> tuple[nn.Module, object]:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **model_kwargs)
     except Exception as e:  # noqa: BLE001 - any failure while reading user files is a bad model folder
         raise LMError(_load_failure(what, "model", e)) from e
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), **tokenizer_kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise LMError(_load_failure(what, "tokenizer", e)) from e
+    tokenizer = _tokenizer(folder, tokenizer_kwargs, what)
     if opts["gguf_file"] is not None:
         _drop_gguf_quantizer(model)
-    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _tokenizer(folder: Path, kwargs: dict, what: str):
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise LMError(_load_failure(what, "tokenizer", e)) from e
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def causal_lm_skeleton(arch: str, **kwargs) -> tuple[nn.Module, object]:
+    """(model, tokenizer) as `load_causal_lm` gives them, except that the model's parameters are on the meta
+    device: built from its config alone (``accelerate.init_empty_weights``), no weight is read, dequantized
+    or allocated. Its buffers (rotary frequencies) are real. A worker fills it with a checkpoint's state
+    (`load_state_dict(state, assign=True)`), so that it holds one copy of the weights, never two."""
+    check_causal_lm(arch, **kwargs)
+    opts, folder = check_lm_kwargs(kwargs), model_dir(arch)
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = {"local_files_only": True, "trust_remote_code": False}
+    config_kwargs, tokenizer_kwargs = dict(common), dict(common)
+    if opts["gguf_file"] is not None:
+        path = str(gguf_path(folder, opts["gguf_file"]))
+        config_kwargs["gguf_file"] = path
+        if not _has_tokenizer_files(folder):
+            tokenizer_kwargs["gguf_file"] = path
+    what = f"{arch!r}" + (f" (gguf_file {opts['gguf_file']!r})" if opts["gguf_file"] else "")
+    try:
+        config = AutoConfig.from_pretrained(str(folder), **config_kwargs)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=opts["dtype"], trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure while reading user files is a bad model folder
+        raise LMError(_load_failure(what, "model", e)) from e
+    return model.eval(), _tokenizer(folder, tokenizer_kwargs, what)
 
 
 def _load_failure(what: str, part: str, error: Exception) -> str:
@@ -227,10 +260,12 @@ def perplexity(model: nn.Module, blocks: Tensor, *, batch_size: int, device: tor
         for i in range(0, len(blocks), batch_size):
             x = blocks[i:i + batch_size].to(device=device, dtype=torch.long)
             logits = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False).logits
-            pred, target = logits[:, :-1].float(), x[:, 1:]
-            loss_sum += float(nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
-                                                          reduction="sum"))
-            tokens += target.numel()
+            # the targets shifted, not the logits: no copy of the (batch x L x vocab) logits
+            target = nn.functional.pad(x[:, 1:], (0, 1), value=-100)
+            loss_sum += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                          target.reshape(-1), ignore_index=-100, reduction="sum"))
+            del logits
+            tokens += x.shape[0] * (x.shape[1] - 1)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from workers.pruning import Masks, apply_masks
 from workers.train import TrainingDiverged, default_device
@@ -123,12 +124,19 @@ class LowRankAdapter(nn.Module):
         """W' = W + delta_weight(), the same sum the forward pass computes."""
         return self.base.weight + self.delta_weight()
 
+    def _delta_out(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.delta_weight())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         h = self.dropout(x)
         if self.kind == "lora":
             return out + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
-        return out + F.linear(h, self.delta_weight())
+        if torch.is_grad_enabled() and self.lora_A.requires_grad:
+            # the weight-sized update is made again in the backward pass instead of kept for it: training
+            # then holds one layer's update at a time, not one per layer (the size of the model)
+            return out + checkpoint(self._delta_out, h, use_reentrant=False)
+        return out + self._delta_out(h)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, rank={self.rank}, scaling={self.scaling:g}"
@@ -351,12 +359,20 @@ def linear_warmup_lrs(lr: float, total_steps: int, warmup_steps: int) -> list[fl
     return [lr * t / w if t < w else lr * (T - t) / (T - w) for t in range(T)]
 
 
+IGNORE = -100                  # cross_entropy's ignore_index: a position without a next token
+
+
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy with labels = input ids (B x L):
 
-        loss = -1 / (B (L - 1)) * sum_{b, t < L-1} log p(x_{b,t+1} | x_{b,<=t})"""
+        loss = -1 / (B (L - 1)) * sum_{b, t < L-1} log p(x_{b,t+1} | x_{b,<=t})
+
+    The targets are shifted rather than the logits (the last position's target is ignored), so the
+    (B x L x vocab) logits are never copied: at a vocabulary of 50k that copy is the size of the model's
+    activations."""
     vocab = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), input_ids[:, 1:].reshape(-1))
+    target = F.pad(input_ids[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(logits.reshape(-1, vocab).float(), target.reshape(-1), ignore_index=IGNORE)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -484,7 +500,9 @@ def retrain_lm(model: nn.Module, batches: Iterable[torch.Tensor], cfg: PerpConfi
     prepared = prepare(model, masks, cfg.mode, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
     params = list({id(p): p for p in prepared.trainable.values()}.values())
     opt = torch.optim.AdamW(params, lr=lrs[0], weight_decay=cfg.weight_decay)
-    checkpointing = cfg.gradient_checkpointing and not _is_checkpointing(model)   # leave it as we found it
+    wanted = (cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None
+              else device.type == "cpu" and getattr(model, "supports_gradient_checkpointing", False))
+    checkpointing = wanted and not _is_checkpointing(model)   # leave it as we found it
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
 
     history: list[dict[str, float]] = []

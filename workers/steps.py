@@ -16,7 +16,7 @@ from workers.checkpoint import load, save_model
 from workers.config import ModelError
 from workers.pruning import prunable_names
 from workers.soup import check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
-from workers.tasks import load_cached, load_probs
+from workers.tasks import load_cached, load_probs, release_memory
 from workers.train import default_device
 from workers.units import (Curve, Describe, LoadModel, ModelOut, Prune, PruneOut, Robustness, Soup, SoupOut,
                            Step, StepOut, TaskInfo, TaskSpec)
@@ -32,6 +32,7 @@ def build_task(spec: TaskSpec, device: torch.device | None = None):
     if _TASK is not None and _TASK[0] == spec and _TASK[1].device == device:
         return _TASK[1]
     _TASK = None                                # free the old one before loading the next
+    release_memory()
     if spec.kind == "causal_lm":
         from workers.causal_lm import CausalLM
         task = CausalLM(arch=spec.arch, data=spec.data, seed=spec.seed, device=device,
@@ -41,6 +42,7 @@ def build_task(spec: TaskSpec, device: torch.device | None = None):
         task = Classification(arch=spec.arch, data=spec.data, seed=spec.seed, device=device,
                               model_kwargs=dict(spec.model_kwargs))
     _TASK = (spec, task)
+    release_memory()                            # what loading left behind (a language model's weights)
     return task
 
 
@@ -59,7 +61,7 @@ def describe(step: Describe, task) -> TaskInfo:
     if step.checkpoint:
         meta = load(step.checkpoint, max_bytes=step.max_checkpoint_bytes).meta
     return TaskInfo(metric=task.metric, pretrained=task.pretrained, steps_per_epoch=task.steps_per_epoch,
-                    meta=task.meta, checkpoint_meta=meta)
+                    meta=task.meta, checkpoint_meta=meta, memory_bytes=task.memory_estimate(step.ingredients))
 
 
 def load_model(step: LoadModel, task) -> ModelOut:
@@ -151,6 +153,7 @@ def run_step(step: Step) -> StepOut:
         torch.set_num_threads(step.threads)
     task = build_task(step.task)
     out = RUNNERS[type(step)](step, task)
+    release_memory()
     out.seconds = time.perf_counter() - start
     out.cpu_seconds = time.process_time() - cpu0
     out.gpu_seconds = out.seconds * (step.gpus or 1.0) if task.device.type == "cuda" else 0.0

@@ -162,6 +162,7 @@ class StepOut:
 class Describe(Step):
     checkpoint: str | None = None          # model.checkpoint: read its metadata (None: none given)
     max_checkpoint_bytes: int | None = None
+    ingredients: int = 1                   # a phase's ingredients (the soup step holds them all)
 
 
 @dataclass
@@ -171,6 +172,7 @@ class TaskInfo(StepOut):
     steps_per_epoch: int = 1
     meta: dict[str, Any] = field(default_factory=dict)                 # what a checkpoint needs to rebuild the model
     checkpoint_meta: dict[str, Any] | None = None                      # the given checkpoint's own metadata
+    memory_bytes: int | None = None        # a worker's estimated peak for this job's units (None: small)
 
 
 @dataclass
