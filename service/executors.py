@@ -90,10 +90,7 @@ class IngredientWorker:
 
     def __init__(self, threads: int):
         import torch
-
-        from workers.tasks import tune_allocator
         torch.set_num_threads(max(1, threads))
-        tune_allocator()
         self.threads = threads
 
     def where(self) -> dict:

@@ -173,9 +173,10 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
     test (and save it) with `finish`; returns a workers.tasks.TrainOutcome."""
     from workers.checkpoint import load
     from workers.steps import build_task
-    from workers.tasks import TrainOutcome
+    from workers.tasks import TrainOutcome, tune_allocator
     from workers.train import default_device
     from workers.units import TaskSpec
+    tune_allocator()
     start, cpu_start = time.perf_counter(), time.process_time()
     device = device or default_device()
     if task.threads:

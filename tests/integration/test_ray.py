@@ -102,6 +102,17 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def run_to_end(store, ray_head, url, artifacts, job_id, timeout=300):
+    """Start a dispatcher (a service's), wait for the job to end, stop the dispatcher: the job's last row."""
+    dispatcher = Dispatcher(store, ray_head.dashboard_url, database_url=url, artifacts=str(artifacts),
+                            max_concurrent_jobs=1, interval=0.5).start()
+    try:
+        return wait_for(lambda: (j := store.get_job(job_id)).status in ("succeeded", "failed") and j, timeout,
+                        "the job to finish")
+    finally:
+        dispatcher.stop()
+
+
 def driver_pids(job_id):
     out = subprocess.run(["pgrep", "-f", f"service.driver {job_id}"], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]
@@ -145,13 +156,7 @@ def test_dispatcher_runs_jobs_and_resumes_after_a_killed_driver(ray_head, file_s
         os.kill(pid, signal.SIGKILL)
     reused = {r.name for r, _ in store.finished_ingredients(job.id, 2)}
     # "restart the service": a new dispatcher reconciles with Ray and resubmits the job
-    fresh = Dispatcher(store, ray_head.dashboard_url, database_url=url, artifacts=str(tmp_path / "artifacts"),
-                       max_concurrent_jobs=1, interval=0.5).start()
-    try:
-        final = wait_for(lambda: (j := store.get_job(job.id)).status in ("succeeded", "failed") and j, 300,
-                         "the job to finish")
-    finally:
-        fresh.stop()
+    final = run_to_end(store, ray_head, url, tmp_path / "artifacts", job.id)
     assert final.status == "succeeded", final.error
     assert final.attempts == 2 and final.ray_submission_id == f"{job.id}-r2"
     check_lineage(store, job.id, phases=2, ingredients=2)

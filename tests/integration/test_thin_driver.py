@@ -20,7 +20,7 @@ from service.pipeline import Pipeline
 from service.recorders import DBRecorder, LocalRecorder
 from service.spec import parse_spec
 from service.store import Store
-from tests.integration.test_ray import driver_pids, wait_for
+from tests.integration.test_ray import driver_pids, run_to_end
 
 pytestmark = pytest.mark.slow
 
@@ -54,13 +54,7 @@ def test_the_driver_never_loads_torch_and_a_driver_killed_in_the_soup_step_resum
         os.kill(pid, signal.SIGKILL)
     killed_in_soup = len(store.completed_phases(job.id)) == 1
     assert killed_in_soup, "phase 1 finished its soup before the driver was killed"
-    fresh = Dispatcher(store, ray_head.dashboard_url, database_url=url, artifacts=artifacts,
-                       max_concurrent_jobs=1, interval=0.5).start()
-    try:
-        final = wait_for(lambda: (j := store.get_job(job.id)).status in ("succeeded", "failed") and j, 300,
-                         "the job to finish")
-    finally:
-        fresh.stop()
+    final = run_to_end(store, ray_head, url, artifacts, job.id)
     assert final.status == "succeeded", final.error
     assert final.attempts == 2
     # resumed at the soup step: no ingredient trained twice, no duplicate row, full lineage
@@ -95,13 +89,7 @@ def test_an_lm_job_prunes_with_sparsegpt_and_soups_greedily_on_workers(ray_head,
                        "retrain": {"epochs": 1, "params": "mask_lora", "lr": 3e-3},
                        "soup": {"ingredients": 2, "method": "greedy"}})
     job = store.create_job(spec)
-    dispatcher = Dispatcher(store, ray_head.dashboard_url, database_url=url, artifacts=str(tmp_path / "artifacts"),
-                            max_concurrent_jobs=1, interval=0.5).start()
-    try:
-        final = wait_for(lambda: (j := store.get_job(job.id)).status in ("succeeded", "failed") and j, 300,
-                         "the job to finish")
-    finally:
-        dispatcher.stop()
+    final = run_to_end(store, ray_head, url, tmp_path / "artifacts", job.id)
     assert final.status == "succeeded", final.error
     events = [e.message for e in store.events(job.id)]
     assert any("greedy soup of ingredients" in m for m in events)
