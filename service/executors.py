@@ -119,7 +119,7 @@ class RayExecutor:
     worker = ray.remote(max_restarts=RETRIES, max_task_retries=RETRIES)(IngredientWorker)
 
     def __init__(self, *, cpus: float = 1.0, gpus: float = 0.0, slots: int | None = None,
-                 poll_seconds: float = 0.2, unschedulable_timeout: float = 600.0,
+                 poll_seconds: float = 1.0, unschedulable_timeout: float = 600.0,
                  on_wait: Callable[[str], None] | None = None):
         self.cpus, self.gpus, self.poll = cpus, gpus, poll_seconds
         self.unschedulable_timeout, self.on_wait = unschedulable_timeout, on_wait
