@@ -235,7 +235,6 @@ def semi_structured(device: torch.device, args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- CPU <-> GPU agreement on tiny inputs
 
 def agreement(device: torch.device) -> None:
-    from workers.data import TensorSplit
     from workers.models import build_model
     from workers.pruning import prune
     from workers.soup import average, bn_recalibrate

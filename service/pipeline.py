@@ -113,8 +113,8 @@ class Pipeline:
     def _step(self, step: Step, compute: Compute, in_process: Compute) -> StepOut:
         """Run one step through the executor (on a worker, or here for an in-process executor); add what
         it consumed to the phase's `compute`; raise what ended it."""
-        step.threads, step.gpus = max(1, int(self.spec.resources.cpus_per_ingredient)), \
-            self.spec.resources.gpus_per_ingredient
+        step.threads = max(1, int(self.spec.resources.cpus_per_ingredient))
+        step.gpus = self.spec.resources.gpus_per_ingredient
         [out] = self.executor.run([step], self.recorder.metric)
         if isinstance(out, BaseException):
             raise out

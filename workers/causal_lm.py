@@ -31,7 +31,7 @@ from torch import nn
 from workers.checkpoint import save_model
 from workers.lm import causal_lm_skeleton, load_causal_lm, perplexity
 from workers.llm_prune import prunable_lm_names, prune_causal_lm
-from workers.perp import PerpConfig, retrain_lm
+from workers.perp import retrain_lm
 from workers.pruning import Masks, PruneResult, weight_and_bias_norm_sq
 from workers.text import TextConfig, TextSplits, block_loader, calibration_blocks, load_text_splits
 from workers.units import LMTask  # noqa: F401  (defined without torch)
@@ -173,7 +173,7 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
     test (and save it) with `finish`; returns a workers.tasks.TrainOutcome."""
     from workers.checkpoint import load
     from workers.steps import build_task
-    from workers.tasks import TrainOutcome, tune_allocator
+    from workers.tasks import TrainOutcome, release_memory, tune_allocator
     from workers.train import default_device
     from workers.units import TaskSpec
     tune_allocator()
@@ -215,7 +215,6 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
         out.saved = save_model(task.finish.url, model, masks, task.finish.meta)
     if task.keep_state:
         out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from workers.tasks import release_memory
     del model, result
     release_memory()
     out.seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from workers.evaluate import evaluate, has_batchnorm, model_stats
-from workers.pruning import Masks, PruningError, prune
+from workers.pruning import Masks, prune
 from workers.soup import bn_recalibrate
 from workers.config import SPARSITIES, MAX_POINTS, check_sparsities  # noqa: F401  (torch-free: the driver and the API use them)
 

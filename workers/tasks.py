@@ -23,12 +23,12 @@ import torch
 
 from workers.checkpoint import Checkpoint, CheckpointError, SavedModel, load, save, save_model
 from workers.units import Finish, TrainOutcome, TrainTask  # noqa: F401  (defined without torch)
-from workers.data import DataConfig, load_splits, make_loader
+from workers.data import load_splits, make_loader
 from workers.evaluate import chance_level, has_batchnorm, score_splits
 from workers.models import build_model
 from workers.pruning import Masks, full_masks
 from workers.soup import State, bn_recalibrate
-from workers.train import OptimizerConfig, check_learned, default_device, train
+from workers.train import check_learned, default_device, train
 
 # The batch-order seed of a run resumed at epoch e is seed + RESUME_SEED_STRIDE · e: a prime, so that it
 # meets no other ingredient's seed (a phase's ingredients take consecutive seeds)

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workers.files import is_url, local_copy
 from workers.config import GLOB_CHARS, TEXT_SUFFIX, TextError, TextConfig, _txt_under, text_files  # noqa: F401  (torch-free: the driver and the API use them)
 
 FIELD = "data"                      # the spec section these settings live in, as error messages name it

@@ -17,7 +17,7 @@ from service.artifacts import ArtifactStore
 from service.dispatcher import Dispatcher
 from service.executors import RETRIES, IngredientWorker, RayExecutor, SequentialExecutor
 from service.pipeline import Pipeline
-from service.recorders import DBRecorder, LocalRecorder
+from service.recorders import LocalRecorder
 from service.spec import parse_spec
 from service.store import Store
 from tests.integration.test_ray import driver_pids, run_to_end
