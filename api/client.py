@@ -77,7 +77,8 @@ class ChecksumMismatch(DownloadError):
 
 
 EXPORT_FORMATS = ("dense", "sparse", "hf", "onnx")
-EXPORT_READ_TIMEOUT = 900.0     # seconds an export may take to start arriving (it is built on the first request)
+EXPORT_WAIT = 30.0       # seconds the server is asked to wait for an export being built before it answers 202
+EXPORT_TIMEOUT = 3600.0  # seconds Client.export waits in all for an export to be built
 EXPORT_SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx"}
 
 
@@ -292,7 +293,8 @@ class Client:
         nothing is left at `path` or beside it."""
         return self._fetch(model_id, "dense", Path(path))
 
-    def export(self, model_id: str, format: str = "sparse", path: str | Path | None = None) -> Path:
+    def export(self, model_id: str, format: str = "sparse", path: str | Path | None = None, *,
+               on_progress: Callable[[dict], None] | None = None, timeout: float = EXPORT_TIMEOUT) -> Path:
         """Save the model in an export format (GET /models/{id}/download?format=...), checked like `download`:
 
         - ``dense``: the checkpoint as stored (safetensors: state, mask, metadata);
@@ -304,34 +306,56 @@ class Client:
 
         `path` defaults to ``<model_id>.sparse.safetensors`` (``.onnx``, ``.safetensors``; the folder
         ``<model_id>.hf``) in the current folder.
+        An export not built yet is built on the cluster first: while it is, the server answers 202 with its
+        state every EXPORT_WAIT seconds, passed to `on_progress` ({detail, state, seconds}); after `timeout`
+        seconds a LadleError says it is still being built (the build goes on; ask again later).
         A format that does not fit the model raises InvalidSpec (422) with the server's reason."""
         if path is None:
             path = Path(f"{model_id}{EXPORT_SUFFIX.get(format, '')}".removesuffix(".zip"))
         path = Path(path)
         if format != "hf":
-            return self._fetch(model_id, format, path)
+            return self._fetch(model_id, format, path, on_progress, timeout)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise FileExistsError(f"{path} exists and is not an empty folder; the hf export unpacks into a new folder")
         archive = path.with_name(f".{path.name}.zip")
-        self._fetch(model_id, format, archive)
+        self._fetch(model_id, format, archive, on_progress, timeout)
         try:
             unpack_zip(archive, path)
         finally:
             archive.unlink(missing_ok=True)
         return path
 
-    def _fetch(self, model_id: str, format: str, path: Path) -> Path:
-        """GET the model's download in `format` into `path`, atomically, once it matches X-Checksum-Sha256."""
+    def _fetch(self, model_id: str, format: str, path: Path, on_progress: Callable[[dict], None] | None = None,
+               timeout: float = EXPORT_TIMEOUT) -> Path:
+        """GET the model's download in `format` into `path`, atomically, once it matches X-Checksum-Sha256;
+        while the server answers 202 (an export being built), ask again until `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self._fetch_once(model_id, format, path)
+            if isinstance(done, Path):
+                return done
+            if on_progress is not None:
+                on_progress(done)
+            if time.monotonic() >= deadline:
+                raise LadleError(202, f"{done.get('detail', 'the export is being built')}; still not done after "
+                                      f"{timeout:.0f} s")
+            time.sleep(1.0)
+
+    def _fetch_once(self, model_id: str, format: str, path: Path) -> Path | dict:
+        """One GET of the download: the file written to `path`, or the 202 body of an export being built."""
         tmp = path.with_name(f".{path.name}.part")
         digest, size, started = hashlib.sha256(), 0, False
-        params = {} if format == "dense" else {"format": format}
+        params = {} if format == "dense" else {"format": format, "wait": EXPORT_WAIT}
         what = f"model {model_id}" if format == "dense" else f"the {format} export of model {model_id}"
-        # an export is built on its first request before its first byte: a large model's may take minutes.
-        # The timeout as a plain (connect, read, write, pool) tuple: every httpx-compatible client takes one
+        # the server holds the answer up to EXPORT_WAIT seconds while an export is built. The timeout as a plain
+        # (connect, read, write, pool) tuple: every httpx-compatible client takes one
         t = self.http.timeout
-        kw = {} if format == "dense" else {"timeout": (t.connect, EXPORT_READ_TIMEOUT, t.write, t.pool)}
+        kw = {} if format == "dense" else {"timeout": (t.connect, EXPORT_WAIT + 60.0, t.write, t.pool)}
         try:
             with self.http.stream("GET", f"/models/{model_id}/download", params=params, **kw) as r:
+                if r.status_code == 202:
+                    r.read()
+                    return r.json()
                 if r.status_code >= 400:
                     r.read()
                     try:

@@ -56,11 +56,18 @@ def without_password(database_url: str) -> str:
     return url._replace(password=None).render_as_string(hide_password=False) if url.password is not None else database_url
 
 
+def artifacts_env() -> dict[str, str]:
+    """What a Ray job's process needs to reach the artifact store (an export's), secrets excepted."""
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
+
+
 def driver_env(database_url: str, artifacts: str) -> dict[str, str]:
     """What a driver and its workers need to reach the store and the artifacts, secrets excepted."""
-    env = {k: os.environ[k] for k in FORWARDED_ENV + FORWARDED_SETTINGS if os.environ.get(k)}
-    env.update({"LADLE_DATABASE_URL": without_password(database_url), "LADLE_ARTIFACTS": artifacts,
-                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    env = artifacts_env()
+    env.update({k: os.environ[k] for k in FORWARDED_SETTINGS if os.environ.get(k)})
+    env.update({"LADLE_DATABASE_URL": without_password(database_url), "LADLE_ARTIFACTS": artifacts})
     return env
 
 

@@ -28,7 +28,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from service.cluster import HEAD_FILE, LocalRay, stop_orphan
-from service.dispatcher import Dispatcher
+from service.dispatcher import Dispatcher, artifacts_env
+from service.exports import Builder, ClusterBuilder
 from service.settings import Settings, get_settings
 from service.store import Store
 
@@ -52,6 +53,20 @@ class _ClusterView:
     store: Store | None
     jobs_api_url: str
     _nodes: tuple[float, list[dict[str, float]] | None]
+
+    _exporter: Builder | None = None
+
+    @property
+    def exporter(self) -> Builder:
+        """What builds the exports of stored models: Ray jobs with the model's resources on the cluster
+        (service.exports.ClusterBuilder); an embedder or a test without Ray may set an InProcessBuilder."""
+        if self._exporter is None:
+            self._exporter = ClusterBuilder(lambda: self.jobs_api_url, artifacts_env(), nodes=self.nodes)
+        return self._exporter
+
+    @exporter.setter
+    def exporter(self, builder: Builder) -> None:
+        self._exporter = builder
 
     def cached_nodes(self) -> list[dict[str, float]] | None:
         """The last reading of `nodes()` if it is fresh; Ellipsis if it is not (call `nodes()`)."""

@@ -81,13 +81,18 @@ DRIVER_MODULES = ("service.driver", "service.pipeline", "service.executors", "se
                   "workers.units", "workers.schedules")
 
 
-def test_the_driver_imports_no_torch():
-    """The driver holds no model (design section 9): none of its modules, nor what they import, loads torch
-    (or numpy's tensors by way of it). Checked in a fresh interpreter, so this test process's imports
-    do not count."""
+# What an API process uses to have an export built (service.exports.ClusterBuilder) and to reach the cluster
+EXPORT_MODULES = ("service.exports", "service.runtime", "service.dispatcher")
+
+
+@pytest.mark.parametrize("modules", [DRIVER_MODULES, EXPORT_MODULES], ids=["driver", "exports"])
+def test_the_driver_and_the_exports_import_no_torch(modules):
+    """The driver holds no model (design section 9), and an export is built on the cluster, not in the API
+    process: none of these modules, nor what they import, loads torch (or numpy's tensors by way of it).
+    Checked in a fresh interpreter, so this test process's imports do not count."""
     import subprocess
     import sys
-    code = (f"import sys\nfor m in {DRIVER_MODULES!r}: __import__(m)\n"
+    code = (f"import sys\nfor m in {modules!r}: __import__(m)\n"
             "print(sorted(m for m in ('torch', 'torchvision', 'transformers', 'safetensors') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout

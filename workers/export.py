@@ -454,6 +454,27 @@ def hf_zip(ckpt: Checkpoint) -> bytes:
         return zip_folder(save_hf(ckpt, tmp))
 
 
+# ---------------------------------------------------------------- one entry for every format
+
+EXPORTERS = ("sparse", "hf", "onnx")        # the formats built from a checkpoint (dense is the checkpoint)
+
+
+def export_bytes(ckpt: Checkpoint, fmt: str) -> bytes:
+    """The export `fmt` (one of EXPORTERS) of a checkpoint; ExportError when the format does not fit it,
+    ImportError when a package the format needs is missing here."""
+    if fmt == "sparse":
+        return to_sparse_bytes(ckpt)
+    if fmt == "hf":
+        return hf_zip(ckpt)
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401  (the exporter's check of the zeros reads the graph with it)
+        except ImportError as e:
+            raise ImportError("the onnx export needs the onnx package (pip install onnx; a dependency of Ladle)") from e
+        return onnx_bytes(ckpt)
+    raise ExportError(f"unknown export format {fmt!r}; the formats built from a checkpoint are {', '.join(EXPORTERS)}")
+
+
 # ---------------------------------------------------------------- onnx
 
 def onnx_bytes(ckpt: Checkpoint, *, opset: int | None = None) -> bytes:

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
-from workers.checkpoint import load, save_model
+from workers.checkpoint import CheckpointError, from_bytes, load, read_url, save_model, sha256_bytes
 from workers.config import ModelError
 from workers.pruning import prunable_names
 from workers.soup import check_shared_mask, greedy_soup, pairwise_distances, uniform_soup
 from workers.tasks import load_cached, load_probs, release_memory
 from workers.train import default_device
-from workers.units import (Curve, Describe, LoadModel, ModelOut, Prune, PruneOut, Robustness, Soup, SoupOut,
-                           Step, StepOut, TaskInfo, TaskSpec)
+from workers.units import (Curve, Describe, Export, ExportOut, LoadModel, ModelOut, Prune, PruneOut, Robustness, Soup,
+                           SoupOut, Step, StepOut, TaskInfo, TaskSpec)
 
 _TASK: tuple[TaskSpec, Any] | None = None      # the last task this process built, with its spec
 
@@ -158,3 +158,34 @@ def run_step(step: Step) -> StepOut:
     out.cpu_seconds = time.process_time() - cpu0
     out.gpu_seconds = out.seconds * (step.gpus or 1.0) if task.device.type == "cuda" else 0.0
     return out
+
+
+def run_export(step: Export) -> ExportOut:
+    """Build one export of a stored checkpoint in this process, on the CPU (an export is serialisation:
+    reading, rebuilding, tracing, writing; no device would make it faster), timed. CheckpointError when
+    the checkpoint cannot be read or does not match its record; ExportError, ImportError, ModelError as
+    workers.export.export_bytes raises them."""
+    import resource
+
+    from workers.export import export_bytes
+    from workers.files import write_url
+    start, cpu0 = time.perf_counter(), time.process_time()
+    if step.threads:
+        torch.set_num_threads(step.threads)
+    try:
+        data = read_url(step.model_uri)
+    except OSError as e:
+        raise CheckpointError(f"{step.name} cannot be read ({e.strerror or e})") from e
+    if len(data) != step.size_bytes or sha256_bytes(data) != step.sha256:
+        raise CheckpointError(f"{step.name} does not match the store's size and sha256; nothing was exported from it")
+    ckpt = from_bytes(data, source=step.name)
+    del data
+    out = export_bytes(ckpt, step.fmt)
+    del ckpt
+    write_url(step.out_uri, out)
+    result = ExportOut(size_bytes=len(out), sha256=sha256_bytes(out),
+                       peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    del out
+    release_memory()
+    result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu0
+    return result

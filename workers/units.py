@@ -16,6 +16,8 @@ Phase steps (design section 9, a thin driver), implemented in workers.steps:
   `Prune`       prune a saved model (calibrated for language models), score and save the result
   `Soup`        average the ingredients (uniform or greedy, candidates scored on val), recalibrate,
                 score, measure the prediction ensemble and the ingredients' distances, save the soup
+An export:  `Export` builds one export format of a stored model (service.exports runs it as a Ray job
+            with the model's resources, or in-process), returning an `ExportOut`.
 """
 
 from __future__ import annotations
@@ -256,3 +258,32 @@ class SoupOut(ModelOut):
     ensemble: float | None = None
     distances: list[float] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)       # soup (average, recalibration), eval
+
+
+# ---------------------------------------------------------------- exports
+
+@dataclass
+class Export:
+    """Build the export `fmt` (sparse, hf, onnx; workers.export) of the checkpoint at `model_uri`, read
+    whole and checked against its recorded `size_bytes` and `sha256` first, and write it to `out_uri`
+    (atomically). `name` says whose checkpoint it is in errors ("model <id>'s checkpoint")."""
+    name: str
+    model_uri: str
+    size_bytes: int
+    sha256: str
+    fmt: str
+    out_uri: str
+    threads: int | None = None
+    gpus: float = 0.0
+
+    def run(self, on_epoch: EpochReport | None = None) -> ExportOut:
+        from workers.steps import run_export
+        return run_export(self)
+
+
+@dataclass
+class ExportOut(StepOut):
+    """The export written: its size and sha256, and the peak RSS of the process that built it."""
+    size_bytes: int = 0
+    sha256: str = ""
+    peak_rss_bytes: int = 0

@@ -162,8 +162,11 @@ def export(model_id: str,
         raise fail(f"unknown format {format!r}; the formats are {', '.join(EXPORT_FORMATS)}", 2)
     if format == "hf" and output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise fail(f"{output} exists and is not an empty folder; the hf export unpacks into a new folder", 2)
-    with _client(url, token) as c:
-        path = c.export(model_id, format, output)
+    with _client(url, token) as c, err_console.status(f"the {format} export of {model_id}") as shown:
+        def progress(p: dict) -> None:      # the server's 202 while the export is built on the cluster
+            shown.update(f"the {format} export of {model_id}: built on the cluster, {p.get('state', '?')} for "
+                         f"{p.get('seconds', 0):.0f} s")
+        path = c.export(model_id, format, output, on_progress=progress)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
         out_console.print(f"wrote {path}/ ({len(files)} files, {sum(p.stat().st_size for p in files)} bytes)",

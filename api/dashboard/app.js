@@ -185,11 +185,17 @@ const EXPORTS = [
   { format: "onnx", suffix: ".onnx", what: "ONNX for onnxruntime and friends", llm: false },
 ];
 
-async function download(model, format = "dense") {
+async function download(model, format = "dense", onProgress = () => {}) {
   // a fetch (not a plain link) so that the bearer token goes along
   const headers = token() ? { Authorization: `Bearer ${token()}` } : {};
   const query = format === "dense" ? "" : `?format=${format}`;
-  const r = await fetch(`${API}/models/${model.id}/download${query}`, { headers });
+  let r = await fetch(`${API}/models/${model.id}/download${query}`, { headers });
+  // 202: the export is being built on the cluster; its state comes with it, ask again
+  while (r.status === 202) {
+    onProgress(await r.json());
+    await new Promise((done) => setTimeout(done, 1000));
+    r = await fetch(`${API}/models/${model.id}/download${query}`, { headers });
+  }
   if (!r.ok) {
     let detail = r.statusText;
     try { const d = (await r.json()).detail; detail = typeof d === "string" ? d : d.map((e) => e.msg).join("; "); } catch (_) { /* not JSON */ }
@@ -684,8 +690,8 @@ async function modelView(el, modelId) {
   const job = await api(`/jobs/${model.job_id}`).catch(() => null);
   const arch = String(job?.spec?.model?.arch ?? "");
   el.insertAdjacentHTML("beforeend", `<div class="card" id="exports"></div><div class="card" id="inference" hidden></div>`);
-  const draw = (m) => exportsCard(el.querySelector("#exports"), el.querySelector("#inference"), m, arch, async (format) => {
-    await download(m, format);
+  const draw = (m) => exportsCard(el.querySelector("#exports"), el.querySelector("#inference"), m, arch, async (format, button) => {
+    await download(m, format, (p) => { button.textContent = `Building on the cluster… ${Math.round(p.seconds)} s`; });
     draw(await api(`/models/${modelId}`));          // the export's size is recorded once it is built
   });
   draw(model);
@@ -714,7 +720,8 @@ function exportsCard(card, latency, m, arch, fetchFormat) {
   card.querySelectorAll("button[data-format]").forEach((b) => {
     b.onclick = async () => {
       b.disabled = true;
-      try { await fetchFormat(b.dataset.format); } catch (e) { showError(e); } finally { b.disabled = false; }
+      const label = b.textContent;
+      try { await fetchFormat(b.dataset.format, b); } catch (e) { showError(e); } finally { b.disabled = false; b.textContent = label; }
     };
   });
   const inf = m.metrics?.inference;

@@ -10,9 +10,10 @@ from typing import Annotated, Literal
 
 import fsspec
 from fastapi import APIRouter, HTTPException, Query, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import Field
 
-from api.deps import CallerDep, StoreDep, visible
+from api.deps import CallerDep, RuntimeDep, StoreDep, visible
 from api.schemas import EdgePublic, LineagePublic, Message, ModelPublic, RobustnessPoint, RobustnessPublic
 from service import exports
 
@@ -124,27 +125,46 @@ def verified_chunks(model, chunk_size: int = 1 << 20, *, uri: str | None = None,
 
 
 ExportFormat = Literal["dense", "sparse", "hf", "onnx"]
+DEFAULT_EXPORT_WAIT, MAX_EXPORT_WAIT = 30.0, 300.0
+WAIT_HELP = ("seconds to wait for an export that is not built yet (its build goes on after that: the answer is then "
+             "202, ask again)")
 FORMAT_HELP = ("dense: the stored checkpoint (safetensors: state, mask, metadata); sparse: safetensors with a bitmask "
                "or CSR per pruned tensor (loads back exact, workers.export.from_sparse_bytes); hf: a zip of a Hugging "
                "Face folder (causal LMs); onnx: ONNX (image models)")
 
 
+class ExportPendingPublic(Message):
+    """An export still being built when the wait ran out: ask again (the build goes on)."""
+    state: str = Field(description="the build's state: pending (waiting for a node with its resources) or running")
+    seconds: float = Field(description="seconds since the build started")
+
+
 @router.get("/{model_id}/download", responses={
     **NOT_FOUND, 200: {"content": {"application/octet-stream": {}, "application/zip": {}}},
+    202: {"model": ExportPendingPublic, "description": "the export is being built on the cluster: ask again "
+                                                          "(Retry-After says when)"},
     500: {"model": Message, "description": "the stored checkpoint does not match the store's record"},
-    503: {"model": Message, "description": "this server cannot build the export"}})
-def download(model_id: str, store: StoreDep, caller: CallerDep,
-             format: Annotated[ExportFormat, Query(description=FORMAT_HELP)] = "dense") -> StreamingResponse:
+    503: {"model": Message, "description": "the export cannot be built now (the cluster does not answer, no "
+                                           "node can hold it, a package is missing) or its build failed"}})
+def download(model_id: str, store: StoreDep, caller: CallerDep, runtime: RuntimeDep,
+             format: Annotated[ExportFormat, Query(description=FORMAT_HELP)] = "dense",
+             wait: Annotated[float, Query(ge=0, le=MAX_EXPORT_WAIT, allow_inf_nan=False,
+                                          description=WAIT_HELP)] = DEFAULT_EXPORT_WAIT) -> Response:
     """The model in an export format (default dense: the checkpoint as stored). An export other than dense is
-    built from the checkpoint on the first request (in a worker thread; seconds for a large model), kept next
-    to it in the artifact store and recorded in the model's metrics (`sizes`, `export_sha256`).
+    built from the checkpoint on the first request, as a Ray job of its own on the cluster with the model's
+    resources (the API process never loads the model), kept next to it in the artifact store and recorded in
+    the model's metrics (`sizes`, `export_sha256`). A build not done within `wait` seconds answers 202 with its
+    state; it goes on, and asking again joins it (from any API process).
     `X-Checksum-Sha256` is the sha256 the store recorded for the file sent: the bytes are checked against it
     as they are sent, and a file that does not match is not sent whole (the transfer breaks off); clients
     check it too (api.client.Client.download, Client.export)."""
     model, job = _model_and_job(store, caller, model_id)
-    arch = ((job.spec or {}).get("model") or {}).get("arch") if job is not None else None
     try:
-        out = exports.ensure(store, model, format, arch)
+        out = exports.ensure(store, model, format, job.spec if job is not None else None, runtime.exporter,
+                             wait=wait)
+    except exports.ExportPending as e:
+        body = ExportPendingPublic(detail=str(e), state=e.state, seconds=round(e.seconds, 1))
+        return JSONResponse(body.model_dump(), status_code=status.HTTP_202_ACCEPTED, headers={"Retry-After": "1"})
     except exports.ExportRefused as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,       # shaped like a validation error
                             [{"loc": ["query", "format"], "msg": str(e), "type": "value_error"}]) from None

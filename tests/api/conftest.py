@@ -1,4 +1,5 @@
-"""The API in-process (FastAPI's TestClient on a temp SQLite store, no Ray), and a live API server:
+"""The API in-process (FastAPI's TestClient on a temp SQLite store, no Ray: exports are built in-process),
+and a live API server:
 uvicorn on a free loopback port, in a thread, with the embedded runtime (a real store, the session's
 Ray cluster, the dispatcher)."""
 
@@ -10,6 +11,7 @@ from fastapi.testclient import TestClient
 from api.app import API_PREFIX, create_app
 from api.server import BackgroundServer
 from service.dispatcher import Dispatcher
+from service.exports import InProcessBuilder
 from service.runtime import Runtime
 from service.settings import Settings
 from service.store import Store
@@ -26,6 +28,7 @@ def in_process(tmp_path, auth: str, data_roots):
     runtime = Runtime(settings, dispatch=False)
     runtime.store = Store(url)
     runtime.dispatcher = Dispatcher(runtime.store, NO_RAY, database_url=url, artifacts=settings.artifacts)
+    runtime.exporter = InProcessBuilder()       # no cluster: exports are built in the test's process
     # Host localhost: with auth off the app serves loopback names only
     with TestClient(create_app(runtime), base_url=f"http://localhost{API_PREFIX}") as client:
         client.runtime, client.store = runtime, runtime.store
@@ -60,10 +63,15 @@ class StoredOnlyServer(BackgroundServer):
         return self.runtime.store
 
 
-def stored_only_server(tmp_path) -> StoredOnlyServer:
+def stored_only_server(tmp_path, *, cluster_exports: bool = False) -> StoredOnlyServer:
+    """Exports are built in the server's process, unless `cluster_exports` (as the service does: on the
+    cluster, which is not there)."""
     settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'ladle.db'}", ray_address=NO_RAY,
                         artifacts=str(tmp_path / "artifacts"), auth="off")
-    return StoredOnlyServer(Runtime(settings, dispatch=False))
+    runtime = Runtime(settings, dispatch=False)
+    if not cluster_exports:
+        runtime.exporter = InProcessBuilder()
+    return StoredOnlyServer(runtime)
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

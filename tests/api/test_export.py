@@ -308,7 +308,7 @@ def test_an_llm_whose_base_folder_is_gone_is_503_saying_so(api):
     rec = store_model(api, job_id, model, {"weight": torch.ones(2, 4, dtype=torch.bool)},
                       {"arch": "hf:/nowhere/at/all", "model_kwargs": {}, "task": "causal_lm"})
     r = api.get(f"/models/{rec.id}/download", params={"format": "hf"})
-    assert r.status_code == 503 and "cannot be rebuilt on this server for the hf export" in r.json()["detail"]
+    assert r.status_code == 503 and "cannot be rebuilt for the hf export" in r.json()["detail"]
     assert "/nowhere/at/all" in r.json()["detail"] and "does not exist" in r.json()["detail"]
     assert "sizes" not in api.store.get_model(rec.id).metrics
 
@@ -344,6 +344,6 @@ def test_an_exporter_that_fails_is_a_503_saying_why_not_a_trace(api, cnn, monkey
     monkeypatch.setattr(torch.onnx, "export", broken)
     r = api.get(f"/models/{cnn.id}/download", params={"format": "onnx"})
     assert r.status_code == 503
-    assert r.json()["detail"] == (f"the onnx export of model {cnn.id} failed on this server "
+    assert r.json()["detail"] == (f"the onnx export of model {cnn.id} failed "
                                   f"(RuntimeError: Unsupported operator: aten::strange)")
     assert "onnx" not in (api.store.get_model(cnn.id).metrics.get("sizes") or {})
