@@ -10,7 +10,6 @@ died and the job was requeued, say) the old driver cannot start it or fail it an
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 
@@ -26,6 +25,7 @@ from service.states import TERMINAL, StateError
 from service.store import JobCancelled, Store
 from service.store.convert import model_record, phase_summary, search_trial
 from service.recorders import DBRecorder
+from workers.process import peak_rss_bytes
 
 
 def resume_point(store: Store, job_id: str) -> ResumePoint | None:
@@ -96,7 +96,7 @@ def run_job(job_id: str, submission: str | None = None) -> int:
 def footprint() -> dict[str, float | bool]:
     """This process's own figures: CPU-seconds, peak RSS (MB), and whether torch was ever imported
     (a driver only coordinates: every tensor step runs on the job's workers)."""
-    return {"cpu_seconds": time.process_time(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"cpu_seconds": time.process_time(), "peak_rss_mb": (peak_rss_bytes() or 0) / 2**20,
             "torch": "torch" in sys.modules}
 
 

@@ -52,6 +52,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from workers.process import peak_rss_bytes
 from workers.pruning import Masks, apply_masks
 from workers.train import TrainingDiverged, default_device
 from workers.config import PERP_MODES, ADAPTER_MODES, AUTOCAST_MODES, PerpError, _check_adapter_args, PerpConfig  # noqa: F401  (torch-free: the driver and the API use them)
@@ -450,15 +451,11 @@ def _is_checkpointing(model: nn.Module) -> bool:
 
 def _peak_memory(device: torch.device) -> tuple[int | None, str | None]:
     """CUDA: max_memory_allocated since the run began. CPU: the process's peak RSS over its whole life
-    (ru_maxrss; it includes whatever ran before this run), None where `resource` is missing."""
+    (workers.process.peak_rss_bytes: it includes whatever ran before this run), None where unknown."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
-    try:
-        import resource
-    except ImportError:
-        return None, None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process_max_rss"
+    rss = peak_rss_bytes()
+    return (rss, "process_max_rss") if rss is not None else (None, None)
 
 
 def retrain_lm(model: nn.Module, batches: Iterable[torch.Tensor], cfg: PerpConfig, masks: Masks, *,

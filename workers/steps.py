@@ -165,10 +165,9 @@ def run_export(step: Export) -> ExportOut:
     reading, rebuilding, tracing, writing; no device would make it faster), timed. CheckpointError when
     the checkpoint cannot be read or does not match its record; ExportError, ImportError, ModelError as
     workers.export.export_bytes raises them."""
-    import resource
-
     from workers.export import export_bytes
     from workers.files import write_url
+    from workers.process import peak_rss_bytes
     start, cpu0 = time.perf_counter(), time.process_time()
     if step.threads:
         torch.set_num_threads(step.threads)
@@ -184,7 +183,7 @@ def run_export(step: Export) -> ExportOut:
     del ckpt
     write_url(step.out_uri, out)
     result = ExportOut(size_bytes=len(out), sha256=sha256_bytes(out),
-                       peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                       peak_rss_bytes=peak_rss_bytes() or 0)
     del out
     release_memory()
     result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu0
