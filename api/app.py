@@ -17,10 +17,11 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from fastapi import APIRouter, FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, server_error
+from api.hardening import BodyLimit, SecurityHeaders, StreamSlots, add_docs, server_error, validation_error
 from api.routes import health, jobs, me, models, tokens, uploads
 from service.runtime import ApiRuntime, Runtime
 from service.settings import get_settings
@@ -125,6 +126,7 @@ def create_app(runtime: Runtime | None = None, *, auth: bool | None = None, api_
     # the last added runs first: headers go on every response, the 400, 413 and RefuseNul's 422 included
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(Exception, server_error)      # a 500 has them too
+    app.add_exception_handler(RequestValidationError, validation_error)
     app.state.streams = StreamSlots(settings.home / "streams")
     add_docs(app, app.openapi_url)
     document_spec_body(app)

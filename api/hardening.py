@@ -1,5 +1,7 @@
-"""Web hardening (issue 15): browser security headers on every response, a request body limit, /docs
-served from vendored Swagger UI (no CDN), and a per-user count of open event streams (across API processes).
+"""Web hardening (issues 15, 25): browser security headers on every response, a request body limit, /docs
+served from vendored Swagger UI (no CDN), a per-user count of open event streams (across API processes),
+and one JSON reader for every request body (workers.jsonsafe: finite numbers, bounded nesting) with 422s
+that carry only what JSON can.
 
 The two middlewares are plain ASGI, like api.app.RefuseNul, so that they cost next to nothing per request.
 """
@@ -16,12 +18,16 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, status
+from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.datastructures import Headers, MutableHeaders
 
 from service.settings import Settings
+from workers.jsonsafe import JSONRefused, loads
 
 VENDOR = "/dashboard/vendor"           # api/dashboard/vendor, served by the app's /dashboard mount
 
@@ -60,6 +66,58 @@ async def server_error(request, exc: Exception) -> PlainTextResponse:
     middlewares (and then re-raises the exception, which the server logs)."""
     return PlainTextResponse("Internal Server Error", status_code=500,
                              headers={name.decode(): value.decode() for name, value in HEADERS})
+
+
+def read_json(body: bytes) -> object:
+    """A request body's JSON value, read by workers.jsonsafe.loads; a 422 naming where it is refused
+    (`loc` from "body"): not JSON, nested too deep, a non-finite number, a huge integer."""
+    try:
+        return loads(body)
+    except JSONRefused as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            [{"loc": ["body", *e.loc], "msg": e.msg, "type": "value_error"}]) from None
+    except ValueError as e:                 # json.JSONDecodeError, UnicodeDecodeError
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            [{"loc": ["body"], "msg": f"JSON decode error: {e}", "type": "json_invalid"}]) from None
+
+
+class _SafeJSONRequest(Request):
+    async def json(self) -> object:
+        if not hasattr(self, "_json"):
+            self._json = read_json(await self.body())
+        return self._json
+
+
+class SafeJSONRoute(APIRoute):
+    """The route class of every router: FastAPI reads a JSON body through `read_json` (its own reader
+    takes NaN and nests until it crashes)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            return await handler(_SafeJSONRequest(request.scope, request.receive))
+        return route
+
+
+def _json_safe(value: object) -> object:
+    """`value` with what JSON cannot carry (NaN, infinities, bytes, other objects) as strings."""
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else repr(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with each error's loc, msg and type (and its input and ctx, where JSON can carry them: an
+    error about a NaN query value must not become a 500 while it is written)."""
+    errors = _json_safe(jsonable_encoder(exc.errors()))
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 def size_text(n: int) -> str:

@@ -354,7 +354,7 @@ class TokensPublic(BaseModel):
 
 
 class TokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
                       description="whom it is for (one token not revoked per name)")
     admin: bool = Field(False, description="sees and cancels every job, and manages tokens")

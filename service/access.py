@@ -29,7 +29,7 @@ of `get_settings()`, with no caller: a spec is never less checked than the setti
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +77,9 @@ class Access:
     admin: bool = False
     trusted: bool = False                      # a stored spec, or the local CLI: nothing of this is checked
     stored: bool = False                       # a stored spec: its model and data were checked at submission
+    # text paths this check expanded already: resolved path -> why it cannot be read (None: it can), so that a
+    # spec's own check does not list the files again
+    texts: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------ making one
 
@@ -191,10 +194,12 @@ class Access:
         resolved = str(Path(base, *parts[first:]))
         try:
             files = text_files(resolved)
-        except TextError:
-            return resolved                 # inside the roots: the spec's own check gives the precise message
+        except TextError as e:
+            self.texts[resolved] = str(e)   # inside the roots: the spec's own check gives this message
+            return resolved
         if any(self.readable(f) is None for f in files):
             raise AccessError(self.outside(field))
+        self.texts[resolved] = None
         return resolved
 
     # ------------------------------------------------------------ models

@@ -452,6 +452,10 @@ class Pipeline:
                               f"schedules use {own}")
         if spec.model.checkpoint:
             optimizer = stored_meta.get("dense_optimizer")
+            if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("name"), str)):
+                optimizer = None
+                note = "model.checkpoint's dense_optimizer is unreadable (not an object with a name); it is ignored"
+                source = f"{source}; {note}" if source else note
         else:
             optimizer = None if info.pretrained else dense_optimizer(spec)
         eta_max = retrain_peak_lr(spec, dense_lrs, optimizer)

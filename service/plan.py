@@ -11,7 +11,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-from service.spec import JobSpec, task_kind
+from service.spec import MAX_EPOCHS, MAX_LR, JobSpec, task_kind
 from workers.config import PerpConfig, suggested_lr
 from workers.schedules import dense_schedule, retrain_schedule
 from workers.units import Finish, LMTask, TaskSpec, TrainTask
@@ -109,18 +109,38 @@ def total_epochs(spec: JobSpec) -> int:
     return dense + per_phase * spec.prune.phases + search
 
 
+MAX_DENSE_STEPS = 10_000_000      # a dense LR history longer than this is refused (1000 epochs of 10k steps)
+
+
 def dense_history(meta: dict[str, Any]) -> tuple[list[float], int]:
     """The per-step dense LRs and dense epochs that a checkpoint's `dense_schedule` metadata records:
     either the steps themselves (`lrs`, with `epochs`) or the schedule that made them (`kind`, `lr`,
-    `epochs`, `steps_per_epoch`, `warmup`). Raises KeyError/ValueError/TypeError when it is malformed."""
-    epochs = int(meta["epochs"])
+    `epochs`, `steps_per_epoch`, `warmup`). A checkpoint's metadata is its author's to write: every
+    value is checked (types, finite, at most MAX_DENSE_STEPS steps) before any list is built. Raises
+    KeyError/ValueError/TypeError naming what is malformed."""
+    if not isinstance(meta, dict):
+        raise TypeError("dense_schedule is not an object")
+    epochs = meta["epochs"]
+    if type(epochs) is not int or not 1 <= epochs <= MAX_EPOCHS:
+        raise ValueError(f"epochs must be an integer in [1, {MAX_EPOCHS}]")
     if meta.get("lrs") is not None:
-        lrs = [float(x) for x in meta["lrs"]]
+        raw = meta["lrs"]
+        if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_DENSE_STEPS:
+            raise ValueError(f"lrs must be a list of 1 to {MAX_DENSE_STEPS} learning rates")
+        if not all(type(x) in (int, float) for x in raw):
+            raise TypeError("lrs must hold numbers")
+        lrs = [float(x) for x in raw]
     else:
-        lrs = dense_schedule(str(meta["kind"]), float(meta["lr"]), epochs * int(meta["steps_per_epoch"]),
-                             float(meta.get("warmup", 0.0)))
-    if not lrs or epochs < 1 or not all(math.isfinite(x) and x >= 0 for x in lrs):
-        raise ValueError("empty or invalid dense LR history")
+        steps, lr, warmup = meta["steps_per_epoch"], meta["lr"], meta.get("warmup", 0.0)
+        if type(steps) is not int or not 1 <= steps <= MAX_DENSE_STEPS // epochs:
+            raise ValueError(f"steps_per_epoch must be an integer ≥ 1 with epochs × steps_per_epoch ≤ {MAX_DENSE_STEPS}")
+        if type(lr) not in (int, float) or not 0 < lr <= MAX_LR:
+            raise ValueError(f"lr must be a number in (0, {MAX_LR:g}]")
+        if type(warmup) not in (int, float):
+            raise TypeError("warmup must be a number")
+        lrs = dense_schedule(str(meta["kind"])[:100], float(lr), epochs * steps, float(warmup))
+    if not all(math.isfinite(x) and 0 <= x <= MAX_LR for x in lrs):
+        raise ValueError(f"every learning rate must be finite and in [0, {MAX_LR:g}]")
     return lrs, epochs
 
 

@@ -30,6 +30,7 @@ import sqlalchemy as sa
 from service.cluster import HEAD_FILE, LocalRay, stop_orphan
 from service.dispatcher import Dispatcher, artifacts_env
 from service.exports import Builder, ClusterBuilder
+from service import uploads
 from service.settings import Settings, get_settings
 from service.store import Store
 
@@ -125,12 +126,25 @@ class Runtime(_ClusterView):
             # Whatever ran on the embedded head of an earlier start has no driver any more
             self._requeue_running("the service was stopped while the job ran")
             self._start_head()
+        self._sweep()
         self.dispatcher = Dispatcher(self.store, self.jobs_api_url, database_url=s.database_url,
                                      artifacts=s.artifacts, max_concurrent_jobs=s.max_concurrent_jobs,
                                      per_user=s.max_jobs_per_user, revive=None if s.ray_address else self.revive)
         if self.dispatch:
             self.dispatcher.start()
         return self
+
+    def _sweep(self) -> None:
+        """What crashed uploads and writes left in the artifact store (see service.uploads.sweep); a store
+        that cannot be swept is logged, never a reason not to start."""
+        try:
+            gone = uploads.sweep(self.store, self.settings.artifacts)
+            temp = uploads.sweep_temp_files(self.settings.artifacts)
+        except Exception as e:            # noqa: BLE001
+            log.warning("could not sweep the artifact store %s: %s", self.settings.artifacts, e)
+            return
+        if gone or temp:
+            log.info("removed %d uploads and %d temporary files that crashed processes left", len(gone), temp)
 
     def revive(self) -> str | None:
         """Start the embedded head again if it died; its running jobs go back to the queue. Returns

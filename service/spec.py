@@ -33,6 +33,8 @@ MAX_INGREDIENTS = 64
 MAX_EPOCHS = 1000
 MAX_PHASES = 50
 MAX_TRIALS = 200
+MAX_LR = 10.0                # every learning rate a spec gives (dense.lr, retrain.lr, soup values)
+MAX_WEIGHT_DECAY = 1.0
 # Bounds on what a spec may hold (it is stored with the job and shown in every job page)
 MAX_STRING = 4096            # characters of any string field (paths, names, archs)
 MAX_LIST = 256               # items of any list field
@@ -40,7 +42,8 @@ MAX_KWARGS_BYTES = 4096      # model.kwargs as JSON
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float finite by type (NaN and infinities are refused wherever a spec comes from)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -169,9 +172,14 @@ class DataSpec(_Strict):
     def _path_exists(self, info: ValidationInfo) -> DataSpec:
         if (self.name in NEEDS_PATH or self.name == "text") and not self.path:
             raise ValueError(f"dataset {self.name!r} needs data.path")
-        if access_of(info.context).stored:
+        access = access_of(info.context)
+        if access.stored:
             return self
         if self.name == "text":
+            if self.path in access.texts:       # listed already by the access check
+                if access.texts[self.path] is not None:
+                    raise ValueError(access.texts[self.path])
+                return self
             try:
                 if not is_url(self.path):       # a URL: an upload, checked when it was sent
                     text_files(self.path)
@@ -223,7 +231,7 @@ class DenseSpec(_Strict):
     before rescaling, which is no SGD learning rate, so the retraining peaks at retrain.lr or, when that
     is null, at the zoo's SGD LR for the arch: service.plan.retrain_peak_lr)."""
     epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
-    lr: float = Field(0.1, gt=0.0, le=10.0)
+    lr: float = Field(0.1, gt=0.0, le=MAX_LR)
     schedule: Literal[DENSE_SCHEDULES] = "linear"  # type: ignore[valid-type]
     warmup: float = Field(0.05, ge=0.0, le=0.5)
     optimizer: Literal["sgd", "sfw"] = "sgd"
@@ -308,7 +316,7 @@ class PruneSpec(_Strict):
 class OptimizerSpec(_Strict):
     name: Literal["sgd"] = "sgd"
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0, le=MAX_WEIGHT_DECAY)
     nesterov: bool = True
 
     def config(self) -> OptimizerConfig:
@@ -318,7 +326,7 @@ class OptimizerSpec(_Strict):
 class RetrainSpec(_Strict):
     epochs: int = Field(5, ge=1, le=MAX_EPOCHS)
     schedule: Literal[RETRAIN_SCHEDULES] = "llr"  # type: ignore[valid-type]
-    lr: float | None = Field(None, gt=0.0, le=10.0)
+    lr: float | None = Field(None, gt=0.0, le=MAX_LR)
     optimizer: OptimizerSpec = OptimizerSpec()
     # all | bias_norm; for language models (PERP) also bias_norm_head, lora, mask_lora, scale_lora
     params: Literal["all", "bias_norm", "bias_norm_head", "lora", "mask_lora", "scale_lora"] = "all"
@@ -348,8 +356,10 @@ class SoupSpec(_Strict):
                 raise ValueError(f"values has {len(self.values)} entries, one per ingredient ({self.ingredients}) needed")
             if self.vary == "retrain_epochs" and any(v != int(v) or not 1 <= v <= MAX_EPOCHS for v in self.values):
                 raise ValueError(f"values for retrain_epochs must be whole numbers in [1, {MAX_EPOCHS}]")
-            if self.vary in ("lr", "weight_decay") and any(v < 0 or (self.vary == "lr" and v == 0) for v in self.values):
-                raise ValueError(f"values for {self.vary} must be positive")
+            if self.vary == "lr" and any(not 0 < v <= MAX_LR for v in self.values):
+                raise ValueError(f"values for lr must be in (0, {MAX_LR:g}]")
+            if self.vary == "weight_decay" and any(not 0 <= v <= MAX_WEIGHT_DECAY for v in self.values):
+                raise ValueError(f"values for weight_decay must be in [0, {MAX_WEIGHT_DECAY:g}]")
         return self
 
 

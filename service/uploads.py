@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import re
-import struct
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import fsspec
 
 from service.orm import UPLOAD_KINDS, Upload
+from workers.jsonsafe import JSONRefused, loads, safetensors_header
 
 if TYPE_CHECKING:
     from service.store import Store
@@ -59,22 +60,19 @@ def content_problem(kind: str, filename: str, head: bytes, size: int) -> str | N
     if size == 0:
         return "the upload is empty"
     if kind == "checkpoint":
-        if size < 8:
-            return "not a safetensors file (shorter than its 8-byte header length)"
-        (n,) = struct.unpack("<Q", head[:8])
-        if n > len(head) - 8:
-            return "not a safetensors file (its header is longer than the file's first MiB, or than the file)"
         try:
-            header = json.loads(head[8:8 + n])
-            meta = header.pop("__metadata__", {}) or {}
-            json.loads(meta["ladle"])
-            end = max((t["data_offsets"][1] for t in header.values()), default=0)
-        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
-            return "not a Ladle checkpoint (a safetensors file with Ladle's metadata, as `ladle download` gives)"
-        if not any(k.startswith("state/") for k in header):
+            header = safetensors_header(head, size)
+        except JSONRefused as e:
+            return f"not a Ladle checkpoint: {e}"
+        try:
+            ladle = loads(header.metadata["ladle"])
+        except (KeyError, ValueError) as e:
+            why = f"its Ladle metadata cannot be read ({e})" if isinstance(e, ValueError) else "it has no Ladle metadata"
+            return f"not a Ladle checkpoint (a safetensors file with Ladle's metadata, as `ladle download` gives): {why}"
+        if not isinstance(ladle, dict):
+            return "not a Ladle checkpoint: its Ladle metadata is not a JSON object"
+        if not any(k.startswith("state/") for k in header.tensors):
             return "not a Ladle checkpoint: it holds no model state (state/ tensors)"
-        if 8 + n + end != size:
-            return f"a truncated or padded safetensors file: its header says {8 + n + end} bytes, {size} arrived"
         return None
     if filename.endswith(".npz") and not head.startswith(b"PK"):
         return "not an .npz file (a zip archive of arrays, as numpy.savez writes)"
@@ -130,10 +128,72 @@ async def receive(chunks: AsyncIterator[bytes], *, store: Store, artifacts: str,
 
 
 def forget(store: Store, upload_id: str, *, owner: str | None, admin: bool) -> Upload | None:
-    """Delete the caller's upload: its row, then its file. Jobs that already named it keep their own copy of
-    its URL; a job started later from a stored spec that names it fails to read it."""
-    row = store.delete_upload(upload_id, owner=owner, admin=admin)
-    if row is not None:
+    """Delete the caller's upload: its file, then its row (one transaction: a file that cannot be removed
+    raises OSError and leaves the row, so that nothing is recorded that is gone, nor kept unrecorded).
+    Jobs that already named it keep their own copy of its URL; a job started later from a stored spec that
+    names it fails to read it."""
+    def remove_file(row: Upload) -> None:
         fs, path = fsspec.core.url_to_fs(row.uri)
-        _remove(fs, path.rsplit("/", 1)[0])
-    return row
+        folder = path.rsplit("/", 1)[0]
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+    return store.delete_upload(upload_id, owner=owner, admin=admin, first=remove_file)
+
+
+STALE_SECONDS = 600.0       # an upload folder without a row, untouched this long, was left by a crash
+
+
+def sweep(store: Store, artifacts: str, *, stale_seconds: float = STALE_SECONDS) -> list[str]:
+    """Remove what crashed uploads left: folders under `<artifacts>/uploads/` that no upload row names and
+    whose files have not changed for `stale_seconds` (an upload in progress, in this or another API process,
+    writes its partial file all the time). Returns the ids removed. Run at start-up."""
+    fs, root = fsspec.core.url_to_fs(f"{artifacts.rstrip('/')}/uploads")
+    try:
+        folders = [p for p in fs.ls(root, detail=False) if fs.isdir(p)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    ids = {p.rstrip("/").rsplit("/", 1)[-1]: p for p in folders}
+    known = store.upload_ids(list(ids))
+    now, removed = time.time(), []
+    for upload_id, folder in ids.items():
+        if upload_id in known:
+            continue
+        try:
+            files = fs.find(folder, detail=True, withdirs=False)
+            newest = max((_mtime(info) for info in files.values()), default=0.0)
+            if now - newest >= stale_seconds:
+                fs.rm(folder, recursive=True)
+                removed.append(upload_id)
+        except OSError:
+            continue
+    return removed
+
+
+def sweep_temp_files(artifacts: str, *, stale_seconds: float = STALE_SECONDS) -> int:
+    """Remove the temporary files of atomic writes (`.<name>.<random>.tmp`, workers.files.write_atomic) that a
+    killed process left in a local artifact store, untouched for `stale_seconds`; how many. Object stores
+    are written in one request and leave none."""
+    if "://" in artifacts and not artifacts.startswith("file://"):
+        return 0
+    root, now, removed = Path(artifacts.removeprefix("file://")), time.time(), 0
+    if not root.is_dir():
+        return 0
+    for p in root.rglob(".*.tmp"):
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= stale_seconds:
+                p.unlink()
+                removed += 1
+        except OSError:
+            continue
+    return removed
+
+
+def _mtime(info: dict) -> float:
+    """A file's modification time from fsspec's info (local: `mtime`; object stores: `LastModified` or
+    `last_modified`); 0 when it does not say."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(key)
+        if value is None:
+            continue
+        return value.timestamp() if hasattr(value, "timestamp") else float(value)
+    return 0.0

@@ -24,6 +24,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from workers.evaluate import model_stats
+from workers.jsonsafe import loads, safetensors_header
 from workers.files import write_atomic, write_url  # noqa: F401  (checkpoint writers' helpers)
 from workers.pruning import Masks
 from workers.config import CheckpointError, SavedModel  # noqa: F401  (torch-free: the driver and the API use them)
@@ -68,30 +69,28 @@ def to_bytes(ckpt: Checkpoint) -> bytes:
     return st_save(tensors, metadata=meta)
 
 
-def _metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise ValueError("file too short")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data):
-        raise ValueError("header length out of range")
-    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
-
-
 def from_bytes(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
-    """Parse and verify checkpoint bytes; CheckpointError names `source` and what is wrong."""
+    """Parse and verify checkpoint bytes; CheckpointError names `source` and what is wrong. The header and
+    the metadata are read as untrusted JSON (workers.jsonsafe) before safetensors reads the tensors."""
     try:
+        meta = safetensors_header(data, len(data)).metadata
         tensors = st_load(data)
-        meta = _metadata(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
+    except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{source} is not a readable safetensors checkpoint ({e})") from e
     if meta.get("format") != "ladle-checkpoint-1":
         raise CheckpointError(f"{source} is a safetensors file but not a Ladle checkpoint (no ladle metadata)")
     if _content_hash(tensors) != meta.get("content_sha256"):
         raise CheckpointError(f"{source} is corrupted: its tensors do not match the checksum in its header")
+    try:
+        ladle = loads(meta.get("ladle", ""))
+    except ValueError as e:
+        raise CheckpointError(f"{source} has Ladle metadata that cannot be read ({e})") from e
+    if not isinstance(ladle, dict):
+        raise CheckpointError(f"{source} has Ladle metadata that is not a JSON object")
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}
-    return Checkpoint(state=state, masks=masks, meta=json.loads(meta["ladle"]), extra=extra)
+    return Checkpoint(state=state, masks=masks, meta=ladle, extra=extra)
 
 
 def sha256_bytes(data: bytes) -> str:

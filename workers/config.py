@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,14 +146,40 @@ class TextConfig:
     batch_size: int = 8
 
 
-def _txt_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob(f"*{TEXT_SUFFIX}") if p.is_file())
+MAX_TEXT_FILES = 10_000        # files one text path may stand for
+MAX_GLOB_SECONDS = 10.0        # time one text path's expansion may take
+MAX_RECURSIVE = 1              # `**` in one glob: each more multiplies the walk
+
+
+def _bounded(paths: Iterable[Path], path: str, deadline: float, found: set[Path]) -> set[Path]:
+    """`found` with `paths` added; TextError once more than MAX_TEXT_FILES are found or the deadline passes."""
+    for p in paths:
+        found.add(p)
+        if len(found) > MAX_TEXT_FILES:
+            raise TextError(f"{TEXT_FIELD}.path {path!r} stands for more than {MAX_TEXT_FILES} files; "
+                            "name fewer (a narrower folder or glob)")
+        _in_time(path, deadline)
+    return found
+
+
+def _in_time(path: str, deadline: float) -> None:
+    if time.monotonic() > deadline:
+        raise TextError(f"{TEXT_FIELD}.path {path!r} took more than {MAX_GLOB_SECONDS:g} s to list; "
+                        "name fewer files (a narrower folder or glob)")
+
+
+def _txt_under(folder: Path, path: str = "", deadline: float | None = None,
+               found: set[Path] | None = None) -> set[Path]:
+    deadline = time.monotonic() + MAX_GLOB_SECONDS if deadline is None else deadline
+    return _bounded((p for p in folder.rglob(f"*{TEXT_SUFFIX}") if p.is_file()), path or str(folder), deadline,
+                    set() if found is None else found)
 
 
 def text_files(path: str) -> list[Path]:
     """The files `path` stands for: the file itself; every *.txt under a folder, recursively, sorted by path;
-    or the matches of a glob pattern (``**`` included), sorted by path, each matched folder replaced by its
-    *.txt files. Raises `TextError` naming `path` when it matches no file."""
+    or the matches of a glob pattern (``**`` at most once), sorted by path, each matched folder replaced by
+    its *.txt files. Raises `TextError` naming `path` when it matches no file, more than MAX_TEXT_FILES, or
+    takes more than MAX_GLOB_SECONDS to list."""
     if not isinstance(path, str) or not path.strip():
         raise TextError(f"{TEXT_FIELD}.path must name a text file, a folder of *.txt files or a glob, got {path!r}")
     if is_url(path):                      # an upload in a remote artifact store: one file, fetched
@@ -162,19 +189,26 @@ def text_files(path: str) -> list[Path]:
             raise TextError(f"{TEXT_FIELD}.path: cannot read {path!r} ({e})") from e
     expanded = os.path.expanduser(path)
     target = Path(expanded)
+    deadline = time.monotonic() + MAX_GLOB_SECONDS
     if target.is_file():
         return [target]
     if target.is_dir():
-        files = _txt_under(target)
+        files = _txt_under(target, path, deadline)
         if not files:
             raise TextError(f"{TEXT_FIELD}.path {path!r} is a folder without *{TEXT_SUFFIX} files (searched recursively)")
-        return files
+        return sorted(files)
     if not GLOB_CHARS & set(expanded):
         raise TextError(f"{TEXT_FIELD}.path {path!r} does not exist")
+    if sum(part == "**" for part in target.parts) > MAX_RECURSIVE or expanded.count("**") > MAX_RECURSIVE:
+        raise TextError(f"{TEXT_FIELD}.path {path!r} has more than one '**': at most one may span folders")
     found: set[Path] = set()
-    for match in glob.glob(expanded, recursive=True):
+    for match in glob.iglob(expanded, recursive=True):
+        _in_time(path, deadline)
         p = Path(match)
-        found.update([p] if p.is_file() else _txt_under(p) if p.is_dir() else [])
+        if p.is_dir():
+            _txt_under(p, path, deadline, found)
+        elif p.is_file():
+            _bounded([p], path, deadline, found)
     if not found:
         raise TextError(f"{TEXT_FIELD}.path {path!r} matches no file")
     return sorted(found)

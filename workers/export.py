@@ -58,6 +58,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from workers.checkpoint import Checkpoint, CheckpointError
+from workers.jsonsafe import JSONRefused, loads, safetensors_header
 from workers.pruning import Masks
 
 SPARSE_FORMAT = "ladle-sparse-1"
@@ -230,16 +231,13 @@ def _metadata_digest(meta: dict[str, str]) -> str:
 # ---------------------------------------------------------------- sparse: loading back
 
 def _header(data: bytes, source: str) -> dict[str, str]:
+    """The file's metadata, its header read as untrusted JSON (workers.jsonsafe)."""
     if len(data) < 8:
         raise SparseFormatError(f"{source} is truncated: {len(data)} bytes, not even a safetensors header")
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > len(data):
-        raise SparseFormatError(f"{source} is truncated or damaged: its header says {n} bytes of JSON, "
-                                f"the file has {len(data) - 8} after the length")
     try:
-        return json.loads(data[8:8 + n]).get("__metadata__") or {}
-    except (ValueError, UnicodeDecodeError, AttributeError) as e:
-        raise SparseFormatError(f"{source} is damaged: its header is not JSON ({e})") from e
+        return safetensors_header(data, len(data)).metadata
+    except JSONRefused as e:
+        raise SparseFormatError(f"{source} is truncated or damaged: {e}") from e
 
 
 def _parse_dtype(name: str, value: object, source: str) -> torch.dtype:
@@ -345,7 +343,7 @@ def from_sparse_bytes(data: bytes, *, source: str = "sparse file") -> Checkpoint
         raise SparseFormatError(f"{source} is damaged: its metadata (the model's or the tensors' entries) does not "
                                 f"match the digest in its header")
     try:
-        entries, ladle = json.loads(meta["tensors"]), json.loads(meta["ladle"])
+        entries, ladle = loads(meta["tensors"], max_depth=8), loads(meta["ladle"])
     except (KeyError, ValueError, TypeError) as e:
         raise SparseFormatError(f"{source}: its metadata lacks or garbles 'tensors' or 'ladle' ({e})") from e
     if not isinstance(entries, dict):

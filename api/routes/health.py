@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
+from api.hardening import SafeJSONRoute
 from api.deps import AdminDep, RuntimeDep, StoreDep
 from api.schemas import ClusterPublic, HealthPublic, Message
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=SafeJSONRoute)
 
 
 @router.get("/health", response_model=HealthPublic, responses={503: {"description": "the database does not answer"}})

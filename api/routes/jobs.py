@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 
 from api.deps import CallerDep, RuntimeDep, StoreDep, visible
+from api.hardening import SafeJSONRoute, read_json
 from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricInfo,
                          MetricPublic, MetricsPublic, PhaseColumnPublic, PhasePublic, PhasesPublic, RunPublic,
                          RunsPublic, SearchTrialPublic, SearchTrialsPublic)
@@ -29,7 +30,7 @@ from service.spec import JobSpec, SpecError, parse_spec, primary_metric
 from service.states import TERMINAL, StateError
 from service.store.convert import search_trial
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=SafeJSONRoute)
 MAX_ID = 2**63 - 1          # the largest id a BIGINT (and SQLite's INTEGER) holds
 NOT_FOUND = {404: {"model": Message, "description": "no such job (or not yours)"}}
 SSE_POLL = 0.5              # seconds between an event stream's looks at the store
@@ -60,11 +61,7 @@ def spec_schemas() -> dict[str, Any]:
 
 def _submit(body: bytes, store, runtime, caller, idempotency_key: str | None) -> JobPublic:
     """Parse, validate and store a submitted spec (on a worker thread: none of it runs on the event loop)."""
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestValidationError([{"loc": ("body",), "msg": f"JSON decode error: {e}", "type": "json_invalid",
-                                       "input": None}]) from None
+    value = read_json(body)
     if not isinstance(value, dict):
         raise RequestValidationError([{"loc": ("body",), "msg": "a job spec is a JSON object", "type": "dict_type",
                                        "input": None}])

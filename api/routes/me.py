@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
+from api.hardening import SafeJSONRoute
 from api.deps import AuthDep, BearerDep, StoreDep, authenticate
 from api.schemas import MePublic
 
-router = APIRouter(tags=["auth"])
+router = APIRouter(tags=["auth"], route_class=SafeJSONRoute)
 
 
 @router.get("/me", response_model=MePublic)

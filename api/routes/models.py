@@ -13,11 +13,12 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 
+from api.hardening import SafeJSONRoute
 from api.deps import CallerDep, RuntimeDep, StoreDep, visible
 from api.schemas import EdgePublic, LineagePublic, Message, ModelPublic, RobustnessPoint, RobustnessPublic
 from service import exports
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=SafeJSONRoute)
 log = logging.getLogger("ladle.api")
 NOT_FOUND = {404: {"model": Message, "description": "no such model (or not yours)"}}
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
+from api.hardening import SafeJSONRoute
 from api.deps import AdminDep, StoreDep
 from api.schemas import Message, TokenCreate, TokenCreatedPublic, TokenPublic, TokensPublic
 from service.orm import utcnow
 from service.store.tokens import parse_duration
 
-router = APIRouter(prefix="/tokens", tags=["auth"])
+router = APIRouter(prefix="/tokens", tags=["auth"], route_class=SafeJSONRoute)
 ADMIN_ONLY = {403: {"model": Message, "description": "not an admin token"}}
 
 

@@ -10,11 +10,12 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
+from api.hardening import SafeJSONRoute
 from api.deps import CallerDep, RuntimeDep, StoreDep
 from api.schemas import Message, UploadPublic, UploadsPublic
 from service import uploads
 
-router = APIRouter(prefix="/uploads", tags=["uploads"])
+router = APIRouter(prefix="/uploads", tags=["uploads"], route_class=SafeJSONRoute)
 NOT_FOUND = {404: {"model": Message, "description": "no such upload (or not yours)"}}
 BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
@@ -54,10 +55,15 @@ async def get_upload(upload_id: str, store: StoreDep, caller: CallerDep) -> Uplo
     return UploadPublic.model_validate(row)
 
 
-@router.delete("/{upload_id}", response_model=UploadPublic, responses=NOT_FOUND)
+@router.delete("/{upload_id}", response_model=UploadPublic, responses={
+    **NOT_FOUND, 503: {"model": Message, "description": "its file cannot be removed now; nothing was deleted"}})
 async def delete_upload(upload_id: str, store: StoreDep, caller: CallerDep) -> UploadPublic:
     """Delete your upload and its file. Jobs queued or running that name it fail when they read it."""
-    row = await asyncio.to_thread(uploads.forget, store, upload_id, owner=caller.name, admin=caller.admin)
+    try:
+        row = await asyncio.to_thread(uploads.forget, store, upload_id, owner=caller.name, admin=caller.admin)
+    except OSError as e:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"upload {upload_id}'s file cannot be removed now "
+                            f"({e.strerror or type(e).__name__}); it is kept, with its record: try again") from None
     if row is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"upload {upload_id} not found")
     return UploadPublic.model_validate(row)

@@ -17,7 +17,7 @@ models have no relationships to lazy-load. Change them only through the store. T
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -190,13 +190,22 @@ class Store:
         with self.reads() as s:
             return uploads.page(s, owner=owner, admin=admin, limit=limit, offset=offset)
 
-    def delete_upload(self, upload_id: str, *, owner: str | None = None, admin: bool = True) -> Upload | None:
-        """Forget the upload (the caller's own; its file is the caller's to remove): the row, or None."""
+    def delete_upload(self, upload_id: str, *, owner: str | None = None, admin: bool = True,
+                      first: Callable[[Upload], None] | None = None) -> Upload | None:
+        """Forget the upload (the caller's own): the row, or None. `first(row)` runs inside the transaction
+        before the row goes (it removes the file): if it raises, the row stays."""
         with self.tx() as s:
             row = uploads.get(s, upload_id, owner=owner, admin=admin)
             if row is not None:
+                if first is not None:
+                    first(row)
                 uploads.delete(s, row)
             return row
+
+    def upload_ids(self, ids: list[str]) -> set[str]:
+        """Which of `ids` are recorded uploads."""
+        with self.reads() as s:
+            return set(s.scalars(sa.select(Upload.id).where(Upload.id.in_(ids)))) if ids else set()
 
     # ---------------------------------------------------------------- health and auth
     def ping(self) -> None:

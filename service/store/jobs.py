@@ -4,6 +4,7 @@ hot reads (`row`, `outlines`) take a connection instead and return plain dicts: 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from typing import Any
@@ -69,6 +70,16 @@ def current(job: Job, submission: str | None) -> bool:
     return submission is None or (job.status == "running" and job.ray_submission_id in (None, submission))
 
 
+def stored_spec(spec: JobSpec) -> dict[str, Any]:
+    """The spec as its JSON column holds it, checked to be exactly what validated: strict JSON (no NaN or
+    infinity, which would break the database's JSON functions for every listing) that reads back equal."""
+    value = spec.model_dump(mode="json")
+    text = json.dumps(value, allow_nan=False)          # ValueError: a non-finite number got past validation
+    if json.loads(text) != value:
+        raise ValueError("the job spec does not survive a round trip through JSON")
+    return value
+
+
 def create(s: Session, spec: JobSpec, *, owner: str | None = None, idempotency_key: str | None = None) -> Job:
     """A queued job. The same (owner, idempotency key) again returns the first job, also when the two
     requests race (and also without an owner, where the UNIQUE constraint does not help since NULLs
@@ -81,7 +92,7 @@ def create(s: Session, spec: JobSpec, *, owner: str | None = None, idempotency_k
         existing = s.scalars(sa.select(Job).where(same_owner, Job.idempotency_key == idempotency_key)).first()
         if existing is not None:
             return existing
-    job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=spec.model_dump(mode="json"),
+    job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=stored_spec(spec),
               owner=owner, idempotency_key=idempotency_key)
     s.add(job)
     return job
@@ -140,13 +151,39 @@ def outlines(c: sa.Connection, *, status: str | None = None, owner: str | None =
     50 ORM objects cost more than the rest of the request."""
     (count_q, rows_q, _), params = _params(status, owner, limit, offset)
     count = int(c.execute(count_q, params).scalar() or 0)
+    try:
+        with c.begin_nested() if c.in_transaction() else contextlib.nullcontext():
+            found = [(row[:len(LISTED)], row[len(LISTED):]) for row in c.execute(rows_q, params)]
+    except sa.exc.DBAPIError:       # a row the database's JSON functions cannot read: outline each row in Python
+        found = [(row[:len(LISTED)], _outline(row[-1]))
+                 for row in c.execute(_paging(sa.select(*(Job.__table__.c[k] for k in LISTED),
+                                                       sa.cast(Job.spec, sa.Text)), status is not None,
+                                              owner is not None).order_by(*NEWEST_FIRST)
+                                      .limit(sa.bindparam("limit")).offset(sa.bindparam("offset")), params)]
     rows = []
-    for row in c.execute(rows_q, params):
-        job = dict(zip(LISTED, row))
-        arch, dataset, phases = row[len(LISTED):]
+    for columns, (arch, dataset, phases) in found:
+        job = dict(zip(LISTED, columns))
         job["spec"] = {"model": {"arch": arch}, "data": {"name": dataset}, "prune": {"phases": phases}}
         rows.append(job)
     return rows, count
+
+
+def _outline(text: str | None) -> tuple[Any, Any, Any]:
+    """(arch, dataset, phases) of a stored spec's text, each None where it cannot be read."""
+    try:
+        spec = json.loads(text or "null")
+    except ValueError:
+        return None, None, None
+
+    def at(*keys: str) -> Any:
+        value = spec
+        for k in keys:
+            value = value.get(k) if isinstance(value, dict) else None
+        return value
+    phases = at("prune", "phases")
+    return (at("model", "arch") if isinstance(at("model", "arch"), str) else None,
+            at("data", "name") if isinstance(at("data", "name"), str) else None,
+            phases if type(phases) is int else None)
 
 
 def row(c: sa.Connection, job_id: str) -> dict[str, Any] | None:

@@ -347,3 +347,23 @@ def test_an_exporter_that_fails_is_a_503_saying_why_not_a_trace(api, cnn, monkey
     assert r.json()["detail"] == (f"the onnx export of model {cnn.id} failed "
                                   f"(RuntimeError: Unsupported operator: aten::strange)")
     assert "onnx" not in (api.store.get_model(cnn.id).metrics.get("sizes") or {})
+
+
+def test_concurrent_onnx_exports_of_different_models_never_fail_each_other(api):
+    # torch's ONNX exporter keeps process-wide state: two exports at once in one process failed one of them
+    # (503). An exporter builds one at a time per process; every request gets its file.
+    import threading
+    models = [image_model(api) for _ in range(3)]
+    answers = {}
+
+    def fetch(m):
+        answers[m.id] = api.get(f"/models/{m.id}/download", params={"format": "onnx"})
+    threads = [threading.Thread(target=fetch, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {m.id: answers[m.id].status_code for m in models} == {m.id: 200 for m in models}
+    for m in models:
+        r = answers[m.id]
+        assert hashlib.sha256(r.content).hexdigest() == r.headers["X-Checksum-Sha256"]

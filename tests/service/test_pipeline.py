@@ -259,6 +259,16 @@ def test_the_checkpoints_dense_lr_history_drives_the_retraining_schedule(tmp_pat
     assert rec3.runs["phase1/ingredient0"]["config"]["lr"] == pytest.approx(0.3)
     assert any("no dense LR history; the retraining schedules use the spec's dense section" in e["message"]
                for e in rec3.events)
+    # a checkpoint's metadata is its author's to write: a history of 10^15 steps, or an optimizer that is no
+    # object, is refused before anything is built, with an event, and the spec's own section serves
+    save(tmp_path / "hostile.safetensors", Checkpoint(state=bare.state, masks=bare.masks, meta={
+        "arch": "mlp", "dense_optimizer": "sfw",
+        "dense_schedule": {"kind": "cosine", "lr": 0.05, "epochs": 1000, "steps_per_epoch": 10**12}}))
+    _, rec4, _ = run(dict(second, model={"arch": "mlp", "checkpoint": str(tmp_path / "hostile.safetensors")}),
+                     tmp_path / "d")
+    assert rec4.runs["phase1/ingredient0"]["config"]["lr"] == pytest.approx(0.3)
+    assert any("dense LR history is unreadable" in e["message"] and "steps_per_epoch" in e["message"]
+               and "dense_optimizer is unreadable" in e["message"] for e in rec4.events)
 
 
 def test_a_diverging_dense_run_fails_the_job_naming_the_lr(tmp_path):
