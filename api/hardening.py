@@ -108,7 +108,9 @@ def _json_safe(value: object) -> object:
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, (str, int, bool)):
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()       # a lone surrogate cannot be sent
+    if value is None or isinstance(value, (int, bool)):
         return value
     return str(value)
 

@@ -71,6 +71,7 @@ class Access:
     denied: tuple[Path, ...] = ()              # never readable through a root: the store's database, the artifacts
     allowed_imports: tuple[str, ...] = ()
     max_checkpoint_bytes: int | None = None
+    max_model_parameters: int | None = None     # an image model's size, counted at submission (None: no limit)
     store: Store | None = None                 # to look up the caller's models (None: model:<id> is refused)
     artifacts: str | None = None               # the artifact store's root (its own URLs name models)
     owner: str | None = None                   # the caller (None with admin: auth is off)
@@ -97,7 +98,8 @@ class Access:
         return cls(data_roots=tuple(Path(p) for p in settings.data_roots or ()),
                    denied=tuple(p for p in denied if p is not None),
                    allowed_imports=tuple(settings.allowed_import_prefixes),
-                   max_checkpoint_bytes=settings.max_checkpoint_bytes, store=store,
+                   max_checkpoint_bytes=settings.max_checkpoint_bytes,
+                   max_model_parameters=settings.max_model_parameters, store=store,
                    artifacts=(settings.artifacts or "").rstrip("/") or None, owner=owner, admin=admin)
 
     @classmethod
@@ -171,7 +173,20 @@ class Access:
         p = self.readable(value)
         if p is None:
             raise AccessError(self.outside(field))
+        if field == "model.arch" and p.is_dir():
+            self._folder_inside(field, p)
         return str(p)
+
+    MAX_FOLDER_FILES = 10_000
+
+    def _folder_inside(self, field: str, folder: Path) -> None:
+        """Every file in a model's folder (config.json, the weights, the tokenizer's files; what a worker's
+        from_pretrained reads) resolves under the roots too: a symlink out of them is refused like the path."""
+        for n, p in enumerate(folder.rglob("*")):
+            if n >= self.MAX_FOLDER_FILES:
+                raise AccessError(f"{field}: the folder holds more than {self.MAX_FOLDER_FILES} files")
+            if (p.is_file() or p.is_symlink()) and self.readable(p) is None:
+                raise AccessError(self.outside(field))
 
     def text_path(self, field: str, value: str) -> str:
         """A text dataset's path (a file, a folder or a glob): its part before the first wildcard resolved under a

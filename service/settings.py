@@ -51,6 +51,16 @@ class Settings(BaseSettings):
         default_factory=list,
         validation_alias=AliasChoices("allowed_import_prefixes", "LADLE_ALLOWED_IMPORT_PREFIXES", "LADLE_ALLOW_IMPORT"))
     max_checkpoint_bytes: int = Field(2 << 30, ge=1)    # the most a given model.checkpoint may hold (read capped)
+    # limits of a shared service (issue 25)
+    # an image model's parameters, counted at submission on the meta device (nothing allocated): more is a 422
+    max_model_parameters: int = Field(2_000_000_000, ge=1)
+    # a user's (not an admin's) jobs queued or running at once: one more is a 429 naming this limit. (Not
+    # LADLE_MAX_JOBS_PER_USER: that one caps the jobs of one user the dispatcher runs at once)
+    max_open_jobs_per_user: int | None = Field(100, ge=1)
+    # the bytes a user's (not an admin's) uploads may hold together: more is a 413 naming this limit
+    max_upload_bytes_per_user: int | None = Field(20 << 30, ge=1)
+    # a job submitted without `timeout` gets this one (seconds); None: such jobs run without a limit
+    default_job_timeout: float | None = Field(7 * 24 * 3600.0, gt=0, le=30 * 24 * 3600)
 
     @field_validator("data_roots", "allowed_import_prefixes", mode="before")
     @classmethod

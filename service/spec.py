@@ -518,6 +518,25 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _model_size(self, info: ValidationInfo) -> JobSpec:
+        """An image model (not ``import:``: its code is the workers' to import) built on the meta device for
+        the data's shape (nothing allocated), its parameters counted: at most Access.max_model_parameters
+        (LADLE_MAX_MODEL_PARAMETERS). Kwargs that do not build it are refused here, not on a worker."""
+        access = access_of(info.context)
+        limit = access.max_model_parameters
+        if access.trusted or is_causal_lm(self.model.arch) or self.model.arch.startswith(IMPORT_PREFIX):
+            return self
+        from workers.models import count_parameters      # torch: not for a driver
+        try:
+            n = count_parameters(self.model.arch, self.data.name, **self.model.kwargs)
+        except ModelError as e:
+            raise ValueError(f"model.kwargs: {e}") from None
+        if limit is not None and n > limit:
+            raise ValueError(f"model.kwargs: {self.model.arch} with these kwargs has {n:,} parameters, more than "
+                             f"this service's limit of {limit:,} (LADLE_MAX_MODEL_PARAMETERS)")
+        return self
+
+    @model_validator(mode="after")
     def _greedy_needs_validation(self) -> JobSpec:
         if self.soup.method == "greedy" and self.data.val_fraction == 0:
             raise ValueError("soup.method greedy ranks ingredients on the validation split: "

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import fsspec
 
 from service.orm import UPLOAD_KINDS, Upload
+from service.store.uploads import UploadQuotaExceeded
 from workers.jsonsafe import JSONRefused, loads, safetensors_header
 
 if TYPE_CHECKING:
@@ -90,12 +91,20 @@ def _remove(fs, *paths: str) -> None:
             pass
 
 
+class UploadOverQuota(UploadRefused):
+    """The owner's uploads would hold more than their quota (LADLE_MAX_UPLOAD_BYTES_PER_USER)."""
+
+
 async def receive(chunks: AsyncIterator[bytes], *, store: Store, artifacts: str, owner: str | None, kind: str,
-                  filename: str) -> Upload:
+                  filename: str, quota: int | None = None) -> Upload:
     """Stream `chunks` into the artifact store and record the upload (see the module's docstring). Raises
-    UploadRefused (nothing kept) for a bad name or content; any error from `chunks` (the body limit, a client
-    that went away) leaves nothing either. File writes run on worker threads."""
+    UploadRefused (nothing kept) for a bad name or content, UploadOverQuota as soon as the owner's uploads
+    would hold more than `quota` bytes; any error from `chunks` (the body limit, a client that went away)
+    leaves nothing either. File writes run on worker threads."""
     check_name(kind, filename)
+    room = None
+    if quota is not None and owner is not None:
+        room = quota - await asyncio.to_thread(store.upload_bytes, owner)
     upload_id = uuid.uuid4().hex
     folder = f"{artifacts.rstrip('/')}/uploads/{upload_id}"
     fs, root = fsspec.core.url_to_fs(folder)
@@ -110,6 +119,8 @@ async def receive(chunks: AsyncIterator[bytes], *, store: Store, artifacts: str,
                     continue
                 digest.update(chunk)
                 size += len(chunk)
+                if room is not None and size > room:
+                    raise UploadOverQuota(str(UploadQuotaExceeded(owner, quota, quota - room)))
                 if len(head) < HEAD_BYTES:
                     head += chunk[:HEAD_BYTES - len(head)]
                 await asyncio.to_thread(f.write, chunk)
@@ -119,9 +130,12 @@ async def receive(chunks: AsyncIterator[bytes], *, store: Store, artifacts: str,
         if problem is not None:
             raise UploadRefused(f"{filename}: {problem}")
         await asyncio.to_thread(fs.mv, partial, final)
-        return await asyncio.to_thread(store.add_upload, Upload(
-            id=upload_id, owner=owner, kind=kind, filename=filename, uri=fs.unstrip_protocol(final)
-            if "://" in folder else final, size_bytes=size, sha256=digest.hexdigest()))
+        row = Upload(id=upload_id, owner=owner, kind=kind, filename=filename, uri=fs.unstrip_protocol(final)
+                     if "://" in folder else final, size_bytes=size, sha256=digest.hexdigest())
+        try:
+            return await asyncio.to_thread(store.add_upload, row, max_owner_bytes=quota)
+        except UploadQuotaExceeded as e:          # another upload of the owner's was recorded meanwhile
+            raise UploadOverQuota(str(e)) from None
     except BaseException:
         await asyncio.shield(asyncio.to_thread(_remove, fs, root))
         raise

@@ -2,11 +2,12 @@
 metadata. Importable without torch (and without pydantic: workers run where only PyTorch is).
 
 `loads(data)` is `json.loads` that refuses, with the place (`loc`, a path of keys and indices) and why:
-- nesting deeper than `max_depth` (checked before parsing, so a 100k-deep body costs one linear scan,
-  never a RecursionError);
+- nesting deeper than `max_depth` (json's C scanner stops a 100k-deep body at the recursion limit: a
+  refusal, never a crash);
 - `NaN`, `Infinity`, `-Infinity` (not JSON, though Python's reader takes them) and numbers too large for
   a float (`1e400` would parse as infinity): every number it gives back is finite;
-- integers of more than `MAX_INT_DIGITS` digits.
+- integers of more than `MAX_INT_DIGITS` digits;
+- strings with a lone surrogate (`"\\ud800"` is valid JSON but no Unicode: no UTF-8 encoder or database takes it).
 
 `safetensors_header(data, size)` reads a safetensors file's header (its first bytes `data`, `size`
 bytes in all, when known) into checked parts: each tensor's dtype, shape and byte range, and the
@@ -23,8 +24,6 @@ from typing import Any
 
 MAX_DEPTH = 32                 # a job spec nests 4 deep; a checkpoint's metadata a few more
 MAX_INT_DIGITS = 40            # an int64 has 19; more is no count or size that anything here takes
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKETS = re.compile(rb"[\[\]{}]")
 
 
 class JSONRefused(ValueError):
@@ -33,18 +32,6 @@ class JSONRefused(ValueError):
     def __init__(self, msg: str, loc: tuple = ()):
         super().__init__(f"{'.'.join(map(str, loc)) or 'the document'}: {msg}" if loc else msg)
         self.msg, self.loc = msg, tuple(loc)
-
-
-def depth(data: bytes) -> int:
-    """How deep the arrays and objects of the JSON text `data` nest (brackets inside strings not counted)."""
-    deepest = level = 0
-    for m in _BRACKETS.finditer(_STRING.sub(b'""', data)):
-        if m.group() in (b"[", b"{"):
-            level += 1
-            deepest = max(deepest, level)
-        else:
-            level -= 1
-    return deepest
 
 
 def _refuse_constant(name: str) -> Any:
@@ -58,34 +45,50 @@ def _int(text: str) -> int:
     return int(text)
 
 
-def nonfinite(value: Any, loc: tuple = ()) -> tuple | None:
-    """The place of the first non-finite float in `value` (dicts, lists and tuples walked), or None."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unreadable(value: Any, max_depth: int = MAX_DEPTH, loc: tuple = ()) -> tuple[tuple, str] | None:
+    """The place of the first value that JSON may spell but nothing downstream should take, and what it is:
+    arrays and objects nested more than `max_depth` deep, a non-finite float (`1e400` parses as infinity),
+    a string or key with a lone surrogate (`"\\ud800"`: no UTF-8, no database text). None when there is
+    none. Dicts, lists and tuples are walked."""
     if isinstance(value, float):
-        return None if math.isfinite(value) else loc
+        return None if math.isfinite(value) else (loc, "a number too large for a float (it would be infinite): "
+                                                       "every number must be finite")
+    if isinstance(value, str):
+        return (loc, "a string with a lone surrogate (\\ud800-\\udfff), which is no Unicode text") \
+            if _SURROGATE.search(value) else None
+    if isinstance(value, (dict, list, tuple)) and len(loc) >= max_depth:
+        return loc, f"nested more than {max_depth} deep; at most {max_depth} levels of arrays and objects are read"
     if isinstance(value, dict):
-        items = value.items()
+        for k, v in value.items():
+            if _SURROGATE.search(k):
+                return (*loc, k.encode("utf-8", "backslashreplace").decode()), "a key with a lone surrogate"
+            if (found := unreadable(v, max_depth, (*loc, k))) is not None:
+                return found
     elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return None
-    for k, v in items:
-        if (where := nonfinite(v, (*loc, k))) is not None:
-            return where
+        for i, v in enumerate(value):
+            if (found := unreadable(v, max_depth, (*loc, i))) is not None:
+                return found
     return None
 
 
 def loads(data: bytes | str, *, max_depth: int = MAX_DEPTH) -> Any:
-    """The JSON value in `data`; JSONRefused (deep, non-finite, huge integer) or ValueError (not JSON)."""
-    raw = data.encode() if isinstance(data, str) else bytes(data)
-    if (d := depth(raw)) > max_depth:
-        raise JSONRefused(f"nested {d} deep; at most {max_depth} levels of arrays and objects are read")
+    """The JSON value in `data`; JSONRefused (deep, non-finite, huge integer, lone surrogate) or ValueError
+    (not JSON). Parsed by json's C scanner (which refuses nesting past the interpreter's recursion limit
+    with a RecursionError, refused here too), then walked once."""
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant, parse_int=_int)
-    except RecursionError:                      # cannot happen after the depth check; never a crash if it does
+        value = json.loads(data, parse_constant=_refuse_constant, parse_int=_int)
+    except RecursionError:
         raise JSONRefused(f"nested too deep; at most {max_depth} levels of arrays and objects are read") from None
-    if (where := nonfinite(value)) is not None:
-        raise JSONRefused("a number too large for a float (it would be infinite): every number must be finite",
-                          where)
+    try:
+        found = unreadable(value, max_depth)
+    except RecursionError:                      # max_depth beyond the interpreter's recursion limit
+        found = (), f"nested too deep; at most {max_depth} levels of arrays and objects are read"
+    if found is not None:
+        where, why = found
+        raise JSONRefused(why, where)
     return value
 
 

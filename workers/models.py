@@ -23,6 +23,7 @@ import types
 from collections.abc import Callable, Sequence
 from math import ceil, prod
 
+import torch
 from torch import Tensor, nn
 from workers.config import ModelError, SUGGESTED_LR, suggested_lr, IMPORT_PREFIX, _DOTTED, parse_import  # noqa: F401  (torch-free: the driver and the API use them)
 
@@ -261,3 +262,29 @@ def build_model(arch: str, *, num_classes: int, in_shape: tuple[int, int, int], 
     if not isinstance(model, nn.Module):
         raise ModelError(f"arch {arch!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+# The input shape and classes of the datasets whose shape is known without reading them; for others the model
+# is sized at a nominal input (a lower bound for most image models: inputs are rarely smaller)
+DATASET_SHAPES: dict[str, tuple[Shape, int]] = {
+    "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+NOMINAL_SHAPE: tuple[Shape, int] = ((3, 32, 32), 10)
+
+
+def count_parameters(arch: str, dataset: str, **kwargs) -> int:
+    """How many parameters `arch` with `kwargs` has for `dataset` (DATASET_SHAPES, else NOMINAL_SHAPE), built
+    on the meta device: no memory is allocated, whatever the sizes. ModelError when it cannot be built (bad
+    kwargs). Not for ``import:`` archs, whose code only the workers import."""
+    if arch.startswith(IMPORT_PREFIX):
+        raise ModelError(f"{arch}: an imported model is not built here")
+    shape, classes = DATASET_SHAPES.get(dataset, NOMINAL_SHAPE)
+    try:
+        with torch.device("meta"):
+            model = build_model(arch, num_classes=classes, in_shape=shape, **kwargs)
+    except ModelError:
+        raise
+    except Exception as e:                   # noqa: BLE001  (a kwarg of the right type but an impossible value)
+        raise ModelError(f"arch {arch!r}: model kwargs {kwargs} do not build a model ({type(e).__name__}: {e})") from e
+    return sum(p.numel() for p in model.parameters())
+

@@ -28,6 +28,7 @@ from service.records import phase_columns
 from service.access import Access
 from service.spec import JobSpec, SpecError, parse_spec, primary_metric
 from service.states import TERMINAL, StateError
+from service.store import QuotaExceeded
 from service.store.convert import search_trial
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], route_class=SafeJSONRoute)
@@ -76,11 +77,21 @@ def _submit(body: bytes, store, runtime, caller, idempotency_key: str | None) ->
     if why is not None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             [{"loc": ["body", "resources"], "msg": why, "type": "value_error"}])
-    return JobPublic.model_validate(store.create_job(spec, owner=caller.name, idempotency_key=idempotency_key))
+    settings = runtime.settings
+    if spec.timeout is None and settings.default_job_timeout is not None:
+        spec = spec.model_copy(update={"timeout": settings.default_job_timeout})
+    try:
+        job = store.create_job(spec, owner=caller.name, idempotency_key=idempotency_key,
+                               max_open=None if caller.admin else settings.max_open_jobs_per_user)
+    except QuotaExceeded as e:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, str(e)) from None
+    return JobPublic.model_validate(job)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, openapi_extra=SPEC_BODY,
-             responses={413: {"model": Message, "description": "the body is over LADLE_MAX_BODY_BYTES"}})
+             responses={413: {"model": Message, "description": "the body is over LADLE_MAX_BODY_BYTES"},
+                        429: {"model": Message, "description": "the caller has LADLE_MAX_OPEN_JOBS_PER_USER jobs "
+                                                               "queued or running"}})
 async def submit_job(request: Request, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobPublic:
     """Validate and queue a job (the body: a JobSpec). The same `Idempotency-Key` again returns the same

@@ -22,7 +22,9 @@ BINARY_BODY = {"requestBody": {"required": True, "content": {"application/octet-
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadPublic, openapi_extra=BINARY_BODY,
-             responses={413: {"model": Message, "description": "the body is over LADLE_MAX_UPLOAD_BYTES"}})
+             responses={413: {"model": Message, "description": "the body is over LADLE_MAX_UPLOAD_BYTES, or the "
+                                                                   "caller's uploads would hold more than "
+                                                                   "LADLE_MAX_UPLOAD_BYTES_PER_USER"}})
 async def upload(request: Request, store: StoreDep, runtime: RuntimeDep, caller: CallerDep,
                  kind: Annotated[Literal["checkpoint", "dataset"], Query(description="what the file is for")],
                  filename: Annotated[str, Query(min_length=1, max_length=200, description=(
@@ -32,7 +34,10 @@ async def upload(request: Request, store: StoreDep, runtime: RuntimeDep, caller:
     a .txt text. Nothing is kept when it is refused (422), too large (413) or broken off."""
     try:
         row = await uploads.receive(request.stream(), store=store, artifacts=runtime.settings.artifacts,
-                                    owner=caller.name, kind=kind, filename=filename)
+                                    owner=caller.name, kind=kind, filename=filename,
+                                    quota=None if caller.admin else runtime.settings.max_upload_bytes_per_user)
+    except uploads.UploadOverQuota as e:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(e), headers={"Connection": "close"}) from None
     except uploads.UploadRefused as e:
         raise RequestValidationError([{"loc": ("body",), "msg": str(e), "type": "value_error", "input": None}]) \
             from None

@@ -30,11 +30,11 @@ from service.orm import Event, Job, Model, Phase, Run, Token, Upload
 from service.spec import JobSpec
 from service.states import StateError
 from service.store import jobs, models, runs, tokens, uploads
-from service.store.jobs import JobCancelled, JobNotFound
+from service.store.jobs import JobCancelled, JobNotFound, QuotaExceeded
 from service.store.runs import COMPUTE_FIELDS
 from service.store.tokens import TokenRefused
 
-__all__ = ["COMPUTE_FIELDS", "JobCancelled", "JobNotFound", "StateError", "Store", "TokenRefused"]
+__all__ = ["COMPUTE_FIELDS", "JobCancelled", "JobNotFound", "QuotaExceeded", "StateError", "Store", "TokenRefused"]
 
 
 class Store:
@@ -62,9 +62,10 @@ class Store:
             yield session
 
     # ---------------------------------------------------------------- jobs
-    def create_job(self, spec: JobSpec, *, owner: str | None = None, idempotency_key: str | None = None) -> Job:
+    def create_job(self, spec: JobSpec, *, owner: str | None = None, idempotency_key: str | None = None,
+                   max_open: int | None = None) -> Job:
         with self.tx() as s:
-            return jobs.create(s, spec, owner=owner, idempotency_key=idempotency_key)
+            return jobs.create(s, spec, owner=owner, idempotency_key=idempotency_key, max_open=max_open)
 
     def get_job(self, job_id: str) -> Job | None:
         with self.reads() as s:
@@ -176,9 +177,14 @@ class Store:
             return models.graph(s, model_id, up=False)
 
     # ---------------------------------------------------------------- uploads
-    def add_upload(self, upload: Upload) -> Upload:
+    def add_upload(self, upload: Upload, *, max_owner_bytes: int | None = None) -> Upload:
         with self.tx() as s:
-            return uploads.add(s, upload)
+            return uploads.add(s, upload, max_owner_bytes=max_owner_bytes)
+
+    def upload_bytes(self, owner: str) -> int:
+        """The bytes the owner's uploads hold together."""
+        with self.reads() as s:
+            return uploads.used_bytes(s, owner)
 
     def get_upload(self, upload_id: str, *, owner: str | None = None, admin: bool = True) -> Upload | None:
         """The upload if the caller (`owner`, or an admin) may use it, else None (missing or not theirs)."""

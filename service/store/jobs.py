@@ -80,18 +80,33 @@ def stored_spec(spec: JobSpec) -> dict[str, Any]:
     return value
 
 
-def create(s: Session, spec: JobSpec, *, owner: str | None = None, idempotency_key: str | None = None) -> Job:
+class QuotaExceeded(RuntimeError):
+    """The owner has as many jobs queued or running as the service allows (Settings.max_open_jobs_per_user)."""
+
+    def __init__(self, owner: str, limit: int):
+        super().__init__(f"{owner} has {limit} jobs queued or running, this service's limit per user "
+                         "(LADLE_MAX_OPEN_JOBS_PER_USER): wait for one to end, or cancel one")
+        self.limit = limit
+
+
+def create(s: Session, spec: JobSpec, *, owner: str | None = None, idempotency_key: str | None = None,
+           max_open: int | None = None) -> Job:
     """A queued job. The same (owner, idempotency key) again returns the first job, also when the two
     requests race (and also without an owner, where the UNIQUE constraint does not help since NULLs
-    are distinct)."""
+    are distinct). `max_open`: QuotaExceeded when `owner` already has that many jobs queued or running
+    (counted under the same lock, so that racing submissions cannot pass it together)."""
+    if s.bind.dialect.name == "postgresql" and (idempotency_key is not None or max_open is not None):
+        s.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(json.dumps(["job", owner])))))
     if idempotency_key is not None:
-        if s.bind.dialect.name == "postgresql":
-            s.execute(sa.select(sa.func.pg_advisory_xact_lock(
-                sa.func.hashtext(json.dumps(["job", owner, idempotency_key])))))
         same_owner = Job.owner.is_(None) if owner is None else Job.owner == owner
         existing = s.scalars(sa.select(Job).where(same_owner, Job.idempotency_key == idempotency_key)).first()
         if existing is not None:
             return existing
+    if max_open is not None and owner is not None:
+        open_jobs = s.scalar(sa.select(sa.func.count()).select_from(Job).where(
+            Job.owner == owner, Job.status.in_(("queued", "running"))))
+        if open_jobs >= max_open:
+            raise QuotaExceeded(owner, max_open)
     job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=stored_spec(spec),
               owner=owner, idempotency_key=idempotency_key)
     s.add(job)

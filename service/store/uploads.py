@@ -10,7 +10,29 @@ from sqlalchemy.orm import Session
 from service.orm import Upload
 
 
-def add(s: Session, upload: Upload) -> Upload:
+class UploadQuotaExceeded(RuntimeError):
+    """The owner's uploads would hold more bytes than the service allows (Settings.max_upload_bytes_per_user)."""
+
+    def __init__(self, owner: str, limit: int, used: int):
+        super().__init__(f"{owner}'s uploads hold {used} bytes; with this one they would pass this service's limit "
+                         f"of {limit} bytes per user (LADLE_MAX_UPLOAD_BYTES_PER_USER): delete some first")
+        self.limit, self.used = limit, used
+
+
+def used_bytes(s: Session, owner: str) -> int:
+    """The bytes the owner's uploads hold together."""
+    return int(s.scalar(sa.select(sa.func.coalesce(sa.func.sum(Upload.size_bytes), 0)).where(Upload.owner == owner)) or 0)
+
+
+def add(s: Session, upload: Upload, *, max_owner_bytes: int | None = None) -> Upload:
+    """Record the upload; with `max_owner_bytes`, UploadQuotaExceeded when its owner's uploads would hold more
+    (counted under a lock per owner, so that racing uploads cannot pass it together)."""
+    if max_owner_bytes is not None and upload.owner is not None:
+        if s.bind.dialect.name == "postgresql":
+            s.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(f"upload:{upload.owner}"))))
+        used = used_bytes(s, upload.owner)
+        if used + upload.size_bytes > max_owner_bytes:
+            raise UploadQuotaExceeded(upload.owner, max_owner_bytes, used)
     s.add(upload)
     s.flush()
     return upload

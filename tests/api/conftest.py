@@ -19,10 +19,10 @@ from service.store import Store
 NO_RAY = "http://127.0.0.1:9"        # nothing listens there: the cluster's nodes are unknown
 
 
-def in_process(tmp_path, auth: str, data_roots):
-    """The app in-process on a fresh SQLite store, without Ray, with LADLE_AUTH=`auth` (see `api`); specs may
-    read under `data_roots` (the session's temp folder)."""
-    url = f"sqlite:///{tmp_path / 'ladle.db'}"
+def in_process(tmp_path, auth: str, data_roots, url: str | None = None):
+    """The app in-process on a fresh SQLite store (or the database at `url`), without Ray, with
+    LADLE_AUTH=`auth` (see `api`); specs may read under `data_roots` (the session's temp folder)."""
+    url = url or f"sqlite:///{tmp_path / 'ladle.db'}"
     settings = Settings(home=tmp_path, database_url=url, ray_address=NO_RAY, artifacts=str(tmp_path / "artifacts"),
                         auth=auth, data_roots=data_roots)
     runtime = Runtime(settings, dispatch=False)

@@ -86,7 +86,9 @@ def test_soup_values_must_be_finite_and_a_bad_row_cannot_break_the_list(api):
 def test_a_deeply_nested_body_is_a_422(api, api_auth, depth):
     text = '{"name": "x", "model": {"kwargs": ' + "[" * depth + "]" * depth + "}}"
     errors = detail(post_raw(api, "/jobs", text))
-    assert errors[0]["loc"] == ["body"] and "nested" in errors[0]["msg"]
+    assert errors[0]["loc"][:1] == ["body"] and "nested" in errors[0]["msg"]
+    if depth == 100:                        # parsed, then refused where it goes too deep
+        assert errors[0]["loc"][:4] == ["body", "model", "kwargs", 0]
     errors = detail(post_raw(api_auth, "/tokens", '{"name": ' + "[" * depth + "]" * depth + "}",
                              bearer(api_auth, "root")))
     assert "nested" in errors[0]["msg"]
@@ -191,3 +193,45 @@ def test_a_delete_removes_the_file_before_the_row(api, monkeypatch):
     assert api.get(f"/uploads/{up['id']}").status_code == 200 and len(uploaded_files(api)) == 1
     assert api.delete(f"/uploads/{up['id']}").status_code == 200
     assert api.get(f"/uploads/{up['id']}").status_code == 404 and uploaded_files(api) == []
+
+
+def test_a_model_too_large_or_that_does_not_build_is_a_422_before_anything_is_stored(api):
+    for kwargs, words in (({"widths": [10**9, 10**9]}, "more than this service's limit"),
+                          ({"widths": [-5]}, "do not build a model"), ({"widths": "abc"}, "model.kwargs")):
+        r = api.post("/jobs", json=dict(JOB, model={"arch": "mlp", "kwargs": kwargs}))
+        assert words in str(detail(r)), r.text
+    api.runtime.settings = api.runtime.settings.model_copy(update={"max_model_parameters": 50_000})
+    r = api.post("/jobs", json=dict(JOB, model={"arch": "mlp"}))       # 50,610 parameters on digits
+    assert "50,610 parameters" in str(detail(r)) and "LADLE_MAX_MODEL_PARAMETERS" in str(detail(r))
+    assert jobs_count(api) == 0
+
+
+def test_per_user_quotas_and_the_default_timeout(api_auth):
+    api_auth.runtime.settings = api_auth.runtime.settings.model_copy(update={
+        "max_open_jobs_per_user": 2, "max_upload_bytes_per_user": 3000, "default_job_timeout": 3600.0})
+    alice, root = bearer(api_auth, "alice"), bearer(api_auth, "root")
+    first = api_auth.post("/jobs", json=JOB, headers=alice).json()
+    assert first["spec"]["timeout"] == 3600.0
+    assert api_auth.post("/jobs", json=dict(JOB, timeout=60), headers=alice).json()["spec"]["timeout"] == 60
+    r = api_auth.post("/jobs", json=JOB, headers=alice)
+    assert r.status_code == 429 and "LADLE_MAX_OPEN_JOBS_PER_USER" in r.json()["detail"]
+    # the same idempotency key is still answered; an admin is not limited; an ended job frees a place
+    assert api_auth.post("/jobs", json=JOB, headers=root).status_code == 201
+    assert api_auth.post(f"/jobs/{first['id']}/cancel", headers=alice).status_code == 200
+    assert api_auth.post("/jobs", json=JOB, headers=alice).status_code == 201
+    # uploads: refused as soon as the bytes pass the quota, nothing kept
+    r = send(api_auth, "dataset", "a.txt", b"x" * 2000, alice)
+    assert r.status_code == 201, r.text
+    r = send(api_auth, "dataset", "b.txt", b"x" * 2000, alice)
+    assert r.status_code == 413 and "LADLE_MAX_UPLOAD_BYTES_PER_USER" in r.json()["detail"]
+    assert len(uploaded_files(api_auth)) == 1
+    assert send(api_auth, "dataset", "b.txt", b"x" * 2000, root).status_code == 201
+
+
+def test_a_file_of_an_hf_folder_that_links_out_of_the_roots_is_refused(api, site):
+    llm = site["roots"] / "llm"
+    (llm / "tokenizer.json").symlink_to(site["marker"])
+    r = api.post("/jobs", json={"name": "x", "model": {"arch": f"hf:{llm}"},
+                                "data": {"name": "text", "path": str(site["roots"] / "corpus")}})
+    errors = [e for e in detail(r) if e["loc"][:3] == ["body", "model", "arch"]]
+    assert errors and "not readable" in errors[0]["msg"], r.text
