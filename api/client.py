@@ -63,9 +63,13 @@ class Unauthorized(LadleError): ...
 class NotFound(LadleError): ...
 class Conflict(LadleError): ...
 class InvalidSpec(LadleError): ...
+class LimitReached(LadleError):
+    """A limit of the service: a body or the caller's uploads too large (413), too many jobs queued or
+    running, or event streams open (429); the message names the limit."""
 
 
-ERRORS = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict, 422: InvalidSpec}
+ERRORS = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict, 413: LimitReached, 422: InvalidSpec,
+          429: LimitReached}
 
 
 class DownloadError(Exception):

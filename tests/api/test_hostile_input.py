@@ -8,7 +8,8 @@ import struct
 import pytest
 import sqlalchemy as sa
 
-from tests.api.test_routes import JOB
+from api.client import LimitReached
+from tests.api.test_routes import JOB, sdk
 from tests.api.test_spec_security import site  # noqa: F401  (a fixture)
 from tests.api.test_uploads import bearer, checkpoint_bytes, send, uploaded_files
 
@@ -215,6 +216,8 @@ def test_per_user_quotas_and_the_default_timeout(api_auth):
     assert api_auth.post("/jobs", json=dict(JOB, timeout=60), headers=alice).json()["spec"]["timeout"] == 60
     r = api_auth.post("/jobs", json=JOB, headers=alice)
     assert r.status_code == 429 and "LADLE_MAX_OPEN_JOBS_PER_USER" in r.json()["detail"]
+    with pytest.raises(LimitReached, match="LADLE_MAX_OPEN_JOBS_PER_USER"):
+        sdk(api_auth, alice["Authorization"].removeprefix("Bearer ")).submit(JOB)
     # the same idempotency key is still answered; an admin is not limited; an ended job frees a place
     assert api_auth.post("/jobs", json=JOB, headers=root).status_code == 201
     assert api_auth.post(f"/jobs/{first['id']}/cancel", headers=alice).status_code == 200
