@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
-from service.records import Metric
-from service.spec import primary_metric
+from service.records import Metric, primary_metric
 from service.states import TERMINAL, JobStatus
 from service.store.tokens import parse_duration
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.engine import make_url
 
@@ -39,11 +39,20 @@ from workers.config import GLOB_CHARS, TextError, parse_import, text_files
 
 if TYPE_CHECKING:
     from service.settings import Settings
-    from service.store import Store
 
 MODEL_PREFIX = "model:"
 UPLOAD_PREFIX = "upload:"                   # the caller's upload (POST /uploads; service.uploads)
 SQLITE_SIDECARS = ("", "-wal", "-shm", "-journal")
+
+
+class Lookup(Protocol):
+    """What the checks look up of the caller's own things: service.store.Store is one. (A protocol, so that
+    checking a spec does not depend on the store, which stores specs.) Each returns None when there is none."""
+
+    def get_model(self, model_id: str) -> Any: ...
+    def model_by_uri(self, uri: str, *, job_id: str | None = None) -> Any: ...
+    def get_job(self, job_id: str) -> Any: ...
+    def get_upload(self, upload_id: str, *, owner: str | None = None, admin: bool = True) -> Any: ...
 
 
 def _resolve(path: str | os.PathLike) -> Path | None:
@@ -72,7 +81,7 @@ class Access:
     allowed_imports: tuple[str, ...] = ()
     max_checkpoint_bytes: int | None = None
     max_model_parameters: int | None = None     # an image model's size, counted at submission (None: no limit)
-    store: Store | None = None                 # to look up the caller's models (None: model:<id> is refused)
+    store: Lookup | None = None                 # to look up the caller's models (None: model:<id> is refused)
     artifacts: str | None = None               # the artifact store's root (its own URLs name models)
     owner: str | None = None                   # the caller (None with admin: auth is off)
     admin: bool = False
@@ -85,7 +94,7 @@ class Access:
     # ------------------------------------------------------------ making one
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, store: Store | None = None, owner: str | None = None,
+    def from_settings(cls, settings: Settings, *, store: Lookup | None = None, owner: str | None = None,
                       admin: bool = False) -> Access:
         """The checks for a spec from `owner` (admin: may use every model), with the operator's settings."""
         denied: list[Path] = []
@@ -103,12 +112,12 @@ class Access:
                    artifacts=(settings.artifacts or "").rstrip("/") or None, owner=owner, admin=admin)
 
     @classmethod
-    def trusting(cls, *, store: Store | None = None) -> Access:
+    def trusting(cls, *, store: Lookup | None = None) -> Access:
         """No checks: for a spec that was checked when it was submitted, or the local CLI's own user."""
         return cls(trusted=True, store=store, admin=True)
 
     @classmethod
-    def of_stored(cls, *, store: Store | None = None) -> Access:
+    def of_stored(cls, *, store: Lookup | None = None) -> Access:
         """A stored spec, read back by its driver: nothing of this is checked, and neither are its model and
         data (they were when it was submitted; checking them needs the workers' libraries, torch among
         them, which a driver does not load: design section 9). A worker that cannot read them fails."""

@@ -11,7 +11,8 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
-from service.spec import MAX_EPOCHS, MAX_LR, JobSpec, task_kind
+from service.records import task_kind
+from service.spec import MAX_EPOCHS, MAX_LR, JobSpec
 from workers.config import PerpConfig, suggested_lr
 from workers.schedules import dense_schedule, retrain_schedule
 from workers.units import Finish, LMTask, TaskSpec, TrainTask
@@ -164,7 +165,7 @@ def retrain_peak_lr(spec: JobSpec, dense_lrs: list[float], optimizer: dict[str, 
 
 
 def task_spec(spec: JobSpec) -> TaskSpec:
-    """What a worker needs to build the job's task (service.spec.task_kind): its model and data."""
+    """What a worker needs to build the job's task (service.records.task_kind): its model and data."""
     if task_kind(spec) == "causal_lm":
         return TaskSpec(kind="causal_lm", arch=spec.model.arch, data=spec.data.text_config(), seed=spec.seed,
                         model_kwargs=dict(spec.model.kwargs))

@@ -13,7 +13,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from service.spec import JobSpec
     from workers.pruning import Masks, PruneResult
     from workers.tasks import TrainOutcome, TrainTask
 
@@ -120,6 +119,23 @@ class Metric:
 ACCURACY = Metric("accuracy", "max", "accuracies", percent=True)
 PERPLEXITY = Metric("perplexity", "min", "perplexities", percent=False)
 METRICS = {m.name: m for m in (ACCURACY, PERPLEXITY)}
+TASK_KINDS = ("classification", "causal_lm")
+
+
+def task_kind(spec: Any) -> str:
+    """The job's task (design section 6b): causal_lm for a Hugging Face model (`model.arch: hf:...`) or
+    text data (`data.name: text`), classification otherwise. Takes a service.spec.JobSpec or a stored
+    spec (a dict)."""
+    if isinstance(spec, dict):
+        arch, data = (spec.get("model") or {}).get("arch", ""), (spec.get("data") or {}).get("name", "")
+    else:
+        arch, data = spec.model.arch, spec.data.name
+    return "causal_lm" if str(arch).startswith("hf:") or data == "text" else "classification"
+
+
+def primary_metric(spec: Any) -> Metric:
+    """The metric a job's phases are scored and its soups ranked by: accuracy up, perplexity down."""
+    return PERPLEXITY if task_kind(spec) == "causal_lm" else ACCURACY
 
 
 @dataclass(frozen=True)
@@ -180,8 +196,15 @@ class PhaseSummary:
                                         if f.name not in ("phase", "metrics")}, **self.metrics}
 
 
+class SpecView(Protocol):
+    """What a recorder needs of a job spec (service.spec.JobSpec is one)."""
+    name: str
+
+    def model_dump(self, *, mode: str = "python") -> dict[str, Any]: ...
+
+
 class Recorder(Protocol):
-    def job_started(self, spec: JobSpec, total_epochs: int) -> None: ...
+    def job_started(self, spec: SpecView, total_epochs: int) -> None: ...
     def event(self, message: str, *, level: str = "info", phase: int | None = None) -> None: ...
     def phase_started(self, phase: int, target_sparsity: float) -> None: ...
     def run_started(self, run: RunRecord) -> None: ...

@@ -20,7 +20,6 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from service.access import Access, access_of
-from service.records import ACCURACY, PERPLEXITY, Metric
 from workers.config import (DATASETS, IMPORT_PREFIX, NEEDS_PATH, DataConfig, DataError, ModelError, OptimizerConfig,
                             SFWConfig, TextConfig, TextError, is_causal_lm, parse_pattern, text_files)
 from workers.files import is_url
@@ -548,24 +547,6 @@ class JobSpec(_Strict):
             if isinstance(self.search.phases, list) and not all(1 <= p <= self.prune.phases for p in self.search.phases):
                 raise ValueError(f"search.phases must be phases in [1, {self.prune.phases}]")
         return self
-
-
-TASK_KINDS = ("classification", "causal_lm")
-
-
-def task_kind(spec: JobSpec | dict[str, Any]) -> str:
-    """The job's task (design section 6b): causal_lm for a Hugging Face model (`model.arch: hf:...`) or
-    text data (`data.name: text`), classification otherwise. Reads a stored spec (a dict) too."""
-    if isinstance(spec, JobSpec):
-        arch, data = spec.model.arch, spec.data.name
-    else:
-        arch, data = (spec.get("model") or {}).get("arch", ""), (spec.get("data") or {}).get("name", "")
-    return "causal_lm" if str(arch).startswith("hf:") or data == "text" else "classification"
-
-
-def primary_metric(spec: JobSpec | dict[str, Any]) -> Metric:
-    """The metric a job's phases are scored and its soups ranked by: accuracy up, perplexity down."""
-    return PERPLEXITY if task_kind(spec) == "causal_lm" else ACCURACY
 
 
 class SpecError(ValueError):

@@ -68,7 +68,7 @@ def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[st
     from service.executors import SequentialExecutor
     from service.pipeline import Pipeline
     from service.recorders import LocalRecorder
-    from service.spec import primary_metric
+    from service.records import primary_metric
     out.mkdir(parents=True, exist_ok=True)
     artifacts = ArtifactStore(str((out / "models").absolute()),
                               max_checkpoint_bytes=get_settings().max_checkpoint_bytes)
@@ -104,7 +104,7 @@ def run_on_ray(spec: JobSpec, *, json_output: bool = False) -> dict[str, Any]:
     LADLE_RAY_ADDRESS names one), the dispatcher and a Ray-job driver. Ctrl-C (or SIGTERM, SIGHUP)
     stops the service and leaves the job to resume when a service starts again."""
     from service.runtime import Runtime
-    from service.spec import primary_metric
+    from service.records import primary_metric
     from service.store.convert import phase_summary
     with Runtime() as rt:
         job_id = rt.store.create_job(spec).id

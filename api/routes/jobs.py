@@ -23,10 +23,10 @@ from api.hardening import SafeJSONRoute, read_json
 from api.schemas import (EventPublic, EventsPublic, JobPublic, JobsPublic, JobStatus, Message, MetricInfo,
                          MetricPublic, MetricsPublic, PhaseColumnPublic, PhasePublic, PhasesPublic, RunPublic,
                          RunsPublic, SearchTrialPublic, SearchTrialsPublic)
-from service.cluster import unfit
-from service.records import phase_columns
 from service.access import Access
-from service.spec import JobSpec, SpecError, parse_spec, primary_metric
+from service.cluster import unfit
+from service.records import phase_columns, primary_metric
+from service.spec import JobSpec, SpecError, parse_spec
 from service.states import TERMINAL, StateError
 from service.store import QuotaExceeded
 from service.store.convert import search_trial

@@ -12,9 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.orm import Event, Job, Metric, Model, Phase, Run, utcnow
-from service.records import PROGRESS_BEFORE_END, PhaseSummary, RunRecord
+from service.records import PROGRESS_BEFORE_END, PhaseSummary, RunRecord, primary_metric
 from service.store import jobs
-from service.spec import primary_metric
 from service.store.convert import fill_phase, finite
 
 COMPUTE_FIELDS = ("cpu_seconds", "gpu_seconds", "epochs_trained")
