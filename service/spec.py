@@ -20,8 +20,9 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       model_validator)
 
 from service.access import Access, access_of
+from service.records import task_kind
 from workers.config import (DATASETS, IMPORT_PREFIX, NEEDS_PATH, DataConfig, DataError, ModelError, OptimizerConfig,
-                            SFWConfig, TextConfig, TextError, is_causal_lm, parse_pattern, text_files)
+                            SFWConfig, TASK_OPTIONS, TextConfig, TextError, is_causal_lm, parse_pattern, text_files)
 from workers.files import is_url
 from workers.config import MAX_POINTS as ROBUSTNESS_MAX_POINTS
 from workers.config import SPARSITIES as ROBUSTNESS_SPARSITIES
@@ -252,16 +253,26 @@ class DenseSpec(_Strict):
         return sgd
 
 
+def _choices(kind: str) -> tuple[str, ...]:
+    """Every value of one option that some task implements (workers.config.TASK_OPTIONS), in order."""
+    return tuple(dict.fromkeys(v for options in TASK_OPTIONS.values() for v in getattr(options, kind)))
+
+
+CRITERIA = _choices("criteria")
+RETRAIN_PARAMS = _choices("retrain_params")
+
+
 class PruneSpec(_Strict):
-    """criterion: magnitude | random (image models), magnitude | wanda | sparsegpt (language models,
-    calibrated on `data.calibration_samples` blocks); pattern: unstructured, or N:M (e.g. "2:4", "4:8")
+    """criterion: one the job's task implements (workers.config.TASK_OPTIONS: image models magnitude |
+    random; language models magnitude | wanda | sparsegpt, calibrated on `data.calibration_samples`
+    blocks); pattern: unstructured, or N:M (e.g. "2:4", "4:8")
     for both: at most N nonzeros in every M consecutive input channels of each conv and linear weight
     (language models: of the blocks' linear layers), reached in one phase, so phases must be 1 and
     target_sparsity 1 - N/M (both may be left out: they are then set so); `scope` does not apply to N:M."""
     target_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     phases: int = Field(3, ge=1, le=MAX_PHASES)
     scope: Literal["global", "layerwise"] = "global"
-    criterion: Literal["magnitude", "random", "wanda", "sparsegpt"] = "magnitude"
+    criterion: Literal[CRITERIA] = "magnitude"
     pattern: str = "unstructured"
 
     @field_validator("pattern")
@@ -328,7 +339,7 @@ class RetrainSpec(_Strict):
     lr: float | None = Field(None, gt=0.0, le=MAX_LR)
     optimizer: OptimizerSpec = OptimizerSpec()
     # all | bias_norm; for language models (PERP) also bias_norm_head, lora, mask_lora, scale_lora
-    params: Literal["all", "bias_norm", "bias_norm_head", "lora", "mask_lora", "scale_lora"] = "all"
+    params: Literal[RETRAIN_PARAMS] = "all"
     rank: int = Field(8, ge=1, le=1024)            # lora / mask_lora / scale_lora adapters
     alpha: float = Field(16.0, gt=0.0, le=4096)
     warmup: float = Field(0.1, ge=0.0, lt=1.0)     # language models: AdamW's linear warm-up share
@@ -477,6 +488,9 @@ class ResourcesSpec(_Strict):
     gpus_per_ingredient: float = Field(0.0, ge=0.0, le=16)
 
 
+_TASK_NAMES = {"classification": "image models", "causal_lm": "language models (model.arch hf:<dir>)"}
+
+
 class JobSpec(_Strict):
     name: str = Field("job", min_length=1, max_length=200)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -500,20 +514,20 @@ class JobSpec(_Strict):
         if lm != text:
             raise ValueError("a language-model job needs both model.arch hf:<dir> and data.name text"
                              if lm else "data.name text needs a language model (model.arch hf:<dir>)")
+        kind = task_kind(self)
+        options, where = TASK_OPTIONS[kind], _TASK_NAMES[kind]
+        for field, value, offered in (("prune.criterion", self.prune.criterion, options.criteria),
+                                      ("retrain.params", self.retrain.params, options.retrain_params)):
+            if value not in offered:
+                others = " or ".join(_TASK_NAMES[k] for k, o in TASK_OPTIONS.items()
+                                     if value in (o.criteria if field == "prune.criterion" else o.retrain_params))
+                raise ValueError(f"{field} {value} is for {others}; {where} take {', '.join(offered)}")
         if lm:
-            if self.prune.criterion == "random":
-                raise ValueError("prune.criterion random is for image models; use magnitude, wanda or sparsegpt")
             if self.search is not None and "accuracy" in self.search.metric:
                 raise ValueError(f"search.metric {self.search.metric} is for image models; use val_perplexity or "
                                  f"val_loss")
-        else:
-            if self.prune.criterion in ("wanda", "sparsegpt"):
-                raise ValueError(f"prune.criterion {self.prune.criterion} is for language models (model.arch hf:<dir>)")
-            if self.retrain.params not in ("all", "bias_norm"):
-                raise ValueError(f"retrain.params {self.retrain.params} is for language models; image models "
-                                 f"take all or bias_norm")
-            if self.search is not None and self.search.metric == "val_perplexity":
-                raise ValueError("search.metric val_perplexity is for language models")
+        elif self.search is not None and self.search.metric == "val_perplexity":
+            raise ValueError("search.metric val_perplexity is for language models")
         return self
 
     @model_validator(mode="after")

@@ -23,11 +23,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from workers.config import TASK_OPTIONS, TaskOptions
 from workers.checkpoint import save_model
 from workers.lm import causal_lm_skeleton, load_causal_lm, perplexity
 from workers.llm_prune import prunable_lm_names, prune_causal_lm
@@ -75,6 +76,8 @@ class CausalLM:
     metric: str = "perplexity"
     ensembles: bool = False                  # a prediction ensemble is measured
     pretrained: bool = True
+    # what it implements (its criteria, its retraining params), declared in workers.config.TASK_OPTIONS
+    options: ClassVar[TaskOptions] = TASK_OPTIONS["causal_lm"]
 
     def __post_init__(self) -> None:
         # the architecture without its weights (`build` fills it), and the buffers a state dict leaves out

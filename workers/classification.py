@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from workers.config import TASK_OPTIONS, TaskOptions
 from workers.data import DataConfig, Splits, load_splits, make_loader
 from workers.evaluate import ensemble_accuracy, evaluate, score_splits
 from workers.models import build_model
@@ -40,6 +41,8 @@ class Classification:
     metric: str = "accuracy"
     ensembles: bool = True                  # a prediction ensemble is measured
     pretrained: bool = False               # phase 0 trains the dense model (unless the spec gives a checkpoint)
+    # what it implements (its criteria, its retraining params), declared in workers.config.TASK_OPTIONS
+    options: ClassVar[TaskOptions] = TASK_OPTIONS["classification"]
     splits: Splits = field(init=False)
 
     def __post_init__(self) -> None:

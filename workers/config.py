@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from workers.criteria import SCORES as IMAGE_SCORES
 from workers.files import is_url, local_copy
 
 TEXT_FIELD = "data"                 # the spec section text settings live in, as error messages name it
@@ -389,3 +390,25 @@ class PerpConfig:
         if self.autocast not in AUTOCAST_MODES:
             raise PerpError(f"unknown autocast {self.autocast!r}; known: {', '.join(AUTOCAST_MODES)}")
         _check_adapter_args(self.rank, self.alpha, self.dropout)
+
+
+# ---------------------------------------------------------------- the options each task implements
+
+LM_CRITERIA = ("magnitude", "wanda", "sparsegpt")     # workers.llm_prune (calibrated block by block)
+IMAGE_PARAMS = ("all", "bias_norm")                    # workers.train.trainable_parameters
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What a task implements, declared once here (torch-free): the job spec builds its choices and its
+    checks from these, and the workers refuse anything else. `criteria`: prune.criterion; `retrain_params`:
+    retrain.params."""
+    criteria: tuple[str, ...]
+    retrain_params: tuple[str, ...]
+
+
+TASK_OPTIONS: dict[str, TaskOptions] = {
+    "classification": TaskOptions(criteria=tuple(IMAGE_SCORES), retrain_params=IMAGE_PARAMS),
+    "causal_lm": TaskOptions(criteria=LM_CRITERIA, retrain_params=PERP_MODES),
+}
+

@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from workers.config import LM_CRITERIA
 from workers.pruning import Masks, PruningError, parse_pattern, sparsity as mask_sparsity
 
-CRITERIA = ("magnitude", "wanda", "sparsegpt")
+CRITERIA = LM_CRITERIA                 # declared in workers.config (TASK_OPTIONS)
 
 
 # ---------------------------------------------------------------- patterns and masks

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from workers.config import PruningError, parse_pattern, per_phase_rate, sparsity_after  # noqa: F401  (torch-free: the driver and the API use them)
+from workers.criteria import SCORES
 
 Masks = dict[str, torch.Tensor]
 
@@ -89,11 +90,11 @@ def weight_and_bias_norm_sq(model: nn.Module) -> float:
 
 
 def _scores(weight: torch.Tensor, criterion: str, generator: torch.Generator | None) -> torch.Tensor:
-    if criterion == "magnitude":
-        return weight.detach().abs().float().flatten().cpu()
-    if criterion == "random":
-        return torch.rand(weight.numel(), generator=generator)
-    raise PruningError(f"unknown pruning criterion {criterion!r}; known: magnitude, random")
+    """The criterion's scores of `weight` (workers.criteria), flat on the CPU."""
+    score = SCORES.get(criterion)
+    if score is None:
+        raise PruningError(f"unknown pruning criterion {criterion!r}; known: {', '.join(SCORES)}")
+    return score(weight, generator)
 
 
 def _drop_k(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:

@@ -26,10 +26,10 @@ from torch import nn
 from workers.evaluate import evaluate
 from workers.pruning import Masks, prunable_names
 from workers.sfw import SFWConfig, make_sfw
-from workers.config import TrainingDiverged, OptimizerConfig  # noqa: F401  (torch-free: the driver and the API use them)
+from workers.config import IMAGE_PARAMS, TrainingDiverged, OptimizerConfig  # noqa: F401  (torch-free: the driver and the API use them)
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-PARAM_MODES = ("all", "bias_norm")
+PARAM_MODES = IMAGE_PARAMS             # declared in workers.config (TASK_OPTIONS)
 
 
 CHANCE_MARGIN = 0.01          # an accuracy within this of chance counts as "learned nothing"
