@@ -26,4 +26,24 @@ def random(weight: Any, generator: Any) -> Any:
     return torch.rand(weight.numel(), generator=generator)
 
 
-SCORES: dict[str, Score] = {"magnitude": magnitude, "random": random}
+def lamp(weight: Any, generator: Any) -> Any:
+    """LAMP (Lee et al., "Layer-adaptive sparsity for the magnitude-based pruning", ICLR 2021). With the
+    tensor's weights sorted by magnitude, |w_1| <= ... <= |w_n|:
+
+        s(w_u) = w_u^2 / sum_{v >= u} w_v^2
+
+    Within a tensor the order is the magnitude order; across tensors (scope global) the scores are
+    comparable, so that each layer's sparsity adapts to its weights instead of their scale, and every
+    layer keeps its largest weight (its score is 1). Pruned weights are zeros: they score 0 and do not
+    enter any other weight's denominator."""
+    import torch
+    sq = weight.detach().flatten().cpu().double().pow(2)
+    order = torch.argsort(sq, stable=True)
+    ascending = sq[order]
+    tail = ascending.flip(0).cumsum(0).flip(0)                       # sum_{v >= u} w_v^2 in sorted order
+    scores = torch.empty_like(sq)
+    scores[order] = ascending / tail.clamp_min(torch.finfo(torch.float64).tiny)
+    return scores.float()
+
+
+SCORES: dict[str, Score] = {"magnitude": magnitude, "random": random, "lamp": lamp}
