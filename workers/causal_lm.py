@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -176,14 +175,11 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
     test (and save it) with `finish`; returns a workers.tasks.TrainOutcome."""
     from workers.checkpoint import load
     from workers.steps import build_task
-    from workers.tasks import TrainOutcome, release_memory, tune_allocator
-    from workers.train import default_device
+    from workers.tasks import RunClock, TrainOutcome, cpu_state, tune_allocator
     from workers.units import TaskSpec
     tune_allocator()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    device = device or default_device()
-    if task.threads:
-        torch.set_num_threads(task.threads)
+    clock = RunClock(task, device)
+    device = clock.device
     # the job's task (tokenizer, token blocks, the model's skeleton) as this worker's steps use it
     lm = build_task(TaskSpec(kind="causal_lm", arch=task.arch, data=task.data, seed=task.data_seed,
                              model_kwargs=dict(task.model_kwargs)), device)
@@ -200,9 +196,7 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
     batches = block_loader(splits.train, task.data.batch_size, shuffle=True, seed=task.seed)
 
     def record(row: dict[str, float]) -> None:
-        row["cpu_seconds"] = time.process_time() - cpu_start
-        if device.type == "cuda":
-            row["gpu_seconds"] = (time.perf_counter() - start) * (task.gpus or 1.0)
+        clock.stamp(row)
         if on_epoch is not None:
             on_epoch(row)
 
@@ -217,11 +211,7 @@ def run_lm_task(task: LMTask, on_epoch: Callable[[dict[str, float]], None] | Non
                           train_tokens_per_second=result.tokens_per_second)
         out.saved = save_model(task.finish.url, model, masks, task.finish.meta)
     if task.keep_state:
-        out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        out.state = cpu_state(model)
     del model, result
-    release_memory()
-    out.seconds = time.perf_counter() - start
-    out.cpu_seconds = time.process_time() - cpu_start
-    out.gpu_seconds = out.seconds * (task.gpus or 1.0) if device.type == "cuda" else 0.0
-    return out
+    return clock.finish(out)
 

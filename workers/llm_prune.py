@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from workers.config import LM_CRITERIA
-from workers.pruning import Masks, PruningError, parse_pattern, sparsity as mask_sparsity
+from workers.pruning import Masks, PruningError, check_masks, parse_pattern, sparsity as mask_sparsity
 
 CRITERIA = LM_CRITERIA                 # declared in workers.config (TASK_OPTIONS)
 
@@ -312,16 +312,6 @@ def _prune_weight(weight: torch.Tensor, alive: torch.Tensor, criterion: str, spa
     return weight * keep.to(weight.dtype), keep
 
 
-def _check_lm_masks(model: nn.Module, names: list[str], masks: Masks) -> None:
-    if set(masks) != set(names):
-        missing, extra = sorted(set(names) - set(masks)), sorted(set(masks) - set(names))
-        raise PruningError(f"masks do not match the model's prunable weights (missing {missing}, extra {extra})")
-    params = dict(model.named_parameters())
-    for n in names:
-        if masks[n].shape != params[n].shape:
-            raise PruningError(f"mask for {n} has shape {tuple(masks[n].shape)}, weight has {tuple(params[n].shape)}")
-
-
 @torch.no_grad()
 def prune_causal_lm(model: nn.Module, calibration: torch.Tensor | None, sparsity: float, *,
                     criterion: str = "wanda", pattern: str = "unstructured", masks: Masks | None = None,
@@ -352,7 +342,7 @@ def prune_causal_lm(model: nn.Module, calibration: torch.Tensor | None, sparsity
     names = prunable_lm_names(model)
     params = dict(model.named_parameters())
     if masks is not None:
-        _check_lm_masks(model, names, masks)
+        check_masks(model, masks, names)
         for n in names:
             params[n].mul_(masks[n].to(device=params[n].device, dtype=params[n].dtype))
     home = next(model.parameters()).device

@@ -47,10 +47,11 @@ def full_masks(model: nn.Module) -> Masks:
     return {n: torch.ones_like(params[n], dtype=torch.bool) for n in prunable_names(model)}
 
 
-def check_masks(model: nn.Module, masks: Masks) -> None:
-    """Refuse masks that don't cover exactly the model's prunable weights with matching shapes."""
+def check_masks(model: nn.Module, masks: Masks, names: list[str] | None = None) -> None:
+    """Refuse masks that don't cover exactly the model's prunable weights (`names`; default
+    `prunable_names(model)`) with matching shapes."""
     params = _params(model)
-    names = prunable_names(model)
+    names = prunable_names(model) if names is None else names
     if set(masks) != set(names):
         missing, extra = sorted(set(names) - set(masks)), sorted(set(masks) - set(names))
         raise PruningError(f"masks do not match the model's prunable weights (missing {missing}, extra {extra})")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from workers.checkpoint import Checkpoint, CheckpointError, SavedModel, load, save, save_model
-from workers.units import Finish, TrainOutcome, TrainTask  # noqa: F401  (defined without torch)
+from workers.units import Finish, LMTask, TrainOutcome, TrainTask  # noqa: F401  (defined without torch)
 from workers.data import load_splits, make_loader
 from workers.evaluate import chance_level, has_batchnorm, score_splits
 from workers.models import build_model
@@ -53,6 +53,37 @@ def _load_epoch(url: str) -> tuple[int, State, dict, list[dict[str, float]]] | N
     return ckpt.meta["epoch"], ckpt.state, opt_state, ckpt.meta["history"]
 
 
+class RunClock:
+    """A training run's compute accounting (the module's docstring), shared by every task's run: made at
+    the run's start on `device` (default: the GPU if there is one) with the task's CPU threads set;
+    `stamp(row)` adds the CPU-seconds so far (and GPU-seconds on CUDA) to an epoch row; `finish(out)`
+    releases the run's memory and fills the outcome's seconds, CPU-seconds and GPU-seconds."""
+
+    def __init__(self, task: TrainTask | LMTask, device: torch.device | None = None):
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.device, self.gpus = device or default_device(), task.gpus or 1.0
+        if task.threads:
+            torch.set_num_threads(task.threads)
+
+    def stamp(self, row: dict[str, float]) -> dict[str, float]:
+        row["cpu_seconds"] = time.process_time() - self.cpu_start
+        if self.device.type == "cuda":
+            row["gpu_seconds"] = (time.perf_counter() - self.start) * self.gpus
+        return row
+
+    def finish(self, out: TrainOutcome) -> TrainOutcome:
+        release_memory()
+        out.seconds = time.perf_counter() - self.start
+        out.cpu_seconds = time.process_time() - self.cpu_start
+        out.gpu_seconds = out.seconds * self.gpus if self.device.type == "cuda" else 0.0
+        return out
+
+
+def cpu_state(model: torch.nn.Module) -> State:
+    """The model's state dict, detached, on the CPU (what an outcome carries with `keep_state`)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None] | None = None,
                    device: torch.device | None = None) -> TrainOutcome:
     """Build the model (fresh or from `init_state`), train it on the task's data, return its state.
@@ -60,10 +91,8 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
     With `resume_url`, an epoch checkpoint is written there after every epoch, and a task that
     finds one (a retry after its worker died) continues from that epoch instead of starting over.
     """
-    start, cpu_start = time.perf_counter(), time.process_time()
-    device = device or default_device()
-    if task.threads:
-        torch.set_num_threads(task.threads)
+    clock = RunClock(task, device)
+    device = clock.device
     splits = load_splits(task.data, task.data_seed)
     torch.manual_seed(task.seed)
     model = build_model(task.arch, num_classes=splits.num_classes, in_shape=splits.in_shape, **task.model_kwargs)
@@ -96,10 +125,7 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
         report(result_rows[-1])        # an epoch is reported once it is durable: a retry never repeats it
 
     def record(row: dict[str, float]) -> None:
-        row["cpu_seconds"] = time.process_time() - cpu_start
-        if device.type == "cuda":
-            row["gpu_seconds"] = (time.perf_counter() - start) * (task.gpus or 1.0)
-        result_rows.append(row)
+        result_rows.append(clock.stamp(row))
         if not task.resume_url:
             report(row)
 
@@ -119,13 +145,9 @@ def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None]
         if task.finish.probs_url and out.probs is not None:
             out.probs_url, out.probs = save_probs(task.finish.probs_url, out.probs), None
     if task.keep_state:
-        out.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        out.state = cpu_state(model)
     del model, loader, val_loader
-    release_memory()
-    out.seconds = time.perf_counter() - start
-    out.cpu_seconds = time.process_time() - cpu_start
-    out.gpu_seconds = out.seconds * (task.gpus or 1.0) if device.type == "cuda" else 0.0
-    return out
+    return clock.finish(out)
 
 
 def save_probs(url: str, probs: torch.Tensor) -> str:
