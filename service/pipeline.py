@@ -31,7 +31,7 @@ from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_optimi
                           phase_seed, prune_seed, retrain_config, retrain_peak_lr, retrain_task, task_spec,
                           total_epochs)
 from service.records import (METRICS, Compute, Executor, JobResult, Metric, ModelRecord, PhaseSummary, Recorder,
-                             ResumePoint, RunRecord, SearchTrial, run_metrics)
+                             ResumePoint, RunRecord, SearchTrial, phase_metrics, run_metrics)
 from service.spec import JobSpec
 from workers.config import SavedModel, TrainingDiverged, per_phase_rate, sparsity_after, suggested_lr
 from workers.units import (Curve, Describe, Finish, LoadModel, ModelOut, Prune, Robustness, Soup, Step, StepOut,
@@ -203,9 +203,9 @@ class Pipeline:
         self._driver_share(compute, cpu0, in_process, timing)
         summary = PhaseSummary(phase=0, target_sparsity=0.0, sparsity=rec.sparsity, model_id=rec.id,
                                seconds=dict(timing, total=time.perf_counter() - t0),
-                               metrics={ctx.key("soup_{m}"): ctx.test(rec.metrics),
-                                        ctx.key("soup_val_{m}"): rec.metrics.get(ctx.key("val_{m}")),
-                                        **compute.as_metrics()})
+                               metrics=phase_metrics(ctx.metric, {
+                                   "soup_{m}": ctx.test(rec.metrics), "soup_val_{m}": rec.metrics.get(ctx.key("val_{m}")),
+                                   **compute.as_metrics()}))
         self.recorder.phase_finished(summary)
         return rec, summary
 
@@ -392,18 +392,19 @@ class Pipeline:
         ok = [a for a in accs if a is not None]
         soup_score = ctx.test(soup_scores)
         mean = statistics.fmean(ok)
-        extra = {"gain_over_best": metric.gain(soup_score, metric.best(ok)), "gain_over_mean": metric.gain(soup_score, mean),
-                 ctx.key("ensemble_{m}"): ensemble,
-                 "mean_pairwise_distance": statistics.fmean(sp.distances) if sp.distances else 0.0}
+        extra = phase_metrics(metric, {
+            "gain_over_best": metric.gain(soup_score, metric.best(ok)), "gain_over_mean": metric.gain(soup_score, mean),
+            "ensemble_{m}": ensemble, "mean_pairwise_distance": statistics.fmean(sp.distances) if sp.distances else 0.0})
         soup_rec = self._record(sp.saved, meta, dict(soup_scores, **extra, ingredients=chosen))
         self._driver_share(compute, cpu0, in_process, timing)
         timing["total"] = time.perf_counter() - t0
         summary = PhaseSummary(phase=t, target_sparsity=target, sparsity=soup_rec.sparsity, model_id=soup_rec.id,
                                soup_ingredients=chosen, seconds=timing,
-                               metrics={ctx.key("pruned_{m}"): ctx.test(pruned_scores), ctx.key("ingredient_{ms}"): accs,
-                                        ctx.key("soup_{m}"): soup_score,
-                                        ctx.key("soup_val_{m}"): soup_scores.get(ctx.key("val_{m}")),
-                                        "soup_loss": soup_scores.get("test_loss"), **extra, "norm_drop": norm_drop, **compute.as_metrics()})
+                               metrics={**phase_metrics(metric, {
+                                   "pruned_{m}": ctx.test(pruned_scores), "ingredient_{ms}": accs, "soup_{m}": soup_score,
+                                   "soup_val_{m}": soup_scores.get(ctx.key("val_{m}")),
+                                   "soup_loss": soup_scores.get("test_loss")}),
+                                   **extra, **phase_metrics(metric, {"norm_drop": norm_drop, **compute.as_metrics()})})
         kept = ""
         if ensemble is not None and metric.gain(ensemble, mean) > 0:
             kept = f", keeping {100 * metric.gain(soup_score, mean) / metric.gain(ensemble, mean):.0f}% of its gain"

@@ -5,6 +5,7 @@ converts them to rows (service.store.convert), the API to its schemas.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
@@ -171,6 +172,25 @@ PHASE_COLUMNS: tuple[PhaseColumn, ...] = (
     PhaseColumn("gpu_seconds", "GPU s", "seconds", "GPU-seconds of the phase (wall time x GPU share)", table=False),
     PhaseColumn("epochs_trained", "epochs", "count", "epochs trained by its runs (ingredients, search trials)"),
 )
+PHASE_KEYS = frozenset(c.key for c in PHASE_COLUMNS)
+
+
+def phase_metrics(metric: Metric, values: dict[str, Any]) -> dict[str, Any]:
+    """A phase's metrics (PhaseSummary.metrics) from values keyed by their PHASE_COLUMNS templates
+    (`soup_{m}`), named for the job's metric (`soup_accuracy`), in the order given. A key that no column
+    declares is refused: every phase metric is declared once, above."""
+    unknown = sorted(set(values) - PHASE_KEYS)
+    if unknown:
+        raise KeyError(f"phase metrics not declared in PHASE_COLUMNS: {unknown}")
+    return {metric.key(k): v for k, v in values.items()}
+
+
+def phase_best_score(metric: Metric, metrics: dict[str, Any]) -> float | None:
+    """A phase's best score by the job's metric: the best of its soup and its ingredients (finite ones;
+    None when there is none)."""
+    scores = [a for a in (metrics.get(metric.key("soup_{m}")), *(metrics.get(metric.key("ingredient_{ms}")) or []))
+              if isinstance(a, (int, float)) and math.isfinite(a)]
+    return metric.best(scores) if scores else None
 
 
 def phase_columns(metric: Metric) -> list[PhaseColumn]:

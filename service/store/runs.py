@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.orm import Event, Job, Metric, Model, Phase, Run, utcnow
-from service.records import PROGRESS_BEFORE_END, PhaseSummary, RunRecord, primary_metric
+from service.records import PROGRESS_BEFORE_END, PhaseSummary, RunRecord, phase_best_score, primary_metric
 from service.store import jobs
 from service.store.convert import fill_phase, finite
 
@@ -130,11 +130,7 @@ def phase_finished(s: Session, job_id: str, summary: PhaseSummary) -> None:
     fill_phase(row, summary)
     row.status, row.finished_at = "succeeded", utcnow()
     job: Job = jobs.get(s, job_id)
-    metric = primary_metric(job.spec)
-    m = row.metrics
-    scores = [a for a in (m.get(metric.key("soup_{m}")), *(m.get(metric.key("ingredient_{ms}")) or []))
-              if a is not None and math.isfinite(a)]
-    job.sparsity, job.best_score = row.sparsity, metric.best(scores) if scores else None
+    job.sparsity, job.best_score = row.sparsity, phase_best_score(primary_metric(job.spec), row.metrics)
     s.flush()
     done = s.scalars(sa.select(Phase.metrics).where(Phase.job_id == job_id, Phase.status == "succeeded")).all()
     for f in COMPUTE_FIELDS:
