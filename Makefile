@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 LOCKED := $(VENV)/.locked
 
 # The lock: every installed version, with its hashes. requirements/dev.txt is what make demo, test and
-# bench install (the runtime, the test and bench extras, pip and setuptools); requirements/runtime.txt,
+# bench install (the runtime, the test, bench and docs extras, pip and setuptools); requirements/runtime.txt,
 # the same versions without the extras, is what the Docker image installs. `make lock` refreshes both.
 LOCK := requirements/dev.txt
 LOCK_VENV := .venv-lock
@@ -22,7 +22,7 @@ LOCK_ARGS ?= --upgrade
 # fashion_mnist jobs, the demo, the tests and the benchmarks read; installed as root when missing.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test bench clean vendor datasets lock
+.PHONY: demo test bench clean vendor datasets lock docs
 
 # A new lock makes a new virtualenv: nothing that the old lock named stays behind. (Bytecode is compiled at
 # install: --no-compile saves a minute here but costs far more where PYTHONDONTWRITEBYTECODE is set, as on
@@ -44,7 +44,7 @@ lock:
 	test -x $(LOCK_VENV)/bin/pip-compile || { $(PYTHON) -m venv $(LOCK_VENV) \
 	  && $(LOCK_VENV)/bin/pip install -q pip==26.3 pip-tools==7.7.0 $(QUIET); }
 	$(PIP_COMPILE) $(LOCK_ARGS) -o requirements/runtime.txt pyproject.toml requirements/runtime.in $(QUIET)
-	$(PIP_COMPILE) $(LOCK_ARGS) --extra test --extra bench -o $(LOCK) \
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra test --extra bench --extra docs -o $(LOCK) \
 	  pyproject.toml requirements/runtime.in requirements/dev.in $(QUIET)
 
 datasets:
@@ -52,6 +52,10 @@ datasets:
 
 demo: $(STAMP) datasets
 	$(VENV)/bin/ladle demo
+
+# The documentation site (docs/, mkdocs.yml) into site/; tests/test_docs.py builds it with --strict
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 test: $(STAMP) datasets
 	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
