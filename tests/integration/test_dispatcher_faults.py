@@ -3,6 +3,7 @@
 second driver, a crash between claim and submit recovers, jobs wait in the queue while Ray is
 down and run once it is back, and a job's `timeout` ends it."""
 
+import contextlib
 import sys
 import threading
 import time
@@ -234,7 +235,8 @@ def test_a_dead_embedded_head_is_started_again_and_its_jobs_resume(tmp_path):
         wait_for(lambda: python_drivers(job.id), 120, "the driver to start")
         old = rt.head.dashboard_url
         for p in psutil.Process(rt.head.process.pid).children(recursive=True):   # the head crashes: all of it
-            p.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):     # one that ended since it was listed
+                p.kill()
         rt.head.process.kill()
         wait_for(lambda: rt.head.dashboard_url != old and rt.dispatcher.ray_error is None, 120,
                  "the dispatcher to start a new head")
