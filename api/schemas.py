@@ -88,12 +88,10 @@ class JobPublic(_Out):
 
     @staticmethod
     def listed(row: dict[str, Any]) -> dict[str, Any]:
-        """A row of the job list (Store.list_jobs(spec=False): its spec in outline) as this model's input
-        without its spec: metric and phases_total read from the outline here, so that validating a page
-        runs no Python per job (no copy, no spec to validate and then drop)."""
-        outline = row["spec"]
-        return {**row, "spec": None, "metric": MetricInfo.of(primary_metric(outline)),
-                "phases_total": outline["prune"]["phases"]}
+        """A row of the job list (Store.list_jobs(spec=False): its outline, no spec) as this model's input
+        without its spec: metric and phases_total from the outline (service.records.JobOutline)."""
+        outline = row.pop("outline")
+        return {**row, "spec": None, "metric": MetricInfo.of(outline.metric), "phases_total": outline.phases}
 
     @computed_field(description="best_score when the job's metric is accuracy (else null)")
     @property

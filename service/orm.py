@@ -16,6 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from service.records import TASK_KINDS
 from service.states import JOB_STATUSES, PHASE_STATUSES, RUN_STATUSES
 
 NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -68,6 +69,9 @@ class Job(Base):
     name: Mapped[str] = mapped_column(sa.String(200))
     status: Mapped[str] = mapped_column(sa.String(16), default="queued")
     spec: Mapped[dict[str, Any]]                                             # JobSpec.model_dump(mode="json")
+    # its outline (service.records.JobOutline), set when it is stored: what a list shows of its spec
+    task: Mapped[str] = mapped_column(sa.String(16), default="classification", server_default="classification")
+    phases_total: Mapped[int] = mapped_column(default=1, server_default="1")
     progress: Mapped[float] = mapped_column(default=0.0)                     # 0..1
     current_phase: Mapped[int | None]
     final_model_id: Mapped[str | None] = mapped_column(sa.String(32))        # no FK: models reference jobs
@@ -91,6 +95,7 @@ class Job(Base):
 
     __table_args__ = (
         sa.CheckConstraint(_in("status", JOB_STATUSES), name="status"),
+        sa.CheckConstraint(_in("task", TASK_KINDS), name="task"),
         sa.UniqueConstraint("owner", "idempotency_key"),
         # lists page by (created_at, id), newest first: straight off these indexes, no sort
         sa.Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),

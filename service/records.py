@@ -140,6 +140,27 @@ def primary_metric(spec: Any) -> Metric:
 
 
 @dataclass(frozen=True)
+class JobOutline:
+    """What a list of jobs shows of each one's spec, kept in columns of its own (jobs.task,
+    jobs.phases_total) when the job is stored, so that a list reads no spec at all."""
+    task: str                       # TASK_KINDS
+    phases: int                     # spec.prune.phases
+
+    @property
+    def metric(self) -> Metric:
+        return PERPLEXITY if self.task == "causal_lm" else ACCURACY
+
+    @classmethod
+    def of(cls, spec: Any) -> JobOutline:
+        """From a service.spec.JobSpec, or a stored spec (a dict; what is missing or malformed reads as
+        an image job of 1 phase)."""
+        if isinstance(spec, dict):
+            phases = (spec.get("prune") or {}).get("phases") if isinstance(spec.get("prune"), dict) else None
+            return cls(task_kind(spec), phases if type(phases) is int and phases >= 1 else 1)
+        return cls(task_kind(spec), spec.prune.phases)
+
+
+@dataclass(frozen=True)
 class PhaseColumn:
     """One metric of a phase: its key in `PhaseSummary.metrics` (a template over the job's primary
     metric, see Metric.key), how to show it, and whether the phase tables show it. The store keeps

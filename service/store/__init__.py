@@ -78,7 +78,7 @@ class Store:
 
     def list_jobs(self, *, status: str | None = None, owner: str | None = None, limit: int = 50,
                   offset: int = 0, spec: bool = True) -> tuple[list[Job] | list[dict[str, Any]], int]:
-        """A page of jobs and the count; `spec=False`: plain rows with their specs in outline (see jobs.outlines)."""
+        """A page of jobs and the count; `spec=False`: plain rows with their outline, no spec (see jobs.outlines)."""
         if not spec:
             with self.read_engine.connect() as c:
                 return jobs.outlines(c, status=status, owner=owner, limit=limit, offset=offset)

@@ -4,7 +4,6 @@ hot reads (`row`, `outlines`) take a connection instead and return plain dicts: 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from typing import Any
@@ -13,6 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.orm import Event, Job, utcnow
+from service.records import JobOutline
 from service.spec import JobSpec
 from service.states import TERMINAL, StateError, check_transition
 
@@ -107,20 +107,20 @@ def create(s: Session, spec: JobSpec, *, owner: str | None = None, idempotency_k
             Job.owner == owner, Job.status.in_(("queued", "running"))))
         if open_jobs >= max_open:
             raise QuotaExceeded(owner, max_open)
-    job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=stored_spec(spec),
-              owner=owner, idempotency_key=idempotency_key)
+    outline = JobOutline.of(spec)
+    job = Job(id=uuid.uuid4().hex, name=spec.name, status="queued", spec=stored_spec(spec), task=outline.task,
+              phases_total=outline.phases, owner=owner, idempotency_key=idempotency_key)
     s.add(job)
     return job
 
 
-# What a list shows of a job (api.schemas.JobPublic without its spec): these columns, and of its spec only
-# the outline (its task and its phase count), extracted by the database
+# What a list shows of a job (api.schemas.JobPublic without its spec): these columns, its outline's columns
+# (service.records.JobOutline) and nothing of its spec
 LISTED = ("id", "name", "status", "progress", "current_phase", "final_model_id", "error", "owner", "attempts",
           "driver_failures", "sparsity", "best_score", "cpu_seconds", "gpu_seconds", "epochs_trained", "created_at",
           "started_at", "finished_at")
-OUTLINE = (Job.spec[("model", "arch")].as_string().label("arch"), Job.spec[("data", "name")].as_string().label("dataset"),
-           Job.spec[("prune", "phases")].as_integer().label("phases"))
-LIST_QUERY = sa.select(*(Job.__table__.c[k] for k in LISTED), *OUTLINE)
+OUTLINE = ("task", "phases_total")
+LIST_QUERY = sa.select(*(Job.__table__.c[k] for k in (*LISTED, *OUTLINE)))
 NEWEST_FIRST = (Job.created_at.desc(), Job.id.desc())
 # What GET /jobs/{id} shows: the listed columns and the whole spec
 ROW_QUERY = sa.select(*(Job.__table__.c[k] for k in LISTED), Job.spec).where(Job.id == sa.bindparam("id"))
@@ -161,44 +161,17 @@ def page(s: Session, *, status: str | None = None, owner: str | None = None, lim
 
 def outlines(c: sa.Connection, *, status: str | None = None, owner: str | None = None, limit: int = 50,
              offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """`page` as GET /jobs shows it: plain rows (dicts of the LISTED columns) whose `spec` is only its outline
-    (model.arch, data.name, prune.phases), extracted by the database: decoding 50 whole specs and building
-    50 ORM objects cost more than the rest of the request."""
+    """`page` as GET /jobs shows it: plain rows (dicts of the LISTED columns) with their `outline`
+    (service.records.JobOutline, from its own columns) instead of the spec: decoding 50 whole specs and
+    building 50 ORM objects cost more than the rest of the request, and no spec is read at all."""
     (count_q, rows_q, _), params = _params(status, owner, limit, offset)
     count = int(c.execute(count_q, params).scalar() or 0)
-    try:
-        with c.begin_nested() if c.in_transaction() else contextlib.nullcontext():
-            found = [(row[:len(LISTED)], row[len(LISTED):]) for row in c.execute(rows_q, params)]
-    except sa.exc.DBAPIError:       # a row the database's JSON functions cannot read: outline each row in Python
-        found = [(row[:len(LISTED)], _outline(row[-1]))
-                 for row in c.execute(_paging(sa.select(*(Job.__table__.c[k] for k in LISTED),
-                                                       sa.cast(Job.spec, sa.Text)), status is not None,
-                                              owner is not None).order_by(*NEWEST_FIRST)
-                                      .limit(sa.bindparam("limit")).offset(sa.bindparam("offset")), params)]
     rows = []
-    for columns, (arch, dataset, phases) in found:
-        job = dict(zip(LISTED, columns))
-        job["spec"] = {"model": {"arch": arch}, "data": {"name": dataset}, "prune": {"phases": phases}}
+    for row in c.execute(rows_q, params):
+        job = dict(zip(LISTED, row))
+        job["outline"] = JobOutline(*row[len(LISTED):])
         rows.append(job)
     return rows, count
-
-
-def _outline(text: str | None) -> tuple[Any, Any, Any]:
-    """(arch, dataset, phases) of a stored spec's text, each None where it cannot be read."""
-    try:
-        spec = json.loads(text or "null")
-    except ValueError:
-        return None, None, None
-
-    def at(*keys: str) -> Any:
-        value = spec
-        for k in keys:
-            value = value.get(k) if isinstance(value, dict) else None
-        return value
-    phases = at("prune", "phases")
-    return (at("model", "arch") if isinstance(at("model", "arch"), str) else None,
-            at("data", "name") if isinstance(at("data", "name"), str) else None,
-            phases if type(phases) is int else None)
 
 
 def row(c: sa.Connection, job_id: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ on both): jobs, status rules, lineage, resume without duplicates, transactions, 
 import contextlib
 import threading
 import time
+import json
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -147,25 +148,47 @@ def test_jobs_list_filter_paginate(store):
     assert store.list_jobs(offset=10) == ([], 7)
 
 
-def test_a_list_without_specs_reads_only_their_outline_in_sql(store):
-    """GET /jobs without include_spec: the database extracts the few spec fields a list shows (the
-    task's arch and data, the phase count) instead of the API decoding every whole spec."""
+def test_a_list_without_specs_reads_only_their_outline_columns(store):
+    """GET /jobs without include_spec: each job's outline (task, phase count) is kept in columns of its own
+    when it is stored, and the list reads those, no spec: a spec the database cannot read breaks nothing."""
     from api.schemas import JobPublic
     from service.orm import Job
-    lm = {**SPEC.model_dump(mode="json"), "model": {"arch": "hf:/models/tiny", "kwargs": {}},
-          "data": {"name": "text", "path": "/corpus"}, "prune": {"phases": 3}}
-    with store.tx() as s:
-        s.add(Job(id=uuid.uuid4().hex, name="lm", status="queued", spec=lm))
+    from service.records import JobOutline
+    from service.store.jobs import stored_spec
+    lm_spec = {**SPEC.model_dump(mode="json"), "model": {"arch": "hf:/models/tiny", "kwargs": {}},
+               "data": {"name": "text", "path": "/corpus"}, "prune": {"phases": 3}}
+    assert JobOutline.of(lm_spec) == JobOutline("causal_lm", 3)
+    with store.tx() as s:               # a language-model job as the API stores it (its spec is not checked here)
+        s.add(Job(id=uuid.uuid4().hex, name="lm", status="queued", spec=lm_spec, task="causal_lm", phases_total=3))
     image = store.create_job(SPEC)
+    assert (image.task, image.phases_total) == ("classification", 2) and stored_spec(SPEC) == image.spec
     rows, n = store.list_jobs(spec=False)
-    outlines = {r["name"]: r["spec"] for r in rows}
-    assert n == 2 and outlines == {
-        "lm": {"model": {"arch": "hf:/models/tiny"}, "data": {"name": "text"}, "prune": {"phases": 3}},
-        "t": {"model": {"arch": "mlp"}, "data": {"name": "digits"}, "prune": {"phases": 2}}}
-    listed = {j["name"]: JobPublic.model_validate(j) for j in rows}
+    assert n == 2 and {r["name"]: r["outline"] for r in rows} == {
+        "lm": JobOutline("causal_lm", 3), "t": JobOutline("classification", 2)}
+    assert all("spec" not in r for r in rows)
+    listed = {r["name"]: JobPublic.model_validate(JobPublic.listed(dict(r))) for r in rows}
     assert (listed["lm"].metric.name, listed["lm"].phases_total) == ("perplexity", 3)
     assert (listed["t"].metric.name, listed["t"].phases_total) == ("accuracy", 2)
-    assert store.get_job(image.id).spec == SPEC.model_dump(mode="json")     # nothing was written back
+
+
+def test_the_outline_migration_fills_in_existing_jobs(tmp_path):
+    """Jobs stored before the outline columns (revision 0008) get them from their specs on upgrade."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = db.make_engine(url)
+    db.migrate(engine, "0008")
+    now = "2026-12-01 00:00:00"
+    with engine.begin() as c:
+        for job_id, spec in (("a", {"model": {"arch": "hf:/m"}, "data": {"name": "text"}, "prune": {"phases": 4}}),
+                             ("b", {"model": {"arch": "mlp"}, "prune": {"phases": 2}}), ("c", "not json")):
+            c.execute(sa.text("INSERT INTO jobs (id, name, status, spec, progress, attempts, driver_failures, "
+                              "total_epochs, done_epochs, created_at, updated_at) VALUES (:id, 'x', 'queued', :spec, "
+                              "0, 0, 0, 0, 0, :now, :now)"),
+                      {"id": job_id, "spec": spec if isinstance(spec, str) else json.dumps(spec), "now": now})
+    db.migrate(engine, "head")
+    with engine.connect() as c:
+        got = {r[0]: (r[1], r[2]) for r in c.execute(sa.text("SELECT id, task, phases_total FROM jobs"))}
+    engine.dispose()
+    assert got == {"a": ("causal_lm", 4), "b": ("classification", 2), "c": ("classification", 1)}
 
 
 def test_idempotency_key_gives_one_job(store):
