@@ -65,7 +65,7 @@ LM_RETRAIN_LR = 1e-4
 def retrain_config(spec: JobSpec, eta_max: float, seed: int = 0) -> RetrainConfig:
     """The spec's own retraining config (what a search starts from and may replace); its LR is
     `retrain.lr`, or `eta_max`, the dense run's peak LR (a language model: LM_RETRAIN_LR)."""
-    default_lr = LM_RETRAIN_LR if task_kind(spec) == "causal_lm" else eta_max
+    default_lr = plan_of(spec).default_retrain_lr(eta_max)
     return RetrainConfig(schedule=spec.retrain.schedule, lr=spec.retrain.lr or default_lr, epochs=spec.retrain.epochs,
                          weight_decay=spec.retrain.optimizer.weight_decay, seed=seed)
 
@@ -99,7 +99,7 @@ def ingredient_settings(spec: JobSpec, phase: int, eta_max: float,
 
 def total_epochs(spec: JobSpec) -> int:
     """For progress: every epoch the job will train (a search's trials counted as if none stopped early)."""
-    dense = 0 if spec.model.checkpoint or task_kind(spec) == "causal_lm" else spec.dense.epochs
+    dense = 0 if spec.model.checkpoint or not plan_of(spec).trains_dense else spec.dense.epochs
     per_phase = sum(c.epochs for c in ingredient_settings(spec, 1, 1.0))
     search = 0
     if spec.search is not None:
@@ -165,12 +165,8 @@ def retrain_peak_lr(spec: JobSpec, dense_lrs: list[float], optimizer: dict[str, 
 
 
 def task_spec(spec: JobSpec) -> TaskSpec:
-    """What a worker needs to build the job's task (service.records.task_kind): its model and data."""
-    if task_kind(spec) == "causal_lm":
-        return TaskSpec(kind="causal_lm", arch=spec.model.arch, data=spec.data.text_config(), seed=spec.seed,
-                        model_kwargs=dict(spec.model.kwargs))
-    return TaskSpec(kind="classification", arch=spec.model.arch, data=spec.data.config(), seed=spec.seed,
-                    model_kwargs=dict(spec.model.kwargs))
+    """What a worker needs to build the job's task (its plan's `task_spec`): its model and data."""
+    return plan_of(spec).task_spec(spec)
 
 
 def make_task(spec: JobSpec, device: torch.device | None = None) -> Task:
@@ -206,10 +202,66 @@ class PhaseStart:
 
 def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainConfig, info: dict[str, Any], *,
                  finish: Finish | None = None, resume_url: str | None = None) -> TrainTask | LMTask:
-    """One retraining (an ingredient, or a search trial) of the pruned model with `config`; its LR
-    schedule comes from `config.schedule` over the dense history (workers.schedules). A language model
-    is retrained the PERP way (`retrain.params`) with AdamW at `config.lr` after a linear warm-up."""
-    if task_kind(spec) == "causal_lm":
+    """One retraining (an ingredient, or a search trial) of the pruned model with `config`, as the job's
+    task plan makes it (ClassificationPlan.retrain_task, CausalLMPlan.retrain_task)."""
+    return plan_of(spec).retrain_task(spec, start, name, config, info, finish=finish, resume_url=resume_url)
+
+
+# ---------------------------------------------------------------- each task's plan
+
+class ClassificationPlan:
+    """How an image classification job is planned: a dense run first (unless a checkpoint is given),
+    retraining with masked SGD on the schedule `config.schedule` over the dense LR history."""
+    kind = "classification"
+    trains_dense = True
+
+    @staticmethod
+    def default_retrain_lr(eta_max: float) -> float:
+        """retrain.lr when the spec gives none: the dense run's peak LR."""
+        return eta_max
+
+    @staticmethod
+    def task_spec(spec: JobSpec) -> TaskSpec:
+        return TaskSpec(kind="classification", arch=spec.model.arch, data=spec.data.config(), seed=spec.seed,
+                        model_kwargs=dict(spec.model.kwargs))
+
+    @staticmethod
+    def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainConfig, info: dict[str, Any], *,
+                     finish: Finish | None = None, resume_url: str | None = None) -> TrainTask:
+        """Its LR schedule comes from `config.schedule` over the dense history (workers.schedules)."""
+        lrs = retrain_schedule(config.schedule, config.epochs * start.steps_per_epoch, start.dense_lrs, lr=config.lr,
+                               norm_drop=start.norm_drop, rate=start.rate, phase_epochs=config.epochs,
+                               dense_epochs=start.dense_epochs)
+        opt = spec.retrain.optimizer.model_copy(update={"weight_decay": config.weight_decay}).config()
+        info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
+                    peak_lr=max(lrs), schedule=config.schedule)
+        data = spec.data.config()
+        return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
+                         data_seed=spec.seed, lrs=lrs, epochs=config.epochs, seed=config.seed, init_url=start.url,
+                         keep_state=False, optimizer=opt, params=spec.retrain.params, augment=data.augment,
+                         threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,
+                         gpus=spec.resources.gpus_per_ingredient, resume_url=resume_url)
+
+
+class CausalLMPlan:
+    """How a language-model job is planned: no dense run (phase 0 scores the pretrained model), PERP
+    retraining (`retrain.params`) with AdamW at `config.lr` after a linear warm-up."""
+    kind = "causal_lm"
+    trains_dense = False
+
+    @staticmethod
+    def default_retrain_lr(eta_max: float) -> float:
+        """retrain.lr when the spec gives none: LM_RETRAIN_LR (AdamW, PERP's order of magnitude)."""
+        return LM_RETRAIN_LR
+
+    @staticmethod
+    def task_spec(spec: JobSpec) -> TaskSpec:
+        return TaskSpec(kind="causal_lm", arch=spec.model.arch, data=spec.data.text_config(), seed=spec.seed,
+                        model_kwargs=dict(spec.model.kwargs))
+
+    @staticmethod
+    def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainConfig, info: dict[str, Any], *,
+                     finish: Finish | None = None, resume_url: str | None = None) -> LMTask:
         r = spec.retrain
         perp = PerpConfig(mode=r.params, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
                           warmup_fraction=r.warmup, rank=r.rank, alpha=r.alpha, grad_accumulation=r.grad_accumulation,
@@ -220,15 +272,11 @@ def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainCon
                       init_url=start.url, keep_state=False, seed=config.seed, model_kwargs=dict(spec.model.kwargs),
                       threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,
                       gpus=spec.resources.gpus_per_ingredient)
-    lrs = retrain_schedule(config.schedule, config.epochs * start.steps_per_epoch, start.dense_lrs, lr=config.lr,
-                           norm_drop=start.norm_drop, rate=start.rate, phase_epochs=config.epochs,
-                           dense_epochs=start.dense_epochs)
-    opt = spec.retrain.optimizer.model_copy(update={"weight_decay": config.weight_decay}).config()
-    info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
-                peak_lr=max(lrs), schedule=config.schedule)
-    data = spec.data.config()
-    return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
-                     data_seed=spec.seed, lrs=lrs, epochs=config.epochs, seed=config.seed, init_url=start.url,
-                     keep_state=False, optimizer=opt, params=spec.retrain.params, augment=data.augment,
-                     threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,
-                     gpus=spec.resources.gpus_per_ingredient, resume_url=resume_url)
+
+
+PLANS = {plan.kind: plan for plan in (ClassificationPlan, CausalLMPlan)}
+
+
+def plan_of(spec: JobSpec) -> type[ClassificationPlan] | type[CausalLMPlan]:
+    """The job's task plan (by service.records.task_kind)."""
+    return PLANS[task_kind(spec)]
