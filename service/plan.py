@@ -209,6 +209,11 @@ def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainCon
 
 # ---------------------------------------------------------------- each task's plan
 
+def _run_info(info: dict[str, Any], config: RetrainConfig, **more: Any) -> dict[str, Any]:
+    """A retraining run's `info` (its RunRecord's config): the given info, the config's settings and `more`."""
+    return dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr, **more)
+
+
 class ClassificationPlan:
     """How an image classification job is planned: a dense run first (unless a checkpoint is given),
     retraining with masked SGD on the schedule `config.schedule` over the dense LR history."""
@@ -233,8 +238,7 @@ class ClassificationPlan:
                                norm_drop=start.norm_drop, rate=start.rate, phase_epochs=config.epochs,
                                dense_epochs=start.dense_epochs)
         opt = spec.retrain.optimizer.model_copy(update={"weight_decay": config.weight_decay}).config()
-        info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
-                    peak_lr=max(lrs), schedule=config.schedule)
+        info = _run_info(info, config, peak_lr=max(lrs), schedule=config.schedule)
         data = spec.data.config()
         return TrainTask(name=name, arch=spec.model.arch, model_kwargs=dict(spec.model.kwargs), data=data,
                          data_seed=spec.seed, lrs=lrs, epochs=config.epochs, seed=config.seed, init_url=start.url,
@@ -266,8 +270,7 @@ class CausalLMPlan:
         perp = PerpConfig(mode=r.params, lr=config.lr, weight_decay=config.weight_decay, epochs=config.epochs,
                           warmup_fraction=r.warmup, rank=r.rank, alpha=r.alpha, grad_accumulation=r.grad_accumulation,
                           gradient_checkpointing=r.gradient_checkpointing, seed=config.seed)
-        info = dict(info, seed=config.seed, weight_decay=config.weight_decay, epochs=config.epochs, lr=config.lr,
-                    peak_lr=config.lr, schedule="linear warm-up", params=r.params)
+        info = _run_info(info, config, peak_lr=config.lr, schedule="linear warm-up", params=r.params)
         return LMTask(name=name, arch=spec.model.arch, data=spec.data.text_config(), data_seed=spec.seed, perp=perp,
                       init_url=start.url, keep_state=False, seed=config.seed, model_kwargs=dict(spec.model.kwargs),
                       threads=max(1, int(spec.resources.cpus_per_ingredient)), info=info, finish=finish,

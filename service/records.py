@@ -134,9 +134,12 @@ def task_kind(spec: Any) -> str:
     return "causal_lm" if str(arch).startswith("hf:") or data == "text" else "classification"
 
 
+TASK_METRICS = {"classification": ACCURACY, "causal_lm": PERPLEXITY}
+
+
 def primary_metric(spec: Any) -> Metric:
     """The metric a job's phases are scored and its soups ranked by: accuracy up, perplexity down."""
-    return PERPLEXITY if task_kind(spec) == "causal_lm" else ACCURACY
+    return TASK_METRICS[task_kind(spec)]
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class JobOutline:
 
     @property
     def metric(self) -> Metric:
-        return PERPLEXITY if self.task == "causal_lm" else ACCURACY
+        return TASK_METRICS[self.task]
 
     @classmethod
     def of(cls, spec: Any) -> JobOutline:

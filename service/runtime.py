@@ -126,7 +126,8 @@ class Runtime(_ClusterView):
             # Whatever ran on the embedded head of an earlier start has no driver any more
             self._requeue_running("the service was stopped while the job ran")
             self._start_head()
-        self._sweep()
+        # what crashed processes left in the artifact store: swept beside the service, not before it starts
+        threading.Thread(target=self._sweep, name="ladle-sweep", daemon=True).start()
         self.dispatcher = Dispatcher(self.store, self.jobs_api_url, database_url=s.database_url,
                                      artifacts=s.artifacts, max_concurrent_jobs=s.max_concurrent_jobs,
                                      per_user=s.max_jobs_per_user, revive=None if s.ray_address else self.revive)

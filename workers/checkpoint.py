@@ -122,10 +122,15 @@ def load(url: str | os.PathLike, *, max_bytes: int | None = None) -> Checkpoint:
     return from_bytes(data, source=f"checkpoint {url}")
 
 
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict, detached, on the CPU (what a checkpoint holds, and an outcome with `keep_state`)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def save_model(url: str, model: torch.nn.Module, masks: Masks, meta: dict[str, Any]) -> SavedModel:
     """Save a model's state (on the CPU) with its masks and `meta` to `url`; return its record."""
     stats = model_stats(model, masks)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = cpu_state(model)
     size, sha = save(url, Checkpoint(state=state, masks=masks, meta=meta))
     return SavedModel(uri=str(url), size_bytes=size, sha256=sha, sparsity=stats["sparsity"],
                       nonzeros=stats["nonzeros"], parameters=stats["parameters"],

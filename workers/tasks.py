@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from workers.checkpoint import Checkpoint, CheckpointError, SavedModel, load, save, save_model
+from workers.checkpoint import Checkpoint, CheckpointError, SavedModel, cpu_state, load, save, save_model
 from workers.units import Finish, LMTask, TrainOutcome, TrainTask  # noqa: F401  (defined without torch)
 from workers.data import load_splits, make_loader
 from workers.evaluate import chance_level, has_batchnorm, score_splits
@@ -77,11 +77,6 @@ class RunClock:
         out.cpu_seconds = time.process_time() - self.cpu_start
         out.gpu_seconds = out.seconds * self.gpus if self.device.type == "cuda" else 0.0
         return out
-
-
-def cpu_state(model: torch.nn.Module) -> State:
-    """The model's state dict, detached, on the CPU (what an outcome carries with `keep_state`)."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def run_train_task(task: TrainTask, on_epoch: Callable[[dict[str, float]], None] | None = None,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from api.hardening import SafeJSONRoute
 from api.deps import AdminDep, RuntimeDep, StoreDep
+from api.hardening import SafeJSONRoute
 from api.schemas import ClusterPublic, HealthPublic, Message
 
 router = APIRouter(tags=["health"], route_class=SafeJSONRoute)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 
-from api.hardening import SafeJSONRoute
 from api.deps import AuthDep, BearerDep, StoreDep, authenticate
+from api.hardening import SafeJSONRoute
 from api.schemas import MePublic
 
 router = APIRouter(tags=["auth"], route_class=SafeJSONRoute)

@@ -13,8 +13,8 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 
-from api.hardening import SafeJSONRoute
 from api.deps import CallerDep, RuntimeDep, StoreDep, visible
+from api.hardening import SafeJSONRoute
 from api.schemas import EdgePublic, LineagePublic, Message, ModelPublic, RobustnessPoint, RobustnessPublic
 from service import exports
 

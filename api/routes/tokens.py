@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, status
 
-from api.hardening import SafeJSONRoute
 from api.deps import AdminDep, StoreDep
+from api.hardening import SafeJSONRoute
 from api.schemas import Message, TokenCreate, TokenCreatedPublic, TokenPublic, TokensPublic
 from service.orm import utcnow
 from service.store.tokens import parse_duration

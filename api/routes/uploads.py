@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 
-from api.hardening import SafeJSONRoute
 from api.deps import CallerDep, RuntimeDep, StoreDep
+from api.hardening import SafeJSONRoute
 from api.schemas import Message, UploadPublic, UploadsPublic
 from service import uploads
 
