@@ -197,7 +197,12 @@ class Client:
         return self._request("POST", f"/jobs/{job_id}/cancel").json()
 
     def phases(self, job_id: str) -> list[dict]:
-        return self._get(f"/jobs/{job_id}/phases")["data"]
+        return self.phase_page(job_id)["data"]
+
+    def phase_page(self, job_id: str) -> dict:
+        """GET /jobs/{id}/phases whole: `data` (the phases) and `columns` (their metrics: key, template, label,
+        unit), so that a caller finds a metric's key whatever the job's metric (`soup_{m}` -> `soup_accuracy`)."""
+        return self._get(f"/jobs/{job_id}/phases")
 
     def runs(self, job_id: str, kind: str | None = None) -> list[dict]:
         return self._get(f"/jobs/{job_id}/runs", kind=kind)["data"]

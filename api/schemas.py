@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
-from service.records import Metric, primary_metric
+from service.records import Metric, RunInfo, primary_metric
 from service.states import TERMINAL, JobStatus
 from service.store.tokens import parse_duration
 
@@ -43,6 +43,8 @@ class PhaseColumnPublic(BaseModel):
     unit: Literal["metric", "metrics", "gain", "number", "seconds", "count"]
     description: str
     table: bool = Field(description="a column of the phase tables")
+    template: str = Field(description="the key before it is named for the job's metric (`soup_{m}`, "
+                                      "`ingredient_{ms}`): how a client finds a column whatever the metric")
 
 
 class JobPublic(_Out):
@@ -160,7 +162,7 @@ class RunPublic(_Out):
     kind: str
     phase: int
     status: str
-    config: dict[str, Any]
+    config: RunInfo
     metrics: dict[str, Any]
     model_id: str | None
     error: str | None

@@ -14,9 +14,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
+from pydantic import BaseModel
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.records import TASK_KINDS
+from service.records import TASK_KINDS, RunInfo
 from service.states import JOB_STATUSES, PHASE_STATUSES, RUN_STATUSES
 
 NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -52,6 +53,25 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class PydanticJSON(sa.TypeDecorator[BaseModel]):
+    """A JSON column typed by a pydantic model (as Prefect's server types its JSON columns): what is
+    written is validated by `model` (a dict or the model), what is read comes back as the model. The
+    database keeps plain JSON, so the schema (and its migrations) is the JSON column's."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        super().__init__()
+        self.model = model
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else self.model.model_validate(value).model_dump(mode="json")
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> BaseModel | None:
+        return None if value is None else self.model.model_validate(value)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -132,7 +152,7 @@ class Run(Base):
     name: Mapped[str] = mapped_column(sa.String(200))                        # "dense", "phase1/ingredient0"
     kind: Mapped[str] = mapped_column(sa.String(16))
     status: Mapped[str] = mapped_column(sa.String(16), default="running")
-    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    config: Mapped[RunInfo] = mapped_column(PydanticJSON(RunInfo), default=RunInfo)   # what it was started with
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)            # final metrics
     model_id: Mapped[str | None] = mapped_column(sa.String(32))
     error: Mapped[str | None] = mapped_column(sa.Text)

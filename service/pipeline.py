@@ -33,7 +33,7 @@ from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_optimi
 from service.records import (METRICS, Compute, Executor, JobResult, Metric, ModelRecord, PhaseSummary, Recorder,
                              ResumePoint, RunRecord, SearchTrial, phase_metrics, run_metrics)
 from service.spec import JobSpec
-from workers.config import SavedModel, TrainingDiverged, per_phase_rate, sparsity_after, suggested_lr
+from workers.config import CheckpointMeta, SavedModel, TrainingDiverged, per_phase_rate, sparsity_after, suggested_lr
 from workers.units import (Curve, Describe, Finish, LoadModel, ModelOut, Prune, Robustness, Soup, Step, StepOut,
                            TaskInfo, TaskSpec, TrainTask)
 
@@ -434,9 +434,9 @@ class Pipeline:
                    "steps_per_epoch": spe, "warmup": spec.dense.warmup}
         dense_lrs, dense_epochs = dense_history(history)
         source = None
-        stored_meta = info.checkpoint_meta or {}
+        stored_meta = info.checkpoint_meta or CheckpointMeta()
         if spec.model.checkpoint:
-            stored = stored_meta.get("dense_schedule")
+            stored = stored_meta.dense_schedule
             own = (f"the spec's dense section ({spec.dense.schedule}, lr {spec.dense.lr:g}, "
                    f"{spec.dense.epochs} epochs)")
             if stored is None:
@@ -452,7 +452,7 @@ class Pipeline:
                     source = (f"model.checkpoint's dense LR history is unreadable ({e!r}); the retraining "
                               f"schedules use {own}")
         if spec.model.checkpoint:
-            optimizer = stored_meta.get("dense_optimizer")
+            optimizer = stored_meta.dense_optimizer
             if optimizer is not None and not (isinstance(optimizer, dict) and isinstance(optimizer.get("name"), str)):
                 optimizer = None
                 note = "model.checkpoint's dense_optimizer is unreadable (not an object with a name); it is ignored"

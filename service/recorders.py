@@ -66,7 +66,7 @@ class LocalRecorder:
             self._progress.update(self._task, description=f"{self.spec.get('name', 'job')} · phase {phase}")
 
     def run_started(self, run: RunRecord) -> None:
-        self.runs[run.name] = dict(asdict(run), status="running", history=[])
+        self.runs[run.name] = dict(asdict(run), config=run.config.model_dump(mode="json"), status="running", history=[])
 
     def metric(self, run_name: str, row: dict[str, float]) -> None:
         self.runs.setdefault(run_name, {"name": run_name, "history": []})["history"].append(dict(row))

@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import BaseModel, ConfigDict, model_serializer
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -88,12 +90,43 @@ class ModelRecord:
     parents: list[tuple[str, str]]  # (parent model id, edge kind: pruned_from | retrained_from | averaged_from)
 
 
+class RunInfo(BaseModel):
+    """What a run was started with: its row's `config` (runs.config, a column typed by this model:
+    service.orm.PydanticJSON). A dense run: its schedule, lr, warm-up, seed and optimizer; an ingredient:
+    its `index`, what the soup varies (`vary`) and its retraining settings; a search trial: its `index`, the
+    values the search drew (`search`), its whole config and whether it is the spec's own (`default`). Unset
+    fields are left out of the JSON; keys of other versions are kept (extra allowed), never lost."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    index: int | None = None                    # ingredient or trial index
+    vary: str | None = None                     # soup.vary of the ingredient's phase
+    default: bool | None = None                 # a search trial with the spec's own config (trial 0)
+    search: dict[str, Any] | None = None        # the values a search trial drew
+    config: dict[str, Any] | None = None        # a search trial's whole retraining config
+    seed: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    peak_lr: float | None = None
+    warmup: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None
+    params: str | None = None                   # a language model's retrained parameters (retrain.params)
+    optimizer: dict[str, Any] | None = None     # a dense run's optimizer (SFW's constraint and radius)
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 @dataclass
 class RunRecord:
     name: str                       # "dense", "phase1/ingredient0"
-    kind: str                       # dense | ingredient
+    kind: str                       # dense | ingredient | search_trial
     phase: int
-    config: dict[str, Any]
+    config: RunInfo
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, RunInfo):
+            self.config = RunInfo.model_validate(self.config)
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,7 @@ class PhaseColumn:
     unit: str                       # metric | metrics (a list, one per ingredient) | gain | number | seconds | count
     description: str
     table: bool = True              # a column of the phase tables (CLI, dashboard)
+    template: str = ""              # `key` before it was named for a metric (`soup_{m}`): how clients find a column
 
 
 PHASE_COLUMNS: tuple[PhaseColumn, ...] = (
@@ -219,7 +253,7 @@ def phase_best_score(metric: Metric, metrics: dict[str, Any]) -> float | None:
 
 def phase_columns(metric: Metric) -> list[PhaseColumn]:
     """The phase columns of a job whose primary metric is `metric`, keys and descriptions resolved."""
-    return [PhaseColumn(metric.key(c.key), c.label, c.unit, metric.key(c.description), c.table)
+    return [PhaseColumn(metric.key(c.key), c.label, c.unit, metric.key(c.description), c.table, template=c.key)
             for c in PHASE_COLUMNS]
 
 

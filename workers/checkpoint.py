@@ -1,8 +1,9 @@
 """Checkpoints: safetensors files that carry the model state, its mask and everything to rebuild it.
 
 Layout: tensors ``state/<name>``, ``mask/<name>`` (bool) and ``extra/<name>`` (e.g. optimizer
-buffers of an epoch checkpoint); header metadata ``ladle`` (JSON: arch,
-num_classes, in_shape, model kwargs, job spec, lineage, ...) and ``content_sha256``, a hash over the
+buffers of an epoch checkpoint); header metadata ``ladle`` (JSON: arch, num_classes, in_shape, model
+kwargs, job spec, lineage, ...; typed by `workers.config.CheckpointMeta`, checked on every save and
+load, `Checkpoint.info`) and ``content_sha256``, a hash over the
 tensors' names, dtypes, shapes and bytes that `load` verifies, so a damaged file is refused.
 Files are written atomically (local: temporary file in the same folder, fsync, rename; object
 stores through fsspec: one PUT), to a local path or any fsspec URL (s3://bucket/key, memory://...).
@@ -27,7 +28,7 @@ from workers.evaluate import model_stats
 from workers.jsonsafe import loads, safetensors_header
 from workers.files import write_atomic, write_url  # noqa: F401  (checkpoint writers' helpers)
 from workers.pruning import Masks
-from workers.config import CheckpointError, SavedModel  # noqa: F401  (torch-free: the driver and the API use them)
+from workers.config import CheckpointError, CheckpointMeta, SavedModel  # noqa: F401  (torch-free: the driver and the API use them)
 
 
 @dataclass
@@ -36,6 +37,11 @@ class Checkpoint:
     masks: Masks = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def info(self) -> CheckpointMeta:
+        """The header, typed (CheckpointError names a key of the wrong type)."""
+        return CheckpointMeta.of(self.meta)
 
 
 def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -61,6 +67,7 @@ def to_bytes(ckpt: Checkpoint) -> bytes:
         seen.add(ptr)
         return t
 
+    ckpt.info                              # refuse to write a header whose keys have the wrong types
     tensors = {f"state/{k}": own(v) for k, v in ckpt.state.items()}
     tensors.update({f"mask/{k}": own(v.bool()) for k, v in ckpt.masks.items()})
     tensors.update({f"extra/{k}": own(v) for k, v in ckpt.extra.items()})
@@ -87,6 +94,10 @@ def from_bytes(data: bytes, *, source: str = "checkpoint") -> Checkpoint:
         raise CheckpointError(f"{source} has Ladle metadata that cannot be read ({e})") from e
     if not isinstance(ladle, dict):
         raise CheckpointError(f"{source} has Ladle metadata that is not a JSON object")
+    try:
+        CheckpointMeta.of(ladle)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from e
     state = {k[6:]: v for k, v in tensors.items() if k.startswith("state/")}
     masks = {k[5:]: v for k, v in tensors.items() if k.startswith("mask/")}
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra/")}

@@ -11,8 +11,9 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from workers.criteria import SCORES as IMAGE_SCORES
 from workers.files import is_url, local_copy
@@ -35,6 +36,62 @@ class SavedModel:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or fails its integrity check."""
+
+
+def _typed(header: dict[str, Any], key: str, kind: type) -> Any:
+    """header[key] when it is None or a `kind` (a bool is no int); CheckpointError naming the key otherwise."""
+    value = header.get(key)
+    if value is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return value
+    raise CheckpointError(f"checkpoint metadata: {key} is {type(value).__name__}, expected {kind.__name__}")
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What a model checkpoint's `ladle` header says of it, typed (workers.checkpoint checks it on every
+    save and gives it on every load as `Checkpoint.info`): how to rebuild the model (arch, task, model
+    kwargs, classes and input shape, or a language model's sequence length), where it comes from (model id,
+    kind, phase, name, job, its lineage `parents`, the job's spec) and the dense model's training history
+    (`dense_schedule`, `dense_optimizer`: kept as written, checked where they are used, since a user's
+    checkpoint may carry anything there). Keys it does not name are kept in the header as they are."""
+    arch: str | None = None
+    task: str = "classification"                   # classification | causal_lm
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+    in_shape: tuple[int, ...] | None = None
+    seq_len: int | None = None
+    model_id: str | None = None
+    kind: str | None = None                         # dense | pruned | ingredient | soup
+    phase: int | None = None
+    name: str | None = None
+    job: str | None = None
+    parents: tuple[dict[str, Any], ...] = ()        # ({"id": model id, "kind": edge kind}, ...)
+    spec: dict[str, Any] | None = None
+    dense_schedule: Any = None
+    dense_optimizer: Any = None
+
+    @classmethod
+    def of(cls, header: dict[str, Any]) -> CheckpointMeta:
+        """The typed view of a header; CheckpointError names a key of the wrong type."""
+        in_shape = _typed(header, "in_shape", list)
+        if in_shape is not None and not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in in_shape):
+            raise CheckpointError("checkpoint metadata: in_shape is not a list of positive integers")
+        parents = _typed(header, "parents", list) or []
+        if not all(isinstance(p, dict) and isinstance(p.get("id"), str) for p in parents):
+            raise CheckpointError("checkpoint metadata: parents is not a list of {id, kind} objects")
+        return cls(arch=_typed(header, "arch", str), task=_typed(header, "task", str) or "classification",
+                   model_kwargs=dict(_typed(header, "model_kwargs", dict) or {}),
+                   num_classes=_typed(header, "num_classes", int), seq_len=_typed(header, "seq_len", int),
+                   in_shape=None if in_shape is None else tuple(in_shape),
+                   model_id=_typed(header, "model_id", str), kind=_typed(header, "kind", str),
+                   phase=_typed(header, "phase", int), name=_typed(header, "name", str), job=_typed(header, "job", str),
+                   parents=tuple(parents), spec=_typed(header, "spec", dict),
+                   dense_schedule=header.get("dense_schedule"), dense_optimizer=header.get("dense_optimizer"))
+
+    @property
+    def parent(self) -> str | None:
+        """The first parent's model id (a pruned model's dense model, an ingredient's pruned model)."""
+        return self.parents[0]["id"] if self.parents else None
 
 # ---------------------------------------------------------------- from workers.models
 

@@ -407,12 +407,12 @@ def masked_sparsity(masks: Masks) -> float:
 def hf_recipe(ckpt: Checkpoint) -> dict[str, Any]:
     """What `config.ladle_sparsity` says of a model: its id, kind, phase, job, the job's prune (and retrain)
     sections, the sparsity its masks reach and its lineage parents."""
-    meta, spec = ckpt.meta, ckpt.meta.get("spec") or {}
-    return {"format": "ladle-hf-1", "model_id": meta.get("model_id"), "kind": meta.get("kind"),
-            "phase": meta.get("phase"), "name": meta.get("name"), "job": meta.get("job"),
-            "sparsity": round(masked_sparsity(ckpt.masks), 6), "prune": spec.get("prune"),
-            "retrain": spec.get("retrain"), "parents": meta.get("parents") or [],
-            "parent": next((p.get("id") for p in meta.get("parents") or []), None), "arch": meta.get("arch")}
+    info = ckpt.info
+    spec = info.spec or {}
+    return {"format": "ladle-hf-1", "model_id": info.model_id, "kind": info.kind, "phase": info.phase,
+            "name": info.name, "job": info.job, "sparsity": round(masked_sparsity(ckpt.masks), 6),
+            "prune": spec.get("prune"), "retrain": spec.get("retrain"), "parents": list(info.parents),
+            "parent": info.parent, "arch": info.arch}
 
 
 def save_hf(ckpt: Checkpoint, folder: str | Path) -> Path:
@@ -420,10 +420,11 @@ def save_hf(ckpt: Checkpoint, folder: str | Path) -> Path:
     ``ladle_sparsity``, model.safetensors, the tokenizer's files) that ``AutoModelForCausalLM.from_pretrained``
     loads. The architecture and tokenizer come from the model's ``hf:`` folder; the weights from the checkpoint."""
     from workers.lm import is_causal_lm, load_causal_lm
-    arch = ckpt.meta.get("arch")
+    info = ckpt.info
+    arch = info.arch
     if not is_causal_lm(arch):
         raise ExportError(f"the hf format is for causal language models (arch hf:<dir>); this model's arch is {arch!r}")
-    model, tokenizer = load_causal_lm(arch, **(ckpt.meta.get("model_kwargs") or {}))
+    model, tokenizer = load_causal_lm(arch, **info.model_kwargs)
     try:
         model.load_state_dict(ckpt.state)
     except RuntimeError as e:
@@ -480,20 +481,19 @@ def onnx_bytes(ckpt: Checkpoint, *, opset: int | None = None) -> bytes:
     checked to keep the mask's zeros in its initializers."""
     from workers.lm import is_causal_lm
     from workers.models import build_model
-    meta = ckpt.meta
-    arch = meta.get("arch")
-    if is_causal_lm(arch) or meta.get("task") == "causal_lm":
+    info = ckpt.info
+    arch = info.arch
+    if is_causal_lm(arch) or info.task == "causal_lm":
         raise ExportError(f"the onnx format is for image models; {arch!r} is a causal language model (use hf)")
-    if "in_shape" not in meta or "num_classes" not in meta:
+    if info.in_shape is None or info.num_classes is None:
         raise ExportError("the checkpoint's metadata lacks in_shape or num_classes, which the onnx export needs")
-    model = build_model(arch, num_classes=meta["num_classes"], in_shape=tuple(meta["in_shape"]),
-                        **(meta.get("model_kwargs") or {}))
+    model = build_model(arch, num_classes=info.num_classes, in_shape=info.in_shape, **info.model_kwargs)
     try:
         model.load_state_dict(ckpt.state)
     except RuntimeError as e:
         raise ExportError(f"the checkpoint does not fit {arch!r}: {e}") from e
     model.eval()
-    x = torch.zeros(1, *meta["in_shape"])
+    x = torch.zeros(1, *info.in_shape)
     buf = io.BytesIO()
     import warnings
     with warnings.catch_warnings(), torch.no_grad():

@@ -59,7 +59,7 @@ def _curve(task, model, grid: list[float], fraction: float) -> Curve | None:
 def describe(step: Describe, task) -> TaskInfo:
     meta = None
     if step.checkpoint:
-        meta = load(step.checkpoint, max_bytes=step.max_checkpoint_bytes).meta
+        meta = load(step.checkpoint, max_bytes=step.max_checkpoint_bytes).info
     return TaskInfo(metric=task.metric, pretrained=task.pretrained, steps_per_epoch=task.steps_per_epoch,
                     meta=task.meta, checkpoint_meta=meta, memory_bytes=task.memory_estimate(step.ingredients))
 
@@ -70,7 +70,7 @@ def load_model(step: LoadModel, task) -> ModelOut:
         masks = task.full_masks(model)
     else:
         ckpt = load(step.source, max_bytes=step.max_checkpoint_bytes)
-        arch, want = ckpt.meta.get("arch"), step.task.arch
+        arch, want = ckpt.info.arch, step.task.arch
         if arch and arch != want:
             raise ModelError(f"model.checkpoint was made for arch {arch!r}, the spec says {want!r}")
         model = task.build(ckpt.state)

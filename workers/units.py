@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.config import DataConfig, OptimizerConfig, PerpConfig, SavedModel, TextConfig
+from workers.config import CheckpointMeta, DataConfig, OptimizerConfig, PerpConfig, SavedModel, TextConfig
 
 EpochReport = Callable[[dict[str, float]], None]
 
@@ -173,7 +173,7 @@ class TaskInfo(StepOut):
     pretrained: bool = False
     steps_per_epoch: int = 1
     meta: dict[str, Any] = field(default_factory=dict)                 # what a checkpoint needs to rebuild the model
-    checkpoint_meta: dict[str, Any] | None = None                      # the given checkpoint's own metadata
+    checkpoint_meta: CheckpointMeta | None = None                      # the given checkpoint's own metadata
     memory_bytes: int | None = None        # a worker's estimated peak for this job's units (None: small)
 
 

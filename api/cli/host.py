@@ -249,7 +249,8 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
             err_console.print(f"submitted job {job['id']}: watch it live at {server.url}/#/jobs/{job['id']}",
                               highlight=False)
             job = c.wait(job["id"], on_event=lambda e: err_console.print(e["message"], highlight=False))
-            phases = c.phases(job["id"])
+            page = c.phase_page(job["id"])
+            phases = page["data"]
             out_console.print(phase_table(phases, metric_of(job), title=f"{spec.name}: {job['status']}"))
             if job["status"] != "succeeded":
                 raise fail(f"job {job['id']} {job['status']}: {job['error']}")
@@ -265,18 +266,18 @@ def demo(serve_: Annotated[bool, typer.Option("--serve/--no-serve", help="keep s
                                       highlight=False)
                     imp_job = c.wait(imp_job["id"], progress=True)
                     if imp_job["status"] == "succeeded":
-                        imps.append((label, c.phases(imp_job["id"])))
+                        imps.append((label, c.phase_page(imp_job["id"])))
                         costs.append((label, imp_job))
                     else:
                         err_console.print(f"IMP job {imp_job['status']}: {imp_job['error']}", highlight=False)
             out_console.print("\n[bold]What the soup bought[/bold] (test accuracy):")
-            for line in verdict(phases, imps):
+            for line in verdict(page, imps):
                 out_console.print(f"  {line}", highlight=False, soft_wrap=True)
             out_console.print("[bold]What each job cost[/bold] (on this machine):")
             for label, j in costs:
                 out_console.print(f"  {cost_line(label, j)}", highlight=False, soft_wrap=True)
             if imps:
-                out_console.print(f"[bold]In short:[/bold] {soup_beats(phases, imps)}", highlight=False, soft_wrap=True)
+                out_console.print(f"[bold]In short:[/bold] {soup_beats(page, imps)}", highlight=False, soft_wrap=True)
             final = c.model(job["final_model_id"])
             out_console.print(f"final model {final['id']}: sparsity {final['sparsity']:.4f}, test accuracy "
                               f"{100 * final['accuracy']:.2f}%; lineage: ladle lineage {final['id']} --url {server.url}"

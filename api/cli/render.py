@@ -183,28 +183,38 @@ def _pp(d: float) -> str:
     return f"{100 * abs(d):.2f} pp {'above' if d > 0 else 'below' if d < 0 else 'level with'}"
 
 
-def _soup_score(phases: list[dict], index: int) -> float | None:
-    """The soup accuracy a job's phase `index` reached (None: no such phase, or none recorded)."""
-    return next((p.get("soup_accuracy") for p in phases if p["index"] == index), None)
+def column_keys(columns: list[dict]) -> dict[str, str]:
+    """{template: key} of a job's phase columns (PhasesPublic.columns): `{"soup_{m}": "soup_accuracy", ...}`."""
+    return {c["template"]: c["key"] for c in columns}
 
 
-def verdict(soup_phases: list[dict], imps: list[tuple[str, list[dict]]] = ()) -> list[str]:
+def _soup_score(page: dict, index: int) -> float | None:
+    """The soup score a job's phase `index` reached (None: no such phase, or none recorded); `page` is its
+    GET /jobs/{id}/phases answer."""
+    key = column_keys(page["columns"])["soup_{m}"]
+    return next((p.get(key) for p in page["data"] if p["index"] == index), None)
+
+
+def verdict(soup: dict, imps: list[tuple[str, dict]] = ()) -> list[str]:
     """One line per phase that a newcomer understands: the soup against its best ingredient, its
     ingredients' prediction ensemble and each plain IMP run given as (label, its phases) at the same
-    sparsity, e.g. ("IMP, 1 epoch per phase", ...), ("IMP, 3 epochs per phase", ...)."""
+    sparsity, e.g. ("IMP, 1 epoch per phase", ...), ("IMP, 3 epochs per phase", ...). Jobs are given by
+    their phase pages (GET /jobs/{id}/phases: `data`, `columns`); the metric keys come from `columns`."""
+    keys = column_keys(soup["columns"])
+    s_key, i_key, e_key = keys["soup_{m}"], keys["ingredient_{ms}"], keys["ensemble_{m}"]
     lines = []
-    for p in soup_phases:
-        if p["index"] == 0 or p.get("soup_accuracy") is None:
+    for p in soup["data"]:
+        if p["index"] == 0 or p.get(s_key) is None:
             continue
-        accs = [a for a in p.get("ingredient_accuracies") or [] if a is not None]
+        accs = [a for a in p.get(i_key) or [] if a is not None]
         line = (f"phase {p['index']} ({100 * p['sparsity']:.1f}% of the weights pruned): the soup of {len(accs)} "
-                f"scores {100 * p['soup_accuracy']:.2f}%, {_pp(p['soup_accuracy'] - max(accs))} its best ingredient "
+                f"scores {100 * p[s_key]:.2f}%, {_pp(p[s_key] - max(accs))} its best ingredient "
                 f"({100 * max(accs):.2f}%)")
-        if p.get("ensemble_accuracy") is not None:
-            line += f"; the {len(accs)} models' prediction ensemble {100 * p['ensemble_accuracy']:.2f}%"
-        for label, imp_phases in imps:
-            if (a := _soup_score(imp_phases, p["index"])) is not None:
-                line += f"; {_pp(p['soup_accuracy'] - a)} {label} ({100 * a:.2f}%)"
+        if p.get(e_key) is not None:
+            line += f"; the {len(accs)} models' prediction ensemble {100 * p[e_key]:.2f}%"
+        for label, imp in imps:
+            if (a := _soup_score(imp, p["index"])) is not None:
+                line += f"; {_pp(p[s_key] - a)} {label} ({100 * a:.2f}%)"
         lines.append(line)
     return lines
 
@@ -217,16 +227,18 @@ def cost_line(label: str, job: dict) -> str:
             f"{num('epochs_trained', '.0f')} epochs trained")
 
 
-def soup_beats(soup_phases: list[dict], imps: list[tuple[str, list[dict]]]) -> str:
-    """The plain answer at the last phase: which IMP runs the soup beats and which it does not."""
-    last = max((p for p in soup_phases if p.get("soup_accuracy") is not None), key=lambda p: p["index"], default=None)
+def soup_beats(soup: dict, imps: list[tuple[str, dict]]) -> str:
+    """The plain answer at the last phase: which IMP runs the soup beats and which it does not (phase
+    pages as in `verdict`)."""
+    key = column_keys(soup["columns"])["soup_{m}"]
+    last = max((p for p in soup["data"] if p.get(key) is not None), key=lambda p: p["index"], default=None)
     if last is None:
         return "the soup job has no finished phase to compare"
     beats, not_ = [], []
-    for label, imp_phases in imps:
-        if (a := _soup_score(imp_phases, last["index"])) is not None:
-            (beats if last["soup_accuracy"] > a else not_).append(f"{label} ({100 * a:.2f}%)")
-    head = f"at {100 * last['sparsity']:.1f}% sparsity the soup ({100 * last['soup_accuracy']:.2f}%) "
+    for label, imp in imps:
+        if (a := _soup_score(imp, last["index"])) is not None:
+            (beats if last[key] > a else not_).append(f"{label} ({100 * a:.2f}%)")
+    head = f"at {100 * last['sparsity']:.1f}% sparsity the soup ({100 * last[key]:.2f}%) "
     if not beats and not not_:
         return head + "has no IMP run to compare with"
     return head + "; ".join(([f"beats {' and '.join(beats)}"] if beats else []) +

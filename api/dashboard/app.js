@@ -88,6 +88,10 @@ const axisTitle = (m, what) => `${what} ${m.name}${m.percent ? " (%)" : ""}`;
 const metricScale = (m) => (m.percent ? { min: 0, max: 100 } : {});
 // a model's test score as the lineage graph and the model panel show it
 const modelScore = (n, digits = 1) => (n.perplexity != null ? `ppl ${Number(n.perplexity).toFixed(digits + 1)}` : pct(n.accuracy, digits));
+// A phase metric's key in a job's phases, found by its template (`soup_{m}` -> `soup_accuracy`) in the phase
+// page's columns (PhasesPublic.columns): the keys are the API's, not rebuilt here
+const columnKey = (page, template) => (page.columns ?? []).find((c) => c.template === template)?.key;
+
 // A phase metric in its column (PhasesPublic.columns: unit metric | metrics | gain | number | seconds | count)
 function phaseCell(m, unit, x) {
   if (unit === "metrics") return (x ?? []).map((a) => (a == null ? "fail" : score(m, a, m.percent ? 1 : 2))).join(" ");
@@ -323,29 +327,30 @@ async function compareView(el, idList) {
     const jobs = await Promise.all(ids.map(async (id) => {
       const [job, phases] = await Promise.all([api(`/jobs/${id}`), api(`/jobs/${id}/phases`)]);
       const m = metricOf(job);
-      const ingredientsKey = phases.columns?.find((c) => c.unit === "metrics")?.key;
-      return { job, m, ingredientsKey, phases: phases.data.filter((p) => p[`soup_${m.name}`] != null).sort((a, b) => a.index - b.index) };
+      const keys = { soup: columnKey(phases, "soup_{m}"), ingredients: columnKey(phases, "ingredient_{ms}"),
+                     ensemble: columnKey(phases, "ensemble_{m}") };
+      return { job, m, keys, phases: phases.data.filter((p) => p[keys.soup] != null).sort((a, b) => a.index - b.index) };
     }));
-    jobs.forEach(({ job, m, phases }, i) => {           // in place: a dataset hidden from the legend stays hidden
+    jobs.forEach(({ job, m, keys, phases }, i) => {           // in place: a dataset hidden from the legend stays hidden
       const set = accChart.data.datasets[i];
       const wall = wallSeconds(job);
       set.label = [job.name, ...(wall == null ? [] : [`${seconds(wall)} wall`]), ...compute(job)].join(" · ");
-      set.data = phases.map((p) => ({ x: 100 * (p.sparsity ?? 0), y: plotted(m, p[`soup_${m.name}`]), phase: p.index,
-                                      job: job.name, shown: score(m, p[`soup_${m.name}`]) }));
+      set.data = phases.map((p) => ({ x: 100 * (p.sparsity ?? 0), y: plotted(m, p[keys.soup]), phase: p.index,
+                                      job: job.name, shown: score(m, p[keys.soup]) }));
     });
     accChart.update("none");
-    tbody.innerHTML = jobs.map(({ job, m, ingredientsKey, phases }, i) => {
+    tbody.innerHTML = jobs.map(({ job, m, keys, phases }, i) => {
       const last = phases.at(-1) ?? {};
-      const ingredients = (last[ingredientsKey] ?? []).filter((a) => a != null);
+      const ingredients = (last[keys.ingredients] ?? []).filter((a) => a != null);
       const best = ingredients.length ? (m.mode === "max" ? Math.max(...ingredients) : Math.min(...ingredients)) : null;
       return `<tr data-job="${job.id}">
         <td><i class="swatch" data-color="${COLORS[i % COLORS.length]}"></i><a href="#/jobs/${job.id}">${esc(job.name)}</a>
           <span class="muted">${job.id.slice(0, 8)}</span></td>
         <td>${badge(job.status)}</td>
         <td class="num">${pct(job.sparsity)}</td>
-        <td class="num">${score(m, last[`soup_${m.name}`])}</td>
+        <td class="num">${score(m, last[keys.soup])}</td>
         <td class="num">${score(m, best)}</td>
-        <td class="num">${score(m, last[`ensemble_${m.name}`])}</td>
+        <td class="num">${score(m, last[keys.ensemble])}</td>
         <td class="num">${seconds(wallSeconds(job))}</td>
         <td class="num">${fixed(job.cpu_seconds)}</td>
         <td class="num">${fixed(job.gpu_seconds)}</td>
@@ -445,13 +450,13 @@ async function jobView(el, jobId) {
     const later = done.filter((p) => p.index > 0);
     const [soup, ingredients, pruned, denseSet, ensemble] = accChart.data.datasets;
     const points = (key) => later.filter((p) => p[key] != null).map((p) => ({ x: 100 * p.sparsity, y: plotted(m, p[key]) }));
-    ensemble.data = points(`ensemble_${m.name}`);
-    soup.data = points(`soup_${m.name}`);
-    pruned.data = points(`pruned_${m.name}`);
+    ensemble.data = points(columnKey(phasePage, "ensemble_{m}"));
+    soup.data = points(columnKey(phasePage, "soup_{m}"));
+    pruned.data = points(columnKey(phasePage, "pruned_{m}"));
     ingredients.data = ingredientRuns.filter((r) => r.metrics?.[`test_${m.name}`] != null).map((r) => ({
       x: 100 * (phases.find((p) => p.index === r.phase)?.sparsity ?? r.config?.sparsity ?? 0), y: plotted(m, r.metrics[`test_${m.name}`]),
     })).filter((pt) => done.some((p) => Math.abs(100 * p.sparsity - pt.x) < 1e-9));
-    const d = dense?.[`soup_${m.name}`];
+    const d = dense?.[columnKey(phasePage, "soup_{m}")];
     denseSet.data = d != null ? [{ x: 100 * (dense.sparsity ?? 0), y: plotted(m, d) }] : [];
     accChart.options.scales.y.title.text = axisTitle(m, "test");
     Object.assign(accChart.options.scales.y, metricScale(m));
@@ -542,7 +547,7 @@ async function jobView(el, jobId) {
                                                            api(`/jobs/${jobId}/search`)]);
       runs = runPage.data.filter((r) => r.kind !== "search_trial");
       drawPhases(job, phases, runs.filter((r) => r.kind === "ingredient"));
-      await drawRobustness(job, phases.data);
+      await drawRobustness(job, phases.data, phases.columns ?? []);
       drawSearch(search.data);
       if (key !== lastKey) {
         metrics = (await api(`/jobs/${jobId}/metrics`)).data;
@@ -585,7 +590,7 @@ function robustnessChart(el) {
     options: lineOptions("sparsity (%)", "test accuracy (%)", { min: 0, max: 100 }),
   });
   let modelId = null, curve = null;
-  return async function draw(job, phases) {
+  return async function draw(job, phases, columns) {
     const dense = phases.find((p) => p.index === 0 && p.status === "succeeded" && p.model_id);
     if (!dense) {
       note.textContent = "Measured with the dense model (phase 0).";
@@ -602,8 +607,9 @@ function robustnessChart(el) {
     raw.hidden = raw.data.length === 0;
     reference.data = pts.length && curve.dense_accuracy != null
       ? [{ x: 0, y: 100 * curve.dense_accuracy }, { x: 100, y: 100 * curve.dense_accuracy }] : [];
-    soups.data = pts.length ? phases.filter((p) => p.index > 0 && p.status === "succeeded" && p.soup_accuracy != null)
-      .map((p) => ({ x: 100 * p.sparsity, y: 100 * p.soup_accuracy })) : [];
+    const soupKey = columnKey({ columns }, "soup_{m}");
+    soups.data = pts.length && soupKey ? phases.filter((p) => p.index > 0 && p.status === "succeeded" && p[soupKey] != null)
+      .map((p) => ({ x: 100 * p.sparsity, y: 100 * p[soupKey] })) : [];
     c.options.scales.y.title.text = `${curve.split ?? "test"} accuracy (%)`;
     c.update("none");
     card.dataset.points = String(pts.length);         // drawn: how many sparsities (0: not measured)

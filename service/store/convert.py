@@ -45,10 +45,10 @@ def phase_summary(row: Phase) -> PhaseSummary:
 
 def search_trial(run: Run) -> SearchTrial:
     """A search trial from its run row (kind search_trial)."""
-    c, m = run.config or {}, run.metrics or {}
-    return SearchTrial(phase=run.phase, index=int(c.get("index", 0)), name=run.name, status=run.status,
-                       config=dict(c.get("config") or {}), searched=dict(c.get("search") or {}),
-                       default=bool(c.get("default")), epochs_run=m.get("epochs_run"),
+    c, m = run.config, run.metrics or {}
+    return SearchTrial(phase=run.phase, index=c.index or 0, name=run.name, status=run.status,
+                       config=dict(c.config or {}), searched=dict(c.search or {}),
+                       default=bool(c.default), epochs_run=m.get("epochs_run"),
                        val_accuracy=m.get("val_accuracy"), val_loss=m.get("val_loss"),
                        val_perplexity=m.get("val_perplexity"),
                        stopped_early=bool(m.get("stopped_early")), chosen=bool(m.get("chosen")))

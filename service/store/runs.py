@@ -87,10 +87,10 @@ def run_started(s: Session, job_id: str, run: RunRecord) -> None:
     starts over replaces each epoch's rows as it reports them again."""
     row = _run(s, job_id, run.name)
     if row is None:
-        s.add(Run(job_id=job_id, phase=run.phase, name=run.name, kind=run.kind, config=finite(run.config),
+        s.add(Run(job_id=job_id, phase=run.phase, name=run.name, kind=run.kind, config=run.config,
                   status="running"))
     else:
-        row.status, row.attempts, row.config = "running", row.attempts + 1, finite(run.config)
+        row.status, row.attempts, row.config = "running", row.attempts + 1, run.config
         row.metrics, row.model_id, row.error = {}, None, None
         row.started_at, row.finished_at = utcnow(), None
 

@@ -47,10 +47,10 @@ def test_search_on_ray_stops_trials_early_and_feeds_the_best_config_to_the_soup(
     [chosen] = [t for t in trials if t.metrics["chosen"]]
     assert chosen.metrics["val_accuracy"] == max(t.metrics["val_accuracy"] for t in trials)
     for ing in store.runs(job.id, kind="ingredient"):
-        assert ing.config["schedule"] == chosen.config["schedule"]
-        assert math.isclose(ing.config["lr"], chosen.config["lr"])
+        assert ing.config.schedule == chosen.config.schedule
+        assert math.isclose(ing.config.lr, chosen.config.lr)
     events = [e.message for e in store.events(job.id)]
-    assert any(f"{chosen.config['schedule']} lr=" in m and "chosen, val_accuracy" in m and "default" in m
+    assert any(f"{chosen.config.schedule} lr=" in m and "chosen, val_accuracy" in m and "default" in m
                for m in events)
 
 

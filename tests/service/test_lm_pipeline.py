@@ -67,7 +67,7 @@ def test_an_lm_job_searches_its_retraining_lr_on_validation_perplexity(tiny_lm, 
     assert len(trials) == 3 and all(t.val_perplexity is not None for t in trials)
     [chosen] = [t for t in trials if t.chosen]
     assert chosen.val_perplexity == min(t.val_perplexity for t in trials)
-    lrs = {r.config["lr"] for r in store.runs(job.id, kind="ingredient")}
+    lrs = {r.config.lr for r in store.runs(job.id, kind="ingredient")}
     assert lrs == {chosen.config["lr"]}                       # the ingredients retrain with the chosen LR
 
 

@@ -157,9 +157,9 @@ def test_a_resumed_phase_reuses_its_finished_search(store, tmp_path):
         Pipeline(spec, DiesAfterTheSearch(), DBRecorder(store, job.id), artifacts, prefix=f"jobs/{job.id}").run()
     [chosen] = [r for r in store.runs(job.id, kind="search_trial") if r.metrics["chosen"]]
     resume = resume_point(store, job.id)
-    assert resume.searched == chosen.config["config"]
+    assert resume.searched == chosen.config.config
     Pipeline(spec, MustNotSearch(), DBRecorder(store, job.id), artifacts, prefix=f"jobs/{job.id}", resume=resume).run()
-    assert {r.config["lr"] for r in store.runs(job.id, kind="ingredient")} == {chosen.config["config"]["lr"]}
+    assert {r.config.lr for r in store.runs(job.id, kind="ingredient")} == {chosen.config.config["lr"]}
     assert len(store.runs(job.id, kind="search_trial")) == 3
 
 
