@@ -80,7 +80,8 @@ class ChannelGroup:
 # ---------------------------------------------------------------- the dependency graph
 
 def _module_name(weight_name: str) -> str:
-    return weight_name.removesuffix(".weight").removesuffix("weight")
+    """The layer of a weight's state-dict name ("" for a model that is itself the layer)."""
+    return "" if weight_name == "weight" else weight_name.removesuffix(".weight")
 
 
 def _outputs(value: Any) -> list[torch.Tensor]:
@@ -154,7 +155,8 @@ def _unsupported(module: Any) -> str | None:
     return f"a {type(module).__name__} layer"
 
 
-def _group_of(dg: Any, group: Any, names: dict[Any, str], outputs: set[str]) -> tuple[ChannelGroup | None, str]:
+def _group_of(dg: Any, group: Any, names: dict[Any, str], outputs: set[str],
+              order: Mapping[str, int]) -> tuple[ChannelGroup | None, str]:
     """Our ChannelGroup of a torch_pruning group (None and the reason when it must stay whole)."""
     import torch_pruning as tp
     root_module = group[0].dep.target.module
@@ -177,20 +179,29 @@ def _group_of(dg: Any, group: Any, names: dict[Any, str], outputs: set[str]) -> 
                                         [[] for _ in range(size)])
         for idx, root_idx in zip(item.idxs, item.root_idxs):
             per_channel[int(root_idx)].append(int(idx))
-    return ChannelGroup(
-        root=names[root_module], size=size,
-        slices=tuple(WeightSlice(n, d, tuple(tuple(sorted(set(ix))) for ix in per_channel))
-                     for (n, d), per_channel in slices.items())), ""
+    ours = tuple(WeightSlice(n, d, tuple(tuple(sorted(set(ix))) for ix in per_channel))
+                 for (n, d), per_channel in slices.items())
+    return ChannelGroup(root=_canonical_root(names[root_module], ours, order), size=size, slices=ours), ""
+
+
+def _canonical_root(root: str, slices: Sequence[WeightSlice], order: Mapping[str, int]) -> str:
+    """The group's first producer in module order whose output channel i is the group's channel i (all of a
+    residual stream's producers are; the stem comes first), else torch_pruning's root: recorded channels
+    then name the same layer whichever layer the graph walk happened to start from."""
+    identity = tuple((i,) for i in range(len(slices[0].index)))
+    same = [_module_name(s.name) for s in slices if s.dim == 0 and s.index == identity]
+    return min(same, key=order.__getitem__) if root in same else root
 
 
 def _groups(dg: Any, model: nn.Module, example_input: torch.Tensor) -> tuple[list[ChannelGroup], dict[str, str]]:
     """(prunable groups, {protected layer: why}) of a traced model."""
     names = {m: n for n, m in model.named_modules()}
+    order = _order(model)
     outputs = set(output_layers(model, example_input))
     groups: list[ChannelGroup] = []
     protected: dict[str, str] = {}
     for group in dg.get_all_groups(root_module_types=list(PRUNABLE_TYPES)):
-        ours, why = _group_of(dg, group, names, outputs)
+        ours, why = _group_of(dg, group, names, outputs, order)
         if ours is not None:
             groups.append(ours)
             continue
@@ -198,7 +209,6 @@ def _groups(dg: Any, model: nn.Module, example_input: torch.Tensor) -> tuple[lis
             module = item.dep.target.module
             if isinstance(module, PRUNABLE_TYPES) and dg.is_out_channel_pruning_fn(item.dep.handler):
                 protected.setdefault(names[module], why)
-    order = _order(model)
     return sorted(groups, key=lambda g: order[g.root]), protected
 
 

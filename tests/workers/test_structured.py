@@ -76,15 +76,19 @@ def test_groups_cover_every_prunable_layer_except_the_classifier(pruned):
     assert model.training is False                         # tracing did not switch modes
 
 
-def test_residual_stream_is_one_group():
-    model, x = _model("resnet20")
-    groups, _ = channel_groups(model, x[:1])
+@pytest.mark.parametrize("arch,n", [("resnet20", 3), ("resnet56", 9)])
+def test_residual_stream_is_one_group_rooted_at_its_first_layer(arch, n):
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10, in_shape=(3, 8, 8), width=0.25)
+    groups, protected = channel_groups(model, torch.randn(1, 3, 8, 8))
+    assert protected == ("fc",)
     stage1 = next(g for g in groups if "stem.0.weight" in g.producers)
-    assert set(stage1.producers) == {"stem.0.weight", "blocks.0.conv2.weight", "blocks.1.conv2.weight",
-                                     "blocks.2.conv2.weight"}
+    assert set(stage1.producers) == {"stem.0.weight"} | {f"blocks.{b}.conv2.weight" for b in range(n)}
     readers = {s.name for s in stage1.slices if s.dim == 1}
-    assert {"blocks.0.conv1.weight", "blocks.3.conv1.weight", "blocks.3.shortcut.0.weight"} <= readers
-    assert len(groups) == 3 + 9                               # three residual streams, one inner group per block
+    assert {"blocks.0.conv1.weight", f"blocks.{n}.conv1.weight", f"blocks.{n}.shortcut.0.weight"} <= readers
+    assert len(groups) == 3 + 3 * n                           # three residual streams, one inner group per block
+    streams = [g.root for g in groups if len(g.producers) > 1]
+    assert streams == ["stem.0", f"blocks.{n}.conv2", f"blocks.{2 * n}.conv2"]
 
 
 def test_flatten_maps_a_conv_channel_to_its_pixels_of_the_next_linear():
@@ -260,5 +264,6 @@ def test_torchvision_resnet18_groups():
     assert protected == ("fc",)
     assert len(groups) == 4 + 8                                 # four residual streams, one inner group per block
     stream1 = next(g for g in groups if "conv1.weight" in g.producers)
+    assert stream1.root == "conv1"
     assert set(stream1.producers) == {"conv1.weight", "layer1.0.conv2.weight", "layer1.1.conv2.weight"}
     assert full_masks(model).keys() >= {s.name for g in groups for s in g.slices}
