@@ -360,7 +360,7 @@ def group_scores(model: nn.Module, groups: Sequence[ChannelGroup], masks: Masks 
 
 
 def _lowest(scores: torch.Tensor, k: int) -> list[int]:
-    """Positions of the k lowest finite-or-not scores (ties to the earlier position)."""
+    """Positions of the k lowest scores (ties to the earlier position)."""
     if k <= 0:
         return []
     order = torch.argsort(scores, stable=True)
@@ -487,7 +487,8 @@ def removed_to_json(removed: Mapping[str, Sequence[int]]) -> dict[str, list[int]
 def removed_from_json(data: Any) -> Removed:
     """The inverse of `removed_to_json`; PruningError unless it is {str: [non-negative ints]}."""
     if not isinstance(data, Mapping):
-        raise PruningError(f"removed channels must be a mapping of layer names to channel lists, got {type(data).__name__}")
+        raise PruningError("removed channels must be a mapping of layer names to channel lists, "
+                           f"got {type(data).__name__}")
     out: Removed = {}
     for root, chs in data.items():
         if not isinstance(root, str) or not isinstance(chs, (list, tuple)) or not all(
