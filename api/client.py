@@ -80,10 +80,11 @@ class ChecksumMismatch(DownloadError):
     """The bytes received do not have the sha256 the server announced (X-Checksum-Sha256)."""
 
 
-EXPORT_FORMATS = ("dense", "sparse", "hf", "onnx")
+EXPORT_FORMATS = ("dense", "sparse", "hf", "onnx", "compact")
 EXPORT_WAIT = 30.0       # seconds the server is asked to wait for an export being built before it answers 202
 EXPORT_TIMEOUT = 3600.0  # seconds Client.export waits in all for an export to be built
-EXPORT_SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx"}
+EXPORT_SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx",
+                 "compact": ".compact.safetensors"}
 
 
 def unpack_zip(archive: str | Path, folder: str | Path) -> Path:

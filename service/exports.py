@@ -45,10 +45,11 @@ from workers.config import IMPORT_PREFIX, ModelError, is_causal_lm
 from workers.units import Export, ExportOut
 
 log = logging.getLogger("ladle.exports")
-FORMATS = ("dense", "sparse", "hf", "onnx")
-SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx"}
+FORMATS = ("dense", "sparse", "hf", "onnx", "compact")
+SUFFIX = {"dense": ".safetensors", "sparse": ".sparse.safetensors", "hf": ".hf.zip", "onnx": ".onnx",
+          "compact": ".compact.safetensors"}
 MEDIA_TYPE = {"dense": "application/octet-stream", "sparse": "application/octet-stream", "hf": "application/zip",
-              "onnx": "application/octet-stream"}
+              "onnx": "application/octet-stream", "compact": "application/octet-stream"}
 
 
 class ExportRefused(ValueError):
@@ -83,11 +84,19 @@ def filename(model, fmt: str) -> str:
     return f"{model.name.replace('/', '-')}-{model.id[:8]}{SUFFIX[fmt]}"
 
 
-def check_format(fmt: str, arch: Any) -> None:
-    """ExportRefused unless `fmt` is a format and fits a model of `arch` (the job spec's model.arch)."""
+def check_format(fmt: str, arch: Any, structure: Any = "unstructured") -> None:
+    """ExportRefused unless `fmt` is a format and fits a model of `arch` (the job spec's model.arch) pruned
+    with `structure` (its prune.structure)."""
     if fmt not in FORMATS:
         raise ExportRefused(f"unknown export format {fmt!r}; the formats are {', '.join(FORMATS)}")
     llm = is_causal_lm(arch)
+    if fmt == "compact" and (llm or structure != "channels"):
+        raise ExportRefused("the compact format is an image model pruned with prune.structure channels, its removed "
+                            "channels taken out; " + ("a language model's is hf" if llm else
+                                                      "this model keeps its shapes: use dense, sparse or onnx"))
+    if fmt == "compact" and isinstance(arch, str) and arch.startswith(IMPORT_PREFIX):
+        raise ExportRefused(f"the compact format needs the model's code, and the API never imports a module a job "
+                            f"names ({arch!r}); use dense or sparse")
     if fmt == "hf" and not llm:
         raise ExportRefused(f"the hf format is for causal language models (arch hf:<dir>); this model's arch is "
                             f"{arch!r}: use dense, sparse or onnx")
@@ -360,7 +369,8 @@ def ensure(store, model, fmt: str, spec: dict | None, builder: Builder, *, wait:
     in the model's metrics. Blocking: call it off the event loop. ExportRefused, ExportUnavailable,
     SourceDamaged, ExportPending."""
     arch = ((spec or {}).get("model") or {}).get("arch")
-    check_format(fmt, arch)
+    prune = (spec or {}).get("prune")
+    check_format(fmt, arch, prune.get("structure", "unstructured") if isinstance(prune, dict) else "unstructured")
     if fmt == "dense":
         return ExportFile(fmt, model.uri, model.size_bytes, model.sha256, filename(model, fmt), MEDIA_TYPE[fmt])
     with _lock(f"{model.id}/{fmt}"):            # one build of an export at a time in this process

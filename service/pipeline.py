@@ -31,7 +31,7 @@ from service.plan import (PhaseStart, RetrainConfig, dense_history, dense_optimi
                           phase_seed, prune_seed, retrain_config, retrain_peak_lr, retrain_task, task_spec,
                           total_epochs)
 from service.records import (METRICS, Compute, Executor, JobResult, Metric, ModelRecord, PhaseSummary, Recorder,
-                             ResumePoint, RunRecord, SearchTrial, phase_metrics, run_metrics)
+                             ResumePoint, RunRecord, SearchTrial, phase_metrics, run_metrics, structure_line)
 from service.spec import JobSpec
 from workers.config import CheckpointMeta, SavedModel, TrainingDiverged, per_phase_rate, sparsity_after, suggested_lr
 from workers.units import (Curve, Describe, Finish, LoadModel, ModelOut, Prune, Robustness, Soup, Step, StepOut,
@@ -152,8 +152,10 @@ class Pipeline:
         ends = f"{points[0][m]:.4f} at sparsity {points[0]['sparsity']:g}"
         if len(points) > 1:
             ends += f", {points[-1][m]:.4f} at {points[-1]['sparsity']:g}"
+        how = ("removing that share of the channels (by L2 norm)" if self.spec.prune.structure == "channels"
+               else "magnitude pruning")
         self.recorder.event(f"phase 0: one-shot robustness curve measured at {len(points)} sparsities "
-                            f"({curve.split} {m} after magnitude pruning{recal}, no retraining: {ends}) "
+                            f"({curve.split} {m} after {how}{recal}, no retraining: {ends}) "
                             f"in {curve.seconds:.1f} s", phase=0)
         return {"robustness": points, "robustness_split": curve.split}
 
@@ -288,9 +290,15 @@ class Pipeline:
                                   criterion=spec.prune.criterion, seed=prune_seed(spec, t), pattern=spec.prune.pattern),
                             compute, in_process)
             norm_drop, pruned_scores = pr.norm_drop, pr.scores
-            pruned_rec = self._record(pr.saved, meta, dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed))
-            rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
-                      f"{ctx.metric.name} after pruning {_num(ctx.test(pruned_scores))}", phase=t)
+            pruned_rec = self._record(pr.saved, meta, dict(pruned_scores, norm_drop=norm_drop, removed=pr.removed,
+                                                           **({"structure": pr.structure} if pr.structure else {})))
+            if pr.structure:
+                rec.event(f"phase {t}: pruned (target {100 * target:.1f}% of the channels): {structure_line(pr.structure)}; "
+                          f"{100 * pruned_rec.sparsity:.1f}% of the weights zero, {ctx.metric.name} after pruning "
+                          f"{_num(ctx.test(pruned_scores))}", phase=t)
+            else:
+                rec.event(f"phase {t}: pruned to sparsity {pruned_rec.sparsity:.4f} (target {target:.4f}), "
+                          f"{ctx.metric.name} after pruning {_num(ctx.test(pruned_scores))}", phase=t)
             for note in pr.notes:
                 rec.event(f"phase {t}: {note}", phase=t)
         timing["prune"] = time.perf_counter() - t0
@@ -395,7 +403,11 @@ class Pipeline:
         extra = phase_metrics(metric, {
             "gain_over_best": metric.gain(soup_score, metric.best(ok)), "gain_over_mean": metric.gain(soup_score, mean),
             "ensemble_{m}": ensemble, "mean_pairwise_distance": statistics.fmean(sp.distances) if sp.distances else 0.0})
-        soup_rec = self._record(sp.saved, meta, dict(soup_scores, **extra, ingredients=chosen))
+        if sp.structure:
+            extra.update(phase_metrics(metric, {"channels_removed": sp.structure["channels_removed"],
+                                                "macs_share": sp.structure["macs"] / max(sp.structure["dense_macs"], 1)}))
+        soup_rec = self._record(sp.saved, meta, dict(soup_scores, **extra, ingredients=chosen,
+                                                     **({"structure": sp.structure} if sp.structure else {})))
         self._driver_share(compute, cpu0, in_process, timing)
         timing["total"] = time.perf_counter() - t0
         summary = PhaseSummary(phase=t, target_sparsity=target, sparsity=soup_rec.sparsity, model_id=soup_rec.id,

@@ -228,7 +228,7 @@ class ClassificationPlan:
     @staticmethod
     def task_spec(spec: JobSpec) -> TaskSpec:
         return TaskSpec(kind="classification", arch=spec.model.arch, data=spec.data.config(), seed=spec.seed,
-                        model_kwargs=dict(spec.model.kwargs))
+                        model_kwargs=dict(spec.model.kwargs), structure=spec.prune.structure)
 
     @staticmethod
     def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainConfig, info: dict[str, Any], *,
@@ -261,7 +261,7 @@ class CausalLMPlan:
     @staticmethod
     def task_spec(spec: JobSpec) -> TaskSpec:
         return TaskSpec(kind="causal_lm", arch=spec.model.arch, data=spec.data.text_config(), seed=spec.seed,
-                        model_kwargs=dict(spec.model.kwargs))
+                        model_kwargs=dict(spec.model.kwargs), structure=spec.prune.structure)
 
     @staticmethod
     def retrain_task(spec: JobSpec, start: PhaseStart, name: str, config: RetrainConfig, info: dict[str, Any], *,

@@ -226,6 +226,10 @@ PHASE_COLUMNS: tuple[PhaseColumn, ...] = (
     PhaseColumn("norm_drop", "norm drop", "number", "‖θ − θ_pruned‖ / ‖θ‖ of the pruning step", table=False),
     PhaseColumn("mean_pairwise_distance", "distance", "number", "mean L2 distance between ingredients",
                 table=False),
+    PhaseColumn("channels_removed", "channels", "number",
+                "share of the prunable channels (neurons, KV groups) removed (prune.structure channels)", table=False),
+    PhaseColumn("macs_share", "MACs", "number", "multiply-accumulates of the phase's result once its removed channels "
+                "are taken out, as a share of the dense model's (prune.structure channels)", table=False),
     PhaseColumn("cpu_seconds", "CPU s", "seconds", "CPU-seconds of the phase: its runs and the driver's share"),
     PhaseColumn("gpu_seconds", "GPU s", "seconds", "GPU-seconds of the phase (wall time x GPU share)", table=False),
     PhaseColumn("epochs_trained", "epochs", "count", "epochs trained by its runs (ingredients, search trials)"),
@@ -241,6 +245,15 @@ def phase_metrics(metric: Metric, values: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise KeyError(f"phase metrics not declared in PHASE_COLUMNS: {unknown}")
     return {metric.key(k): v for k, v in values.items()}
+
+
+def structure_line(s: dict[str, Any]) -> str:
+    """A structure report (a model's metrics["structure"], workers.structured) in words: `34.0% of the channels
+    removed: 0.52x the parameters (141,234), 0.48x the MACs`."""
+    def share(key: str) -> str:
+        return f"{s[key] / s['dense_' + key]:.2f}x" if s.get("dense_" + key) else "?"
+    return (f"{100 * s['channels_removed']:.1f}% of the channels removed: the model without them has {share('parameters')} "
+            f"the parameters ({s['parameters']:,}) and {share('macs')} the MACs ({s['macs']:,})")
 
 
 def phase_best_score(metric: Metric, metrics: dict[str, Any]) -> float | None:

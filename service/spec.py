@@ -22,7 +22,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from service.access import Access, access_of
 from service.records import task_kind
 from workers.config import (DATASETS, IMPORT_PREFIX, NEEDS_PATH, DataConfig, DataError, ModelError, OptimizerConfig,
-                            SFWConfig, TASK_OPTIONS, TextConfig, TextError, is_causal_lm, parse_pattern, text_files)
+                            SFWConfig, CONSTRAINTS, STRUCTURES, TASK_OPTIONS, TextConfig, TextError, is_causal_lm, parse_pattern, text_files)
 from workers.files import is_url
 from workers.config import MAX_POINTS as ROBUSTNESS_MAX_POINTS
 from workers.config import SPARSITIES as ROBUSTNESS_SPARSITIES
@@ -213,7 +213,7 @@ class SFWSpec(_Strict):
     2 · `radius_factor` · the tensor's expected init norm; `k` is the fraction of each tensor's entries
     that a vertex of k_support / k_sparse has; `rescale` turns the schedule's LR into the step size γ
     (gradient: γ = min(lr ‖d‖ / ‖θ − v‖, 1); diameter: min(lr / D, 1); none: min(lr, 1))."""
-    constraint: Literal["k_support", "l1", "l2", "linf", "k_sparse"] = "k_support"
+    constraint: Literal[CONSTRAINTS] = "k_support"
     k: float = Field(0.05, gt=0.0, le=1.0)
     radius_factor: float = Field(10.0, gt=0.0, le=1e4)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -268,12 +268,19 @@ class PruneSpec(_Strict):
     blocks); pattern: unstructured, or N:M (e.g. "2:4", "4:8")
     for both: at most N nonzeros in every M consecutive input channels of each conv and linear weight
     (language models: of the blocks' linear layers), reached in one phase, so phases must be 1 and
-    target_sparsity 1 - N/M (both may be left out: they are then set so); `scope` does not apply to N:M."""
+    target_sparsity 1 - N/M (both may be left out: they are then set so); `scope` does not apply to N:M.
+    structure: unstructured (single weights), or channels: whole groups leave the model (image models:
+    output channels of convs and neurons of linear layers, with every layer coupled to them, as
+    torch_pruning's dependency graph finds them; language models: MLP neurons and attention KV groups,
+    the same number in every layer), ranked by their L2 norm (magnitude), at random (image models) or by
+    Wanda's activation-weighted score (language models); `target_sparsity` is then the share of the
+    prunable channels (groups) removed, and exports (onnx, hf, compact) come out physically smaller."""
     target_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     phases: int = Field(3, ge=1, le=MAX_PHASES)
     scope: Literal["global", "layerwise"] = "global"
     criterion: Literal[CRITERIA] = "magnitude"
     pattern: str = "unstructured"
+    structure: Literal[STRUCTURES] = "unstructured"
 
     @field_validator("pattern")
     @classmethod
@@ -304,6 +311,9 @@ class PruneSpec(_Strict):
         nm = parse_pattern(self.pattern)
         if nm is not None and self.phases != 1:
             raise ValueError(f"pattern {self.pattern} is reached in one phase: phases must be 1, not {self.phases}")
+        if nm is not None and self.structure != "unstructured":
+            raise ValueError(f"prune.structure {self.structure} removes whole channels; prune.pattern {self.pattern} "
+                             f"keeps N of every M weights: choose one (structure unstructured, or pattern unstructured)")
         if nm is not None and abs(self.target_sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ValueError(f"pattern {self.pattern} prunes exactly {1 - nm[0] / nm[1]:g} of the weights: "
                              f"target_sparsity must be that (or left out), not {self.target_sparsity:g}")
@@ -522,6 +532,9 @@ class JobSpec(_Strict):
                 others = " or ".join(_TASK_NAMES[k] for k, o in TASK_OPTIONS.items()
                                      if value in (o.criteria if field == "prune.criterion" else o.retrain_params))
                 raise ValueError(f"{field} {value} is for {others}; {where} take {', '.join(offered)}")
+        if self.prune.structure == "channels" and self.prune.criterion not in options.channel_criteria:
+            raise ValueError(f"prune.criterion {self.prune.criterion} ranks single weights; with prune.structure "
+                             f"channels {where} take {', '.join(options.channel_criteria)}")
         if lm:
             if self.search is not None and "accuracy" in self.search.metric:
                 raise ValueError(f"search.metric {self.search.metric} is for image models; use val_perplexity or "

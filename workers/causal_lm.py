@@ -7,7 +7,9 @@ phase 0          the pretrained model as it is (scored, not trained)
 pruning          magnitude, Wanda or SparseGPT over the linear layers inside the transformer blocks,
                  unstructured or N:M, calibrated block by block on `calibration_samples` training
                  blocks (workers.llm_prune); norm drop d = ||theta - theta_pruned|| / ||theta|| over
-                 every weight and bias (SparseGPT also moves the weights it keeps)
+                 every weight and bias (SparseGPT also moves the weights it keeps); with `structure`
+                 channels, whole MLP neurons and attention KV groups, the same number in every layer
+                 (magnitude or Wanda's activation-weighted group score: workers.lm_structured)
 retraining       PERP (workers.perp): only biases/norms (/head), or adapters that keep the mask
 recalibration    none (no BatchNorm); no prediction ensemble (the soup and ingredients are compared)
 robustness       not measured: the one-shot curve (workers.robustness) is defined for image classifiers
@@ -31,6 +33,7 @@ from workers.config import TASK_OPTIONS, TaskOptions
 from workers.checkpoint import save_model
 from workers.lm import causal_lm_skeleton, load_causal_lm, perplexity
 from workers.llm_prune import prunable_lm_names, prune_causal_lm
+from workers.lm_structured import lm_structure_report, prune_lm_structured
 from workers.perp import retrain_lm
 from workers.pruning import Masks, PruneResult, weight_and_bias_norm_sq
 from workers.text import TextConfig, TextSplits, block_loader, calibration_blocks, load_text_splits
@@ -75,6 +78,7 @@ class CausalLM:
     metric: str = "perplexity"
     ensembles: bool = False                  # a prediction ensemble is measured
     pretrained: bool = True
+    structure: str = "unstructured"         # prune.structure: single weights | whole neurons and KV groups
     # what it implements (its criteria, its retraining params), declared in workers.config.TASK_OPTIONS
     options: ClassVar[TaskOptions] = TASK_OPTIONS["causal_lm"]
 
@@ -129,6 +133,10 @@ class CausalLM:
     def full_masks(self, model: nn.Module) -> Masks:
         return lm_masks(model)
 
+    def structure_report(self, model: nn.Module, masks: Masks) -> dict[str, Any]:
+        """workers.lm_structured.lm_structure_report (MACs per token over `seq_len`-token blocks)."""
+        return lm_structure_report(model, masks, self.data.seq_len)
+
     def scores(self, model: nn.Module) -> dict[str, float]:
         return lm_scores(model, self.splits, self.data.batch_size, self.device)
 
@@ -158,6 +166,10 @@ class CausalLM:
         the calibration blocks are drawn from train with `seed`."""
         pruned = copy.deepcopy(model)                 # `model`, untouched, is the "before" of the norm drop
         calibration = calibration_blocks(self.splits, self.data.calibration_samples, seed)
+        if self.structure == "channels":             # its own norm drop and removed count; masks over the same names
+            return prune_lm_structured(pruned, masks, target, criterion=criterion,
+                                       calibration=calibration if criterion == "wanda" else None,
+                                       device=self.device)
         r = prune_causal_lm(pruned, calibration, target, criterion=criterion, pattern=pattern, masks=masks,
                             device=self.device)
         before, after = model.state_dict(), pruned.state_dict()

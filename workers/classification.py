@@ -7,9 +7,11 @@ recalibration    BatchNorm running statistics re-estimated on the first `fractio
                  train split (a model without BatchNorm is left as it is)
 ensemble         argmax of the ingredients' mean test softmax
 pruning          magnitude (or random) over every conv and linear weight, global or per layer; or N:M
-                 (`prune.pattern: "2:4"`) along the input channels, in one phase (workers.pruning.prune_nm)
+                 (`prune.pattern: "2:4"`) along the input channels, in one phase (workers.pruning.prune_nm);
+                 or, with `structure` channels, whole channels (workers.structured.prune_channels)
 robustness       one-shot curve of a dense model (workers.robustness): test accuracy after global
-                 magnitude pruning to each sparsity of a grid, BatchNorm recalibrated, no retraining
+                 magnitude pruning to each sparsity of a grid (of channels, with `structure` channels),
+                 BatchNorm recalibrated, no retraining
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from workers.models import build_model
 from workers.pruning import Masks, PruneResult, full_masks, prune
 from workers.robustness import one_shot_curve
 from workers.soup import bn_recalibrate
+from workers.structured import prune_channels, structure_report
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Classification:
     metric: str = "accuracy"
     ensembles: bool = True                  # a prediction ensemble is measured
     pretrained: bool = False               # phase 0 trains the dense model (unless the spec gives a checkpoint)
+    structure: str = "unstructured"         # prune.structure: single weights | whole channels
     # what it implements (its criteria, its retraining params), declared in workers.config.TASK_OPTIONS
     options: ClassVar[TaskOptions] = TASK_OPTIONS["classification"]
     splits: Splits = field(init=False)
@@ -97,9 +101,20 @@ class Classification:
         """All-True masks over every conv and linear weight."""
         return full_masks(model)
 
+    def example(self, model: nn.Module) -> torch.Tensor:
+        """One zero input of the data's shape on the model's device (what the channel graph is traced with)."""
+        return torch.zeros(1, *self.splits.in_shape, device=next(model.parameters()).device)
+
     def prune(self, model: nn.Module, masks: Masks, target: float, *, scope: str, criterion: str,
               seed: int, pattern: str = "unstructured") -> PruneResult:
+        if self.structure == "channels":
+            return prune_channels(model, masks, target, example_input=self.example(model), scope=scope,
+                                  criterion=criterion, generator=torch.Generator().manual_seed(seed))
         return prune(model, masks, target, scope=scope, criterion=criterion, seed=seed, pattern=pattern)
+
+    def structure_report(self, model: nn.Module, masks: Masks) -> dict[str, Any]:
+        """workers.structured.structure_report: channels removed, parameters and MACs before and after."""
+        return structure_report(model, masks, self.example(model))
 
     def robustness(self, model: nn.Module, sparsities: Sequence[float], fraction: float) -> dict[str, Any] | None:
         """The one-shot robustness curve of the dense `model` (workers.robustness.one_shot_curve):
@@ -107,6 +122,12 @@ class Classification:
         pruning to each of `sparsities` and BatchNorm recalibration on the first `fraction` of the
         unshuffled train split. `{"split": "test", "points": [{"sparsity", "accuracy", "accuracy_raw"}]}`."""
         split = "test" if len(self.splits.test) else "val"
+        prune_fn = None
+        if self.structure == "channels":
+            x = self.example(model)
+
+            def prune_fn(m: nn.Module, s: float) -> nn.Module:
+                return prune_channels(m, None, s, example_input=x, scope="global").model
         points = one_shot_curve(model, self.loader(split), self.loader("train"), sparsities=sparsities,
-                                bn_fraction=fraction, device=self.device)
+                                bn_fraction=fraction, device=self.device, prune_fn=prune_fn)
         return {"split": split, "points": points}

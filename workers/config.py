@@ -89,6 +89,13 @@ class CheckpointMeta:
                    dense_schedule=header.get("dense_schedule"), dense_optimizer=header.get("dense_optimizer"))
 
     @property
+    def structure(self) -> str:
+        """prune.structure of the job that made it (unstructured when it names none)."""
+        prune = (self.spec or {}).get("prune")
+        value = prune.get("structure") if isinstance(prune, dict) else None
+        return value if value in STRUCTURES else "unstructured"
+
+    @property
     def parent(self) -> str | None:
         """The first parent's model id (a pruned model's dense model, an ingredient's pruned model)."""
         return self.parents[0]["id"] if self.parents else None
@@ -455,6 +462,10 @@ LM_CRITERIA = ("magnitude", "wanda", "sparsegpt")     # workers.llm_prune (calib
 IMAGE_PARAMS = ("all", "bias_norm")                    # workers.train.trainable_parameters
 
 
+# prune.structure: unstructured (single weights, or an N:M pattern) | channels (whole channels, neurons, heads)
+STRUCTURES = ("unstructured", "channels")
+
+
 @dataclass(frozen=True)
 class TaskOptions:
     """What a task implements, declared once here (torch-free): the job spec builds its choices and its
@@ -462,10 +473,15 @@ class TaskOptions:
     retrain.params."""
     criteria: tuple[str, ...]
     retrain_params: tuple[str, ...]
+    structures: tuple[str, ...] = STRUCTURES           # prune.structure
+    channel_criteria: tuple[str, ...] = ()             # the criteria prune.structure channels ranks groups by
 
 
 TASK_OPTIONS: dict[str, TaskOptions] = {
-    "classification": TaskOptions(criteria=tuple(IMAGE_SCORES), retrain_params=IMAGE_PARAMS),
-    "causal_lm": TaskOptions(criteria=LM_CRITERIA, retrain_params=PERP_MODES),
+    # channels: output channels of convs / neurons of linear layers (workers.structured)
+    "classification": TaskOptions(criteria=tuple(IMAGE_SCORES), retrain_params=IMAGE_PARAMS,
+                                  channel_criteria=("magnitude", "random")),
+    # channels: MLP neurons and attention KV groups (workers.lm_structured)
+    "causal_lm": TaskOptions(criteria=LM_CRITERIA, retrain_params=PERP_MODES, channel_criteria=("magnitude", "wanda")),
 }
 

@@ -38,6 +38,17 @@ onnx    an image model through torch's TorchScript exporter (``dynamo=False``, n
         batch axis dynamic, every conv and linear weight an initializer under its state-dict name (no
         constant folding: onnxruntime fuses BatchNorm itself when it loads the graph), checked to keep the
         mask's zeros.
+
+compact an image model pruned with ``prune.structure: channels`` with its removed channels taken out
+        (workers.structured.shrink): one safetensors file of the smaller state, header ``format`` =
+        ``ladle-compact-1`` and ``ladle`` = the model's metadata plus ``removed_channels`` ({group root:
+        [channels]}); `load_compact` rebuilds the architecture, removes the same channels and loads it.
+
+A model pruned with ``structure: channels`` comes out physically smaller in every built format but sparse:
+onnx and compact (image models: the removed channels gone from every coupled layer) and hf (language
+models: the removed MLP neurons and KV groups gone, the config's intermediate_size and head counts
+updated, so that plain ``from_pretrained`` loads it). The dense download stays the checkpoint itself
+(full shapes and the mask: what retraining, soups and resume work on).
 """
 
 from __future__ import annotations
@@ -410,7 +421,8 @@ def hf_recipe(ckpt: Checkpoint) -> dict[str, Any]:
     info = ckpt.info
     spec = info.spec or {}
     return {"format": "ladle-hf-1", "model_id": info.model_id, "kind": info.kind, "phase": info.phase,
-            "name": info.name, "job": info.job, "sparsity": round(masked_sparsity(ckpt.masks), 6),
+            "name": info.name, "job": info.job, "structure": info.structure,
+            "sparsity": round(masked_sparsity(ckpt.masks), 6),
             "prune": spec.get("prune"), "retrain": spec.get("retrain"), "parents": list(info.parents),
             "parent": info.parent, "arch": info.arch}
 
@@ -429,7 +441,16 @@ def save_hf(ckpt: Checkpoint, folder: str | Path) -> Path:
         model.load_state_dict(ckpt.state)
     except RuntimeError as e:
         raise ExportError(f"the checkpoint does not fit {arch!r}: {e}") from e
-    setattr(model.config, HF_RECIPE_KEY, hf_recipe(ckpt))
+    recipe = hf_recipe(ckpt)
+    if info.structure == "channels":              # the removed neurons and KV groups leave the model
+        from workers.lm_structured import check_whole_lm_groups, lm_groups, lm_removed, shrink_lm
+        groups = lm_groups(model)
+        check_whole_lm_groups(ckpt.masks, groups)
+        removed = lm_removed(ckpt.masks, groups)
+        model = shrink_lm(model, removed)
+        recipe["removed"] = {"neurons_per_layer": len(removed["layers"][0]["neurons"]) if removed["layers"] else 0,
+                             "kv_groups_per_layer": len(removed["layers"][0]["kv_groups"]) if removed["layers"] else 0}
+    setattr(model.config, HF_RECIPE_KEY, recipe)
     folder = Path(folder)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -455,7 +476,7 @@ def hf_zip(ckpt: Checkpoint) -> bytes:
 
 # ---------------------------------------------------------------- one entry for every format
 
-EXPORTERS = ("sparse", "hf", "onnx")        # the formats built from a checkpoint (dense is the checkpoint)
+EXPORTERS = ("sparse", "hf", "onnx", "compact")   # the formats built from a checkpoint (dense is the checkpoint)
 
 
 def export_bytes(ckpt: Checkpoint, fmt: str) -> bytes:
@@ -471,6 +492,8 @@ def export_bytes(ckpt: Checkpoint, fmt: str) -> bytes:
         except ImportError as e:
             raise ImportError("the onnx export needs the onnx package (pip install onnx; a dependency of Ladle)") from e
         return onnx_bytes(ckpt)
+    if fmt == "compact":
+        return compact_bytes(ckpt)
     raise ExportError(f"unknown export format {fmt!r}; the formats built from a checkpoint are {', '.join(EXPORTERS)}")
 
 
@@ -478,22 +501,9 @@ def export_bytes(ckpt: Checkpoint, fmt: str) -> bytes:
 
 def onnx_bytes(ckpt: Checkpoint, *, opset: int | None = None) -> bytes:
     """An image model's checkpoint as ONNX (input ``input`` of shape (batch, *in_shape), output ``logits``),
-    checked to keep the mask's zeros in its initializers."""
-    from workers.lm import is_causal_lm
-    from workers.models import build_model
-    info = ckpt.info
-    arch = info.arch
-    if is_causal_lm(arch) or info.task == "causal_lm":
-        raise ExportError(f"the onnx format is for image models; {arch!r} is a causal language model (use hf)")
-    if info.in_shape is None or info.num_classes is None:
-        raise ExportError("the checkpoint's metadata lacks in_shape or num_classes, which the onnx export needs")
-    model = build_model(arch, num_classes=info.num_classes, in_shape=info.in_shape, **info.model_kwargs)
-    try:
-        model.load_state_dict(ckpt.state)
-    except RuntimeError as e:
-        raise ExportError(f"the checkpoint does not fit {arch!r}: {e}") from e
-    model.eval()
-    x = torch.zeros(1, *info.in_shape)
+    checked to keep the mask's zeros in its initializers (a channel-pruned model: with its removed channels
+    taken out, `image_model`)."""
+    model, x, removed = image_model(ckpt, "onnx")
     buf = io.BytesIO()
     import warnings
     with warnings.catch_warnings(), torch.no_grad():
@@ -503,8 +513,81 @@ def onnx_bytes(ckpt: Checkpoint, *, opset: int | None = None) -> bytes:
                           do_constant_folding=False, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **kw)
     data = buf.getvalue()
-    check_onnx_zeros(data, ckpt.masks)
+    if removed is None:
+        check_onnx_zeros(data, ckpt.masks)
     return data
+
+
+def image_model(ckpt: Checkpoint, fmt: str) -> tuple[torch.nn.Module, torch.Tensor, dict[str, list[int]] | None]:
+    """The image model of a checkpoint rebuilt, its state loaded, in eval mode, with one zero input of its
+    shape, and, for a model pruned with structure channels, physically smaller (its removed channels, checked
+    to be whole, taken out: the third value; None for other models)."""
+    from workers.lm import is_causal_lm
+    from workers.models import build_model
+    info = ckpt.info
+    arch = info.arch
+    if is_causal_lm(arch) or info.task == "causal_lm":
+        raise ExportError(f"the {fmt} format is for image models; {arch!r} is a causal language model (use hf)")
+    if info.in_shape is None or info.num_classes is None:
+        raise ExportError(f"the checkpoint's metadata lacks in_shape or num_classes, which the {fmt} export needs")
+    model = build_model(arch, num_classes=info.num_classes, in_shape=info.in_shape, **info.model_kwargs)
+    try:
+        model.load_state_dict(ckpt.state)
+    except RuntimeError as e:
+        raise ExportError(f"the checkpoint does not fit {arch!r}: {e}") from e
+    model.eval()
+    x = torch.zeros(1, *info.in_shape)
+    if info.structure != "channels":
+        return model, x, None
+    from workers.structured import channel_groups, check_whole_groups, shrink
+    groups, _ = channel_groups(model, x)
+    removed = check_whole_groups(ckpt.masks, groups)
+    return shrink(model, x, removed).eval(), x, removed
+
+
+# ---------------------------------------------------------------- compact
+
+COMPACT_FORMAT = "ladle-compact-1"
+
+
+def compact_bytes(ckpt: Checkpoint) -> bytes:
+    """A channel-pruned image model with its removed channels taken out (module docstring: compact)."""
+    from workers.checkpoint import cpu_state
+    from workers.structured import removed_to_json
+    if ckpt.info.structure != "channels":
+        raise ExportError("the compact format is for models pruned with prune.structure channels (a model pruned "
+                          "weight by weight keeps its shapes: use dense, sparse or onnx)")
+    model, _, removed = image_model(ckpt, "compact")
+    header = dict(ckpt.meta, removed_channels=removed_to_json(removed or {}))
+    return st_save(cpu_state(model), metadata={"format": COMPACT_FORMAT,
+                                               "ladle": json.dumps(header, sort_keys=True, default=str)})
+
+
+def load_compact(data: bytes, *, source: str = "compact file") -> torch.nn.Module:
+    """The smaller model of a compact export, in eval mode: its architecture built from the header
+    (workers.models.build_model), the recorded channels removed the same way (workers.structured.rebuild),
+    the state loaded."""
+    from workers.config import CheckpointMeta
+    from workers.models import build_model
+    from workers.structured import rebuild
+    try:
+        meta = safetensors_header(data, len(data)).metadata
+        state = st_load(data)
+        header = loads(meta.get("ladle", ""))
+    except (SafetensorError, ValueError) as e:
+        raise CheckpointError(f"{source} is not a readable compact export ({e})") from e
+    if meta.get("format") != COMPACT_FORMAT or not isinstance(header, dict):
+        raise CheckpointError(f"{source} is not a Ladle compact export (format {meta.get('format')!r})")
+    info = CheckpointMeta.of(header)
+    if info.arch is None or info.in_shape is None or info.num_classes is None:
+        raise CheckpointError(f"{source} lacks the arch, in_shape or num_classes to rebuild its model")
+    fresh = build_model(info.arch, num_classes=info.num_classes, in_shape=info.in_shape, **info.model_kwargs)
+    model = rebuild(fresh.eval(), torch.zeros(1, *info.in_shape), header.get("removed_channels") or {})
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source} does not fit its rebuilt model: {e}") from e
+    return model.eval()
 
 
 def onnx_initializers(data: bytes) -> dict[str, np.ndarray]:

@@ -42,17 +42,18 @@ import copy
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from workers.config import PruningError
+from workers.config import TASK_OPTIONS, PruningError
 from workers.llm_prune import (_capture_block_inputs, _InputStats, _move_outside_blocks, _run_block, find_blocks,
                                prunable_lm_names, wanda_scores)
 from workers.pruning import Masks, PruneResult, check_masks, weight_and_bias_norm_sq
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")       # config.model_type values with the layout above
-STRUCTURED_CRITERIA = ("magnitude", "wanda")
+STRUCTURED_CRITERIA = TASK_OPTIONS["causal_lm"].channel_criteria    # declared by the task, once
 ATTN = ("q", "k", "v", "o")
 MLP = ("gate", "up", "down")
 
@@ -487,3 +488,30 @@ def lm_stats(model: nn.Module, seq_len: int) -> dict[str, int | float]:
     attention = config.num_hidden_layers * 2 * n_heads * head_dim * (seq_len + 1) / 2
     return {"parameters": parameters, "linear_macs_per_token": linear, "attention_macs_per_token": attention,
             "macs_per_token": linear + attention, "seq_len": seq_len}
+
+
+def lm_structure_report(model: nn.Module, masks: Masks, seq_len: int) -> dict[str, Any]:
+    """What taking the masked neurons and KV groups out of `model` gives (as workers.structured's
+    `structure_report` for image models): `channels_removed` = removed groups / all groups (MLP neurons and
+    KV groups of every layer, counted alike), `neurons_removed` and `kv_groups_removed` per layer, the
+    `parameters` and `macs` (per token, `lm_stats` at `seq_len`) of the smaller model (`shrink_lm`) and
+    `dense_parameters` / `dense_macs` of `model` as it is. PruningError when a mask removes part of a group or
+    a removed group's weights are not all exactly zero in `model`."""
+    groups = lm_groups(model)
+    check_whole_lm_groups(masks, groups)
+    removed = lm_removed(masks, groups)
+    zero = lm_removed({n: p.detach() for n, p in model.named_parameters() if n in groups.names}, groups)
+    for i, (want, got) in enumerate(zip(removed["layers"], zero["layers"])):
+        for kind in ("neurons", "kv_groups"):
+            if not set(want[kind]) <= set(got[kind]):
+                raise PruningError(f"layer {i}: removed {kind} whose weights are not all zero: "
+                                   f"{sorted(set(want[kind]) - set(got[kind]))}")
+    total = sum(layer.neurons + layer.kv_groups for layer in groups.layers)
+    gone = sum(len(r["neurons"]) + len(r["kv_groups"]) for r in removed["layers"])
+    dense = lm_stats(model, seq_len)
+    small = lm_stats(shrink_lm(model, removed), seq_len) if gone else dense
+    first = removed["layers"][0] if removed["layers"] else {"neurons": [], "kv_groups": []}
+    return {"channels_removed": gone / total if total else 0.0, "neurons_removed": len(first["neurons"]),
+            "kv_groups_removed": len(first["kv_groups"]), "parameters": int(small["parameters"]),
+            "macs": int(small["macs_per_token"]), "dense_parameters": int(dense["parameters"]),
+            "dense_macs": int(dense["macs_per_token"])}

@@ -48,18 +48,21 @@ def one_shot(model: nn.Module, target: float, *, scope: str = "global") -> tuple
 
 def curve(model: nn.Module, score: Callable[[nn.Module], float], *,
           recalibrate: Callable[[nn.Module], nn.Module] | None = None,
-          sparsities: Sequence[float] = SPARSITIES, scope: str = "global", key: str = "accuracy") -> list[Point]:
+          sparsities: Sequence[float] = SPARSITIES, scope: str = "global", key: str = "accuracy",
+          prune_fn: Callable[[nn.Module, float], nn.Module] | None = None) -> list[Point]:
     """The procedure of the module docstring with any `score` (higher or lower is better: the curve
     does not care) and `recalibrate` (in place on the pruned copy; None: no recalibration). Points
     are `{"sparsity", key, f"{key}_raw" (only with `recalibrate`)}`, in increasing sparsity, for the
-    grid's sparsities not below the model's own."""
+    grid's sparsities not below the model's own. `prune_fn(model, s)`: how a pruned copy at s is made
+    (default: magnitude over single weights; channel pruning passes workers.structured's, where s is the
+    share of channels removed)."""
     points = []
     stats = model_stats(model)
     own, tol = stats["sparsity"], 1.0 / max(stats["prunable"], 1)     # one weight's worth of rounding
     for s in check_sparsities(sparsities):
         if s < own - tol:
             continue
-        pruned, _ = one_shot(model, s, scope=scope)
+        pruned = prune_fn(model, s) if prune_fn is not None else one_shot(model, s, scope=scope)[0]
         point: Point = {"sparsity": s}
         if recalibrate is not None:
             point[f"{key}_raw"] = float(score(pruned))
@@ -71,7 +74,8 @@ def curve(model: nn.Module, score: Callable[[nn.Module], float], *,
 
 def one_shot_curve(model: nn.Module, eval_loader: Iterable, calibration_loader: Iterable | None = None, *,
                    sparsities: Sequence[float] = SPARSITIES, bn_fraction: float = 0.2, scope: str = "global",
-                   device: torch.device | None = None) -> list[Point]:
+                   device: torch.device | None = None,
+                   prune_fn: Callable[[nn.Module, float], nn.Module] | None = None) -> list[Point]:
     """Accuracy of `model` after one-shot global magnitude pruning to each of `sparsities`, BatchNorm
     recalibrated on the first `bn_fraction` of `calibration_loader` (unshuffled train batches; None
     or a model without BatchNorm: no recalibration), scored on `eval_loader` (batches of (x, y)).
@@ -86,5 +90,6 @@ def one_shot_curve(model: nn.Module, eval_loader: Iterable, calibration_loader: 
         return bn_recalibrate(m, calibration_loader, bn_fraction, device=device)
 
     recal = calibration_loader is not None and bn_fraction > 0 and has_batchnorm(model)
-    return curve(model, score, recalibrate=recalibrate if recal else None, sparsities=sparsities, scope=scope)
+    return curve(model, score, recalibrate=recalibrate if recal else None, sparsities=sparsities, scope=scope,
+                 prune_fn=prune_fn)
 

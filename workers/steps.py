@@ -36,11 +36,11 @@ def build_task(spec: TaskSpec, device: torch.device | None = None):
     if spec.kind == "causal_lm":
         from workers.causal_lm import CausalLM
         task = CausalLM(arch=spec.arch, data=spec.data, seed=spec.seed, device=device,
-                        model_kwargs=dict(spec.model_kwargs))
+                        model_kwargs=dict(spec.model_kwargs), structure=spec.structure)
     else:
         from workers.classification import Classification
         task = Classification(arch=spec.arch, data=spec.data, seed=spec.seed, device=device,
-                              model_kwargs=dict(spec.model_kwargs))
+                              model_kwargs=dict(spec.model_kwargs), structure=spec.structure)
     _TASK = (spec, task)
     release_memory()                            # what loading left behind (a language model's weights)
     return task
@@ -92,7 +92,9 @@ def prune(step: Prune, task) -> PruneOut:
                    pattern=step.pattern)
     scores = task.scores(r.model)
     saved = save_model(step.url, r.model, r.masks, step.meta)
-    return PruneOut(saved=saved, scores=scores, norm_drop=r.norm_drop, removed=r.removed, notes=list(r.notes))
+    structure = task.structure_report(r.model, r.masks) if task.structure == "channels" else None
+    return PruneOut(saved=saved, scores=scores, norm_drop=r.norm_drop, removed=r.removed, notes=list(r.notes),
+                    structure=structure)
 
 
 def soup(step: Soup, task) -> SoupOut:
@@ -115,6 +117,8 @@ def soup(step: Soup, task) -> SoupOut:
     else:
         state, out.chosen = uniform_soup(states, masks), list(range(len(states)))
     model = task.recalibrate(task.build(state), step.recal_fraction)
+    if task.structure == "channels":
+        out.structure = task.structure_report(model, masks)      # every removed group still exactly zero, or an error
     t_eval = time.perf_counter()
     out.timing["soup"] = t_eval - t_soup
     out.scores = task.scores(model)

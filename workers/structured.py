@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from workers.config import PruningError
+from workers.config import TASK_OPTIONS, PruningError
 from workers.pruning import PRUNABLE_TYPES, Masks, PruneResult, _drop, check_masks, full_masks, prunable_names
 
 Removed = dict[str, list[int]]          # group root -> removed channel indices (JSON-able)
 
-CRITERIA = ("magnitude", "random")
+CRITERIA = TASK_OPTIONS["classification"].channel_criteria        # declared by the task, once
 
 
 @dataclass(frozen=True)
@@ -502,3 +502,26 @@ def rebuild(model: nn.Module, example_input: torch.Tensor, removed: Any) -> nn.M
     """The exported (shrunk) architecture from a freshly built `model` and the recorded removed channels
     (`removed_to_json` data): `shrink` of it, so that ``load_state_dict`` of the exported state fits."""
     return shrink(model, example_input, removed_from_json(removed))
+
+
+def structure_report(model: nn.Module, masks: Masks, example_input: torch.Tensor) -> dict[str, Any]:
+    """What taking the masked channels out of `model` gives, for a phase's metrics and a model's page:
+
+        channels_removed = removed channels / prunable channels (over every group, protected layers aside),
+        parameters, macs  = those of the physically smaller model (`shrink`), per example,
+        dense_parameters, dense_macs = those of `model` as it is (every channel in).
+
+    PruningError when a mask removes part of a channel, or when a removed channel's weights are not all
+    exactly zero in `model` (a soup that lost its structure)."""
+    groups, _ = channel_groups(model, example_input)
+    removed = check_whole_groups(masks, groups)
+    zero = removed_channels(model.state_dict(), groups)
+    lost = {root: sorted(set(chs) - set(zero.get(root, ()))) for root, chs in removed.items()}
+    lost = {root: chs for root, chs in lost.items() if chs}
+    if lost:
+        raise PruningError(f"removed channels whose weights are not all zero: {lost}")
+    total, gone = sum(g.size for g in groups), sum(len(v) for v in removed.values())
+    dense = structured_stats(model, example_input)
+    small = structured_stats(shrink(model, example_input, removed), example_input) if gone else dense
+    return {"channels_removed": gone / total if total else 0.0, "parameters": small["parameters"],
+            "macs": small["macs"], "dense_parameters": dense["parameters"], "dense_macs": dense["macs"]}

@@ -37,12 +37,14 @@ EpochReport = Callable[[dict[str, float]], None]
 class TaskSpec:
     """How a worker builds the job's task (service.records.Task): `classification`
     (workers.classification.Classification over `data`, a DataConfig) or `causal_lm`
-    (workers.causal_lm.CausalLM over `data`, a TextConfig), split by `seed`."""
+    (workers.causal_lm.CausalLM over `data`, a TextConfig), split by `seed`; `structure` (prune.structure):
+    what its pruning removes, single weights or whole channels (and the soup step checks they stay removed)."""
     kind: str
     arch: str
     data: DataConfig | TextConfig
     seed: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+    structure: str = "unstructured"
 
 
 # ---------------------------------------------------------------- trainings
@@ -230,6 +232,7 @@ class PruneOut(ModelOut):
     norm_drop: float = 0.0
     removed: int = 0
     notes: list[str] = field(default_factory=list)
+    structure: dict[str, Any] | None = None      # channels: the task's `structure` report of the pruned model
 
 
 @dataclass
@@ -258,6 +261,7 @@ class SoupOut(ModelOut):
     ensemble: float | None = None
     distances: list[float] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)       # soup (average, recalibration), eval
+    structure: dict[str, Any] | None = None      # channels: the task's `structure` report of the soup
 
 
 # ---------------------------------------------------------------- exports

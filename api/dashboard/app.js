@@ -187,6 +187,8 @@ const EXPORTS = [
   { format: "sparse", suffix: ".sparse.safetensors", what: "bitmask or CSR per pruned tensor; loads back exact" },
   { format: "hf", suffix: ".hf.zip", what: "a Hugging Face folder, zipped (from_pretrained)", llm: true },
   { format: "onnx", suffix: ".onnx", what: "ONNX for onnxruntime and friends", llm: false },
+  { format: "compact", suffix: ".compact.safetensors", what: "its removed channels taken out: a smaller dense model",
+    llm: false, channels: true },
 ];
 
 async function download(model, format = "dense", onProgress = () => {}) {
@@ -695,21 +697,43 @@ async function modelView(el, modelId) {
   modelPanel(panel, model);
   const job = await api(`/jobs/${model.job_id}`).catch(() => null);
   const arch = String(job?.spec?.model?.arch ?? "");
-  el.insertAdjacentHTML("beforeend", `<div class="card" id="exports"></div><div class="card" id="inference" hidden></div>`);
-  const draw = (m) => exportsCard(el.querySelector("#exports"), el.querySelector("#inference"), m, arch, async (format, button) => {
+  const channels = job?.spec?.prune?.structure === "channels";
+  el.insertAdjacentHTML("beforeend", `<div class="card" id="structure" hidden></div><div class="card" id="exports"></div>
+    <div class="card" id="inference" hidden></div>`);
+  structureCard(el.querySelector("#structure"), model);
+  const draw = (m) => exportsCard(el.querySelector("#exports"), el.querySelector("#inference"), m, arch, channels, async (format, button) => {
     await download(m, format, (p) => { button.textContent = `Building on the cluster… ${Math.round(p.seconds)} s`; });
     draw(await api(`/models/${modelId}`));          // the export's size is recorded once it is built
   });
   draw(model);
 }
 
+// A model pruned with prune.structure channels (metrics.structure, workers.structured): the share of channels
+// removed, and the parameters and MACs of the model once they are taken out (its exports) against its full shape.
+function structureCard(card, m) {
+  const s = m.metrics?.structure;
+  card.hidden = !s;
+  if (!s) return;
+  const ratio = (a, b) => (b ? `${(a / b).toFixed(2)}×` : "–");
+  const perToken = m.perplexity != null ? " per token" : " per example";
+  card.innerHTML = `<h2>Structure</h2><div class="facts">
+    <div><span>channels removed</span><b id="channels-removed">${pct(s.channels_removed, 1)}</b></div>
+    <div><span>parameters</span>${s.dense_parameters.toLocaleString()} → ${s.parameters.toLocaleString()}
+      (<b id="parameters-ratio">${ratio(s.parameters, s.dense_parameters)}</b>)</div>
+    <div><span>MACs${perToken}</span>${s.dense_macs.toLocaleString()} → ${s.macs.toLocaleString()}
+      (<b id="macs-ratio">${ratio(s.macs, s.dense_macs)}</b>)</div></div>
+    <p class="muted">Whole channels${m.perplexity != null ? " (MLP neurons, attention KV groups)" : ""} are zero in the
+    checkpoint; the ${m.perplexity != null ? "hf" : "onnx and compact"} exports take them out.</p>`;
+}
+
 // The model's export formats: the size each takes in the artifact store (metrics.sizes, recorded when an
 // export is first built) with its ratio to dense, and a download per format; then, when a benchmark has
 // measured it (metrics.inference), the sparse model's latency against the dense one's.
-function exportsCard(card, latency, m, arch, fetchFormat) {
+function exportsCard(card, latency, m, arch, channels, fetchFormat) {
   const llm = arch.startsWith("hf:") || m.perplexity != null;
   const formats = EXPORTS.filter((x) => x.llm === undefined || x.llm === llm)
-    .filter((x) => !(x.format === "onnx" && arch.startsWith("import:")));
+    .filter((x) => !x.channels || channels)
+    .filter((x) => !((x.format === "onnx" || x.format === "compact") && arch.startsWith("import:")));
   const sizes = { dense: m.size_bytes, ...(m.metrics?.sizes ?? {}) };
   const rows = formats.map((x) => {
     const size = sizes[x.format];

@@ -125,13 +125,15 @@ def verified_chunks(model, chunk_size: int = 1 << 20, *, uri: str | None = None,
         yield held
 
 
-ExportFormat = Literal["dense", "sparse", "hf", "onnx"]
+ExportFormat = Literal[exports.FORMATS]
 DEFAULT_EXPORT_WAIT, MAX_EXPORT_WAIT = 30.0, 300.0
 WAIT_HELP = ("seconds to wait for an export that is not built yet (its build goes on after that: the answer is then "
              "202, ask again)")
 FORMAT_HELP = ("dense: the stored checkpoint (safetensors: state, mask, metadata); sparse: safetensors with a bitmask "
                "or CSR per pruned tensor (loads back exact, workers.export.from_sparse_bytes); hf: a zip of a Hugging "
-               "Face folder (causal LMs); onnx: ONNX (image models)")
+               "Face folder (causal LMs); onnx: ONNX (image models); compact: safetensors of an image model pruned with "
+               "prune.structure channels with its removed channels taken out (workers.export.load_compact). A "
+               "channel-pruned model's onnx and hf exports come out physically smaller too")
 
 
 class ExportPendingPublic(Message):

@@ -210,9 +210,18 @@ def test_formats_that_do_not_fit_are_422_naming_why(api, cnn, tmp_path):
     with sdk(api) as c:
         with pytest.raises(InvalidSpec, match="format: the hf format is for causal language models"):
             c.export(cnn.id, "hf", tmp_path / "hf")
-        with pytest.raises(InvalidSpec, match="format: Input should be 'dense', 'sparse', 'hf' or 'onnx'"):
+        with pytest.raises(InvalidSpec, match="format: Input should be 'dense', 'sparse', 'hf', 'onnx' or 'compact'"):
             c.export(cnn.id, "tflite", tmp_path / "x")
+        with pytest.raises(InvalidSpec, match="format: the compact format is an image model pruned with prune.structure "
+                                              "channels.*this model keeps its shapes"):
+            c.export(cnn.id, "compact", tmp_path / "c")
     assert list(tmp_path.glob("*hf*")) == [] and list(tmp_path.glob(".*")) == []
+
+
+def test_the_sdk_knows_the_services_formats_and_their_suffixes():
+    from api.client import EXPORT_FORMATS, EXPORT_SUFFIX
+    from service.exports import FORMATS, SUFFIX
+    assert EXPORT_FORMATS == FORMATS and EXPORT_SUFFIX == SUFFIX
 
 
 def test_another_users_model_is_404_in_every_format(api_auth, tmp_path):
@@ -295,6 +304,65 @@ def test_the_model_page_shows_sizes_per_format_downloads_them_and_the_measured_l
         page.screenshot(path=str(SCREENSHOTS / "model-exports.png"), full_page=True)
         assert errors == [], errors
         browser.close()
+
+
+def channel_cnn(api) -> ModelRecord:
+    """A LeNet-5 for digits with half its channels removed (workers.structured), stored as the soup of a job
+    with prune.structure channels, with the structure report the pipeline records."""
+    from workers.structured import prune_channels, structure_report
+    torch.manual_seed(0)
+    job_id = submit(api, dict(IMAGE_JOB, prune={"structure": "channels", "target_sparsity": 0.5, "phases": 1}))
+    model = build_model("lenet5", num_classes=10, in_shape=(1, 8, 8)).eval()
+    x = torch.zeros(1, 1, 8, 8)
+    r = prune_channels(model, None, 0.5, example_input=x, scope="layerwise")
+    meta = {"arch": "lenet5", "model_kwargs": {}, "num_classes": 10, "in_shape": [1, 8, 8], "job": "cnn",
+            "spec": api.store.get_job(job_id).spec}
+    rec = store_model(api, job_id, r.model, r.masks, meta)
+    api.store.add_model_metrics(rec.id, structure=structure_report(r.model, r.masks, x))
+    rec.model = r.model
+    return rec
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+def test_a_channel_pruned_models_page_shows_its_structure_and_downloads_it_compact(api, live):
+    from playwright.sync_api import sync_playwright
+
+    from tests.api.test_dashboard import CHROMIUM, FLAGS
+    from tests.conftest import SCREENSHOTS
+    from workers.export import load_compact
+    rec = channel_cnn(api)
+    s = api.store.get_model(rec.id).metrics["structure"]
+    assert s["channels_removed"] == pytest.approx(0.5, abs=0.05) and s["parameters"] < s["dense_parameters"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        errors = []
+        page.on("console", lambda m: m.type == "error" and errors.append(m.text))
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{live.url}/#/models/{rec.id}")
+        page.locator("#structure #macs-ratio").wait_for(timeout=20_000)
+        assert page.locator("#channels-removed").inner_text() == f"{100 * s['channels_removed']:.1f}%"
+        assert page.locator("#parameters-ratio").inner_text() == f"{s['parameters'] / s['dense_parameters']:.2f}×"
+        assert page.locator("#macs-ratio").inner_text() == f"{s['macs'] / s['dense_macs']:.2f}×"
+        row = page.locator('#exports tr[data-format="compact"]')
+        with page.expect_download() as dl:
+            row.locator("button").click()
+        assert dl.value.suggested_filename.endswith(".compact.safetensors")
+        small = load_compact(open(dl.value.path(), "rb").read())
+        assert sum(p.numel() for p in small.parameters()) == s["parameters"]
+        x = torch.randn(3, 1, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(small(x), rec.model(x), atol=1e-5, rtol=1e-5)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / "model-structure.png"), full_page=True)
+        assert errors == [], errors
+        browser.close()
+    cnn = image_model(api)                   # a model pruned weight by weight has no compact row
+    r = api.get(f"/models/{cnn.id}/download", params={"format": "compact"})
+    assert r.status_code == 422 and "keeps its shapes" in r.json()["detail"][0]["msg"]
 
 
 def test_an_llm_whose_base_folder_is_gone_is_503_saying_so(api):

@@ -195,9 +195,21 @@ def test_nm_pattern_derives_the_target_and_the_phase_when_left_out():
     ({"pattern": "0:4"}, "prune.pattern", "0 < N < M"),
     ({"pattern": "dense"}, "prune.pattern", "unknown sparsity pattern"),
     ({"pattern": "2:4", "criterion": "wanda"}, "spec", "prune.criterion wanda is for language models"),
+    # prune.structure channels removes whole channels: no N:M pattern beside it, a criterion that ranks channels
+    ({"pattern": "2:4", "structure": "channels"}, "prune", "prune.structure channels removes whole channels; "
+                                                           "prune.pattern 2:4"),
+    ({"structure": "channels", "criterion": "lamp"}, "spec", "with prune.structure channels image models take "
+                                                            "magnitude, random"),
+    ({"structure": "filters"}, "prune.structure", "'unstructured' or 'channels'"),
 ])
 def test_bad_nm_specs_name_the_field(prune, field, words):
     with pytest.raises(SpecError) as excinfo:
         parse_spec({"prune": prune})
     assert field in fields(excinfo), excinfo.value.errors
     assert words in str(excinfo.value)
+
+
+def test_channel_structure_is_a_prune_option_that_survives_storage():
+    spec = parse_spec({"prune": {"structure": "channels", "target_sparsity": 0.5}})
+    assert spec.prune.structure == "channels" and parse_spec(spec.model_dump(mode="json")) == spec
+    assert parse_spec({}).prune.structure == "unstructured"
