@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from workers.config import TASK_OPTIONS, PruningError
-from workers.lm.prune import (_capture_block_inputs, _InputStats, _move_outside_blocks, _run_block, find_blocks,
-                               prunable_lm_names, wanda_scores)
+from workers.lm.prune import (_InputStats, _run_block, block_input_stats, calibration_inputs, find_blocks,
+                              prunable_lm_names, wanda_scores)
 from workers.pruning import Masks, PruneResult, check_masks, weight_and_bias_norm_sq
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")       # config.model_type values with the layout above
@@ -344,29 +344,12 @@ def prune_lm_structured(model: nn.Module, masks: Masks | None, target: float, *,
     model.eval()
     chosen, removed_sq = [], 0.0
     try:
-        inputs = []
-        if calibrated:
-            if device != home:
-                _move_outside_blocks(model, blocks, device)
-            try:
-                inputs = _capture_block_inputs(model, blocks, calibration, device)
-            finally:
-                if device != home:
-                    _move_outside_blocks(model, blocks, home)
+        inputs = calibration_inputs(model, blocks, calibration, device, home) if calibrated else []
         for block, layer, prior in zip(blocks, groups.layers, before["layers"]):
             if calibrated:
                 block.to(device)
             linears = _role_modules(block)
-            stats = None
-            if calibrated:
-                stats = {r: _InputStats(lin.in_features, "wanda", device) for r, lin in linears.items()}
-                handles = [lin.register_forward_hook(stats[r]) for r, lin in linears.items()]
-                try:
-                    for hidden, rest, kwargs in inputs:
-                        _run_block(block, hidden, rest, kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
+            stats = block_input_stats(block, linears, inputs, "wanda", device) if calibrated else None
             neuron_scores, kv_scores = _group_scores(linears, layer, criterion, stats)
             dead_n = torch.zeros(layer.neurons, dtype=torch.bool)
             dead_n[prior["neurons"]] = True
