@@ -59,7 +59,7 @@ def measure_llm(pattern: str) -> dict:
     `2:4` along the inputs), dense file against sparse file."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from workers.llm_prune import prunable_lm_names
+    from workers.lm.prune import prunable_lm_names
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)

@@ -152,8 +152,8 @@ def lm(device: torch.device, args: argparse.Namespace) -> None:
         row("lm", "transformers missing", lambda: {"ok": False, "note": "pip install transformers to run the LM rows"})
         return
     from workers.config import PerpConfig
-    from workers.llm_prune import prune_causal_lm
-    from workers.perp import retrain_lm
+    from workers.lm.prune import prune_causal_lm
+    from workers.lm.perp import retrain_lm
     from workers.pruning import is_nm
 
     shapes = {"tiny": TINY} if args.small else {"smollm2-135m": SMOLLM2, "llama-1b": ONE_B}
@@ -294,8 +294,8 @@ def agreement(device: torch.device) -> None:
     except ImportError:
         return
     from workers.config import PerpConfig
-    from workers.llm_prune import prune_causal_lm
-    from workers.perp import retrain_lm
+    from workers.lm.prune import prune_causal_lm
+    from workers.lm.perp import retrain_lm
 
     calib = torch.randint(0, TINY["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(1))
     for criterion in ("wanda", "sparsegpt"):

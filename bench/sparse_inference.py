@@ -7,7 +7,7 @@ What it measures (CPU, float32, `torch.utils.benchmark.Timer`: the fastest block
              LLaMA-style transformer built with transformers (4 blocks, hidden 384, MLP 1024, vocab 2048,
              sequences of 64 tokens; the logits of every token are computed);
   sparsity   50, 70, 90, 95, 98 % unstructured (layerwise magnitude, workers.pruning; the transformer's
-             blocks' linear layers with workers.llm_prune, embeddings and head dense) and the 2:4 pattern;
+             blocks' linear layers with workers.lm.prune, embeddings and head dense) and the 2:4 pattern;
   layouts    dense (the parent: nn.Linear / nn.Conv2d, MKL / oneDNN), CSR and BSR (workers.sparse_inference:
              linear layers through torch.sparse.mm; convolutions, which torch cannot run sparse on the
              CPU, lowered to im2col (F.unfold) times the sparse weight matrix);
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from workers.llm_prune import prune_causal_lm
+from workers.lm.prune import prune_causal_lm
 from workers.models import build_model
 from workers.pruning import Masks, apply_masks, prune
 from workers.sparse_inference import LAYOUTS, semi_structured, size_ratio, sparsify
@@ -361,7 +361,7 @@ def _load(uri: str) -> tuple[nn.Module, Masks, dict, Callable[[int], torch.Tenso
     meta = ckpt.meta
     gen = torch.Generator().manual_seed(1)
     if meta.get("task") == "causal_lm":
-        from workers.lm import load_causal_lm
+        from workers.lm.model import load_causal_lm
         lm, _ = load_causal_lm(meta["arch"], **meta.get("model_kwargs", {}))
         lm.load_state_dict(ckpt.state)
         vocab, seq_len = lm.config.vocab_size, int(meta.get("seq_len", 64))

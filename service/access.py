@@ -7,7 +7,7 @@ that knows the operator's settings and the caller:
 - code: an ``import:<module>:<callable>`` arch must name a module under one of the operator's
   `allowed_import_prefixes` (none by default). Only the name's form and the allow-list are checked: the
   API process never imports a module a user named (the workers do, when they build the model).
-  ``trust_remote_code`` is refused for every language model (workers.lm).
+  ``trust_remote_code`` is refused for every language model (workers.lm.model).
 - files: ``data.path`` (every dataset, text globs included), ``model.checkpoint`` and the folder of an
   ``hf:<dir>`` model must lie under one of the operator's `data_roots` once symlinks and ``..`` are resolved,
   and never inside the service's own files (the artifact store, the database). The validated spec carries

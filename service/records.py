@@ -44,7 +44,7 @@ class Executor(Protocol):
 
 class Task(Protocol):
     """What the pipeline needs to know about a job's model and data (design section 6b): built by
-    service.plan.make_task; implemented by workers.classification.Classification and workers.causal_lm.CausalLM."""
+    service.plan.make_task; implemented by workers.classification.Classification and workers.lm.task.CausalLM."""
     metric: str                         # the primary metric's name: a key of METRICS
     pretrained: bool                    # phase 0 scores the given model instead of training one
     steps_per_epoch: int

@@ -98,7 +98,7 @@ class ModelSpec(_Strict):
                 raise ValueError("model.checkpoint is for image models; a language model starts from its hf: folder")
             if access_of(info.context).stored:
                 return self
-            from workers.lm import check_causal_lm      # torch: not for a driver
+            from workers.lm.model import check_causal_lm      # torch: not for a driver
             try:
                 check_causal_lm(self.arch, **self.kwargs)
             except ModelError as e:
@@ -143,7 +143,7 @@ class DataSpec(_Strict):
     batch_size: int = Field(128, ge=1, le=65536)
     augment: bool | None = None
     # text (language-model jobs): `path` is a file, a folder (every *.txt under it) or a glob; the text is
-    # tokenized with the model's tokenizer into blocks of seq_len tokens (workers.text); batch_size
+    # tokenized with the model's tokenizer into blocks of seq_len tokens (workers.lm.text); batch_size
     # counts blocks (8 when not given)
     seq_len: int = Field(128, ge=2, le=32768)
     calibration_samples: int = Field(32, ge=1, le=4096)

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
-from workers.lm import HF_PREFIX
+from workers.lm.model import HF_PREFIX
 
 CORPUS = ("the quick brown fox jumps over the lazy dog. " * 20 + "a cat sat on the mat and the dog ran away. " * 20
           + "Ladle prunes and retrains small models on the CPU. " * 10)

@@ -136,7 +136,7 @@ def parse_import(arch: str) -> tuple[str, str]:
         raise ModelError(f"arch {arch!r}: {attr!r} is not a callable's name (dotted identifiers, no dunders)")
     return module_name, attr
 
-# ---------------------------------------------------------------- from workers.lm
+# ---------------------------------------------------------------- from workers.lm.model
 
 HF_PREFIX = "hf:"
 
@@ -183,7 +183,7 @@ class DataConfig:
         if self.augment is None:
             object.__setattr__(self, "augment", default_augment(self.name))
 
-# ---------------------------------------------------------------- from workers.text
+# ---------------------------------------------------------------- from workers.lm.text
 
 GLOB_CHARS = frozenset("*?[")
 
@@ -387,7 +387,7 @@ class SFWConfig:
     def as_dict(self) -> dict:
         return asdict(self)
 
-# ---------------------------------------------------------------- from workers.perp
+# ---------------------------------------------------------------- from workers.lm.perp
 
 PERP_MODES = ("bias_norm", "bias_norm_head", "lora", "mask_lora", "scale_lora", "all")
 
@@ -458,7 +458,7 @@ class PerpConfig:
 
 # ---------------------------------------------------------------- the options each task implements
 
-LM_CRITERIA = ("magnitude", "wanda", "sparsegpt")     # workers.llm_prune (calibrated block by block)
+LM_CRITERIA = ("magnitude", "wanda", "sparsegpt")     # workers.lm.prune (calibrated block by block)
 IMAGE_PARAMS = ("all", "bias_norm")                    # workers.train.trainable_parameters
 
 
@@ -481,7 +481,7 @@ TASK_OPTIONS: dict[str, TaskOptions] = {
     # channels: output channels of convs / neurons of linear layers (workers.structured)
     "classification": TaskOptions(criteria=tuple(IMAGE_SCORES), retrain_params=IMAGE_PARAMS,
                                   channel_criteria=("magnitude", "random")),
-    # channels: MLP neurons and attention KV groups (workers.lm_structured)
+    # channels: MLP neurons and attention KV groups (workers.lm.structured)
     "causal_lm": TaskOptions(criteria=LM_CRITERIA, retrain_params=PERP_MODES, channel_criteria=("magnitude", "wanda")),
 }
 

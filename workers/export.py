@@ -431,7 +431,7 @@ def save_hf(ckpt: Checkpoint, folder: str | Path) -> Path:
     """Write a causal LM checkpoint as a Hugging Face folder (``save_pretrained``: config.json with
     ``ladle_sparsity``, model.safetensors, the tokenizer's files) that ``AutoModelForCausalLM.from_pretrained``
     loads. The architecture and tokenizer come from the model's ``hf:`` folder; the weights from the checkpoint."""
-    from workers.lm import is_causal_lm, load_causal_lm
+    from workers.lm.model import is_causal_lm, load_causal_lm
     info = ckpt.info
     arch = info.arch
     if not is_causal_lm(arch):
@@ -443,7 +443,7 @@ def save_hf(ckpt: Checkpoint, folder: str | Path) -> Path:
         raise ExportError(f"the checkpoint does not fit {arch!r}: {e}") from e
     recipe = hf_recipe(ckpt)
     if info.structure == "channels":              # the removed neurons and KV groups leave the model
-        from workers.lm_structured import check_whole_lm_groups, lm_groups, lm_removed, shrink_lm
+        from workers.lm.structured import check_whole_lm_groups, lm_groups, lm_removed, shrink_lm
         groups = lm_groups(model)
         check_whole_lm_groups(ckpt.masks, groups)
         removed = lm_removed(ckpt.masks, groups)
@@ -522,7 +522,7 @@ def image_model(ckpt: Checkpoint, fmt: str) -> tuple[torch.nn.Module, torch.Tens
     """The image model of a checkpoint rebuilt, its state loaded, in eval mode, with one zero input of its
     shape, and, for a model pruned with structure channels, physically smaller (its removed channels, checked
     to be whole, taken out: the third value; None for other models)."""
-    from workers.lm import is_causal_lm
+    from workers.lm.model import is_causal_lm
     from workers.models import build_model
     info = ckpt.info
     arch = info.arch

@@ -34,7 +34,7 @@ def build_task(spec: TaskSpec, device: torch.device | None = None):
     _TASK = None                                # free the old one before loading the next
     release_memory()
     if spec.kind == "causal_lm":
-        from workers.causal_lm import CausalLM
+        from workers.lm.task import CausalLM
         task = CausalLM(arch=spec.arch, data=spec.data, seed=spec.seed, device=device,
                         model_kwargs=dict(spec.model_kwargs), structure=spec.structure)
     else:

@@ -37,7 +37,7 @@ EpochReport = Callable[[dict[str, float]], None]
 class TaskSpec:
     """How a worker builds the job's task (service.records.Task): `classification`
     (workers.classification.Classification over `data`, a DataConfig) or `causal_lm`
-    (workers.causal_lm.CausalLM over `data`, a TextConfig), split by `seed`; `structure` (prune.structure):
+    (workers.lm.task.CausalLM over `data`, a TextConfig), split by `seed`; `structure` (prune.structure):
     what its pruning removes, single weights or whole channels (and the soup step checks they stay removed)."""
     kind: str
     arch: str
@@ -93,7 +93,7 @@ class TrainTask:
 @dataclass
 class LMTask:
     """One PERP retraining of a pruned causal LM (an ingredient or a search trial), run by
-    workers.causal_lm.run_lm_task."""
+    workers.lm.task.run_lm_task."""
     name: str
     arch: str
     data: TextConfig
@@ -116,7 +116,7 @@ class LMTask:
         return self.perp.epochs
 
     def run(self, on_epoch: EpochReport | None = None) -> TrainOutcome:
-        from workers.causal_lm import run_lm_task
+        from workers.lm.task import run_lm_task
         return run_lm_task(self, on_epoch)
 
 

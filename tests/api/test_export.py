@@ -70,8 +70,8 @@ def cnn(api):
 @pytest.fixture
 def llm(api, tiny_lm):
     """The tiny LLaMA with its blocks' weights half pruned (magnitude per tensor), stored as an LM job's soup."""
-    from workers.causal_lm import lm_masks
-    from workers.lm import load_causal_lm
+    from workers.lm.task import lm_masks
+    from workers.lm.model import load_causal_lm
     arch, text = tiny_lm
     spec = {"name": "lm", "model": {"arch": arch}, "data": {"name": "text", "path": text, "seq_len": 16},
             "prune": {"target_sparsity": 0.5, "phases": 1, "criterion": "magnitude"},

@@ -12,7 +12,7 @@ from service.pipeline import Pipeline
 from service.recorders import DBRecorder
 from service.spec import SpecError, parse_spec
 from workers.checkpoint import load
-from workers.llm_prune import prunable_lm_names
+from workers.lm.prune import prunable_lm_names
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +98,7 @@ def test_image_jobs_refuse_what_is_for_language_models():
 
 
 def test_lm_masks_cover_the_blocks_linear_layers_only(tiny_lm):
-    from workers.lm import load_causal_lm
+    from workers.lm.model import load_causal_lm
     model, _ = load_causal_lm(tiny_lm[0])
     names = prunable_lm_names(model)
     assert len(names) == 2 * 7 and not any("embed" in n or "lm_head" in n for n in names)

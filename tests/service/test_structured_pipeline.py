@@ -145,7 +145,7 @@ def test_a_channel_lm_job_exports_a_smaller_hf_model_with_the_masked_logits(tiny
     from transformers import AutoModelForCausalLM
 
     from service.store import Store
-    from workers.lm import load_causal_lm
+    from workers.lm.model import load_causal_lm
     arch, text = tiny_lm
     store = Store(f"sqlite:///{tmp_path / 'ladle.db'}")
     spec = parse_spec({"name": "lm", "model": {"arch": arch},

@@ -110,7 +110,7 @@ def test_sparse_keeps_dtypes_nan_a_mask_that_is_not_the_support_and_unmasked_ten
 def tiny_llm_checkpoint(sparsity: float = 0.5) -> Checkpoint:
     """A tiny random LLaMA with its blocks' linear weights magnitude-pruned to `sparsity` per tensor."""
     from tests.tiny_lm import tiny_llama
-    from workers.causal_lm import lm_masks
+    from workers.lm.task import lm_masks
     model = tiny_llama()
     masks = lm_masks(model)
     params = dict(model.named_parameters())
@@ -265,7 +265,7 @@ def test_hf_export_loads_with_from_pretrained_and_gives_the_stored_models_logits
     from transformers import AutoModelForCausalLM
     arch, _ = tiny_lm
     base = tiny_llm_checkpoint()         # the pruned weights of a random LLaMA of the same shape
-    from workers.lm import load_causal_lm
+    from workers.lm.model import load_causal_lm
     model, _ = load_causal_lm(arch)
     model.load_state_dict(base.state)
     meta = {"arch": arch, "model_kwargs": {}, "task": "causal_lm", "model_id": "m1", "kind": "soup", "phase": 1,

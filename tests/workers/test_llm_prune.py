@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from workers.llm_prune import (find_blocks, layer_mask, nm_mask, parse_pattern, prunable_lm_names, prune_causal_lm,
+from workers.lm.prune import (find_blocks, layer_mask, nm_mask, parse_pattern, prunable_lm_names, prune_causal_lm,
                                row_mask, sparsegpt_prune, wanda_scores)
 from workers.pruning import PruningError
 

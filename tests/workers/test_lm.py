@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from workers.lm import (
+from workers.lm.model import (
     HF_PREFIX,
     LMError,
     check_causal_lm,

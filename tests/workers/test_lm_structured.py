@@ -9,8 +9,8 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
                           Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from tests.tiny_lm import VOCAB, tiny_llama, tiny_opt
-from workers.llm_prune import prunable_lm_names
-from workers.lm_structured import (check_whole_lm_groups, group_sizes, kv_budget, lm_group_masks, lm_groups,
+from workers.lm.prune import prunable_lm_names
+from workers.lm.structured import (check_whole_lm_groups, group_sizes, kv_budget, lm_group_masks, lm_groups,
                                    lm_removed, lm_stats, prune_lm_structured, shrink_lm)
 from workers.pruning import PruningError, apply_masks
 from workers.soup import average

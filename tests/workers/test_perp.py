@@ -8,7 +8,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from workers.perp import (ADAPTER_MODES, PERP_MODES, LowRankAdapter, PerpConfig, PerpError,  # noqa: E402
+from workers.lm.perp import (ADAPTER_MODES, PERP_MODES, LowRankAdapter, PerpConfig, PerpError,  # noqa: E402
                           causal_lm_loss, evaluate_lm, linear_warmup_lrs, merge, prepare, pruned_nonzero,
                           retrain_lm, sparsity_after_merge)
 from workers.train import TrainingDiverged  # noqa: E402
@@ -73,7 +73,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def expected_trained(arch: str, mode: str, keys: list[str], masks: dict) -> set[str]:
-    """By name, independently of workers.perp's rules: what each mode may change."""
+    """By name, independently of workers.lm.perp's rules: what each mode may change."""
     if mode == "all":
         return set(keys)
     if mode in ADAPTER_MODES:

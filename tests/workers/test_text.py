@@ -6,7 +6,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from workers.text import (
+from workers.lm.text import (
     TextConfig,
     TextError,
     block_loader,

@@ -6,11 +6,11 @@ primary metric   test perplexity exp(mean next-token cross-entropy), lower is be
 phase 0          the pretrained model as it is (scored, not trained)
 pruning          magnitude, Wanda or SparseGPT over the linear layers inside the transformer blocks,
                  unstructured or N:M, calibrated block by block on `calibration_samples` training
-                 blocks (workers.llm_prune); norm drop d = ||theta - theta_pruned|| / ||theta|| over
+                 blocks (workers.lm.prune); norm drop d = ||theta - theta_pruned|| / ||theta|| over
                  every weight and bias (SparseGPT also moves the weights it keeps); with `structure`
                  channels, whole MLP neurons and attention KV groups, the same number in every layer
-                 (magnitude or Wanda's activation-weighted group score: workers.lm_structured)
-retraining       PERP (workers.perp): only biases/norms (/head), or adapters that keep the mask
+                 (magnitude or Wanda's activation-weighted group score: workers.lm.structured)
+retraining       PERP (workers.lm.perp): only biases/norms (/head), or adapters that keep the mask
 recalibration    none (no BatchNorm); no prediction ensemble (the soup and ingredients are compared)
 robustness       not measured: the one-shot curve (workers.robustness) is defined for image classifiers
 
@@ -31,12 +31,12 @@ from torch import nn
 
 from workers.config import TASK_OPTIONS, TaskOptions
 from workers.checkpoint import save_model
-from workers.lm import causal_lm_skeleton, load_causal_lm, perplexity
-from workers.llm_prune import prunable_lm_names, prune_causal_lm
-from workers.lm_structured import lm_structure_report, prune_lm_structured
-from workers.perp import retrain_lm
+from workers.lm.model import causal_lm_skeleton, load_causal_lm, perplexity
+from workers.lm.prune import prunable_lm_names, prune_causal_lm
+from workers.lm.structured import lm_structure_report, prune_lm_structured
+from workers.lm.perp import retrain_lm
 from workers.pruning import Masks, PruneResult, weight_and_bias_norm_sq
-from workers.text import TextConfig, TextSplits, block_loader, calibration_blocks, load_text_splits
+from workers.lm.text import TextConfig, TextSplits, block_loader, calibration_blocks, load_text_splits
 from workers.units import LMTask  # noqa: F401  (defined without torch)
 
 State = dict[str, torch.Tensor]
@@ -134,7 +134,7 @@ class CausalLM:
         return lm_masks(model)
 
     def structure_report(self, model: nn.Module, masks: Masks) -> dict[str, Any]:
-        """workers.lm_structured.lm_structure_report (MACs per token over `seq_len`-token blocks)."""
+        """workers.lm.structured.lm_structure_report (MACs per token over `seq_len`-token blocks)."""
         return lm_structure_report(model, masks, self.data.seq_len)
 
     def scores(self, model: nn.Module) -> dict[str, float]:

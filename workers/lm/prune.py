@@ -274,6 +274,34 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, rest: tuple, kwargs: dict
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def calibration_inputs(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, device: torch.device,
+                       home: torch.device) -> list:
+    """The first block's inputs for every calibration sample (`_capture_block_inputs`), computed on `device`
+    with what lies outside the blocks moved there for it and back to `home` afterwards."""
+    if device != home:
+        _move_outside_blocks(model, blocks, device)
+    try:
+        return _capture_block_inputs(model, blocks, calibration, device)
+    finally:
+        if device != home:
+            _move_outside_blocks(model, blocks, home)
+
+
+def block_input_stats(block: nn.Module, linears: dict[str, nn.Linear], inputs: list, criterion: str,
+                      device: torch.device) -> dict[str, _InputStats]:
+    """Each linear layer's input statistics for `criterion` (`_InputStats`) over the calibration `inputs`
+    run once through `block`."""
+    stats = {n: _InputStats(lin.in_features, criterion, device) for n, lin in linears.items()}
+    handles = [lin.register_forward_hook(stats[n]) for n, lin in linears.items()]
+    try:
+        for hidden, rest, kwargs in inputs:
+            _run_block(block, hidden, rest, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
 class _InputStats:
     """Accumulates, from a linear layer's inputs x (one row per token), sum_t x_tj^2 (wanda) or
     sum_t x_t x_t^T (sparsegpt) and the number of tokens."""
@@ -351,28 +379,11 @@ def prune_causal_lm(model: nn.Module, calibration: torch.Tensor | None, sparsity
     model.eval()
     new_masks: Masks = {}
     try:
-        inputs = []
-        if calibrated:
-            if device != home:
-                _move_outside_blocks(model, blocks, device)
-            try:
-                inputs = _capture_block_inputs(model, blocks, calibration, device)
-            finally:
-                if device != home:
-                    _move_outside_blocks(model, blocks, home)
+        inputs = calibration_inputs(model, blocks, calibration, device, home) if calibrated else []
         for i, block in enumerate(blocks):
             block.to(device)
             linears = _block_linears(block)
-            stats = {}
-            if calibrated:
-                stats = {n: _InputStats(lin.in_features, criterion, device) for n, lin in linears.items()}
-                handles = [lin.register_forward_hook(stats[n]) for n, lin in linears.items()]
-                try:
-                    for hidden, rest, kwargs in inputs:
-                        _run_block(block, hidden, rest, kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
+            stats = block_input_stats(block, linears, inputs, criterion, device) if calibrated else {}
             for n, lin in linears.items():
                 full = f"{prefix}.{i}.{n}.weight"
                 alive = masks[full].to(device=device, dtype=torch.bool) if masks is not None else None

@@ -11,7 +11,7 @@ KV group g       rows [g h_d, (g+1) h_d) of k_proj and v_proj, rows [g r h_d, (g
                  Removing whole KV groups keeps GQA consistent and head_dim unchanged.
 
 Every weight entry belongs to exactly one group. During retraining a structured mask is an ordinary
-mask (`workers.pruning`, True = kept, over `workers.llm_prune.prunable_lm_names`) whose zeros cover
+mask (`workers.pruning`, True = kept, over `workers.lm.prune.prunable_lm_names`) whose zeros cover
 whole groups; `shrink_lm` removes them physically into a smaller dense model of the same class.
 Biases (attention_bias / mlp_bias) are not masked: a removed group's bias only feeds the removed
 o_proj / down_proj columns, so the masked and the shrunk model compute the same function.
@@ -22,7 +22,7 @@ magnitude   s = sqrt(sum over the group's entries of W_ij^2)
 wanda       s = sum over the group's entries of |W_ij| * ||X_j||_2, X_j the calibration inputs (all
             tokens) of the layer the entry belongs to: for neuron j,
             sum_i |gate_ji| ||x_i|| + sum_i |up_ji| ||x_i|| + sum_r |down_rj| ||h_j||, h = down_proj's input.
-            Inputs are captured block by block as `workers.llm_prune` does (each block sees the
+            Inputs are captured block by block as `workers.lm.prune` does (each block sees the
             outputs of the already pruned blocks before it).
 
 Budget: a Hugging Face config holds one intermediate_size and one head count for every layer, so
@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from workers.config import TASK_OPTIONS, PruningError
-from workers.llm_prune import (_capture_block_inputs, _InputStats, _move_outside_blocks, _run_block, find_blocks,
-                               prunable_lm_names, wanda_scores)
+from workers.lm.prune import (_InputStats, _run_block, block_input_stats, calibration_inputs, find_blocks,
+                              prunable_lm_names, wanda_scores)
 from workers.pruning import Masks, PruneResult, check_masks, weight_and_bias_norm_sq
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")       # config.model_type values with the layout above
@@ -344,29 +344,12 @@ def prune_lm_structured(model: nn.Module, masks: Masks | None, target: float, *,
     model.eval()
     chosen, removed_sq = [], 0.0
     try:
-        inputs = []
-        if calibrated:
-            if device != home:
-                _move_outside_blocks(model, blocks, device)
-            try:
-                inputs = _capture_block_inputs(model, blocks, calibration, device)
-            finally:
-                if device != home:
-                    _move_outside_blocks(model, blocks, home)
+        inputs = calibration_inputs(model, blocks, calibration, device, home) if calibrated else []
         for block, layer, prior in zip(blocks, groups.layers, before["layers"]):
             if calibrated:
                 block.to(device)
             linears = _role_modules(block)
-            stats = None
-            if calibrated:
-                stats = {r: _InputStats(lin.in_features, "wanda", device) for r, lin in linears.items()}
-                handles = [lin.register_forward_hook(stats[r]) for r, lin in linears.items()]
-                try:
-                    for hidden, rest, kwargs in inputs:
-                        _run_block(block, hidden, rest, kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
+            stats = block_input_stats(block, linears, inputs, "wanda", device) if calibrated else None
             neuron_scores, kv_scores = _group_scores(linears, layer, criterion, stats)
             dead_n = torch.zeros(layer.neurons, dtype=torch.bool)
             dead_n[prior["neurons"]] = True
