@@ -363,8 +363,9 @@ RESCALES = ("gradient", "diameter", "none")
 class SFWConfig:
     """constraint: one of CONSTRAINTS; k: the fraction of each tensor's entries a k-sparse / k-support
     vertex has (group_k_support: the fraction of a weight's output channels / rows, its groups, that a
-    vertex has; biases and norm parameters get k_support with the fraction of their entries); radius_factor: the L2 diameter is 2 · radius_factor · the expected init norm;
-    momentum: μ of d ← μ d + ∇; rescale: the step-size rule (module docstring)."""
+    vertex has, best about the share of channels meant to survive; its biases and norm parameters get
+    k_support with the fraction of their entries); radius_factor: the L2 diameter is 2 · radius_factor ·
+    the expected init norm; momentum: μ of d ← μ d + ∇; rescale: the step-size rule (module docstring)."""
     constraint: str = "k_support"
     k: float = 0.05
     radius_factor: float = 10.0
