@@ -355,7 +355,12 @@ class OptimizerConfig:
 
 # ---------------------------------------------------------------- from workers.sfw
 
-CONSTRAINTS = ("k_support", "l1", "l2", "linf", "k_sparse")
+CONSTRAINTS = ("k_support", "l1", "l2", "linf", "k_sparse", "group_k_support", "group_l1")
+
+
+# the group constraints (one group per output channel / row of a conv or linear weight) and the per-entry
+# kind a tensor with fewer than 2 dimensions (a bias, a BatchNorm parameter) gets under them
+GROUP_CONSTRAINTS = {"group_k_support": "k_support", "group_l1": "l1"}
 
 
 RESCALES = ("gradient", "diameter", "none")
@@ -364,8 +369,10 @@ RESCALES = ("gradient", "diameter", "none")
 @dataclass(frozen=True)
 class SFWConfig:
     """constraint: one of CONSTRAINTS; k: the fraction of each tensor's entries a k-sparse / k-support
-    vertex has; radius_factor: the L2 diameter is 2 · radius_factor · the expected init norm;
-    momentum: μ of d ← μ d + ∇; rescale: the step-size rule (module docstring)."""
+    vertex has (group_k_support: the fraction of a weight's output channels / rows, its groups, that a
+    vertex has, best about the share of channels meant to survive; its biases and norm parameters get
+    k_support with the fraction of their entries); radius_factor: the L2 diameter is 2 · radius_factor ·
+    the expected init norm; momentum: μ of d ← μ d + ∇; rescale: the step-size rule (module docstring)."""
     constraint: str = "k_support"
     k: float = 0.05
     radius_factor: float = 10.0

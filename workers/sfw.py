@@ -21,20 +21,49 @@ Constraint sets (per parameter tensor, n entries, radius τ, g the tensor's dire
                 k-sparse vectors with ‖v‖₂ ≤ τ:   v = −τ · top_k(g) / ‖top_k(g)‖₂  (top_k keeps the k
                 largest |g_i|, zeroes the rest; 0 when g = 0);  min ⟨g, v⟩ = −τ ‖top_k(g)‖₂
 
+Group constraints (robustness to the pruning of whole filters / output channels, the paper's "group
+k-support norm"): a conv or linear weight W of shape (m, …) is m groups, its output channels / rows W_1 … W_m
+(W_i = W[i], the slice that structured pruning removes with channel i, workers.structured). With
+ν(W) = (‖W_1‖₂, …, ‖W_m‖₂) the vector of group norms and G_S the gradient G with every group outside S zeroed:
+
+    group_k_support   ‖W‖_(k),group = ‖ν(W)‖_(k), the k-support norm of the group norms; its ball of radius τ
+                      is the convex hull of the W supported on at most k groups with ‖W‖₂ ≤ τ:
+                      v = −τ · G_S / ‖G_S‖₂,  S = the k groups with the largest ‖G_i‖₂ (0 when G = 0);
+                      min ⟨G, v⟩ = −τ ‖G_S‖₂ = −τ ‖top_k(ν(G))‖₂
+    group_l1          Σ_i ‖W_i‖₂ ≤ τ (group_k_support with k = 1), the convex hull of the single-group W with
+                      ‖W‖₂ ≤ τ:  v = −τ · G_i* / ‖G_i*‖₂ on the group i* = argmax_i ‖G_i‖₂, 0 elsewhere
+
+A vertex moves k whole filters at once and leaves the others alone, so SFW concentrates the weight on a
+few filters and the rest shrink towards 0 (by the factors 1 − γ): removing the smallest filters then
+changes little. A tensor with fewer than 2 dimensions (a bias, a BatchNorm weight or bias) has no
+filters: it gets the per-entry kind (group_k_support → k_support, group_l1 → l1) with the per-entry k,
+which is what grouping its entries one by one would give.
+
 Radius rule (the reference's "initialization" mode): every constraint of a tensor gets the same L2
 diameter D = 2 · radius_factor · ‖θ_init‖₂, where ‖θ_init‖₂ is the expected L2 norm of the tensor under
 its layer's default initialisation (the mean over `INIT_REPETITIONS` re-initialisations of a copy of
 the layer with `reset_parameters`; a tensor initialised to zero, e.g. a BatchNorm bias, counts as 1;
 a layer without `reset_parameters` uses the tensor's actual norm). The radius τ that gives diameter D:
 
-    l1, l2, k_support:  τ = D / 2        linf:  τ = D / (2 √n)        k_sparse:  τ = D / (2 √k)
+    l1, l2, k_support, group_k_support, group_l1:  τ = D / 2
+    linf:  τ = D / (2 √n)        k_sparse:  τ = D / (2 √k)
 
-k is the fraction `k` of the tensor's entries, k = max(1, ⌊k · n⌋).
+(the group balls lie in the L2 ball of radius τ, since ‖W‖_(k),group ≥ ‖ν(W)‖₂ = ‖W‖₂, and contain ±τ W/‖W‖₂
+for any single-group W: their L2 diameter is 2τ, as for k_support).
+
+k is the fraction `k` of the tensor's entries, k = max(1, ⌊k · n⌋); for the group constraints the fraction
+of the weight's m groups, k = max(1, min(round(k · m), m)) (halves round up).
+A group k is best about the share of channels meant to survive the pruning (k = 0.5 for removing half):
+the default 0.05 makes most vertices single filters, and SFW then trains slowly.
 
 Which parameters: as in the reference, every parameter tensor of every layer (conv and linear weights,
 their biases, and the BatchNorm weights and biases) has its own constraint set of its own size. The
 starting point is made feasible once (a tensor outside its set is scaled by τ / ‖θ‖_C, the reference's
 `shift_inside`); afterwards every iterate is a convex combination of feasible points.
+Under a group kind every weight with at least 2 dimensions (conv and linear, the classifier included) is
+grouped by its output channels / rows, since workers.structured prunes the rows of hidden linear layers as
+well as conv filters; the reference's structured setting groups only Conv2d weights and puts every other
+tensor in an L2 ball.
 
 Step size (per tensor, lr = the schedule's learning rate at this step, clamped to [0, 1]):
 
@@ -56,7 +85,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from workers.config import CONSTRAINTS, RESCALES, SFWConfig  # noqa: F401  (torch-free: the driver and the API use them)
+from workers.config import CONSTRAINTS, GROUP_CONSTRAINTS, RESCALES, SFWConfig  # noqa: F401  (torch-free: the driver and the API use them)
 
 INIT_REPETITIONS = 10        # re-initialisations averaged for a layer's expected init norm
 TOLERANCE = 1e-12
@@ -98,6 +127,28 @@ def lmo_k_sparse(g: Tensor, k: int, radius: float) -> Tensor:
     return (-radius * torch.sign(_top_k(g, k))).view_as(g)
 
 
+def group_norms(x: Tensor) -> Tensor:
+    """ν(x) = (‖x_1‖₂, …, ‖x_m‖₂): the L2 norm of every slice x[i] along dim 0 (a 1-D or 0-D tensor: |x_i|)."""
+    return x.reshape(x.shape[0] if x.dim() else 1, -1).norm(dim=1)
+
+
+def lmo_group_k_support(g: Tensor, k: int, radius: float) -> Tensor:
+    """Group k-support norm ball of radius τ over the slices g[i] (convex hull of the x supported on at most
+    k slices with ‖x‖₂ ≤ τ): v = −τ g_S / ‖g_S‖₂, S = the k slices of largest ‖g_i‖₂ (0 for g = 0);
+    then ⟨g, v⟩ = −τ ‖top_k(ν(g))‖₂."""
+    norms = group_norms(g)
+    keep = torch.zeros_like(norms, dtype=torch.bool)
+    keep[norms.topk(min(k, norms.numel())).indices] = True
+    top = g * keep.view(-1, *([1] * (g.dim() - 1))) if g.dim() else g
+    norm = float(top.norm())
+    return -radius * top / norm if norm > TOLERANCE else torch.zeros_like(g)
+
+
+def lmo_group_l1(g: Tensor, radius: float) -> Tensor:
+    """Group-L1 ball {Σ_i ‖v_i‖₂ ≤ τ}: v = −τ g_i* / ‖g_i*‖₂ on the slice i* of largest ‖g_i‖₂, 0 elsewhere."""
+    return lmo_group_k_support(g, 1, radius)
+
+
 def lmo_k_support(g: Tensor, k: int, radius: float) -> Tensor:
     """k-support norm ball of radius τ (convex hull of k-sparse vectors with ‖v‖₂ ≤ τ):
     v = −τ top_k(g) / ‖top_k(g)‖₂ (0 for g = 0); then ⟨g, v⟩ = −τ ‖top_k(g)‖₂."""
@@ -136,9 +187,21 @@ def k_support_norm(x: Tensor, k: int) -> float:
     return math.sqrt(float(head_sq[j[best]]) + float(tail[j[best]]) ** 2 / (best + 1))
 
 
+def group_k_support_norm(x: Tensor, k: int) -> float:
+    """The group k-support norm over the slices x[i]: the k-support norm of ν(x) = (‖x_1‖₂, …, ‖x_m‖₂).
+    k = 1 gives the group-L1 norm Σ_i ‖x_i‖₂, k = m gives ‖x‖₂."""
+    return k_support_norm(group_norms(x.detach().double()), k) if x.numel() else 0.0
+
+
+def group_l1_norm(x: Tensor) -> float:
+    """Σ_i ‖x_i‖₂ over the slices x[i]."""
+    return float(group_norms(x.detach().double()).sum()) if x.numel() else 0.0
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """One tensor's constraint set: `kind`, its size `n`, `k` (k-sparse / k-support) and radius τ."""
+    """One tensor's constraint set: `kind`, its size `n` (entries), `k` (k-sparse / k-support: entries;
+    group_k_support: groups, the slices along dim 0) and radius τ."""
     kind: str
     n: int
     radius: float
@@ -155,6 +218,10 @@ class Constraint:
             return lmo_k_sparse(g, self.k, self.radius)
         if self.kind == "k_support":
             return lmo_k_support(g, self.k, self.radius)
+        if self.kind == "group_k_support":
+            return lmo_group_k_support(g, self.k, self.radius)
+        if self.kind == "group_l1":
+            return lmo_group_l1(g, self.radius)
         raise ValueError(f"unknown SFW constraint {self.kind!r}; known: {', '.join(CONSTRAINTS)}")
 
     def norm(self, x: Tensor) -> float:
@@ -167,11 +234,17 @@ class Constraint:
             return float(x.abs().max()) if x.numel() else 0.0
         if self.kind == "k_sparse":
             return k_sparse_norm(x, self.k)
-        return k_support_norm(x, self.k)
+        if self.kind == "k_support":
+            return k_support_norm(x, self.k)
+        if self.kind == "group_k_support":
+            return group_k_support_norm(x, self.k)
+        if self.kind == "group_l1":
+            return group_l1_norm(x)
+        raise ValueError(f"unknown SFW constraint {self.kind!r}; known: {', '.join(CONSTRAINTS)}")
 
     @property
     def diameter(self) -> float:
-        """The set's L2 diameter: 2τ (l1, l2, k_support), 2τ√n (linf), 2τ√k (k_sparse)."""
+        """The set's L2 diameter: 2τ (l1, l2, k_support, group_k_support, group_l1), 2τ√n (linf), 2τ√k (k_sparse)."""
         return 2 * self.radius * {"linf": math.sqrt(self.n), "k_sparse": math.sqrt(self.k)}.get(self.kind, 1.0)
 
 
@@ -180,13 +253,32 @@ def layer_k(fraction: float, n: int) -> int:
     return max(1, min(int(fraction * n), n))
 
 
+def group_k(fraction: float, groups: int) -> int:
+    """k of a group constraint: max(1, min(round(fraction · groups), groups)), halves rounding up."""
+    return max(1, min(math.floor(fraction * groups + 0.5), groups))
+
+
 def radius_for(kind: str, diameter: float, n: int, k: int) -> float:
-    """The radius τ of a `kind` set with L2 diameter `diameter` (module docstring)."""
+    """The radius τ of a `kind` set with L2 diameter `diameter` (module docstring): D / (2√n) for linf,
+    D / (2√k) for k_sparse, D / 2 for l1, l2, k_support, group_k_support and group_l1."""
+    if kind not in CONSTRAINTS:
+        raise ValueError(f"unknown SFW constraint {kind!r}; known: {', '.join(CONSTRAINTS)}")
     if kind == "linf":
         return diameter / (2 * math.sqrt(n))
     if kind == "k_sparse":
         return diameter / (2 * math.sqrt(k))
     return diameter / 2
+
+
+def constraint_kind(kind: str, param: Tensor) -> tuple[str, int]:
+    """(the kind `param` gets under the configured `kind`, the number of units its k counts): a group kind
+    keeps a weight with at least 2 dimensions (its groups: param.shape[0]); a smaller tensor gets the per-entry
+    kind (module docstring); other kinds count entries."""
+    if kind in GROUP_CONSTRAINTS:
+        if param.dim() >= 2:
+            return kind, param.shape[0]
+        return GROUP_CONSTRAINTS[kind], param.numel()
+    return kind, param.numel()
 
 
 @torch.no_grad()
@@ -210,7 +302,8 @@ def expected_init_norm(module: nn.Module, name: str, param: Tensor, repetitions:
 def make_constraints(model: nn.Module, cfg: SFWConfig, only: Iterable[nn.Parameter] | None = None,
                      repetitions: int = INIT_REPETITIONS) -> dict[str, Constraint]:
     """Per parameter tensor of `model` (restricted to `only` when given): its constraint set, with
-    diameter 2 · radius_factor · expected init norm (module docstring)."""
+    diameter 2 · radius_factor · expected init norm (module docstring); under a group kind the tensors
+    with fewer than 2 dimensions get the per-entry kind (`constraint_kind`)."""
     keep = None if only is None else {id(p) for p in only}
     out: dict[str, Constraint] = {}
     for mod_name, module in model.named_modules():
@@ -218,10 +311,11 @@ def make_constraints(model: nn.Module, cfg: SFWConfig, only: Iterable[nn.Paramet
             if keep is not None and id(p) not in keep:
                 continue
             n = p.numel()
-            k = layer_k(cfg.k, n)
+            kind, units = constraint_kind(cfg.constraint, p)
+            k = group_k(cfg.k, units) if kind in GROUP_CONSTRAINTS else layer_k(cfg.k, units)
             diameter = 2 * cfg.radius_factor * expected_init_norm(module, pname, p, repetitions)
             full = f"{mod_name}.{pname}" if mod_name else pname
-            out[full] = Constraint(kind=cfg.constraint, n=n, radius=radius_for(cfg.constraint, diameter, n, k), k=k)
+            out[full] = Constraint(kind=kind, n=n, radius=radius_for(kind, diameter, n, k), k=k)
     return out
 
 
