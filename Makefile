@@ -71,6 +71,7 @@ bench: $(STAMP) datasets
 	$(PY) bench/perp.py
 	$(PY) bench/sfw_vs_sgd.py
 	$(PY) bench/sparse_inference.py
+	$(PY) bench/structured_soups.py
 
 # Re-fetch the dashboard's vendored front-end builds and Swagger UI for /docs (versions in api/dashboard/vendor/VERSIONS)
 vendor:

@@ -209,9 +209,11 @@ class DataSpec(_Strict):
 
 class SFWSpec(_Strict):
     """Compression-aware dense training with Stochastic Frank-Wolfe (workers.sfw): every parameter
-    tensor stays in its own `constraint` set (k_support | l1 | l2 | linf | k_sparse) whose L2 diameter is
-    2 · `radius_factor` · the tensor's expected init norm; `k` is the fraction of each tensor's entries
-    that a vertex of k_support / k_sparse has; `rescale` turns the schedule's LR into the step size γ
+    tensor stays in its own `constraint` set (k_support | l1 | l2 | linf | k_sparse, or, for robustness to
+    removing whole filters, group_k_support | group_l1: the k-support / L1 norm over the L2 norms of each
+    weight's output channels) whose L2 diameter is 2 · `radius_factor` · the tensor's expected init norm;
+    `k` is the fraction of each tensor's entries (of its output channels, for the group kinds: pick about the
+    share of channels meant to survive) that a vertex of k_support / k_sparse / group_k_support has; `rescale` turns the schedule's LR into the step size γ
     (gradient: γ = min(lr ‖d‖ / ‖θ − v‖, 1); diameter: min(lr / D, 1); none: min(lr, 1))."""
     constraint: Literal[CONSTRAINTS] = "k_support"
     k: float = Field(0.05, gt=0.0, le=1.0)
