@@ -171,3 +171,24 @@ def test_a_channel_lm_job_exports_a_smaller_hf_model_with_the_masked_logits(tiny
     with torch.no_grad():
         torch.testing.assert_close(small(ids).logits, masked.eval()(ids).logits, atol=1e-4, rtol=1e-4)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+def test_sfw_with_a_group_constraint_trains_a_dense_model_measured_over_channel_shares(tmp_path):
+    """dense.sfw.constraint group_k_support (whole output filters) with prune.structure channels: the dense
+    model's one-shot robustness curve removes shares of channels, and little is lost at half of them."""
+    from service.recorders import LocalRecorder
+    spec = parse_spec({"name": "sfw-groups", "model": {"arch": "mlp"}, "data": {"batch_size": 64},
+                       "dense": {"epochs": 6, "lr": 0.3, "optimizer": "sfw",
+                                 "sfw": {"constraint": "group_k_support", "k": 0.5, "radius_factor": 10}},
+                       "prune": {"structure": "channels", "target_sparsity": 0.5, "phases": 1,
+                                 "robustness": [0.25, 0.5]},
+                       "retrain": {"epochs": 1}, "soup": {"ingredients": 2}})
+    rec = LocalRecorder(progress=False, quiet=True)
+    result = Pipeline(spec, SequentialExecutor(), rec, ArtifactStore(str(tmp_path))).run()
+    dense = next(m for m in rec.models if m["kind"] == "dense")
+    points = dense["metrics"]["robustness"]
+    assert [p["sparsity"] for p in points] == [0.25, 0.5]
+    acc = result.phases[0].metrics["soup_accuracy"]
+    assert acc > 0.5 and points[-1]["accuracy"] > acc - 0.15          # half the channels gone, one shot
+    assert load(dense["uri"]).meta["dense_optimizer"]["constraint"] == "group_k_support"
+    assert any("removing that share of the channels" in e["message"] for e in rec.events)
