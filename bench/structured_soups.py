@@ -47,16 +47,14 @@ def mean_std(xs: list[float], scale: float = 100.0, fmt: str = ".2f") -> str:
 
 
 def run_job(spec_dict: dict, root: Path):
-    from service.artifacts import ArtifactStore
-    from service.executors import SequentialExecutor
-    from service.pipeline import Pipeline
-    from service.recorders import LocalRecorder
     from service.access import Access
+    from service.driver import run_in_process
+    from service.recorders import LocalRecorder
     from service.spec import parse_spec
     spec = parse_spec(spec_dict, access=Access.trusting())     # this machine's own user, as `ladle run --local`
     rec = LocalRecorder(progress=False, quiet=True)
     t0 = time.perf_counter()
-    result = Pipeline(spec, SequentialExecutor(), rec, ArtifactStore(str(root))).run()
+    result = run_in_process(spec, str(root), rec)
     return spec, rec, result, time.perf_counter() - t0
 
 

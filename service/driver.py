@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from service.access import Access
 from service.artifacts import ArtifactStore
 from service.pipeline import Pipeline
-from service.records import ResumePoint
+from service.records import JobResult, Recorder, ResumePoint
 from service.settings import get_settings
 from service.spec import JobSpec
 from service.states import TERMINAL, StateError
@@ -91,6 +91,16 @@ def run_job(job_id: str, submission: str | None = None) -> int:
     _report(recorder)
     store.job_succeeded(job_id, result.final_model_id)
     return 0
+
+
+def run_in_process(spec: JobSpec, models: str, recorder: Recorder, *, resume: ResumePoint | None = None,
+                   prefix: str = "") -> JobResult:
+    """A job run to its end in this process, every unit of work here (SequentialExecutor), its models under
+    `models` (a folder or fsspec URL; LADLE_MAX_CHECKPOINT_BYTES applies), its progress to `recorder`: the one
+    in-process runner (`ladle run --local`, the benchmarks). The driver above is the same pipeline on Ray."""
+    from service.executors import SequentialExecutor
+    artifacts = ArtifactStore(models, max_checkpoint_bytes=get_settings().max_checkpoint_bytes)
+    return Pipeline(spec, SequentialExecutor(), recorder, artifacts, prefix=prefix, resume=resume).run()
 
 
 def footprint() -> dict[str, float | bool]:

@@ -64,16 +64,12 @@ def stop_on_signals() -> Iterator[None]:
 
 def run_local(spec: JobSpec, out: Path, *, json_output: bool = False) -> dict[str, Any]:
     """Run a job in this process with the sequential executor; models and summary.json go to `out`."""
-    from service.artifacts import ArtifactStore
-    from service.executors import SequentialExecutor
-    from service.pipeline import Pipeline
+    from service.driver import run_in_process
     from service.recorders import LocalRecorder
     from service.records import primary_metric
     out.mkdir(parents=True, exist_ok=True)
-    artifacts = ArtifactStore(str((out / "models").absolute()),
-                              max_checkpoint_bytes=get_settings().max_checkpoint_bytes)
     with LocalRecorder(err_console, progress=not json_output) as recorder:
-        result = Pipeline(spec, SequentialExecutor(), recorder, artifacts).run()
+        result = run_in_process(spec, str((out / "models").absolute()), recorder)
     path = recorder.write_summary(out / "summary.json", final_model_id=result.final_model_id)
     summary = recorder.summary(final_model_id=result.final_model_id)
     if json_output:
