@@ -352,3 +352,38 @@ def test_a_tied_head_is_stored_once_and_loads_back_as_two_equal_tensors():
         entries["c"]["shape"] = [4, 2]
     with pytest.raises(SparseFormatError, match=r"tensor 'c' is an alias of 'b', which is \(8,\) torch.float32, not"):
         from_sparse_bytes(_rewrite(data, reshape))
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "vgg16_bn"])
+def test_channel_pruned_exports_are_smaller_and_compute_what_the_masked_model_computes(arch):
+    """A channel-pruned ResNet-20 (residual adds) and VGG-16-BN, exported as onnx and compact: smaller shapes,
+    the parameter count the removed channels imply, the masked model's outputs (under onnxruntime too)."""
+    import onnxruntime as ort
+
+    from workers.export import compact_bytes, load_compact
+    from workers.structured import prune_channels, structure_report
+    torch.manual_seed(0)
+    in_shape = (3, 32, 32)
+    model = build_model(arch, num_classes=10, in_shape=in_shape, **KWARGS.get(arch, {})).eval()
+    for m in model.modules():                       # BatchNorm with statistics of its own: removed channels'
+        if isinstance(m, torch.nn.BatchNorm2d):     # betas and means must not leak into the outputs
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
+    x0 = torch.zeros(1, *in_shape)
+    r = prune_channels(model, None, 0.5, example_input=x0, scope="global")
+    report = structure_report(r.model, r.masks, x0)
+    meta = {"arch": arch, "model_kwargs": KWARGS.get(arch, {}), "num_classes": 10, "in_shape": list(in_shape),
+            "spec": {"prune": {"structure": "channels", "target_sparsity": 0.5}}}
+    ckpt = from_bytes(to_bytes(Checkpoint(state=r.model.state_dict(), masks=r.masks, meta=meta)))
+    x = torch.randn(4, *in_shape)
+    with torch.no_grad():
+        want = r.model.eval()(x)
+    small = load_compact(compact_bytes(ckpt))
+    assert sum(p.numel() for p in small.parameters()) == report["parameters"] < report["dense_parameters"]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), want, atol=1e-4, rtol=1e-4)
+    data = onnx_bytes(ckpt)
+    got = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    inits = onnx_initializers(data)
+    assert sum(inits[n].size for n in r.masks) == sum(int(p.numel()) for n, p in small.named_parameters()
+                                                      if n in r.masks)
