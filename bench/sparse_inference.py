@@ -371,8 +371,9 @@ def machine() -> str:
     except OSError:
         pass
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPUs ({cpu}), {cuda}; torch {torch.__version__}, {torch.get_num_threads()} "
-            f"threads; Python {platform.python_version()}")
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({cpu}), {cuda}, load average {load}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
 
 
 def command() -> str:
@@ -628,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
                     + markdown(layers, ("csr",)) + "\n\n" + "\n".join(f"- {line}" for line in layer_lines) + "\n\n")
         (args.out / "sparse-inference.md").write_text(
             f"`{command()}` ({started:%Y-%m-%d}, {machine()}, {seconds:.0f} s)\n\n"
-            + (f"{markdown(rows, args.layouts)}\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n" if rows else "")
+            + (markdown(rows, args.layouts) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n"
+               if rows else "")
             + layer_md
             + ("GPU: " + json.dumps(gpu) if gpu else "GPU section skipped: no CUDA.") + "\n")
         print(f"wrote {args.out / 'sparse-inference.json'} and {args.out / 'sparse-inference.md'}")

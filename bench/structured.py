@@ -23,6 +23,11 @@ dense and pruned alike, so that a neighbour's burst of CPU use does not land on 
                prefill  --prefill-batch (8) prompts of --prefill-len (128) tokens in one forward, as generate runs
                         it before the first new token: the KV cache is built, logits of the last position only
                         (logits_to_keep=1).
+             Timed differently from the CNNs: the three models' calls alternate one by one (dense, mlp50,
+             mlp50+kv, dense, ...; --lm-calls: 40 decoding steps, 8 prefills each), the fastest call is the figure
+             and the speed-up of the medians is reported beside it: a decoding step reads every weight once, so
+             it is bound by memory bandwidth, which the neighbours' jobs share, and fine-grained alternation
+             lets every model meet the same load.
   threads    1 by default (--threads): on a machine shared with other work two threads wait on each other.
 
 Before anything is timed, the masked model (the full-size model with the removed channels/groups zeroed) and
@@ -105,6 +110,23 @@ def timed(fns: dict[str, Callable[[], object]], *, min_run_time: float, rounds: 
     return best
 
 
+def alternated_ms(fns: dict[str, Callable[[], object]], calls: int) -> dict[str, dict[str, float]]:
+    """{key: {"min": ms, "median": ms}} over `calls` calls of each callable, alternated call by call (a, b, c, a,
+    b, c, ...; one untimed warm-up call each first), so that every model meets the same neighbours' load. For calls
+    long enough (milliseconds and more) that perf_counter's resolution does not matter."""
+    import statistics
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()
+        for _ in range(calls):
+            for key, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[key].append((time.perf_counter() - t) * 1e3)
+    return {k: {"min": min(v), "median": statistics.median(v)} for k, v in times.items()}
+
+
 def check_equal(ref: torch.Tensor, out: torch.Tensor, what: str, *, rtol: float = 1e-4) -> float:
     """Raise unless `out` equals `ref` up to float32 summation order; returns max |out - ref|."""
     diff, scale = float((out.float() - ref.float()).abs().max()), float(ref.float().abs().max())
@@ -157,9 +179,11 @@ def cnn_rows(arch: str, *, in_shape: tuple[int, int, int], width: float, shares:
             diff = max(check_equal(masked(x), small(x), f"{arch} {share:.0%} masked vs shrunk, batch {b}")
                        for b, x in inputs.items())
         n_removed, n_total = sum(len(v) for v in removed.values()), sum(g.size for g in groups)
-        pruned[share] = {"model": small, "stats": structured_stats(small, x1), "diff": diff,
+        widths = sorted({g.size - len(removed.get(g.root, [])) for g in groups})
+        pruned[share] = {"model": small, "stats": structured_stats(small, x1), "diff": diff, "kept_widths": widths,
                          "channels_removed": n_removed, "channels": n_total, "prune_seconds": seconds}
-        log(f"  {arch} {share:.0%}: {n_removed} of {n_total} channels removed ({len(groups)} groups), masked == "
+        log(f"  {arch} {share:.0%}: {n_removed} of {n_total} channels removed ({len(groups)} groups; kept widths "
+            f"{widths}), masked == "
             f"shrunk (max diff {diff:.2g}), {seconds:.1f} s")
         del r, masked
     sessions: dict[str, object] = {}
@@ -169,8 +193,8 @@ def cnn_rows(arch: str, *, in_shape: tuple[int, int, int], width: float, shares:
             sessions[key] = onnx_session(model, x1, threads)
             with torch.no_grad():
                 x = inputs[max(batch_sizes)]
-                ort_diff[key] = check_equal(model(x), torch.from_numpy(sessions[key].run(None, {"input": x.numpy()})[0]),
-                                            f"{arch} {key} ONNX Runtime vs eager", rtol=1e-3)
+                got = torch.from_numpy(sessions[key].run(None, {"input": x.numpy()})[0])
+                ort_diff[key] = check_equal(model(x), got, f"{arch} {key} ONNX Runtime vs eager", rtol=1e-3)
     rows = []
     for b, x in inputs.items():
         eager = {"dense": lambda m=dense, x=x: m(x)} | {f"{s:g}": (lambda m=p["model"], x=x: m(x))
@@ -184,7 +208,8 @@ def cnn_rows(arch: str, *, in_shape: tuple[int, int, int], width: float, shares:
         for share, p in pruned.items():
             k = f"{share:g}"
             row = {"model": arch, "share": share, "batch": b, "channels_removed": p["channels_removed"],
-                   "channels": p["channels"], "param_ratio": dense_stats["parameters"] / p["stats"]["parameters"],
+                   "channels": p["channels"], "kept_widths": p["kept_widths"],
+                   "param_ratio": dense_stats["parameters"] / p["stats"]["parameters"],
                    "mac_ratio": dense_stats["macs"] / p["stats"]["macs"], "dense_params": dense_stats["parameters"],
                    "pruned_params": p["stats"]["parameters"], "dense_macs": dense_stats["macs"],
                    "pruned_macs": p["stats"]["macs"], "eager_dense_ms": ms_eager["dense"],
@@ -194,9 +219,10 @@ def cnn_rows(arch: str, *, in_shape: tuple[int, int, int], width: float, shares:
                    "masked_equals_shrunk": True, "max_diff": p["diff"],
                    "ort_max_diff": max(ort_diff.get("dense", 0.0), ort_diff.get(k, 0.0)) if ort else None}
             rows.append(row)
-            log(f"  {arch} {share:.0%} batch {b:3d}: eager {row['eager_dense_ms']:8.3f} -> {row['eager_pruned_ms']:8.3f}"
-                f" ms ({row['eager_speedup']:.2f}x)" + (f", ORT {row['ort_dense_ms']:8.3f} -> {row['ort_pruned_ms']:8.3f}"
-                                                        f" ms ({row['ort_speedup']:.2f}x)" if ort else "")
+            ort_text = (f", ORT {row['ort_dense_ms']:8.3f} -> {row['ort_pruned_ms']:8.3f} ms "
+                        f"({row['ort_speedup']:.2f}x)" if ort else "")
+            log(f"  {arch} {share:.0%} batch {b:3d}: eager {row['eager_dense_ms']:8.3f} -> "
+                f"{row['eager_pruned_ms']:8.3f} ms ({row['eager_speedup']:.2f}x)" + ort_text
                 + f"; params {row['param_ratio']:.2f}x, MACs {row['mac_ratio']:.2f}x fewer")
     return rows
 
@@ -241,8 +267,8 @@ class Decode:
         return logits
 
 
-def lm_rows(config_kwargs: dict, *, cache_len: int, prefill: tuple[int, int], min_run_time: float, rounds: int,
-            threads: int, log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+def lm_rows(config_kwargs: dict, *, cache_len: int, prefill: tuple[int, int], calls: tuple[int, int],
+            log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
     """Dense SmolLM2-shaped model against its structured variants: decode and prefill tokens/s."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(**config_kwargs)
@@ -265,9 +291,9 @@ def lm_rows(config_kwargs: dict, *, cache_len: int, prefill: tuple[int, int], mi
         layer = removed["layers"][0]
         checks[name] = {"max_diff_prefill": a, "max_diff_decode": b, "neurons_removed_per_layer": len(layer["neurons"]),
                         "kv_groups_removed_per_layer": len(layer["kv_groups"])}
-        log(f"  LM {name}: {len(layer['neurons'])} of {config.intermediate_size} neurons and {len(layer['kv_groups'])} of "
-            f"{config.num_key_value_heads} KV groups removed per layer; masked == shrunk (max diff prefill {a:.2g}, "
-            f"decode {b:.2g})")
+        log(f"  LM {name}: {len(layer['neurons'])} of {config.intermediate_size} neurons and "
+            f"{len(layer['kv_groups'])} of {config.num_key_value_heads} KV groups removed per layer; masked == shrunk "
+            f"(max diff prefill {a:.2g}, decode {b:.2g})")
         models[name] = small
     names = list(variants)
     del variants, masked
@@ -275,30 +301,35 @@ def lm_rows(config_kwargs: dict, *, cache_len: int, prefill: tuple[int, int], mi
     stats = {k: lm_structured.lm_stats(m, cache_len + 1) for k, m in models.items()}
     rows = []
     decoders = {k: Decode(m, cache_len, vocab) for k, m in models.items()}
-    ms = timed(decoders, min_run_time=min_run_time, rounds=rounds, threads=threads)
-    ms_p = timed({k: (lambda m=m: m(input_ids=ids, use_cache=True, logits_to_keep=1)) for k, m in models.items()},
-                 min_run_time=min_run_time, rounds=rounds, threads=threads)
-    for mode, times, tokens in (("decode", ms, 1), ("prefill", ms_p, prefill[0] * prefill[1])):
+    ms_all = alternated_ms(decoders, calls[0])
+    ms_p_all = alternated_ms({k: (lambda m=m: m(input_ids=ids, use_cache=True, logits_to_keep=1))
+                              for k, m in models.items()}, calls[1])
+    for mode, all_, tokens in (("decode", ms_all, 1), ("prefill", ms_p_all, prefill[0] * prefill[1])):
+        times = {k: v["min"] for k, v in all_.items()}
         for name in names:
             row = {"model": "SmolLM2-135M shape" if config_kwargs == SMOLLM2 else "tiny llama", "variant": name,
                    "mode": mode, "batch": 1 if mode == "decode" else prefill[0],
                    "tokens": tokens, "context": cache_len if mode == "decode" else prefill[1],
                    "dense_ms": times["dense"], "pruned_ms": times[name],
-                   "dense_tokens_per_s": tokens / times["dense"] * 1e3, "pruned_tokens_per_s": tokens / times[name] * 1e3,
-                   "speedup": times["dense"] / times[name],
+                   "dense_tokens_per_s": tokens / times["dense"] * 1e3,
+                   "pruned_tokens_per_s": tokens / times[name] * 1e3,
+                   "speedup": times["dense"] / times[name], "calls": calls[0] if mode == "decode" else calls[1],
+                   "dense_median_ms": all_["dense"]["median"], "pruned_median_ms": all_[name]["median"],
+                   "speedup_median": all_["dense"]["median"] / all_[name]["median"],
                    "param_ratio": stats["dense"]["parameters"] / stats[name]["parameters"],
                    "mac_ratio": stats["dense"]["macs_per_token"] / stats[name]["macs_per_token"],
                    "dense_params": stats["dense"]["parameters"], "pruned_params": stats[name]["parameters"],
                    "masked_equals_shrunk": True, **checks[name]}
             rows.append(row)
             log(f"  LM {name} {mode}: {row['dense_tokens_per_s']:.1f} -> {row['pruned_tokens_per_s']:.1f} tokens/s "
-                f"({row['speedup']:.2f}x); params {row['param_ratio']:.2f}x, MACs/token {row['mac_ratio']:.2f}x fewer")
+                f"({row['speedup']:.2f}x; medians {row['speedup_median']:.2f}x); params {row['param_ratio']:.2f}x, "
+                f"MACs/token {row['mac_ratio']:.2f}x fewer")
     return rows, {"prune_seconds": prune_seconds, "config": config_kwargs}
 
 
 # ---------------------------------------------------------------- the real model (optional)
 
-def gguf_section(path: Path, *, cache: Path, threads: int, log: Callable[[str], None] = print) -> dict:
+def gguf_section(path: Path, *, cache: Path, log: Callable[[str], None] = print) -> dict:
     """Perplexity of SmolLM2-135M-Instruct (GGUF, dequantized) dense and one-shot pruned by 50 % of its MLP
     neurons with wanda (calibration and scored blocks as bench/perp.py's default run makes them)."""
     sys.path.insert(0, str(ROOT / "bench"))
@@ -344,8 +375,10 @@ def machine() -> str:
     except OSError:
         pass
     import onnxruntime
-    return (f"{os.cpu_count()} CPUs ({cpu}); torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"onnxruntime {onnxruntime.__version__}; Python {platform.python_version()}")
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({cpu}), load average {load}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; onnxruntime {onnxruntime.__version__}; "
+            f"Python {platform.python_version()}")
 
 
 def command() -> str:
@@ -371,13 +404,14 @@ def cnn_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def lm_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "pruned", "workload", "dense tokens/s", "pruned tokens/s", "speed-up", "params dense/pruned",
-            "MACs/token dense/pruned"]
-    body = [[r["model"], f"{r['variant']} (-{r['neurons_removed_per_layer']} neurons, -{r['kv_groups_removed_per_layer']}"
-             f" KV groups /layer)", (f"decode, batch 1, cache {r['context']}" if r["mode"] == "decode"
-                                     else f"prefill {r['batch']} x {r['context']}"),
+    head = ["model", "pruned", "workload", "dense tokens/s", "pruned tokens/s", "speed-up", "speed-up (medians)",
+            "params dense/pruned", "MACs/token dense/pruned"]
+    body = [[r["model"], f"{r['variant']} (-{r['neurons_removed_per_layer']} neurons, "
+             f"-{r['kv_groups_removed_per_layer']} KV groups /layer)",
+             (f"decode, batch 1, cache {r['context']}" if r["mode"] == "decode"
+              else f"prefill {r['batch']} x {r['context']}"),
              f"{r['dense_tokens_per_s']:.1f}", f"{r['pruned_tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
-             f"{r['param_ratio']:.2f}x", f"{r['mac_ratio']:.2f}x"] for r in rows]
+             f"{r['speedup_median']:.2f}x", f"{r['param_ratio']:.2f}x", f"{r['mac_ratio']:.2f}x"] for r in rows]
     return head, body
 
 
@@ -400,9 +434,9 @@ def goals(cnn: list[dict], lm: list[dict]) -> list[str]:
     mlp = [r for r in lm if r["variant"] == "mlp50" and r["mode"] == "decode"]
     for r in mlp:
         verdict = "holds" if r["speedup"] >= GOAL_LM else "DOES NOT HOLD"
-        lines.append(f"Goal {r['model']}, 50 % MLP neurons removed, batch-1 decoding: >= {GOAL_LM}x tokens/s: {verdict} "
-                     f"({r['speedup']:.2f}x: {r['dense_tokens_per_s']:.1f} -> {r['pruned_tokens_per_s']:.1f} tokens/s; "
-                     f"MACs/token {r['mac_ratio']:.2f}x fewer).")
+        lines.append(f"Goal {r['model']}, 50 % MLP neurons removed, batch-1 decoding: >= {GOAL_LM}x tokens/s: "
+                     f"{verdict} ({r['speedup']:.2f}x: {r['dense_tokens_per_s']:.1f} -> "
+                     f"{r['pruned_tokens_per_s']:.1f} tokens/s; MACs/token {r['mac_ratio']:.2f}x fewer).")
     if not mlp:
         lines.append("Goal SmolLM2 shape, 50 % MLP neurons, batch-1 decoding: not measured in this run.")
     for r in cnn + lm:
@@ -410,8 +444,8 @@ def goals(cnn: list[dict], lm: list[dict]) -> list[str]:
                                ("", r.get("speedup"))) if v is not None}
         if any(v < 1 for v in s.values()):
             label = r["variant"] + " " + r["mode"] if "variant" in r else f"{r['share']:.0%}"
-            lines.append(f"{r['model']} {label} batch {r['batch']}: "
-                         f"the pruned model is SLOWER than dense ({', '.join(f'{k} {v:.2f}x'.strip() for k, v in s.items())}).")
+            ratios = ", ".join(f"{k} {v:.2f}x".strip() for k, v in s.items())
+            lines.append(f"{r['model']} {label} batch {r['batch']}: the pruned model is SLOWER than dense ({ratios}).")
     return lines
 
 
@@ -429,7 +463,6 @@ def print_table(head: list[str], body: list[list[str]], title: str) -> None:
         t.add_column(h, justify="left" if h in ("model", "pruned", "workload", "channels removed") else "right")
     for r in body:
         t.add_row(*r)
-    from rich.console import Console
     Console(width=220).print(t)
 
 
@@ -465,8 +498,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-lm", action="store_true", help="no LM section")
     p.add_argument("--cache-len", type=int, default=128, help="LM decoding: tokens in the KV cache")
     p.add_argument("--prefill", type=_ints, default=(8, 128), help="LM prefill: prompts,tokens")
-    p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per timer")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the fastest is kept")
+    p.add_argument("--lm-calls", type=_ints, default=(40, 8),
+                   help="LM: timed calls of each model, decode,prefill (alternated call by call; the fastest kept)")
+    p.add_argument("--min-run-time", type=float, default=0.5, help="seconds per timer")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the fastest is kept")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
     p.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct GGUF file: perplexity section")
     p.add_argument("--cache", type=Path, default=Path.home() / ".ladle" / "bench",
@@ -479,12 +514,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--models: choose among {', '.join(CNNS)}")
     if len(args.prefill) != 2:
         p.error("--prefill takes prompts,tokens (e.g. 8,128)")
+    if len(args.lm_calls) != 2:
+        p.error("--lm-calls takes decode,prefill call counts (e.g. 40,8)")
     if args.rounds < 1 or args.min_run_time <= 0 or args.cache_len < 1:
         p.error("--rounds and --cache-len must be >= 1, --min-run-time > 0")
     if args.quick:
         args.min_run_time, args.rounds = min(args.min_run_time, 0.005), 1
         args.batch_sizes = tuple(min(b, 4) for b in args.batch_sizes)
-        args.cache_len, args.prefill = min(args.cache_len, 8), (2, 8)
+        args.cache_len, args.prefill, args.lm_calls = min(args.cache_len, 8), (2, 8), (3, 2)
     return args
 
 
@@ -493,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
-    print(f"{started:%Y-%m-%d %H:%M} UTC  {machine()}\n{command()}")
+    machine_start = machine()
+    print(f"{started:%Y-%m-%d %H:%M} UTC  {machine_start}\n{command()}")
     cnn: list[dict] = []
     if not args.skip_cnn:
         for arch in args.models:
@@ -505,10 +543,18 @@ def main(argv: list[str] | None = None) -> int:
     lm_info: dict = {}
     if not args.skip_lm:
         lm, lm_info = lm_rows(TINY_LM if args.quick else SMOLLM2, cache_len=args.cache_len, prefill=tuple(args.prefill),
-                              min_run_time=args.min_run_time, rounds=args.rounds, threads=args.threads)
-    gguf = gguf_section(args.gguf, cache=args.cache, threads=args.threads) if args.gguf else None
+                              calls=tuple(args.lm_calls))
+    gguf = gguf_section(args.gguf, cache=args.cache) if args.gguf else None
     seconds = time.perf_counter() - t0
+    load_end = " ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = goals(cnn, lm)
+    if gguf:
+        for name in ("mlp50", "mlp50+kv"):
+            g = gguf[name]
+            lines.append(f"SmolLM2-135M-Instruct one-shot {name} (wanda, no retraining): test perplexity "
+                         f"{gguf['dense']['perplexity']:.2f} -> {g['perplexity']:.2f} "
+                         f"({g['perplexity'] / gguf['dense']['perplexity']:.2f}x), parameters "
+                         f"{gguf['dense']['parameters'] / g['parameters']:.2f}x fewer.")
     title = f"CPU, {args.threads} thread(s); speed-up = dense ms / pruned ms; ratios dense / pruned"
     if cnn:
         print_table(*cnn_table(cnn), "Channel pruning (magnitude, layerwise), " + title)
@@ -517,14 +563,16 @@ def main(argv: list[str] | None = None) -> int:
     if gguf:
         print("GGUF perplexity: " + json.dumps(gguf))
     print("\n".join(lines))
-    print(f"done in {seconds:.0f} s")
+    print(f"done in {seconds:.0f} s (load average at the end {load_end})")
     if not args.quick or args.out != ROOT / "bench" / "figures":
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "structured.json").write_text(json.dumps(
-            {"date": started.isoformat(timespec="seconds"), "machine": machine(), "command": command(),
-             "seconds": seconds, "threads": args.threads, "cnn_rows": cnn, "lm_rows": lm, "lm": lm_info,
+            {"date": started.isoformat(timespec="seconds"), "machine": machine_start, "command": command(),
+             "seconds": seconds, "load_average_end": load_end, "threads": args.threads, "cnn_rows": cnn,
+             "lm_rows": lm, "lm": lm_info,
              "gguf": gguf, "verdict": lines}, indent=1))
-        md = [f"`{command()}` ({started:%Y-%m-%d}, {machine()}, {seconds:.0f} s)", ""]
+        md = [f"`{command()}` ({started:%Y-%m-%d}, {machine_start}, {seconds:.0f} s; load average at the end "
+              f"{load_end})", ""]
         if cnn:
             md += ["Channel pruning: `prune_channels(criterion=\"magnitude\", scope=\"layerwise\")`, then `shrink`; "
                    "CIFAR shapes (3x32x32, 10 classes), random weights; ORT = ONNX Runtime CPU.", "",
