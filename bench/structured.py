@@ -48,7 +48,7 @@ fetches it into ~/.ladle/bench/smollm2/): perplexity of the real model dense and
 MLP neurons with wanda (calibration and test blocks from the Shakespeare plays exactly as bench/perp.py makes
 them; KV groups left whole), with and without 1 of 3 KV groups.
 
-    .venv/bin/python bench/structured.py              # the default run, about 8 minutes on 1 thread
+    .venv/bin/python bench/structured.py              # the default run, about 3 minutes on 1 thread (with --gguf about 5)
     .venv/bin/python bench/structured.py --quick      # tiny sizes, seconds: checks it end to end
     .venv/bin/python bench/structured.py --gguf ~/.ladle/bench/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --skip-cnn
 """

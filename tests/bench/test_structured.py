@@ -55,6 +55,7 @@ def test_quick_run_writes_every_row_and_masked_equals_shrunk(tmp_path):
         assert r["neurons_removed_per_layer"] == 32
         assert r["kv_groups_removed_per_layer"] == (1 if r["variant"] == "mlp50+kv" else 0)
         assert r["dense_tokens_per_s"] > 0 and r["pruned_tokens_per_s"] > 0 and r["param_ratio"] > 1
+        assert r["speedup_median"] > 0 and r["calls"] >= 1
     verdict = "\n".join(data["verdict"])
     assert "Goal ResNet-56, 50 % channels, PyTorch eager, batch 1" in verdict
     assert "Goal ResNet-56, 50 % channels, ONNX Runtime, batch 4" in verdict
