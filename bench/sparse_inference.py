@@ -20,6 +20,15 @@ the command, the table (latency and size ratios, sparse / dense) and plain lines
 slower; written: sparse-inference.json and sparse-inference.md under --out (bench/figures). The weights
 are untrained: the latency of a sparse kernel depends on where the zeros are, not on the values.
 
+Layers (--layers, in the default run and in --quick; --no-layers skips it): single linear layers at the real
+sizes of LLMs, where unstructured sparsity has its best chance on a CPU: SmolLM2-135M's MLP, 576 -> 1536
+(gate/up) and 1536 -> 576 (down), and a 1B-shaped MLP (LLaMA-3.2-1B: 2048 -> 8192 and 8192 -> 2048), bias-free
+as in LLaMA, random weights pruned layerwise by magnitude to 90, 95, 98 % (--layer-sparsities), on inputs of
+1 token (batch-1 decoding: a (1, in) input) and 8 tokens (--layer-tokens). Dense is nn.Linear (F.linear: an
+MKL sgemm/sgemv); CSR is workers.sparse_inference's SparseLinear, y = (W_csr @ x^T)^T with torch.sparse.mm,
+which on the CPU dispatches to aten::addmm on the CSR tensor (addmm_out_sparse_csr_cpu: MKL's sparse BLAS,
+mkl_sparse_s_mm, where torch is built with MKL; the JSON records torch.backends.mkl.is_available()).
+
 GPU: when CUDA is available, the transformer pruned 2:4 runs in float16 with its blocks' weights as
 `torch.sparse.to_sparse_semi_structured` tensors against the same model dense; otherwise the section
 says it was skipped.
@@ -31,6 +40,7 @@ model's metrics as `inference` (Store.add_model_metrics).
 
     .venv/bin/python bench/sparse_inference.py                  # the default run, a few minutes on 2 cores
     .venv/bin/python bench/sparse_inference.py --quick          # tiny sizes, seconds: checks it end to end
+    .venv/bin/python bench/sparse_inference.py --models '' --patterns ''   # the layers section only
     .venv/bin/python bench/sparse_inference.py --model-id 3f2a... --database-url sqlite:///.ladle/ladle.db
 """
 
@@ -59,6 +69,11 @@ from workers.sparse_inference import LAYOUTS, semi_structured, size_ratio, spars
 
 ROOT = Path(__file__).resolve().parent.parent
 SPARSITIES = (0.5, 0.7, 0.9, 0.95, 0.98)
+LAYER_SHAPES = ((576, 1536), (1536, 576), (2048, 8192), (8192, 2048))      # (in, out) of nn.Linear
+LAYER_NAMES = {(576, 1536): "SmolLM2-135M gate/up", (1536, 576): "SmolLM2-135M down",
+               (2048, 8192): "1B gate/up", (8192, 2048): "1B down"}
+LAYER_SPARSITIES = (0.9, 0.95, 0.98)
+LAYER_TOKENS = (1, 8)
 PATTERNS = ("2:4",)
 warnings.filterwarnings("ignore", message="Sparse (CSR|BSR) tensor support is in beta")
 
@@ -237,6 +252,61 @@ def timed(dense: nn.Module, sparse: dict[str, nn.Module], x: torch.Tensor, *, mi
     return best.pop("dense"), best
 
 
+# ---------------------------------------------------------------- single LLM-sized layers
+
+def layer_rows(shapes: tuple[tuple[int, int], ...] = LAYER_SHAPES, sparsities: tuple[float, ...] = LAYER_SPARSITIES,
+               tokens: tuple[int, ...] = LAYER_TOKENS, *, min_run_time: float = 0.2, rounds: int = 2,
+               threads: int | None = None, log: Callable[[str], None] = print) -> list[Row]:
+    """One bias-free nn.Linear per (in, out) shape, dense against CSR at each sparsity (layerwise magnitude,
+    workers.pruning) and number of tokens: a (tokens, in) input. Outputs checked equal before timing."""
+    rows = []
+    for n_in, n_out in shapes:
+        torch.manual_seed(0)
+        dense = nn.Sequential(nn.Linear(n_in, n_out, bias=False)).eval()
+        name = f"linear {n_in}->{n_out}" + (f" ({LAYER_NAMES[(n_in, n_out)]})" if (n_in, n_out) in LAYER_NAMES else "")
+        gen = torch.Generator().manual_seed(1)
+        inputs = {t: torch.randn(t, n_in, generator=gen) for t in tokens}
+        pruned: dict[str, tuple[nn.Module, nn.Module, float]] = {}
+        for sparsity in sparsities:
+            r = prune(dense, None, sparsity, scope="layerwise")
+            actual = 1 - sum(int(m.sum()) for m in r.masks.values()) / sum(m.numel() for m in r.masks.values())
+            pruned[f"{sparsity * 100:g}%"] = (r.model.eval(), sparsify(r.model, "csr", names=r.masks)[0], actual)
+        for t, x in inputs.items():
+            diffs = {k: check_same_outputs(p, csr, x) for k, (p, csr, _) in pruned.items()}
+            # one dense baseline per input, timed in every round between the sparsities
+            dense_ms, sparse_ms = timed(dense, {k: csr for k, (_, csr, _) in pruned.items()}, x,
+                                        min_run_time=min_run_time, rounds=rounds, threads=threads)
+            for k, (_, csr, actual) in pruned.items():
+                row = Row(name, k, actual, t, dense_ms, {"csr": sparse_ms[k]}, {"csr": size_ratio(csr)}, diffs[k])
+                rows.append(row)
+                log(f"  {name:40s} {k:>4s} {t:2d} token(s): dense {dense_ms:8.4f} ms  CSR {sparse_ms[k]:8.4f} ms "
+                    f"({row.ratio('csr'):5.2f}x)")
+        del pruned
+    return rows
+
+
+def layer_verdict(rows: list[Row]) -> list[str]:
+    """Plain sentences per layer and token count: from which sparsity on CSR is faster than dense."""
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        for t in dict.fromkeys(r.batch for r in rows if r.model == model):
+            mine = [r for r in rows if r.model == model and r.batch == t]
+            faster = [r.sparsity for r in mine if r.ratio("csr") < 1]
+            slower = [r.sparsity for r in mine if r.ratio("csr") >= 1]
+            what = "1 token (batch-1 decoding)" if t == 1 else f"{t} tokens"
+            ratios = ", ".join(f"{r.sparsity} {r.ratio('csr'):.2f}x" for r in mine)
+            if not faster:
+                lines.append(f"{model}, {what}: CSR is SLOWER than dense at every sparsity measured ({ratios}; "
+                             f"CSR time / dense time).")
+            elif not slower:
+                lines.append(f"{model}, {what}: CSR is faster than dense at every sparsity measured ({ratios}; "
+                             f"CSR time / dense time).")
+            else:
+                lines.append(f"{model}, {what}: CSR is faster than dense only at {', '.join(faster)}, SLOWER at "
+                             f"{', '.join(slower)} ({ratios}; CSR time / dense time).")
+    return lines
+
+
 # ---------------------------------------------------------------- the report
 
 def table(rows: list[Row], layouts: tuple[str, ...]) -> list[list[str]]:
@@ -301,8 +371,9 @@ def machine() -> str:
     except OSError:
         pass
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{os.cpu_count()} CPUs ({cpu}), {cuda}; torch {torch.__version__}, {torch.get_num_threads()} "
-            f"threads; Python {platform.python_version()}")
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"{os.cpu_count()} CPUs ({cpu}), {cuda}, load average {load}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; Python {platform.python_version()}")
 
 
 def command() -> str:
@@ -459,6 +530,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the fastest is kept")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for every model (default 1: on a shared machine 2 threads wait on each other)")
+    p.add_argument("--no-layers", action="store_true", help="skip the section of single LLM-sized linear layers")
+    p.add_argument("--layer-sparsities", type=_sparsities, default=LAYER_SPARSITIES,
+                   help="unstructured sparsities of the layers section")
+    p.add_argument("--layer-tokens", type=_ints, default=LAYER_TOKENS, help="tokens per input, layers section")
     p.add_argument("--quick", action="store_true", help="tiny models, short timers: end to end in seconds")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "figures", help="where the .json and .md go")
     p.add_argument("--model-id", help="time this stored model against its dense ancestor and record it")
@@ -517,12 +592,24 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_case(case, what, layouts=args.layouts, min_run_time=args.min_run_time, rounds=args.rounds,
                              threads=args.threads, lowering=i == 0)
     title = "CPU inference, sparse / dense (ratios < 1: sparse is faster or smaller)"
-    print_table(rows, args.layouts, title)
-    lines = verdict(rows, args.layouts)
-    print("\n".join(lines))
+    lines: list[str] = []
+    if rows:
+        print_table(rows, args.layouts, title)
+        lines = verdict(rows, args.layouts)
+        print("\n".join(lines))
     left = {f"{r.model}: {k}" for r in rows for k in r.dense_layers}
     if left:
         print("Left dense (no sparse lowering): " + ", ".join(sorted(left)))
+    layers: list[Row] = []
+    layer_lines: list[str] = []
+    if not args.no_layers:
+        shapes = ((48, 128), (128, 48)) if args.quick else LAYER_SHAPES
+        layers = layer_rows(shapes, args.layer_sparsities, args.layer_tokens, min_run_time=args.min_run_time,
+                            rounds=args.rounds, threads=args.threads)
+        print_table(layers, ("csr",), "Single LLM-sized linear layers, CSR (torch.sparse.mm) / dense nn.Linear, "
+                    "batch = tokens")
+        layer_lines = layer_verdict(layers)
+        print("\n".join(layer_lines))
     gpu = gpu_section(args.lm_batch_sizes, min_run_time=args.min_run_time, quick=args.quick)
     seconds = (datetime.now(timezone.utc) - started).total_seconds()
     print(f"done in {seconds:.0f} s")
@@ -530,10 +617,21 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sparse-inference.json").write_text(json.dumps(
             {"date": started.isoformat(timespec="seconds"), "machine": machine(), "command": command(),
-             "seconds": seconds, "rows": [asdict(r) for r in rows], "gpu": gpu, "verdict": lines}, indent=1))
+             "seconds": seconds, "rows": [asdict(r) for r in rows], "gpu": gpu, "verdict": lines,
+             "layers": {"rows": [asdict(r) for r in layers], "verdict": layer_lines,
+                        "op": "torch.sparse.mm(W_csr, x^T) -> aten::addmm on CSR (MKL sparse BLAS where built in)",
+                        "mkl": torch.backends.mkl.is_available()}}, indent=1))
+        layer_md = ("" if not layers else
+                    "## Single LLM-sized linear layers\n\nDense `nn.Linear` (bias-free) against CSR (`torch.sparse.mm`"
+                    " -> `aten::addmm` on a CSR weight: MKL sparse BLAS, "
+                    f"`torch.backends.mkl.is_available()` = {torch.backends.mkl.is_available()}); batch = tokens "
+                    "of one input, 1 = batch-1 decoding. Ratios: CSR / dense (< 1: CSR faster or smaller).\n\n"
+                    + markdown(layers, ("csr",)) + "\n\n" + "\n".join(f"- {line}" for line in layer_lines) + "\n\n")
         (args.out / "sparse-inference.md").write_text(
-            f"`{command()}` ({started:%Y-%m-%d}, {machine()}, {seconds:.0f} s)\n\n{markdown(rows, args.layouts)}\n\n"
-            + "\n".join(f"- {line}" for line in lines) + "\n\n"
+            f"`{command()}` ({started:%Y-%m-%d}, {machine()}, {seconds:.0f} s)\n\n"
+            + (markdown(rows, args.layouts) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n\n"
+               if rows else "")
+            + layer_md
             + ("GPU: " + json.dumps(gpu) if gpu else "GPU section skipped: no CUDA.") + "\n")
         print(f"wrote {args.out / 'sparse-inference.json'} and {args.out / 'sparse-inference.md'}")
     return 0

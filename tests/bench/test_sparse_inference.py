@@ -110,3 +110,17 @@ def test_model_id_times_a_stored_model_against_its_dense_ancestor_and_records_it
     assert "dense model itself" in capsys.readouterr().err
     assert bench.main(["--model-id", "no-such-model", "--database-url", url]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_layers_section_times_single_linear_layers_dense_against_csr(bench):
+    rows = bench.layer_rows(((48, 128), (128, 48)), (0.9, 0.98), (1, 3), min_run_time=0.001, rounds=1,
+                            log=lambda _: None)
+    assert [(r.model.split(" (")[0], r.sparsity, r.batch) for r in rows] == [
+        (f"linear {i}->{o}", s, t) for i, o in ((48, 128), (128, 48)) for t in (1, 3) for s in ("90%", "98%")]
+    for r in rows:
+        assert r.max_diff <= 1e-4 and r.dense_ms > 0 and r.sparse_ms["csr"] > 0
+        assert r.actual_sparsity == pytest.approx(float(r.sparsity.rstrip("%")) / 100, abs=0.01)
+    # one dense baseline per layer and input, shared by every sparsity
+    assert len({(r.model, r.batch, r.dense_ms) for r in rows}) == 4
+    lines = bench.layer_verdict(rows)
+    assert len(lines) == 4 and lines[0].startswith("linear 48->128, 1 token (batch-1 decoding): CSR is")
