@@ -14,9 +14,9 @@ dense and pruned alike, so that a neighbour's burst of CPU use does not land on 
              TorchScript exporter as workers.export.onnx_bytes does, constants folded);
   LM         the shape of SmolLM2-135M (LlamaConfig: hidden 576, MLP 1536, 30 layers, 9 heads, 3 KV heads,
              vocab 49152, tied embeddings; random weights: speed does not depend on the values), dense against
-             `mlp50` (50 % of every layer's MLP neurons removed, `workers.lm_structured`, magnitude) and
-             `mlp50+kv` (the same neurons and 1 of the 3 KV groups, i.e. 3 of the 9 query heads: what
-             prune_lm_structured does at target 0.5), shrunk with `shrink_lm`. Measured as tokens/s:
+             `mlp50` (50 % of every layer's MLP neurons removed, `workers.lm.structured`, magnitude: what
+             prune.structure neurons does) and `mlp50+kv` (the same neurons and 1 of the 3 KV groups, i.e. 3 of
+             the 9 query heads: prune.structure channels at 0.5), shrunk with `shrink_lm`. Measured as tokens/s:
                decode   batch-1 decoding: one new token on a KV cache of --cache-len (128) tokens
                         (model(input_ids, cache=cache) on a DynamicCache; the cache is cropped back to 128 tokens after
                         every call, so every timed call does the same work; fixed token ids, deterministic);
@@ -69,7 +69,6 @@ import warnings
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:                     # run as a script: this checkout's workers, not an installed one
@@ -79,7 +78,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.benchmark import Timer  # noqa: E402
 
-from workers import lm_structured  # noqa: E402
+from workers.lm import structured as lm_structured  # noqa: E402
 from workers.models import build_model  # noqa: E402
 from workers.structured import channel_groups, prune_channels, removed_channels, shrink, structured_stats  # noqa: E402
 
@@ -231,17 +230,15 @@ def cnn_rows(arch: str, *, in_shape: tuple[int, int, int], width: float, shares:
 
 def lm_variants(dense: nn.Module, *, share: float = 0.5, criterion: str = "magnitude",
                 calibration: torch.Tensor | None = None) -> dict[str, tuple[nn.Module, nn.Module, dict]]:
-    """{"mlp50": ..., "mlp50+kv": ...}: (masked, shrunk, removed) of `dense` pruned by workers.lm_structured
-    at `share`: MLP neurons only (the library ties the KV-group budget to the same target, so its kv_budget is
-    held at 0 for this variant), and neurons with floor(share * KV heads) KV groups (the library's own call)."""
+    """{"mlp50": ..., "mlp50+kv": ...}: (masked, shrunk, removed) of `dense` pruned by workers.lm.structured
+    at `share`: MLP neurons only (heads=False: prune.structure neurons), and neurons with floor(share * KV heads)
+    KV groups (prune.structure channels)."""
     pct = f"{share * 100:g}"
     out = {}
     for name, heads in ((f"mlp{pct}", False), (f"mlp{pct}+kv", True)):
         masked = copy.deepcopy(dense)
-        patch = (mock.patch.object(lm_structured, "kv_budget", lambda *a, **k: 0) if not heads
-                 else mock.patch.object(lm_structured, "kv_budget", lm_structured.kv_budget))
-        with patch:
-            r = lm_structured.prune_lm_structured(masked, None, share, criterion=criterion, calibration=calibration)
+        r = lm_structured.prune_lm_structured(masked, None, share, criterion=criterion, calibration=calibration,
+                                              heads=heads)
         removed = lm_structured.lm_removed(r.masks, lm_structured.lm_groups(masked))
         out[name] = (masked.eval(), lm_structured.shrink_lm(masked, removed).eval(), removed)
         del r
@@ -334,8 +331,8 @@ def gguf_section(path: Path, *, cache: Path, log: Callable[[str], None] = print)
     neurons with wanda (calibration and scored blocks as bench/perp.py's default run makes them)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import perp
-    from workers.lm import load_causal_lm, perplexity
-    from workers.text import TextConfig, calibration_blocks, load_text_splits
+    from workers.lm.model import load_causal_lm, perplexity
+    from workers.lm.text import TextConfig, calibration_blocks, load_text_splits
     path = path.expanduser().resolve()
     started = time.perf_counter()
     model, tokenizer = load_causal_lm(f"hf:{path.parent}", gguf_file=path.name)
@@ -442,10 +439,13 @@ def goals(cnn: list[dict], lm: list[dict]) -> list[str]:
     for r in cnn + lm:
         s = {k: v for k, v in (("eager", r.get("eager_speedup")), ("ONNX Runtime", r.get("ort_speedup")),
                                ("", r.get("speedup"))) if v is not None}
-        if any(v < 1 for v in s.values()):
+        slower = {k: v for k, v in s.items() if v < 1}
+        if slower:
             label = r["variant"] + " " + r["mode"] if "variant" in r else f"{r['share']:.0%}"
+            where = " and ".join(k for k in slower if k) or "here"
             ratios = ", ".join(f"{k} {v:.2f}x".strip() for k, v in s.items())
-            lines.append(f"{r['model']} {label} batch {r['batch']}: the pruned model is SLOWER than dense ({ratios}).")
+            lines.append(f"{r['model']} {label} batch {r['batch']}: the pruned model is SLOWER than dense in {where} "
+                         f"(speed-ups: {ratios}).")
     return lines
 
 
@@ -578,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                    "CIFAR shapes (3x32x32, 10 classes), random weights; ORT = ONNX Runtime CPU.", "",
                    _md(*cnn_table(cnn)), ""]
         if lm:
-            md += [f"LM: {lm[0]['model']}, random weights, `workers.lm_structured` (magnitude), shrunk; decode = one "
+            md += [f"LM: {lm[0]['model']}, random weights, `workers.lm.structured` (magnitude), shrunk; decode = one "
                    f"token on a {args.cache_len}-token KV cache; prefill logits of the last position only.", "",
                    _md(*lm_table(lm)), ""]
         if gguf:

@@ -152,7 +152,7 @@ class Pipeline:
         ends = f"{points[0][m]:.4f} at sparsity {points[0]['sparsity']:g}"
         if len(points) > 1:
             ends += f", {points[-1][m]:.4f} at {points[-1]['sparsity']:g}"
-        how = ("removing that share of the channels (by L2 norm)" if self.spec.prune.structure == "channels"
+        how = ("removing that share of the channels (by L2 norm)" if self.spec.prune.structure != "unstructured"
                else "magnitude pruning")
         self.recorder.event(f"phase 0: one-shot robustness curve measured at {len(points)} sparsities "
                             f"({curve.split} {m} after {how}{recal}, no retraining: {ends}) "

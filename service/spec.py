@@ -276,7 +276,8 @@ class PruneSpec(_Strict):
     torch_pruning's dependency graph finds them; language models: MLP neurons and attention KV groups,
     the same number in every layer), ranked by their L2 norm (magnitude), at random (image models) or by
     Wanda's activation-weighted score (language models); `target_sparsity` is then the share of the
-    prunable channels (groups) removed, and exports (onnx, hf, compact) come out physically smaller."""
+    prunable channels (groups) removed, and exports (onnx, hf, compact) come out physically smaller.
+    neurons (language models): MLP neurons only, attention kept whole."""
     target_sparsity: float = Field(0.9, ge=0.0, lt=1.0)
     phases: int = Field(3, ge=1, le=MAX_PHASES)
     scope: Literal["global", "layerwise"] = "global"
@@ -314,7 +315,7 @@ class PruneSpec(_Strict):
         if nm is not None and self.phases != 1:
             raise ValueError(f"pattern {self.pattern} is reached in one phase: phases must be 1, not {self.phases}")
         if nm is not None and self.structure != "unstructured":
-            raise ValueError(f"prune.structure {self.structure} removes whole channels; prune.pattern {self.pattern} "
+            raise ValueError(f"prune.structure {self.structure} removes whole groups; prune.pattern {self.pattern} "
                              f"keeps N of every M weights: choose one (structure unstructured, or pattern unstructured)")
         if nm is not None and abs(self.target_sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ValueError(f"pattern {self.pattern} prunes exactly {1 - nm[0] / nm[1]:g} of the weights: "
@@ -534,9 +535,12 @@ class JobSpec(_Strict):
                 others = " or ".join(_TASK_NAMES[k] for k, o in TASK_OPTIONS.items()
                                      if value in (o.criteria if field == "prune.criterion" else o.retrain_params))
                 raise ValueError(f"{field} {value} is for {others}; {where} take {', '.join(offered)}")
-        if self.prune.structure == "channels" and self.prune.criterion not in options.channel_criteria:
+        if self.prune.structure not in options.structures:
+            raise ValueError(f"prune.structure {self.prune.structure} is for language models; {where} take "
+                             f"{', '.join(options.structures)}")
+        if self.prune.structure != "unstructured" and self.prune.criterion not in options.channel_criteria:
             raise ValueError(f"prune.criterion {self.prune.criterion} ranks single weights; with prune.structure "
-                             f"channels {where} take {', '.join(options.channel_criteria)}")
+                             f"{self.prune.structure} {where} take {', '.join(options.channel_criteria)}")
         if lm:
             if self.search is not None and "accuracy" in self.search.metric:
                 raise ValueError(f"search.metric {self.search.metric} is for image models; use val_perplexity or "

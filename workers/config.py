@@ -469,8 +469,9 @@ LM_CRITERIA = ("magnitude", "wanda", "sparsegpt")     # workers.lm.prune (calibr
 IMAGE_PARAMS = ("all", "bias_norm")                    # workers.train.trainable_parameters
 
 
-# prune.structure: unstructured (single weights, or an N:M pattern) | channels (whole channels, neurons, heads)
-STRUCTURES = ("unstructured", "channels")
+# prune.structure: unstructured (single weights, or an N:M pattern) | channels (whole channels; language models:
+# MLP neurons and attention KV groups) | neurons (language models: MLP neurons only, attention kept whole)
+STRUCTURES = ("unstructured", "channels", "neurons")
 
 
 @dataclass(frozen=True)
@@ -480,7 +481,7 @@ class TaskOptions:
     retrain.params."""
     criteria: tuple[str, ...]
     retrain_params: tuple[str, ...]
-    structures: tuple[str, ...] = STRUCTURES           # prune.structure
+    structures: tuple[str, ...] = ("unstructured", "channels")      # prune.structure
     channel_criteria: tuple[str, ...] = ()             # the criteria prune.structure channels ranks groups by
 
 
@@ -489,6 +490,7 @@ TASK_OPTIONS: dict[str, TaskOptions] = {
     "classification": TaskOptions(criteria=tuple(IMAGE_SCORES), retrain_params=IMAGE_PARAMS,
                                   channel_criteria=("magnitude", "random")),
     # channels: MLP neurons and attention KV groups (workers.lm.structured)
-    "causal_lm": TaskOptions(criteria=LM_CRITERIA, retrain_params=PERP_MODES, channel_criteria=("magnitude", "wanda")),
+    "causal_lm": TaskOptions(criteria=LM_CRITERIA, retrain_params=PERP_MODES, structures=STRUCTURES,
+                             channel_criteria=("magnitude", "wanda")),
 }
 

@@ -442,7 +442,7 @@ def save_hf(ckpt: Checkpoint, folder: str | Path) -> Path:
     except RuntimeError as e:
         raise ExportError(f"the checkpoint does not fit {arch!r}: {e}") from e
     recipe = hf_recipe(ckpt)
-    if info.structure == "channels":              # the removed neurons and KV groups leave the model
+    if info.structure != "unstructured":          # the removed neurons and KV groups leave the model
         from workers.lm.structured import check_whole_lm_groups, lm_groups, lm_removed, shrink_lm
         groups = lm_groups(model)
         check_whole_lm_groups(ckpt.masks, groups)

@@ -92,7 +92,7 @@ def prune(step: Prune, task) -> PruneOut:
                    pattern=step.pattern)
     scores = task.scores(r.model)
     saved = save_model(step.url, r.model, r.masks, step.meta)
-    structure = task.structure_report(r.model, r.masks) if task.structure == "channels" else None
+    structure = task.structure_report(r.model, r.masks) if task.structure != "unstructured" else None
     return PruneOut(saved=saved, scores=scores, norm_drop=r.norm_drop, removed=r.removed, notes=list(r.notes),
                     structure=structure)
 
@@ -117,7 +117,7 @@ def soup(step: Soup, task) -> SoupOut:
     else:
         state, out.chosen = uniform_soup(states, masks), list(range(len(states)))
     model = task.recalibrate(task.build(state), step.recal_fraction)
-    if task.structure == "channels":
+    if task.structure != "unstructured":
         out.structure = task.structure_report(model, masks)      # every removed group still exactly zero, or an error
     t_eval = time.perf_counter()
     out.timing["soup"] = t_eval - t_soup

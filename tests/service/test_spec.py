@@ -196,11 +196,13 @@ def test_nm_pattern_derives_the_target_and_the_phase_when_left_out():
     ({"pattern": "dense"}, "prune.pattern", "unknown sparsity pattern"),
     ({"pattern": "2:4", "criterion": "wanda"}, "spec", "prune.criterion wanda is for language models"),
     # prune.structure channels removes whole channels: no N:M pattern beside it, a criterion that ranks channels
-    ({"pattern": "2:4", "structure": "channels"}, "prune", "prune.structure channels removes whole channels; "
+    ({"pattern": "2:4", "structure": "channels"}, "prune", "prune.structure channels removes whole groups; "
                                                            "prune.pattern 2:4"),
     ({"structure": "channels", "criterion": "lamp"}, "spec", "with prune.structure channels image models take "
                                                             "magnitude, random"),
-    ({"structure": "filters"}, "prune.structure", "'unstructured' or 'channels'"),
+    ({"structure": "filters"}, "prune.structure", "'unstructured', 'channels' or 'neurons'"),
+    ({"structure": "neurons"}, "spec", "prune.structure neurons is for language models; image models take "
+                                       "unstructured, channels"),
 ])
 def test_bad_nm_specs_name_the_field(prune, field, words):
     with pytest.raises(SpecError) as excinfo:

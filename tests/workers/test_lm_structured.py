@@ -280,3 +280,18 @@ def test_averaging_states_sharing_the_structured_mask_keeps_removed_groups_zero(
     small = shrink_lm(model, lm_removed(masks, groups))
     x = ids()
     torch.testing.assert_close(logits(small, x), logits(model, x), atol=1e-4, rtol=1e-4)
+
+
+def test_heads_false_removes_mlp_neurons_only_and_keeps_earlier_kv_groups():
+    """prune.structure neurons: heads=False leaves attention whole (and a KV group an earlier phase removed
+    stays removed), so the exported config keeps its head counts."""
+    model = tiny_llama()
+    r = prune_lm_structured(model, None, 0.5, heads=False)
+    removed = lm_removed(r.masks, lm_groups(model))
+    assert all(len(layer["kv_groups"]) == 0 and len(layer["neurons"]) == 32 for layer in removed["layers"])
+    small = shrink_lm(model, removed)
+    assert small.config.num_key_value_heads == 2 and small.config.intermediate_size == 32
+    both = prune_lm_structured(tiny_llama(), None, 0.5)
+    again = prune_lm_structured(both.model, both.masks, 0.75, heads=False)
+    kept = lm_removed(again.masks, lm_groups(again.model))
+    assert all(len(layer["kv_groups"]) == 1 and len(layer["neurons"]) == 48 for layer in kept["layers"])

@@ -303,7 +303,7 @@ def _role_modules(block: nn.Module) -> dict[str, nn.Linear]:
 
 @torch.no_grad()
 def prune_lm_structured(model: nn.Module, masks: Masks | None, target: float, *, criterion: str = "magnitude",
-                        calibration: torch.Tensor | None = None,
+                        calibration: torch.Tensor | None = None, heads: bool = True,
                         device: torch.device | str | None = None) -> PruneResult:
     """Remove whole MLP neurons and KV groups of a LLaMA-style causal LM *in place* (the result's model is
     `model`) to the cumulative `target` share of each layer's neurons and KV groups (module docstring:
@@ -311,8 +311,9 @@ def prune_lm_structured(model: nn.Module, masks: Masks | None, target: float, *,
     `lm_group_masks` of the removed groups.
 
     masks: an earlier structured phase's masks (whole groups only, else PruningError); their groups stay
-    removed. calibration: (n_samples x seq_len) token ids, needed by wanda. device: where each block is
-    computed for wanda (default: the model's device).
+    removed. calibration: (n_samples x seq_len) token ids, needed by wanda. heads: False removes MLP neurons
+    only (attention keeps every KV group an earlier phase left; prune.structure neurons). device: where each
+    block is computed for wanda (default: the model's device).
     """
     if criterion not in STRUCTURED_CRITERIA:
         raise PruningError(f"unknown structured LM criterion {criterion!r}; known: {', '.join(STRUCTURED_CRITERIA)}")
@@ -335,7 +336,7 @@ def prune_lm_structured(model: nn.Module, masks: Masks | None, target: float, *,
         before = no_removed(groups)
     before_sq = weight_and_bias_norm_sq(model)
     k_n = max([neuron_budget(groups, target)] + [len(e["neurons"]) for e in before["layers"]])
-    k_g = max([kv_budget(model.config, groups, target)] + [len(e["kv_groups"]) for e in before["layers"]])
+    k_g = max([kv_budget(model.config, groups, target) if heads else 0] + [len(e["kv_groups"]) for e in before["layers"]])
 
     _, blocks = find_blocks(model)
     home = next(model.parameters()).device
@@ -376,7 +377,7 @@ def prune_lm_structured(model: nn.Module, masks: Masks | None, target: float, *,
     old = masks if masks is not None else {n: torch.ones_like(m) for n, m in new_masks.items()}
     n_removed = sum(int((old[n].cpu() & ~new_masks[n]).sum()) for n in groups.names)
     norm_drop = math.sqrt(removed_sq / before_sq) if before_sq > 0 else 0.0
-    notes = _notes(groups, target, k_n, k_g, time.perf_counter() - start)
+    notes = _notes(groups, target if heads else 0.0, k_n, k_g, time.perf_counter() - start)
     return PruneResult(model=model, masks=new_masks, removed=n_removed, norm_drop=norm_drop, notes=notes)
 
 

@@ -78,7 +78,7 @@ class CausalLM:
     metric: str = "perplexity"
     ensembles: bool = False                  # a prediction ensemble is measured
     pretrained: bool = True
-    structure: str = "unstructured"         # prune.structure: single weights | whole neurons and KV groups
+    structure: str = "unstructured"         # prune.structure: single weights | neurons and KV groups | neurons
     # what it implements (its criteria, its retraining params), declared in workers.config.TASK_OPTIONS
     options: ClassVar[TaskOptions] = TASK_OPTIONS["causal_lm"]
 
@@ -166,10 +166,10 @@ class CausalLM:
         the calibration blocks are drawn from train with `seed`."""
         pruned = copy.deepcopy(model)                 # `model`, untouched, is the "before" of the norm drop
         calibration = calibration_blocks(self.splits, self.data.calibration_samples, seed)
-        if self.structure == "channels":             # its own norm drop and removed count; masks over the same names
+        if self.structure != "unstructured":         # its own norm drop and removed count; masks over the same names
             return prune_lm_structured(pruned, masks, target, criterion=criterion,
                                        calibration=calibration if criterion == "wanda" else None,
-                                       device=self.device)
+                                       heads=self.structure == "channels", device=self.device)
         r = prune_causal_lm(pruned, calibration, target, criterion=criterion, pattern=pattern, masks=masks,
                             device=self.device)
         before, after = model.state_dict(), pruned.state_dict()
