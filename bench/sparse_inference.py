@@ -361,15 +361,19 @@ def markdown(rows: list[Row], layouts: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows of it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    cpu = cpu_name()
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"{os.cpu_count()} CPUs ({cpu}), {cuda}, load average {load}; torch {torch.__version__}, "

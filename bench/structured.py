@@ -363,14 +363,9 @@ def gguf_section(path: Path, *, cache: Path, log: Callable[[str], None] = print)
 # ---------------------------------------------------------------- the report
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    sys.path.insert(0, str(ROOT / "bench"))
+    from sparse_inference import cpu_name
+    cpu = cpu_name()
     import onnxruntime
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     return (f"{os.cpu_count()} CPUs ({cpu}), load average {load}; torch {torch.__version__}, "
