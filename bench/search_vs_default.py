@@ -79,7 +79,7 @@ def main() -> None:
                 wall = time.perf_counter() - t0
                 last = result.phases[-1]
                 epochs = epochs_run(store, job.id)
-                chosen = [r.config["config"] for r in store.runs(job.id, kind="search_trial") if r.metrics.get("chosen")]
+                chosen = [r.config.config for r in store.runs(job.id, kind="search_trial") if r.metrics.get("chosen")]
                 results.setdefault(arm, []).append({"acc": last.metrics["soup_accuracy"], "sparsity": last.sparsity,
                                                     "epochs": sum(epochs.values()), "search": epochs.get("search_trial", 0),
                                                     "wall": wall, "chosen": chosen})

@@ -35,7 +35,7 @@ def test_search_on_ray_stops_trials_early_and_feeds_the_best_config_to_the_soup(
     trials = store.runs(job.id, kind="search_trial")
     assert len(trials) == 6 and {t.phase for t in trials} == {1}
     assert all(t.status == "succeeded" for t in trials)
-    assert trials[0].config["default"] and trials[0].config["config"]["schedule"] == "llr"     # trial 0: the spec's
+    assert trials[0].config.default and trials[0].config.config["schedule"] == "llr"     # trial 0: the spec's
     # every epoch a trial ran is stored; ASHA stopped some of them at its first rung
     for t in trials:
         epochs = sorted(r["epoch"] for r in store.metrics(job.id, run_name=t.name, name="val_accuracy"))
