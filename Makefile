@@ -72,6 +72,8 @@ bench: $(STAMP) datasets
 	$(PY) bench/sfw_vs_sgd.py
 	$(PY) bench/sparse_inference.py
 	$(PY) bench/structured_soups.py
+	$(PY) bench/structured.py --gguf ~/.ladle/bench/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+	$(PY) bench/structured_lm.py
 
 # Re-fetch the dashboard's vendored front-end builds and Swagger UI for /docs (versions in api/dashboard/vendor/VERSIONS)
 vendor:

@@ -147,7 +147,8 @@ def download(model_id: str, output: Annotated[Path, typer.Option("-o", "--output
     out_console.print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
-FORMAT = typer.Option("sparse", "--format", "-f", help="dense | sparse | hf (a folder, LLMs) | onnx (image models)")
+FORMAT = typer.Option("sparse", "--format", "-f", help="dense | sparse | hf (a folder, LLMs) | onnx (image models) | "
+                                                       "compact (channel-pruned image models, smaller shapes)")
 
 
 @_api_errors
@@ -156,7 +157,8 @@ def export(model_id: str,
                                                 help="file to write (hf: the folder to unpack into)")],
            format: str = FORMAT, url: str = URL, token: str | None = TOKEN) -> None:
     """Download a model in a deployable format, checked against the server's sha256: sparse (bitmask/CSR
-    safetensors that loads back exact), hf (a Hugging Face folder), onnx, or dense (as `download`)."""
+    safetensors that loads back exact), hf (a Hugging Face folder), onnx, compact (a channel-pruned image model
+    with its removed channels taken out), or dense (as `download`)."""
     from api.client import EXPORT_FORMATS
     if format not in EXPORT_FORMATS:
         raise fail(f"unknown format {format!r}; the formats are {', '.join(EXPORT_FORMATS)}", 2)
