@@ -152,3 +152,14 @@ def marker_modules(tmp_path, monkeypatch):
     yield markers
     for name in markers:
         sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is far faster than several fighting over busy cores (a module asks
+    for it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.workers.tiny import batches, tiny_cnn, tiny_mlp
+from tests.workers.tiny import batches, sfw_steps_in_the_set, tiny_cnn, tiny_mlp
 from workers.schedules import dense_schedule
 from workers.sfw import (SFW, Constraint, SFWConfig, expected_init_norm, k_sparse_norm, k_support_norm, layer_k,
                          lmo_k_sparse, lmo_k_support, lmo_l1, lmo_l2, lmo_linf, make_constraints, make_sfw, radius_for,
@@ -170,19 +170,7 @@ def test_sfw_iterates_stay_feasible_and_the_model_learns(constraint, arch):
     data = batches(n=128, batch=16)
     cfg = SFWConfig(constraint=constraint, k=0.2, radius_factor=2.0 if constraint != "linf" else 5.0)
     opt = make_sfw(model, list(model.parameters()), cfg)
-    params = [(p, SFW.constraint_of(gr)) for gr in opt.param_groups for p in gr["params"]]
-    losses = []
-    for step in range(150 if arch == "mlp" else 100):
-        x, y = data[step % len(data)]
-        for gr in opt.param_groups:
-            gr["lr"] = 0.5
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        for p, c in params:      # θ ∈ C after every step (up to float error)
-            assert c.norm(p.detach().double()) <= c.radius * (1 + 1e-5) + 1e-7
+    losses = sfw_steps_in_the_set(model, opt, data, 150 if arch == "mlp" else 100)      # θ ∈ C after every step
     # it learns (the L1 ball moves one coordinate per tensor and step: slowly)
     assert sum(losses[-10:]) / 10 < (0.95 if constraint == "l1" else 0.8) * sum(losses[:10]) / 10
 

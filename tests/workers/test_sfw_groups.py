@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.workers.tiny import batches, tiny_cnn
+from tests.workers.tiny import batches, sfw_steps_in_the_set, tiny_cnn
 from workers.config import CONSTRAINTS, GROUP_CONSTRAINTS
 from workers.sfw import (SFW, Constraint, SFWConfig, constraint_kind, group_k, group_k_support_norm, group_l1_norm,
                          group_norms, k_support_norm, layer_k, lmo_group_k_support, lmo_group_l1, make_constraints,
@@ -168,18 +168,7 @@ def test_sfw_iterates_stay_in_the_group_balls(constraint):
     params = [(p, SFW.constraint_of(gr)) for gr in opt.param_groups for p in gr["params"]]
     c0 = dict(params)[model[0].weight]
     assert c0.kind == constraint and c0.norm(model[0].weight.detach().double()) == pytest.approx(c0.radius, rel=1e-6)
-    losses = []
-    for step in range(60):
-        x, y = data[step % len(data)]
-        for gr in opt.param_groups:
-            gr["lr"] = 0.5
-        loss = nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        for p, c in params:
-            assert c.norm(p.detach().double()) <= c.radius * (1 + 1e-5) + 1e-7
+    losses = sfw_steps_in_the_set(model, opt, data, 60)
     assert sum(losses[-10:]) < sum(losses[:10])          # it learns
 
 
