@@ -119,15 +119,13 @@ class Classification:
     def robustness(self, model: nn.Module, sparsities: Sequence[float], fraction: float) -> dict[str, Any] | None:
         """The one-shot robustness curve of the dense `model` (workers.robustness.one_shot_curve):
         accuracy on the test split (the val split when there is no test split) after global magnitude
-        pruning to each of `sparsities` and BatchNorm recalibration on the first `fraction` of the
-        unshuffled train split. `{"split": "test", "points": [{"sparsity", "accuracy", "accuracy_raw"}]}`."""
+        pruning to each of `sparsities` (with `structure` channels: removing that share of the channels) and
+        BatchNorm recalibration on the first `fraction` of the unshuffled train split.
+        `{"split": "test", "points": [{"sparsity", "accuracy", "accuracy_raw"}]}`."""
         split = "test" if len(self.splits.test) else "val"
-        prune_fn = None
-        if self.structure == "channels":
-            x = self.example(model)
-
-            def prune_fn(m: nn.Module, s: float) -> nn.Module:
-                return prune_channels(m, None, s, example_input=x, scope="global").model
+        x = self.example(model)
+        prune_fn = ((lambda m, s: prune_channels(m, None, s, example_input=x, scope="global").model)
+                    if self.structure == "channels" else None)
         points = one_shot_curve(model, self.loader(split), self.loader("train"), sparsities=sparsities,
                                 bn_fraction=fraction, device=self.device, prune_fn=prune_fn)
         return {"split": split, "points": points}

@@ -21,9 +21,7 @@ rest for training), so the splits are disjoint and the same for the same seed. C
 
 from __future__ import annotations
 
-import glob
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
